@@ -1,0 +1,13 @@
+"""shmalloc: move numpy arrays and pandas objects between processes through POSIX shared memory.
+
+>>> import numpy as np, shmalloc
+>>> handle = shmalloc.copy2shm(np.arange(5))      # in one process
+>>> shmalloc.allocate_from_shm(handle)            # in another, once
+array([0, 1, 2, 3, 4])
+"""
+from ._api import allocate_from_shm, copy2shm, unlink
+from ._errors import CorruptHandleError, ShmError
+from ._handle import ShmObj
+
+__version__ = "0.1.0"
+__all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError"]

@@ -1,0 +1,173 @@
+"""The public API: copy2shm, allocate_from_shm, unlink."""
+from __future__ import annotations
+
+import pickle
+import secrets
+import sys
+from typing import Any
+
+from . import _names, _segment, codecs
+from ._errors import CorruptHandleError
+from ._handle import ShmObj
+
+
+def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: bool = True) -> ShmObj:
+    """Copy ``x`` into a new POSIX shared memory object.
+
+    Parameters
+    ----------
+    x : array_like, pandas object or any picklable object
+        A numpy array of any fixed-size dtype, shape and layout (or anything
+        ``np.asarray`` turns into one), a pandas object, or any other
+        picklable object.
+    name : str, optional
+        Name of the shared memory object: "/" followed by 1 to 253 characters,
+        none of them "/" (at most 31 in all on macOS). By default a fresh,
+        unpredictable name ``/shmalloc_<pid>_<random>``.
+    overwrite : bool, default False
+        Replace an existing object of that name. If False and the name
+        exists, raise :class:`ShmError` with errno EEXIST (a
+        ``FileExistsError``) and leave the existing object untouched. Not
+        supported on macOS.
+    copy : bool, default True
+        Only sets the default of ``copy`` for :func:`allocate_from_shm`.
+
+    Returns
+    -------
+    ShmObj
+        A small picklable handle; pass it to another process and call
+        :func:`allocate_from_shm` there, once.
+
+    Raises
+    ------
+    ShmError
+        If the object cannot be created or filled (EEXIST, ENOSPC for a full
+        /dev/shm, ...). Nothing is left behind. Unlike the R original, which
+        returns the error message, shmalloc raises.
+    TypeError, ValueError
+        For a bad ``name`` or an argument of the wrong type.
+    """
+    if not isinstance(overwrite, bool) or not isinstance(copy, bool):
+        raise TypeError("overwrite and copy must be bool")
+    name = _names.generate() if name is None else _names.validate(name)
+    if overwrite and sys.platform == "darwin":
+        raise NotImplementedError("overwrite=True is not supported on macOS (shm_open cannot replace safely there)")
+    _segment._check_supported()
+    encoded = codecs.encode(_as_encodable(x))
+    token = secrets.token_bytes(_segment.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    size = _segment.create(name, token, recipe, encoded.buffers, overwrite)
+    return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
+
+
+def _as_encodable(x: Any) -> Any:
+    """Lists, scalars and other array-likes become arrays where numpy can do so exactly."""
+    if isinstance(x, (list, tuple)) or _is_scalar(x):
+        import numpy as np
+
+        try:
+            array = np.asarray(x)
+        except (ValueError, TypeError):
+            return x
+        if not array.dtype.hasobject:
+            return array
+    return x
+
+
+def _is_scalar(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, (np.generic, bool, int, float, complex))
+
+
+def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
+    """Rebuild the object that :func:`copy2shm` placed in shared memory, and remove its name.
+
+    Parameters
+    ----------
+    obj : ShmObj
+        The handle returned by :func:`copy2shm`, usually in another process.
+    copy : bool, optional
+        True: copy into regular memory; no mapping of the object remains.
+        False: map the object privately (copy-on-write); arrays own their
+        part of the mapping (through shmalloc's numpy memory handler) and
+        unmap it when they and all their views are garbage collected. Writes
+        stay private to this process (and to forked children, each to its
+        own). None (default): ``obj.copy``. On macOS False acts as True.
+
+    Returns
+    -------
+    object
+        An object equal to the one given to :func:`copy2shm`.
+
+    Raises
+    ------
+    ShmError
+        If the object cannot be opened: ENOENT if it is gone (e.g. this is
+        the second call on the same handle), EPERM if another user owns it.
+    CorruptHandleError
+        If the handle does not match the object (damaged, forged, or the
+        object was resized or replaced). Nothing is mapped in that case.
+    TypeError
+        If ``obj`` is not a ShmObj.
+
+    Notes
+    -----
+    The name is unlinked right after opening, whatever happens next, so each
+    handle can be consumed once.
+    """
+    if not isinstance(obj, ShmObj):
+        raise TypeError(f"allocate_from_shm expects a ShmObj, not {type(obj).__name__}")
+    name = _names.validate(obj.name)
+    if copy is None:
+        copy = obj.copy
+    if not isinstance(copy, bool):
+        raise TypeError(f"copy must be bool or None, not {type(copy).__name__}")
+    if not isinstance(obj.size, int) or isinstance(obj.size, bool) or obj.size < 0:
+        raise CorruptHandleError(f"{name}: size must be a non-negative int, not {obj.size!r}")
+    if not isinstance(obj.token, bytes):
+        raise CorruptHandleError(f"{name}: damaged token")
+    with _segment.OpenSegment(name, obj.size) as segment:
+        recipe = segment.read_recipe(obj.token)
+        _check_matches(obj, recipe)
+        buffers = segment.arrays(copy or not _segment.ZERO_COPY)
+    return codecs.decode(recipe["attributes"], buffers)
+
+
+def _check_matches(obj: ShmObj, recipe: dict[str, Any]) -> None:
+    """Refuse a handle whose fields differ from the segment's own copy of them."""
+    for field in ("type", "length"):
+        if type(getattr(obj, field)) is not type(recipe[field]) or getattr(obj, field) != recipe[field]:
+            raise CorruptHandleError(f"{obj.name}: the handle's {field} ({getattr(obj, field)!r}) does not match the segment")
+    if not _same(obj.attributes, recipe["attributes"]):
+        raise CorruptHandleError(f"{obj.name}: the handle's attributes do not match the segment")
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Pickled bytes compare NaN labels and nested arrays as equal where == would not.
+    try:
+        if pickle.dumps(a, protocol=5) == pickle.dumps(b, protocol=5):
+            return True
+    except Exception:
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def unlink(obj_or_name: ShmObj | str) -> None:
+    """Remove a shared memory object that nobody will consume.
+
+    Parameters
+    ----------
+    obj_or_name : ShmObj or str
+        A handle, or the name of the object.
+
+    Raises
+    ------
+    ShmError
+        ENOENT if it does not exist (anymore).
+    """
+    name = obj_or_name.name if isinstance(obj_or_name, ShmObj) else obj_or_name
+    _segment.unlink(_names.validate(name))

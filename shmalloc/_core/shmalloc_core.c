@@ -1,0 +1,391 @@
+/* shmalloc's native core: system calls on POSIX shared memory objects and a
+   numpy memory handler (NEP 49) through which arrays own private mappings.
+   No policy lives here: callers check sizes and owners and raise errors. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "shmalloc_core.h"
+
+/* Linux caps one read/write at a little under 2 GiB; stay well below it. */
+#define IO_CHUNK ((size_t)1 << 30)
+
+int shmalloc_open(const char *name, int flags, unsigned int mode)
+{
+    int fd;
+    do {
+        fd = shm_open(name, flags, (mode_t)mode);
+    } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+int shmalloc_unlink(const char *name)
+{
+    return shm_unlink(name);
+}
+
+int shmalloc_close(int fd)
+{
+    return close(fd);
+}
+
+int shmalloc_truncate(int fd, long long size)
+{
+    int rc;
+    do {
+        rc = ftruncate(fd, (off_t)size);
+    } while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
+int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len < IO_CHUNK ? len : IO_CHUNK, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) {  /* no progress and no error: treat as out of space */
+            errno = ENOSPC;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+        offset += n;
+    }
+    return 0;
+}
+
+int shmalloc_read_all(int fd, void *buf, size_t len, long long offset)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len < IO_CHUNK ? len : IO_CHUNK, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) {  /* the object ended early: it was truncated */
+            errno = EIO;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+        offset += n;
+    }
+    return 0;
+}
+
+void *shmalloc_map(int fd, size_t len, long long offset, int writable_private)
+{
+    int prot = writable_private ? PROT_READ | PROT_WRITE : PROT_READ;
+    void *addr = mmap(NULL, len, prot, MAP_PRIVATE, fd, (off_t)offset);
+    return addr == MAP_FAILED ? NULL : addr;
+}
+
+int shmalloc_unmap(void *addr, size_t len)
+{
+    return munmap(addr, len);
+}
+
+size_t shmalloc_page_size(void)
+{
+    return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* ---- parallel memcpy: large copies use several cores ---- */
+
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t len;
+} copy_job;
+
+static void *copy_worker(void *arg)
+{
+    copy_job *job = arg;
+    memcpy(job->dst, job->src, job->len);
+    return NULL;
+}
+
+void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads)
+{
+    enum { MAX_THREADS = 16 };
+    if (nthreads > MAX_THREADS)
+        nthreads = MAX_THREADS;
+    if (nthreads <= 1 || len < ((size_t)8 << 20)) {
+        memcpy(dst, src, len);
+        return;
+    }
+    pthread_t threads[MAX_THREADS];
+    copy_job jobs[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    /* chunks on page boundaries so threads never share a page */
+    size_t chunk = ((len / (size_t)nthreads) + 4095) & ~(size_t)4095;
+    size_t done = 0;
+    int i;
+    for (i = 0; i < nthreads && done < len; i++) {
+        size_t n = len - done < chunk ? len - done : chunk;
+        jobs[i].dst = (char *)dst + done;
+        jobs[i].src = (const char *)src + done;
+        jobs[i].len = n;
+        done += n;
+        /* the last chunk runs on this thread; a thread that fails to start does too */
+        if (done < len && pthread_create(&threads[i], NULL, copy_worker, &jobs[i]) == 0)
+            started[i] = 1;
+        else
+            copy_worker(&jobs[i]);
+    }
+    for (int j = 0; j < i; j++)
+        if (started[j])
+            pthread_join(threads[j], NULL);
+}
+
+/* ---- registry of mappings owned by arrays: address -> mapped length ----
+   numpy's free() is not always told the allocated size, so the true length
+   of each mapping is kept here. Open addressing, guarded by one mutex. */
+
+typedef struct {
+    void *addr;
+    size_t len;
+} mapping;
+
+#define TOMBSTONE ((void *)1)
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static mapping *registry;
+static size_t registry_cap, registry_live, registry_used;
+
+static size_t slot_of(void *addr, size_t cap)
+{
+    uint64_t h = ((uint64_t)(uintptr_t)addr >> 12) * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 17) & (cap - 1);
+}
+
+static int registry_grow(void)
+{
+    size_t cap = registry_cap ? registry_cap : 64;
+    while (cap < 4 * (registry_live + 1))
+        cap *= 2;
+    mapping *fresh = calloc(cap, sizeof(mapping));
+    if (!fresh)
+        return -1;
+    for (size_t i = 0; i < registry_cap; i++) {
+        void *a = registry[i].addr;
+        if (a && a != TOMBSTONE) {
+            size_t s = slot_of(a, cap);
+            while (fresh[s].addr)
+                s = (s + 1) & (cap - 1);
+            fresh[s] = registry[i];
+        }
+    }
+    free(registry);
+    registry = fresh;
+    registry_cap = cap;
+    registry_used = registry_live;
+    return 0;
+}
+
+static int registry_add(void *addr, size_t len)
+{
+    int rc = 0;
+    pthread_mutex_lock(&registry_lock);
+    if (2 * (registry_used + 1) > registry_cap && registry_grow() < 0) {
+        rc = -1;
+    } else {
+        size_t s = slot_of(addr, registry_cap);
+        while (registry[s].addr && registry[s].addr != TOMBSTONE)
+            s = (s + 1) & (registry_cap - 1);
+        if (!registry[s].addr)
+            registry_used++;
+        registry[s].addr = addr;
+        registry[s].len = len;
+        registry_live++;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return rc;
+}
+
+/* Returns the mapped length of addr (0 if it is not a mapping); removes it if asked. */
+static size_t registry_find(void *addr, int remove)
+{
+    size_t len = 0;
+    pthread_mutex_lock(&registry_lock);
+    if (registry_cap) {
+        size_t s = slot_of(addr, registry_cap);
+        while (registry[s].addr) {
+            if (registry[s].addr == addr) {
+                len = registry[s].len;
+                if (remove) {
+                    registry[s].addr = TOMBSTONE;
+                    registry_live--;
+                }
+                break;
+            }
+            s = (s + 1) & (registry_cap - 1);
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return len;
+}
+
+size_t shmalloc_live_mappings(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    size_t n = registry_live;
+    pthread_mutex_unlock(&registry_lock);
+    return n;
+}
+
+/* A fork while another thread holds the lock must not leave the child locked. */
+static void lock_before_fork(void) { pthread_mutex_lock(&registry_lock); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&registry_lock); }
+
+/* ---- the numpy handler ----
+   A mapping waiting to be adopted is kept per thread, so that another thread
+   allocating at the same moment never receives it. */
+
+static __thread void *pending_addr;
+static __thread size_t pending_len;
+
+static void *take_pending(size_t size)
+{
+    void *addr = pending_addr;
+    if (!addr || size > pending_len)
+        return NULL;
+    if (registry_add(addr, pending_len) < 0)
+        return NULL;
+    pending_addr = NULL;
+    return addr;
+}
+
+static void *handler_malloc(void *ctx, size_t size)
+{
+    (void)ctx;
+    if (pending_addr)
+        return take_pending(size);
+    return malloc(size ? size : 1);
+}
+
+static void *handler_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    (void)ctx;
+    if (pending_addr) {
+        if (elsize && nelem > SIZE_MAX / elsize)
+            return NULL;
+        return take_pending(nelem * elsize);  /* the mapping already holds the data */
+    }
+    return calloc(nelem ? nelem : 1, elsize ? elsize : 1);
+}
+
+static void *handler_realloc(void *ctx, void *ptr, size_t new_size)
+{
+    (void)ctx;
+    size_t mapped = ptr ? registry_find(ptr, 0) : 0;
+    if (!mapped)
+        return realloc(ptr, new_size ? new_size : 1);
+    /* a mapping cannot grow in place: move the data to the heap */
+    void *fresh = malloc(new_size ? new_size : 1);
+    if (!fresh)
+        return NULL;
+    memcpy(fresh, ptr, new_size < mapped ? new_size : mapped);
+    registry_find(ptr, 1);
+    munmap(ptr, mapped);
+    return fresh;
+}
+
+static void handler_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    (void)size;  /* not reliable: the registry knows the true length */
+    if (!ptr)
+        return;
+    size_t mapped = registry_find(ptr, 1);
+    if (mapped)
+        munmap(ptr, mapped);
+    else
+        free(ptr);
+}
+
+static PyDataMem_Handler shm_handler = {
+    "shmalloc",
+    1,
+    {NULL, handler_malloc, handler_calloc, handler_realloc, handler_free},
+};
+
+static PyObject *handler_capsule;
+
+int shmalloc_handler_init(void)
+{
+    int rc = 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (!handler_capsule) {
+        if (_import_array() < 0) {
+            PyErr_Clear();
+            errno = ENOSYS;
+            rc = -1;
+        } else {
+            handler_capsule = PyCapsule_New(&shm_handler, "mem_handler", NULL);
+            if (!handler_capsule) {
+                PyErr_Clear();
+                errno = ENOMEM;
+                rc = -1;
+            } else {
+                pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork);
+            }
+        }
+    }
+    PyGILState_Release(gil);
+    return rc;
+}
+
+/* Make addr (len mapped bytes) the next data block numpy allocates on this
+   thread, and install the handler in the current context. Returns the previous
+   handler (a reference the caller hands back to shmalloc_adopt_end), or NULL. */
+void *shmalloc_adopt_begin(void *addr, size_t len)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    pending_addr = addr;
+    pending_len = len;
+    PyObject *previous = PyDataMem_SetHandler(handler_capsule);
+    if (!previous) {
+        PyErr_Clear();
+        pending_addr = NULL;
+        errno = ENOMEM;
+    }
+    PyGILState_Release(gil);
+    return previous;
+}
+
+/* Restore the previous handler. Returns 0 if the pending mapping was adopted
+   by an array, -1 if not (the caller still owns it and must unmap it). */
+int shmalloc_adopt_end(void *previous_handler)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *previous = previous_handler;
+    PyObject *ours = PyDataMem_SetHandler(previous);
+    if (ours)
+        Py_DECREF(ours);
+    else
+        PyErr_Clear();
+    Py_DECREF(previous);
+    int adopted = pending_addr == NULL;
+    pending_addr = NULL;
+    PyGILState_Release(gil);
+    return adopted ? 0 : -1;
+}

@@ -1,0 +1,20 @@
+/* Declarations of shmalloc's native core, read by build_ffi.py as the cffi cdef.
+   Kept free of preprocessor lines so cffi can parse it; every function returns
+   0 / -1 (or a pointer / NULL) and leaves errno set on failure. */
+
+int shmalloc_open(const char *name, int flags, unsigned int mode);
+int shmalloc_unlink(const char *name);
+int shmalloc_close(int fd);
+int shmalloc_truncate(int fd, long long size);
+int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset);
+int shmalloc_read_all(int fd, void *buf, size_t len, long long offset);
+void *shmalloc_map(int fd, size_t len, long long offset, int writable_private);
+int shmalloc_unmap(void *addr, size_t len);
+void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads);
+size_t shmalloc_page_size(void);
+
+/* numpy memory handler (NEP 49) */
+int shmalloc_handler_init(void);
+void *shmalloc_adopt_begin(void *addr, size_t len);
+int shmalloc_adopt_end(void *previous_handler);
+size_t shmalloc_live_mappings(void);

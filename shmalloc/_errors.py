@@ -1,0 +1,46 @@
+"""shmalloc's exceptions."""
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+
+# OSError.__new__ picks the builtin subclass from errno (FileExistsError, ...);
+# ShmError keeps that behaviour by mixing in the matching subclass.
+_BUILTIN_FOR_ERRNO = {
+    errno_codes.EEXIST: FileExistsError,
+    errno_codes.ENOENT: FileNotFoundError,
+    errno_codes.EACCES: PermissionError,
+    errno_codes.EPERM: PermissionError,
+}
+
+
+class ShmError(OSError):
+    """A shared memory operation failed.
+
+    A subclass of :class:`OSError` with ``errno``, ``strerror`` and
+    ``filename`` (the segment's name). Where the errno has a builtin subclass
+    of OSError (``FileExistsError``, ``FileNotFoundError``,
+    ``PermissionError``) the raised exception is an instance of it too, so
+    ``except FileExistsError:`` works.
+    """
+
+    def __new__(cls, errno: int, strerror: str | None = None, name: str | None = None):
+        if cls is ShmError and errno in _BUILTIN_FOR_ERRNO:
+            cls = _SUBCLASSES[errno]
+        return super().__new__(cls, errno, strerror or os.strerror(errno), name)
+
+    def __init__(self, errno: int, strerror: str | None = None, name: str | None = None):
+        super().__init__(errno, strerror or os.strerror(errno), name)
+
+    def __reduce__(self):
+        return (ShmError, (self.errno, self.strerror, self.filename))
+
+
+_SUBCLASSES = {
+    code: type(f"Shm{builtin.__name__}", (ShmError, builtin), {"__module__": __name__})
+    for code, builtin in _BUILTIN_FOR_ERRNO.items()
+}
+
+
+class CorruptHandleError(ValueError):
+    """A handle does not describe the shared memory object it names (damaged or forged)."""

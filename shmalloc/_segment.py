@@ -1,0 +1,311 @@
+"""Segments: create, fill, open, check, map and unlink POSIX shared memory objects.
+
+The only module that touches the compiled core. A segment holds a header, a
+pickled *recipe* (what the codec needs to rebuild the object, and where each
+buffer lies) and the buffers, each starting on a page boundary so that each
+zero-copy array can own, and unmap, its own part:
+
+    [header | recipe | pad] [buffer 0 | pad] [buffer 1 | pad] ...
+
+Every byte up to the object's size is written (padding included), so no page
+of the object is a hole that a full /dev/shm could refuse to fault in later.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._errors import CorruptHandleError, ShmError
+
+try:
+    from ._native import ffi, lib
+except ImportError:  # Windows, or a build without the core
+    ffi = lib = None
+
+MAGIC = b"SHMALLOC"
+VERSION = 1
+TOKEN_BYTES = 16
+_HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, token, recipe, data offset, size
+HEADER_SIZE = 64
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MAX_RECIPE = 1 << 30
+SUPPORTED = lib is not None and sys.platform != "win32"
+ZERO_COPY = sys.platform.startswith("linux") or sys.platform.startswith("freebsd")
+
+
+def copy_threads() -> int:
+    """Threads used for large copies: the usable cores, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def _round_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def _check_supported() -> None:
+    if not SUPPORTED:
+        raise NotImplementedError(f"shmalloc: POSIX shared memory is not supported on {sys.platform}")
+    if not _handler_ready:
+        _init_handler()
+
+
+_handler_ready = False
+
+
+def _init_handler() -> None:
+    global _handler_ready
+    if lib.shmalloc_handler_init() < 0:
+        raise ImportError("shmalloc: could not initialise numpy's C API in the native core")
+    _handler_ready = True
+
+
+def _raise(name: str, code: int | None = None) -> None:
+    code = ffi.errno if code is None else code
+    raise ShmError(code, os.strerror(code), name)
+
+
+def _address(array: np.ndarray) -> Any:
+    return ffi.cast("void *", array.__array_interface__["data"][0])
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where one buffer lies in the data part of a segment, and how to view it."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=object))
+
+
+def layout_buffers(buffers: Sequence[np.ndarray]) -> tuple[list[BufferLayout], int]:
+    """Place buffers on page boundaries; return their layouts and the data part's size."""
+    layouts, offset = [], 0
+    for buf in buffers:
+        fortran = bool(buf.flags.f_contiguous and not buf.flags.c_contiguous)
+        layouts.append(BufferLayout(offset, buf.dtype, tuple(buf.shape), fortran))
+        offset += _round_up(buf.nbytes)
+    return layouts, offset
+
+
+def unlink(name: str) -> None:
+    """Remove the name of a shared memory object (raises ShmError)."""
+    _check_supported()
+    if lib.shmalloc_unlink(name.encode()) < 0:
+        _raise(name)
+
+
+def create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray], overwrite: bool) -> int:
+    """Create segment ``name`` holding ``recipe`` and ``buffers``; return its size in bytes.
+
+    ``buffers`` must each be C- or Fortran-contiguous. Writes with pwrite (the
+    GIL is released), so a full /dev/shm gives ENOSPC, not SIGBUS. On any
+    failure the segment is unlinked and the error raised.
+    """
+    _check_supported()
+    layouts, data_size = layout_buffers(buffers)
+    recipe = dict(recipe, buffers=layouts)
+    recipe_bytes = pickle.dumps(recipe, protocol=5)
+    data_offset = _round_up(HEADER_SIZE + len(recipe_bytes))
+    size = data_offset + data_size
+    head = bytearray(data_offset)
+    _HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
+    head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
+
+    encoded = name.encode()
+    if overwrite and lib.shmalloc_unlink(encoded) < 0 and ffi.errno != errno.ENOENT:
+        _raise(name)
+    fd = lib.shmalloc_open(encoded, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if fd < 0:
+        _raise(name)
+    try:
+        _write(fd, name, ffi.from_buffer(head), len(head), 0)
+        padding = np.zeros(PAGE, np.uint8)
+        for buf, layout in zip(buffers, layouts):
+            nbytes = buf.nbytes
+            if nbytes:
+                _write(fd, name, _address(buf), nbytes, data_offset + layout.offset)
+            pad = _round_up(nbytes) - nbytes
+            if pad:
+                _write(fd, name, _address(padding), pad, data_offset + layout.offset + nbytes)
+    except BaseException:
+        lib.shmalloc_unlink(encoded)
+        raise
+    finally:
+        lib.shmalloc_close(fd)
+    return size
+
+
+def _write(fd: int, name: str, address: Any, nbytes: int, offset: int) -> None:
+    if lib.shmalloc_write_all(fd, address, nbytes, offset) < 0:
+        _raise(name)
+
+
+class OpenSegment:
+    """A segment opened for consumption: its name is already unlinked.
+
+    Use as a context manager; :meth:`read_recipe` checks the header against
+    the handle's size and token, :meth:`arrays` maps or copies the buffers.
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        _check_supported()
+        self.name = name
+        encoded = name.encode()
+        fd = lib.shmalloc_open(encoded, os.O_RDONLY, 0)
+        if fd < 0:
+            code = ffi.errno
+            lib.shmalloc_unlink(encoded)  # unlink right after trying to open, whatever happens
+            _raise(name, code)
+        self.fd = fd
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                # Never remove or read another user's object on the strength of a handle.
+                raise ShmError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user ({os.geteuid()})", name)
+            lib.shmalloc_unlink(encoded)
+            if not stat.S_ISREG(st.st_mode):
+                raise ShmError(errno.EINVAL, "not a regular shared memory object", name)
+            if st.st_size != size:
+                raise CorruptHandleError(
+                    f"{name}: the shared memory object holds {st.st_size} bytes, the handle says {size}"
+                    " (truncated, resized or replaced)"
+                )
+            self.size = size
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            lib.shmalloc_close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "OpenSegment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, nbytes: int, offset: int) -> bytearray:
+        out = bytearray(nbytes)
+        if nbytes and lib.shmalloc_read_all(self.fd, ffi.from_buffer(out), nbytes, offset) < 0:
+            _raise(self.name)
+        return out
+
+    def read_recipe(self, token: bytes) -> dict:
+        """Read and check the header, return the recipe stored in the segment."""
+        if self.size < HEADER_SIZE:
+            raise CorruptHandleError(f"{self.name}: {self.size} bytes cannot hold a shmalloc segment")
+        magic, version, _, stored_token, recipe_len, data_offset, size = _HEADER.unpack_from(
+            self._read(_HEADER.size, 0)
+        )
+        if magic != MAGIC:
+            raise CorruptHandleError(f"{self.name}: not a shmalloc segment (bad magic {magic!r})")
+        if version != VERSION:
+            raise CorruptHandleError(f"{self.name}: segment format {version}, this shmalloc reads {VERSION}")
+        if stored_token != token:
+            raise CorruptHandleError(f"{self.name}: the segment was replaced since the handle was made (token differs)")
+        if (
+            size != self.size
+            or recipe_len > MAX_RECIPE
+            or data_offset % PAGE
+            or data_offset < HEADER_SIZE + recipe_len
+            or data_offset > size
+        ):
+            raise CorruptHandleError(f"{self.name}: damaged segment header")
+        self.data_offset = data_offset
+        recipe = pickle.loads(self._read(recipe_len, HEADER_SIZE))
+        self.layouts = _checked_layouts(self.name, recipe.get("buffers"), size - data_offset)
+        return recipe
+
+    def arrays(self, copy: bool) -> list[np.ndarray]:
+        """Return the buffers as arrays: copies in regular memory, or arrays owning private mappings."""
+        data_size = self.size - self.data_offset
+        if not self.layouts or data_size == 0:
+            return [_empty(layout) for layout in self.layouts]
+        base = lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1)
+        if base == ffi.NULL:
+            _raise(self.name)
+        if copy:
+            try:
+                return [_copied(layout, base) for layout in self.layouts]
+            finally:
+                lib.shmalloc_unmap(base, data_size)
+        return _adopt_all(self.name, base, data_size, self.layouts)
+
+
+def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
+    if not isinstance(layouts, list) or not all(isinstance(x, BufferLayout) for x in layouts):
+        raise CorruptHandleError(f"{name}: damaged buffer table")
+    end = 0
+    for layout in layouts:
+        if layout.offset % PAGE or layout.offset < end or layout.offset + layout.nbytes > data_size:
+            raise CorruptHandleError(f"{name}: buffer table does not fit the segment")
+        end = layout.offset + _round_up(layout.nbytes)
+    if end != data_size:
+        raise CorruptHandleError(f"{name}: buffer table does not cover the segment")
+    return layouts
+
+
+def _empty(layout: BufferLayout) -> np.ndarray:
+    return np.empty(layout.shape, layout.dtype, order="F" if layout.fortran else "C")
+
+
+def _copied(layout: BufferLayout, base: Any) -> np.ndarray:
+    out = _empty(layout)
+    if layout.nbytes:
+        lib.shmalloc_copy(_address(out), base + layout.offset, layout.nbytes, copy_threads())
+    return out
+
+
+def _adopt_all(name: str, base: Any, data_size: int, layouts: list[BufferLayout]) -> list[np.ndarray]:
+    """Hand each page-aligned part of one private mapping to its own array."""
+    arrays: list[np.ndarray] = []
+    for i, layout in enumerate(layouts):
+        span = _round_up(layout.nbytes)
+        if not span:
+            arrays.append(_empty(layout))
+            continue
+        try:
+            arrays.append(_adopt(base + layout.offset, span, layout))
+        except BaseException:
+            # Parts not yet owned by an array would leak: unmap them.
+            tail = layout.offset
+            lib.shmalloc_unmap(base + tail, data_size - tail)
+            raise
+    return arrays
+
+
+def _adopt(address: Any, span: int, layout: BufferLayout) -> np.ndarray:
+    previous = lib.shmalloc_adopt_begin(address, span)
+    if previous == ffi.NULL:
+        raise MemoryError("shmalloc: could not install the numpy memory handler")
+    try:
+        array = _empty(layout)
+    finally:
+        adopted = lib.shmalloc_adopt_end(previous) == 0
+    if not adopted:
+        raise MemoryError("shmalloc: numpy did not take the mapped memory")  # array holds heap memory
+    return array
+
+
+def live_mappings() -> int:
+    """Number of mappings currently owned by arrays through shmalloc's handler."""
+    return int(lib.shmalloc_live_mappings()) if SUPPORTED else 0

@@ -1,0 +1,52 @@
+"""Codec for numpy arrays of fixed-size dtypes: one buffer, rebuilt with shape, dtype and order."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Subclasses that carry no state beyond the array itself; others go through pickle.
+_CLASSES: dict[str, type] = {
+    "numpy.ndarray": np.ndarray,
+    "numpy.recarray": np.recarray,
+    "numpy.matrix": np.matrix,
+}
+_NAMES = {cls: name for name, cls in _CLASSES.items()}
+
+
+def accepts(obj: Any) -> bool:
+    return type(obj) in _NAMES and not obj.dtype.hasobject
+
+
+def _is_fortran(x: np.ndarray) -> bool:
+    """Whether x is laid out column-major (its first axis varies fastest)."""
+    if x.ndim < 2:
+        return False
+    if x.flags.c_contiguous or x.flags.f_contiguous:
+        return not x.flags.c_contiguous
+    return abs(x.strides[0]) < abs(x.strides[-1])
+
+
+def encode(x: np.ndarray, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
+    fortran = _is_fortran(x)
+    data = x.view(np.ndarray)
+    if not (data.flags.c_contiguous or data.flags.f_contiguous):
+        data = np.asfortranarray(data) if fortran else np.ascontiguousarray(data)
+    attributes = {
+        "codec": "ndarray",
+        "shape": tuple(x.shape),
+        "dtype": x.dtype,
+        "order": "F" if fortran else "C",
+        "class": _NAMES[type(x)],
+        "buffer": len(buffers),
+    }
+    buffers.append(data)
+    return str(x.dtype), int(x.size), attributes
+
+
+def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> np.ndarray:
+    array = buffers[attributes["buffer"]]
+    if array.shape != tuple(attributes["shape"]) or array.dtype != attributes["dtype"]:
+        raise ValueError("stored array does not match its attributes")
+    cls = _CLASSES[attributes["class"]]
+    return array if cls is np.ndarray else array.view(cls)
