@@ -1,0 +1,58 @@
+"""Benchmarks (``python -m shmalloc bench``): shmalloc against its peers, measured in one run.
+
+Each section is a module here with ``run(quick: bool, repeat: int) -> None``
+that prints its own table; times are medians, ratios are against peers
+measured in the same run.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from typing import Callable, Sequence
+
+SECTIONS = ("core", "pandas", "map")
+
+
+def run(sections: Sequence[str] = (), quick: bool = False, repeat: int = 5) -> int:
+    """Run the named sections (all by default); return 0."""
+    for section in sections or SECTIONS:
+        if section not in SECTIONS:
+            raise SystemExit(f"unknown benchmark section {section!r}; choose from {', '.join(SECTIONS)}")
+        try:
+            module = importlib.import_module(f"{__name__}.{section}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{section}":
+                raise
+            print(f"[{section}: not available]")
+            continue
+        module.run(quick=quick, repeat=repeat)
+        print()
+    return 0
+
+
+def median_time(func: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``func()`` over ``repeat`` runs (``setup()`` runs untimed before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a GitHub-flavoured markdown table (so it can be pasted into the README)."""
+    print(f"### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(_cell(v) for v in row) + " |")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,67 @@
+"""Shared fixtures: every test must leave /dev/shm as it found it."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+
+SHM_DIR = Path("/dev/shm")
+# Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
+_OWNED = re.compile(r"^(?:shmalloc|shmtest)_(\d+)_")
+
+
+def _segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if not n.startswith("sem.")}
+    except FileNotFoundError:
+        return set()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _belongs_to_other_run(name: str) -> bool:
+    """A segment whose creator is alive and not in this process tree belongs to a concurrent run."""
+    match = _OWNED.match(name)
+    if not match:
+        return False
+    pid = int(match.group(1))
+    me = os.getpid()
+    seen = 0
+    while pid and seen < 64:
+        if pid == me:
+            return False
+        parent = _parent_of(pid)
+        if parent is None:
+            return False  # dead creator: it was ours if it was made during the test
+        pid, seen = parent, seen + 1
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments():
+    """Fail the test if it leaves a new shared memory object behind (and remove it)."""
+    before = _segments()
+    yield
+    leaked = sorted(n for n in _segments() - before if not _belongs_to_other_run(n))
+    for name in leaked:
+        try:
+            (SHM_DIR / name).unlink()
+        except OSError:
+            pass
+    if leaked:
+        pytest.fail(f"test leaked shared memory objects: {leaked}", pytrace=False)
+
+
+@pytest.fixture
+def shm_name() -> str:
+    """A fresh explicit name that the leak check recognises as this run's."""
+    return f"/shmtest_{os.getpid()}_{secrets.token_hex(6)}"
