@@ -98,6 +98,27 @@ void *shmalloc_map(int fd, size_t len, long long offset, int writable_private)
     return addr == MAP_FAILED ? NULL : addr;
 }
 
+void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
+{
+    int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+    void *addr = mmap(NULL, len, prot, MAP_SHARED, fd, (off_t)offset);
+    return addr == MAP_FAILED ? NULL : addr;
+}
+
+/* Reserve every page now, so that a full /dev/shm is an error here and not a SIGBUS later. */
+int shmalloc_fallocate(int fd, long long size)
+{
+    int rc;
+    do {
+        rc = posix_fallocate(fd, 0, (off_t)size);
+    } while (rc == EINTR);
+    if (rc) {
+        errno = rc;
+        return -1;
+    }
+    return 0;
+}
+
 int shmalloc_unmap(void *addr, size_t len)
 {
     return munmap(addr, len);

@@ -9,7 +9,9 @@ int shmalloc_truncate(int fd, long long size);
 int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset);
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset);
 void *shmalloc_map(int fd, size_t len, long long offset, int writable_private);
+void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable);
 int shmalloc_unmap(void *addr, size_t len);
+int shmalloc_fallocate(int fd, long long size);
 void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads);
 size_t shmalloc_page_size(void);
 
