@@ -6,8 +6,10 @@
 array([0, 1, 2, 3, 4])
 """
 from ._api import allocate_from_shm, copy2shm, unlink
+from ._cleanup import gc, segments
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
 
 __version__ = "0.1.0"
 __all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError"]
+__all__ += ["segments", "gc"]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from typing import Sequence, TextIO
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +20,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke test)")
     bench.add_argument("--repeat", type=int, default=5, help="repeats per measurement; medians are reported")
 
+    ls = commands.add_parser("ls", help="list this user's shmalloc segments in /dev/shm")
+    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    gc = commands.add_parser("gc", help="remove shmalloc segments whose creating process is dead")
+    gc.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    gc.add_argument(
+        "--older-than", metavar="AGE", default=None, type=_duration, help="only segments at least this old: 90, 90s, 15m, 2h, 1d"
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "ls":
+        return run_ls(as_json=args.json)
+    if args.command == "gc":
+        return run_gc(older_than=args.older_than, dry_run=args.dry_run)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -30,6 +44,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args.sections, quick=args.quick, repeat=args.repeat)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _duration(text: str) -> float:
+    from ._cleanup import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(seconds, 0.0):.0f}s"
+
+
+def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
+    """Print this user's shmalloc segments; return 0."""
+    from ._cleanup import segments
+    from ._handle import human_size
+
+    out = out or sys.stdout
+    frame = segments()
+    if as_json:
+        rows = [
+            {
+                "name": row.name,
+                "pid": int(row.pid),
+                "alive": bool(row.alive),
+                "size": int(row.size),
+                "age": float(row.age),
+                "created": row.created.isoformat(),
+            }
+            for row in frame.itertuples(index=False)
+        ]
+        json.dump(rows, out, indent=1)
+        out.write("\n")
+        return 0
+    if frame.empty:
+        out.write("no shmalloc segments\n")
+        return 0
+    width = max(len("NAME"), *(len(n) for n in frame["name"]))
+    out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'PID':>7}  ALIVE\n")
+    for row in frame.itertuples(index=False):
+        alive = "yes" if row.alive else "no"
+        out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}  {alive}\n")
+    return 0
+
+
+def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO | None = None) -> int:
+    """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed."""
+    from ._cleanup import collect
+    from ._handle import human_size
+
+    out = out or sys.stdout
+    result = collect(older_than=older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    alive = int(result.kept["alive"].sum())
+    young = len(result.kept) - alive
+    line = (
+        f"{verb} {len(result.removed)} segment(s), {human_size(int(result.removed['size'].sum()))};"
+        f" kept {len(result.kept)} (creator alive: {alive}, too young: {young})"
+    )
+    if result.failed:
+        line += f"; failed {len(result.failed)}: " + ", ".join(f"{n} ({e.strerror})" for n, e in result.failed.items())
+    out.write(line + "\n")
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

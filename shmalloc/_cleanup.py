@@ -1,0 +1,250 @@
+"""Leftover segments: list shmalloc's segments in /dev/shm and remove those nobody will consume.
+
+A segment is *ours* when its name is one shmalloc generates
+(``/shmalloc_<pid>_<12 hex digits>``) and this user owns it. Its creator is
+*alive* when a process with that pid exists and started before the segment
+was written; a process that started later only reuses the pid (the creator
+died, the kernel handed its pid on), so its segment counts as orphaned.
+
+Nothing here ever touches a name shmalloc did not generate, a segment of
+another user, or a segment whose creator is alive.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import _names, _segment
+from ._errors import ShmError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Where Linux shows POSIX shared memory objects as files.
+SHM_DIR = Path("/dev/shm")
+# /proc gives a process's start time in clock ticks since boot, and the boot
+# time in whole seconds: allow for that rounding before calling a pid reused.
+_START_SLACK = 2.0
+COLUMNS = ["name", "pid", "alive", "size", "age", "created"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    pid: int
+    alive: bool
+    size: int
+    age: float
+    created: float
+
+
+def _boot_time() -> float | None:
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _start_time(pid: int) -> float | None:
+    """Wall-clock start time of process ``pid`` from /proc, or None if unknown."""
+    boot = _boot_time()
+    if boot is None:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime); the command name in field 2 may hold spaces, so split after its ")".
+    fields = raw.rsplit(")", 1)[1].split()
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: it exists
+    return True
+
+
+def creator_alive(pid: int, created: float) -> bool:
+    """Whether the process that created a segment at time ``created`` is still running.
+
+    A live process with that pid that started more than a moment after the
+    segment was written cannot have written it: the pid was reused.
+    """
+    if not _exists(pid):
+        return False
+    started = _start_time(pid)
+    return started is None or started <= created + _START_SLACK
+
+
+def _scan(directory: Path) -> list[_Entry]:
+    entries = []
+    now = time.time()
+    uid = os.geteuid()
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for filename in names:
+        pid = _names.creator_pid(filename)
+        if pid is None:
+            continue
+        try:
+            st = os.lstat(directory / filename)
+        except FileNotFoundError:
+            continue  # consumed meanwhile
+        if st.st_uid != uid or not stat.S_ISREG(st.st_mode):
+            continue
+        # A segment is written once, when it is created: its mtime is its birth.
+        created = st.st_mtime
+        entries.append(_Entry("/" + filename, pid, creator_alive(pid, created), st.st_size, now - created, created))
+    entries.sort(key=lambda e: e.created)
+    return entries
+
+
+def _frame(entries: list[_Entry]) -> "pd.DataFrame":
+    import pandas as pd  # imported here: it costs ~0.3 s, and `import shmalloc` should not
+
+    frame = pd.DataFrame(
+        {
+            "name": pd.Series([e.name for e in entries], dtype=object),
+            "pid": pd.Series([e.pid for e in entries], dtype="int64"),
+            "alive": pd.Series([e.alive for e in entries], dtype="bool"),
+            "size": pd.Series([e.size for e in entries], dtype="int64"),
+            "age": pd.Series([e.age for e in entries], dtype="float64"),
+            "created": pd.to_datetime(pd.Series([e.created for e in entries], dtype="float64"), unit="s", utc=True),
+        },
+        columns=COLUMNS,
+    )
+    return frame
+
+
+def segments(directory: str | os.PathLike[str] = SHM_DIR) -> "pd.DataFrame":
+    """List this user's shmalloc segments that nobody has consumed yet.
+
+    Parameters
+    ----------
+    directory : path, default "/dev/shm"
+        Where the system shows shared memory objects.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per segment, oldest first, with columns ``name`` (as given
+        to :func:`allocate_from_shm`, e.g. ``'/shmalloc_4711_0123456789ab'``),
+        ``pid`` (of the creating process), ``alive`` (whether that process
+        still runs), ``size`` (bytes), ``age`` (seconds since it was written)
+        and ``created`` (UTC timestamp). Empty if there are none, or on a
+        system without /dev/shm.
+
+    Examples
+    --------
+    >>> import shmalloc
+    >>> list(shmalloc.segments().columns)
+    ['name', 'pid', 'alive', 'size', 'age', 'created']
+    """
+    return _frame(_scan(Path(directory)))
+
+
+def _parse_age(value: float | str | None) -> float:
+    if value is None:
+        return 0.0
+    seconds = parse_duration(value) if isinstance(value, str) else float(value)
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"older_than must be a non-negative number of seconds, not {value!r}")
+    return seconds
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``'90'``, ``'90s'``, ``'15m'``, ``'2h'`` or ``'1d'``."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 15m, 2h, 1d)") from None
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 15m, 2h, 1d)")
+    return seconds
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What a collection did: segments removed (or that would be), kept, and failures."""
+
+    removed: "pd.DataFrame"
+    kept: "pd.DataFrame"
+    failed: dict[str, ShmError]
+
+
+def collect(older_than: float | str | None = None, dry_run: bool = False, directory: str | os.PathLike[str] = SHM_DIR) -> GcResult:
+    """Do the work of :func:`gc` and report everything (used by the command line)."""
+    min_age = _parse_age(older_than)
+    removed, kept, failed = [], [], {}
+    for entry in _scan(Path(directory)):
+        if entry.alive or entry.age < min_age:
+            kept.append(entry)
+            continue
+        if not dry_run:
+            try:
+                _segment.unlink(entry.name)
+            except ShmError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: consumed meanwhile, nothing left to do
+                    failed[entry.name] = exc
+                continue
+        removed.append(entry)
+    return GcResult(_frame(removed), _frame(kept), failed)
+
+
+def gc(older_than: float | str | None = None, dry_run: bool = False, directory: str | os.PathLike[str] = SHM_DIR) -> "pd.DataFrame":
+    """Remove this user's shmalloc segments whose creating process is dead.
+
+    Never touches names shmalloc did not generate, segments of other users,
+    or segments whose creator still runs (it may yet hand them on).
+
+    Parameters
+    ----------
+    older_than : float or str, optional
+        Only remove segments at least this old: seconds, or a string such as
+        ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. Default: any age.
+    dry_run : bool, default False
+        Only report what would be removed.
+    directory : path, default "/dev/shm"
+        Where the system shows shared memory objects.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The segments removed (or, with ``dry_run``, that would be), with the
+        columns of :func:`segments`.
+
+    Raises
+    ------
+    ShmError
+        The first failure, if a segment could not be removed (the others are
+        removed all the same).
+    ValueError
+        For a negative or malformed ``older_than``.
+    """
+    result = collect(older_than, dry_run, directory)
+    if result.failed:
+        raise next(iter(result.failed.values()))
+    return result.removed
