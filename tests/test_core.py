@@ -1,0 +1,464 @@
+"""copy2shm / allocate_from_shm for numpy arrays, within one process."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import pickle
+import stat
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from numpy._core.multiarray import get_handler_name
+
+import shmalloc
+from shmalloc import CorruptHandleError, ShmError, ShmObj, _segment
+
+DTYPES = [
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.longdouble, np.complex64, np.complex128,
+    ">i4", ">f8", "<c16", ">U3", "S5", "U7", "V6",
+    *[f"M8[{u}]" for u in ("Y", "M", "W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "fs", "as")],
+    *[f"m8[{u}]" for u in ("Y", "M", "W", "D", "h", "m", "s", "ms", "us", "ns", "ps", "fs", "as")],
+    np.dtype([("a", "<i4"), ("b", ">f8", (2,)), ("c", "S3")]),
+    np.dtype({"names": ["x", "y"], "formats": ["u1", "<f4"], "offsets": [0, 4], "itemsize": 12}),
+]
+
+
+def sample(dtype, shape=(4, 6)) -> np.ndarray:
+    """Deterministic, non-trivial values of any fixed-size dtype."""
+    dtype = np.dtype(dtype)
+    raw = np.random.default_rng(7).integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    if dtype.kind == "U":  # only valid code points
+        return np.array(["".join(chr(97 + (i + j) % 26) for j in range(dtype.itemsize // 4)) for i in range(int(np.prod(shape)))], dtype).reshape(shape)
+    if dtype.kind == "b":
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+def same(a: np.ndarray, b: np.ndarray) -> None:
+    assert b.dtype == a.dtype and b.shape == a.shape
+    if a.dtype.names:  # padding bytes between fields carry no value: compare field by field
+        for field in a.dtype.names:
+            same(a[field], b[field])
+        return
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+LAYOUTS = {
+    "C": lambda a: np.ascontiguousarray(a),
+    "F": lambda a: np.asfortranarray(a),
+    "strided": lambda a: a[::2, ::3],
+    "negative": lambda a: a[::-1, ::-2],
+    "transposed-slice": lambda a: np.asfortranarray(a)[1:, 1:],
+}
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "zerocopy"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_roundtrip_every_dtype_and_layout(dtype, layout, copy):
+    """Every fixed-size dtype in every layout comes back with the same dtype, shape and bytes."""
+    x = LAYOUTS[layout](sample(dtype))
+    obj = shmalloc.copy2shm(x)
+    y = shmalloc.allocate_from_shm(obj, copy=copy)
+    same(x, y)
+    assert y.flags.writeable
+    if layout == "F":
+        assert y.flags.f_contiguous and not y.flags.c_contiguous
+
+
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (1, 1), (5,), (2, 3, 4, 5)])
+def test_any_shape_including_0d_and_empty(shape, copy):
+    """0-d, zero-size and n-d arrays keep their shape."""
+    x = np.arange(int(np.prod(shape)), dtype=np.int16).reshape(shape)
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(x), copy=copy)
+    same(x, y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=hnp.arrays(
+        dtype=hnp.scalar_dtypes() | hnp.byte_string_dtypes() | hnp.unicode_string_dtypes(),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6),
+    ),
+    copy=st.booleans(),
+    fortran=st.booleans(),
+)
+def test_roundtrip_hypothesis(x, copy, fortran):
+    """Any array hypothesis can draw round-trips bit for bit."""
+    if fortran:
+        x = np.asfortranarray(x)
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(x), copy=copy)
+    same(x, y)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_subclasses_without_state_keep_their_class():
+    """recarray and matrix come back as themselves."""
+    rec = np.rec.fromarrays([np.arange(3), np.arange(3.0)], names="a,b")
+    back = shmalloc.allocate_from_shm(shmalloc.copy2shm(rec))
+    assert type(back) is np.recarray and back.a.tolist() == [0, 1, 2]
+    m = np.matrix([[1, 2], [3, 4]])
+    assert type(shmalloc.allocate_from_shm(shmalloc.copy2shm(m))) is np.matrix
+
+
+def test_lists_and_scalars_become_arrays():
+    """Anything np.asarray turns into a fixed-size array is stored as that array."""
+    obj = shmalloc.copy2shm([[1, 2], [3, 4]])
+    assert obj.type == "int64" and obj.length == 4
+    same(np.array([[1, 2], [3, 4]]), shmalloc.allocate_from_shm(obj))
+
+
+def test_object_arrays_go_through_pickle():
+    """Object arrays are stored as pickled objects and come back equal."""
+    x = np.array([1, "a", None, {"k": 2}], dtype=object)
+    obj = shmalloc.copy2shm(x)
+    assert obj.type == "object"
+    assert shmalloc.allocate_from_shm(obj).tolist() == x.tolist()
+
+
+# ---- the handle ----
+
+
+def test_handle_fields_match_the_seed():
+    """name, type, length, size, attributes and copy say what was stored."""
+    x = np.zeros((300, 7), dtype=">f4", order="F")
+    obj = shmalloc.copy2shm(x, copy=False)
+    try:
+        assert obj.type == str(x.dtype)
+        assert obj.length == x.size
+        assert obj.copy is False
+        assert obj.size == os.stat("/dev/shm" + obj.name).st_size
+        assert obj.attributes["shape"] == (300, 7)
+        assert obj.attributes["dtype"] == x.dtype
+        assert obj.attributes["order"] == "F"
+        assert obj.attributes["class"] == "numpy.ndarray"
+        assert "300, 7" in repr(obj) and "KiB" in repr(obj)
+        assert "<table" in obj._repr_html_() and obj.name in obj._repr_html_()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            obj.name = "/other"  # type: ignore[misc]
+    finally:
+        shmalloc.unlink(obj)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_handle_pickles_small_for_every_protocol(protocol):
+    """The pickled handle does not grow with the data and survives every protocol."""
+    back = None
+    small = shmalloc.copy2shm(np.zeros(10))
+    large = shmalloc.copy2shm(np.zeros(2_000_000))
+    try:
+        # the same up to the digits of the shape and the escaping of random bytes
+        assert abs(len(pickle.dumps(large, protocol)) - len(pickle.dumps(small, protocol))) < 32
+        assert len(pickle.dumps(large, protocol)) < 1024
+        back = pickle.loads(pickle.dumps(large, protocol))
+        assert back == large
+    finally:
+        shmalloc.unlink(small)
+        if back is None:
+            shmalloc.unlink(large)
+    assert shmalloc.allocate_from_shm(back).shape == (2_000_000,)
+
+
+def test_default_copy_comes_from_the_handle():
+    """copy=None uses obj.copy; copy2shm(copy=False) gives a zero-copy result by default."""
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(4096.0), copy=False))
+    assert get_handler_name(y) == "shmalloc"
+    z = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(4096.0), copy=False), copy=True)
+    assert get_handler_name(z) != "shmalloc"
+
+
+# ---- lifecycle ----
+
+
+def test_second_allocate_fails_with_enoent():
+    """allocate_from_shm unlinks the name: a second call on the same handle raises ENOENT."""
+    obj = shmalloc.copy2shm(np.arange(10))
+    shmalloc.allocate_from_shm(obj)
+    assert not os.path.exists("/dev/shm" + obj.name)
+    with pytest.raises(ShmError) as info:
+        shmalloc.allocate_from_shm(obj)
+    assert info.value.errno == errno.ENOENT and isinstance(info.value, FileNotFoundError)
+    assert info.value.filename == obj.name
+
+
+def test_unlink_drops_an_unconsumed_handle():
+    """unlink removes the object; a later allocate or unlink says ENOENT."""
+    obj = shmalloc.copy2shm(np.arange(10))
+    shmalloc.unlink(obj.name)
+    with pytest.raises(FileNotFoundError):
+        shmalloc.unlink(obj)
+
+
+def test_mode_is_0600(shm_name):
+    """Objects are readable and writable by their owner only."""
+    obj = shmalloc.copy2shm(np.arange(3), name=shm_name)
+    try:
+        assert stat.S_IMODE(os.stat("/dev/shm" + shm_name).st_mode) == 0o600
+    finally:
+        shmalloc.unlink(obj)
+
+
+def test_existing_name_fails_with_eexist_and_is_untouched(shm_name):
+    """overwrite=False refuses an existing name and leaves it as it was."""
+    first = shmalloc.copy2shm(np.arange(5), name=shm_name)
+    with pytest.raises(ShmError) as info:
+        shmalloc.copy2shm(np.ones(50), name=shm_name)
+    assert info.value.errno == errno.EEXIST and isinstance(info.value, FileExistsError)
+    same(np.arange(5), shmalloc.allocate_from_shm(first))
+
+
+def test_overwrite_replaces(shm_name):
+    """overwrite=True replaces the object; the old handle is then refused, the new one works."""
+    old = shmalloc.copy2shm(np.arange(5), name=shm_name)
+    new = shmalloc.copy2shm(np.arange(5) * 2, name=shm_name, overwrite=True)
+    with pytest.raises(CorruptHandleError, match="replaced"):
+        # same size, other token: the replacement is detected before mapping
+        shmalloc.allocate_from_shm(old)
+    new_again = shmalloc.copy2shm(np.arange(5) * 3, name=shm_name, overwrite=True)
+    with pytest.raises(CorruptHandleError):
+        shmalloc.allocate_from_shm(new)
+    assert not os.path.exists("/dev/shm" + shm_name)
+    with pytest.raises(FileNotFoundError):
+        shmalloc.allocate_from_shm(new_again)
+
+
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        ("noslash", ValueError),
+        ("/", ValueError),
+        ("/a/b", ValueError),
+        ("/a\0b", ValueError),
+        ("/" + "x" * 254, ValueError),
+        ("/..", ValueError),
+        (b"/bytes", TypeError),
+        (42, TypeError),
+    ],
+)
+def test_bad_names_create_nothing(name, error):
+    """A name that is not portable is refused before anything is created."""
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(error):
+        shmalloc.copy2shm(np.arange(3), name=name)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_longest_portable_name_works():
+    """'/' plus 253 characters is accepted."""
+    name = f"/shmtest_{os.getpid()}_" + "n" * (253 - len(f"shmtest_{os.getpid()}_"))
+    assert len(name) == 254
+    same(np.arange(3), shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(3), name=name)))
+
+
+def test_generated_names_are_portable_unique_and_ours():
+    """Generated names: under 32 characters, prefix and pid, random part."""
+    objs = [shmalloc.copy2shm(np.arange(1)) for _ in range(50)]
+    try:
+        names = {o.name for o in objs}
+        assert len(names) == 50
+        for n in names:
+            assert n.startswith(f"/shmalloc_{os.getpid()}_") and len(n) <= 31
+            assert shmalloc._names.creator_pid(n) == os.getpid()
+    finally:
+        for o in objs:
+            shmalloc.unlink(o)
+
+
+# ---- bad handles ----
+
+
+def _damaged(obj: ShmObj, **changes) -> ShmObj:
+    return dataclasses.replace(obj, **changes)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"size": 1},
+        {"size": -5},
+        {"size": "big"},
+        {"length": 11},
+        {"length": 10.0},
+        {"type": "int32"},
+        {"attributes": {"codec": "ndarray", "shape": (10**12,), "dtype": np.dtype("i8"), "order": "C", "class": "numpy.ndarray", "buffer": 0}},
+        {"attributes": {}},
+        {"attributes": None},
+        {"token": b"x" * 16},
+        {"token": None},
+        {"name": "/not-there-" + "z" * 8},
+        {"name": "relative"},
+    ],
+    ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))!r}"[:40],
+)
+def test_damaged_handle_gives_a_clear_error(changes):
+    """Any damaged field is refused with an exception that names the problem; the segment is then gone."""
+    obj = shmalloc.copy2shm(np.arange(10))
+    with pytest.raises((CorruptHandleError, ShmError, ValueError, TypeError)) as info:
+        shmalloc.allocate_from_shm(_damaged(obj, **changes))
+    assert str(info.value)
+    if os.path.exists("/dev/shm" + obj.name):  # refused before opening (bad name, missing object)
+        shmalloc.unlink(obj)
+
+
+def test_not_a_handle_is_a_type_error():
+    with pytest.raises(TypeError, match="ShmObj"):
+        shmalloc.allocate_from_shm({"name": "/x"})
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_truncated_object_is_detected_before_mapping(copy):
+    """A truncated object gives CorruptHandleError, never a SIGBUS."""
+    obj = shmalloc.copy2shm(np.arange(100_000))
+    os.truncate("/dev/shm" + obj.name, 4096)
+    with pytest.raises(CorruptHandleError, match="truncated"):
+        shmalloc.allocate_from_shm(obj, copy=copy)
+    assert not os.path.exists("/dev/shm" + obj.name)
+
+
+def test_foreign_segment_is_not_a_shmalloc_segment(shm_name):
+    """An object of the right size but not written by shmalloc is refused (bad magic)."""
+    obj = shmalloc.copy2shm(np.arange(10), name=shm_name)
+    path = "/dev/shm" + shm_name
+    with open(path, "r+b") as f:
+        f.write(b"NOTOURS!")
+    with pytest.raises(CorruptHandleError, match="magic"):
+        shmalloc.allocate_from_shm(obj)
+
+
+def test_object_of_another_user_is_refused(shm_name):
+    """A segment owned by another uid is refused (EPERM) and left in place."""
+    obj = shmalloc.copy2shm(np.arange(10), name=shm_name)
+    path = "/dev/shm" + shm_name
+    try:
+        os.chown(path, 65534, -1)
+    except PermissionError:
+        shmalloc.unlink(obj)
+        pytest.skip("cannot chown here")
+    try:
+        with pytest.raises(ShmError) as info:
+            shmalloc.allocate_from_shm(obj)
+        assert info.value.errno == errno.EPERM and "65534" in str(info.value)
+        assert os.path.exists(path)
+    finally:
+        os.unlink(path)
+
+
+# ---- zero-copy memory behaviour ----
+
+
+def _mapped_names() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_copy_true_leaves_no_mapping():
+    """copy=True: numpy's own allocator, and no mapping of the object remains."""
+    obj = shmalloc.copy2shm(np.arange(1_000_000))
+    y = shmalloc.allocate_from_shm(obj, copy=True)
+    assert obj.name.lstrip("/") not in _mapped_names()
+    assert get_handler_name(y) == "default_allocator"
+    assert y.flags.owndata
+
+
+def test_zero_copy_owns_its_mapping_and_unmaps_on_gc():
+    """copy=False: the array owns a private mapping, unmapped when it and its views are gone."""
+    obj = shmalloc.copy2shm(np.arange(1_000_000))
+    y = shmalloc.allocate_from_shm(obj, copy=False)
+    key = obj.name.lstrip("/")
+    assert y.flags.owndata and y.base is None and y.flags.writeable
+    assert get_handler_name(y) == "shmalloc"
+    assert key in _mapped_names()
+    view = y[10:20]
+    del y
+    assert key in _mapped_names(), "a view must keep the mapping alive"
+    assert view[0] == 10
+    del view
+    assert key not in _mapped_names()
+
+
+def test_zero_copy_resize_moves_to_regular_memory():
+    """arr.resize of a mapped array copies into fresh memory and unmaps."""
+    obj = shmalloc.copy2shm(np.arange(10_000))
+    y = shmalloc.allocate_from_shm(obj, copy=False)
+    y.resize(20_000, refcheck=False)
+    assert y[:10_000].tolist() == list(range(10_000)) and (y[10_000:] == 0).all()
+    assert obj.name.lstrip("/") not in _mapped_names()
+    y.resize(5, refcheck=False)
+    assert y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_zero_copy_writes_are_private():
+    """Writes to a zero-copy array never reach the object (MAP_PRIVATE)."""
+    x = np.arange(5000)
+    obj = shmalloc.copy2shm(x, name=None)
+    # Open the object a second time first, the way another consumer would, to see the bytes.
+    fd = os.open("/dev/shm" + obj.name, os.O_RDONLY)
+    try:
+        y = shmalloc.allocate_from_shm(obj, copy=False)
+        y[:] = -1
+        assert np.frombuffer(os.pread(fd, x.nbytes, obj.size - (-(-x.nbytes // 4096) * 4096)), x.dtype).tolist() == x.tolist()
+    finally:
+        os.close(fd)
+
+
+def test_zero_copy_arrays_survive_mapping_pressure():
+    """Thousands of zero-copy arrays free their mappings: none left in the registry."""
+    before = _segment.live_mappings()
+    for i in range(2000):
+        y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.full(1000, i)), copy=False)
+        assert y[999] == i
+    del y
+    assert _segment.live_mappings() == before
+
+
+def test_many_threads_at_once():
+    """Copies and allocations from many threads at once never mix up data."""
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(40):
+                x = np.full(1000 + seed * 37 + i, seed * 1000 + i, dtype=np.int64)
+                y = shmalloc.allocate_from_shm(shmalloc.copy2shm(x), copy=bool(i % 2))
+                assert y.shape == x.shape and (y == x).all()
+                assert get_handler_name(y) == ("default_allocator" if i % 2 else "shmalloc")
+        except BaseException as exc:  # collected for the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_handler_is_restored_after_each_allocation():
+    """Arrays made after allocate_from_shm use numpy's default allocator again."""
+    shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(10_000)), copy=False)
+    assert get_handler_name() == "default_allocator"
+    assert get_handler_name(np.empty(100)) == "default_allocator"
+
+
+@pytest.mark.skipif(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 16 * 2**30, reason="needs 16 GB of memory")
+def test_array_longer_than_2_31_elements():
+    """An int8 array of 2**31 + 10 elements round-trips in both modes."""
+    n = 2**31 + 10
+    x = np.zeros(n, np.int8)
+    x[-1] = 7
+    x[2**31] = 3
+    obj = shmalloc.copy2shm(x)
+    del x
+    y = shmalloc.allocate_from_shm(obj, copy=False)
+    assert y.shape == (n,) and y[-1] == 7 and y[2**31] == 3 and obj.length == n
+    del y
+    obj = shmalloc.copy2shm(np.ones(n, np.int8))
+    y = shmalloc.allocate_from_shm(obj, copy=True)
+    assert y.shape == (n,) and y[-1] == 1
