@@ -309,3 +309,93 @@ def _adopt(address: Any, span: int, layout: BufferLayout) -> np.ndarray:
 def live_mappings() -> int:
     """Number of mappings currently owned by arrays through shmalloc's handler."""
     return int(lib.shmalloc_live_mappings()) if SUPPORTED else 0
+
+
+# ---------------------------------------------------------------------------
+# Shared segments (MAP_SHARED), for ShmArray: one object that several
+# processes map and write at once. Unlike the segments above they carry no
+# header: the object is the array's memory. Raw cffi pointers stay in this
+# module; callers get a SharedMapping, which numpy sees through
+# __array_interface__ and which unmaps itself when garbage collected.
+# ---------------------------------------------------------------------------
+
+import weakref  # noqa: E402  (kept in this section so the lines above stay untouched)
+
+
+class SharedMapping:
+    """A writable MAP_SHARED mapping of a whole shared memory object.
+
+    ``np.asarray(mapping)`` is a uint8 array over all of it whose ``base`` is
+    the mapping, so arrays built on it keep it, and the memory, alive. The
+    mapping is unmapped when this object is garbage collected (not at
+    interpreter exit, when arrays may still be in use: the OS unmaps then).
+    """
+
+    def __init__(self, name: str, fd: int, size: int, inode: int) -> None:
+        address = lib.shmalloc_map_shared(fd, size, 0, 1)
+        if address == ffi.NULL:
+            _raise(name)
+        self.name = name
+        self.size = size
+        self.inode = inode
+        self.address = int(ffi.cast("uintptr_t", address))
+        self.__array_interface__ = {
+            "version": 3,
+            "shape": (size,),
+            "typestr": "|u1",
+            "data": (self.address, False),
+        }
+        finalizer = weakref.finalize(self, lib.shmalloc_unmap, address, size)
+        finalizer.atexit = False
+
+
+def create_shared(name: str, size: int) -> SharedMapping:
+    """Create shared memory object ``name`` of ``size`` bytes (at least 1) and map it shared.
+
+    The object is created with O_EXCL and mode 0600, and every page is
+    reserved with posix_fallocate, so a full /dev/shm gives ShmError ENOSPC
+    here rather than SIGBUS on a later write. On failure nothing is left.
+    """
+    _check_supported()
+    if size < 1:
+        raise ValueError(f"a shared segment needs at least 1 byte, not {size}")
+    encoded = name.encode()
+    fd = lib.shmalloc_open(encoded, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if fd < 0:
+        _raise(name)
+    try:
+        if lib.shmalloc_fallocate(fd, size) < 0:
+            _raise(name)
+        return SharedMapping(name, fd, size, os.fstat(fd).st_ino)
+    except BaseException:
+        lib.shmalloc_unlink(encoded)
+        raise
+    finally:
+        lib.shmalloc_close(fd)
+
+
+def open_shared(name: str, size: int, inode: int | None = None) -> SharedMapping:
+    """Map an existing shared object made by :func:`create_shared`, after checking it.
+
+    Raises ShmError (EPERM) if another user owns it, EINVAL if it is not a
+    regular object, and CorruptHandleError if its size (or inode, when
+    given) differs from what the caller expects: it was replaced or resized.
+    """
+    _check_supported()
+    fd = lib.shmalloc_open(name.encode(), os.O_RDWR, 0)
+    if fd < 0:
+        _raise(name)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise ShmError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user ({os.geteuid()})", name)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShmError(errno.EINVAL, "not a regular shared memory object", name)
+        if st.st_size != size or (inode is not None and st.st_ino != inode):
+            raise CorruptHandleError(
+                f"{name}: the shared memory object is not the one expected"
+                f" ({st.st_size} bytes, inode {st.st_ino}; expected {size} bytes, inode {inode})"
+            )
+        return SharedMapping(name, fd, size, st.st_ino)
+    finally:
+        lib.shmalloc_close(fd)
