@@ -9,7 +9,9 @@ from ._api import allocate_from_shm, copy2shm, unlink
 from ._cleanup import gc, segments
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
+from ._shmarray import ShmArray
 
 __version__ = "0.1.0"
 __all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError"]
 __all__ += ["segments", "gc"]
+__all__ += ["ShmArray"]
