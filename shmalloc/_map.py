@@ -1,0 +1,556 @@
+"""shmalloc.map: a parallel map whose workers return results through shared memory.
+
+The parent owns every segment name: it chooses one per item before handing
+the item to a worker, the worker places a large result under that name with
+:func:`copy2shm`, and the parent consumes it with :func:`allocate_from_shm`.
+Whatever goes wrong, the parent stops its workers and unlinks each name it
+handed out and did not consume, so nothing is left in /dev/shm.
+
+Workers are plain processes, each with its own pipe; the parent waits on the
+pipes and on the process sentinels together, so a worker that dies is noticed
+at once (``multiprocessing.Pool`` waits forever in that case).
+"""
+from __future__ import annotations
+
+import errno
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import _names
+from ._api import allocate_from_shm, copy2shm, unlink
+from ._errors import ShmError
+from ._handle import ShmObj
+
+#: Results whose data take fewer bytes than this go through the pipe.
+PIPE_LIMIT = 64 * 1024
+# Seconds a worker gets to exit after SIGTERM before SIGKILL.
+_TERMINATE_GRACE = 2.0
+
+
+class WorkerError(RuntimeError):
+    """An item failed in a worker and its exception could not be re-raised as it was.
+
+    Attributes
+    ----------
+    index : int
+        Position of the failing item in the input.
+    remote_traceback : str
+        The traceback text from the worker ("" if there is none).
+    """
+
+    def __init__(self, message: str, index: int, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.index, self.remote_traceback))
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process ended (killed, crashed, ``os._exit``) while it was working on an item.
+
+    Attributes
+    ----------
+    index : int
+        The item the worker was working on.
+    exitcode : int or None
+        The worker's exit code; ``-N`` if it was killed by signal ``N``.
+    """
+
+    def __init__(self, message: str, index: int, exitcode: int | None = None) -> None:
+        super().__init__(message, index)
+        self.exitcode = exitcode
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.index, self.exitcode))
+
+
+class ShmFallbackWarning(RuntimeWarning):
+    """Results did not fit into /dev/shm and came back through the pipe instead."""
+
+
+# ----------------------------------------------------------------------------
+# The transport of one result (used by map and by the executor)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A result on its way to the parent: the value itself, or a handle to it in shared memory."""
+
+    value: Any = None
+    handle: ShmObj | None = None
+    boxed: bool = False  # the handle holds a _Box around the value
+    fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
+
+
+@dataclass
+class _Box:
+    """Keeps containers and scalars as they are: copy2shm would turn a list of numbers into an array."""
+
+    value: Any
+
+
+def ship(result: Any, name: str, limit: int = PIPE_LIMIT) -> Shipped:
+    """In a worker: make ``result`` ready for the parent, in shared memory under ``name`` if large.
+
+    A full /dev/shm (ENOSPC) sends the value through the pipe instead; then
+    nothing is left under ``name``.
+    """
+    if _nbytes(result, limit) < limit:
+        return Shipped(value=result)
+    whole = isinstance(result, np.ndarray) or _is_pandas(result)
+    try:
+        handle = copy2shm(result if whole else _Box(result), name=name)
+    except ShmError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return Shipped(value=result, fell_back=True)
+    return Shipped(handle=handle, boxed=not whole)
+
+
+def receive(shipped: Shipped, name: str, copy: bool) -> Any:
+    """In the parent: rebuild the result a worker shipped (consuming its segment)."""
+    if shipped.handle is None:
+        return shipped.value
+    if shipped.handle.name != name:
+        raise ShmError(errno.EINVAL, f"a worker answered with segment {shipped.handle.name!r}", name)
+    value = allocate_from_shm(shipped.handle, copy=copy)
+    return value.value if shipped.boxed else value
+
+
+def discard(name: str) -> None:
+    """Unlink ``name`` if it exists: a result nobody will consume."""
+    try:
+        unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def _is_pandas(obj: Any) -> bool:
+    return type(obj).__module__.split(".", 1)[0] == "pandas" and hasattr(obj, "memory_usage")
+
+
+def _nbytes(obj: Any, limit: int) -> int:
+    """Roughly how many bytes ``obj`` holds; counting may stop once ``limit`` is reached."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (bytes, bytearray, str, memoryview)):
+        return len(obj)
+    if obj is None or isinstance(obj, (bool, int, float, complex, np.generic)):
+        return 32
+    if _is_pandas(obj):
+        usage = obj.memory_usage(deep=False)
+        return int(usage.sum()) if hasattr(usage, "sum") else int(usage)
+    if isinstance(obj, (list, tuple, set, frozenset, dict)):
+        total = 64
+        for part in obj.items() if isinstance(obj, dict) else obj:
+            total += _nbytes(part, limit - total)
+            if total >= limit:
+                break
+        return total
+    # Anything else: measure its pickle; out-of-band buffers are counted, not copied.
+    sizes: list[int] = []
+    try:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=lambda b: sizes.append(b.raw().nbytes))
+    except Exception:
+        return limit  # let copy2shm report what cannot be pickled
+    return len(stream) + sum(sizes)
+
+
+# ----------------------------------------------------------------------------
+# Worker processes
+
+
+@dataclass(frozen=True)
+class _Options:
+    func: Callable[[Any], Any]
+    items: list[Any] | None  # inherited under fork; otherwise sent with each task
+    seed: np.random.SeedSequence | None
+    limit: int
+
+
+_current_seed: np.random.SeedSequence | None = None
+
+
+def item_seed() -> np.random.SeedSequence | None:
+    """The :class:`numpy.random.SeedSequence` of the item being processed, inside :func:`map`.
+
+    With ``map(..., seed=s)``, item ``i`` gets the child ``i`` of
+    ``SeedSequence(s)``, whichever worker runs it; outside such a call this
+    returns None. Use it as ``np.random.default_rng(shmalloc.item_seed())``.
+    """
+    return _current_seed
+
+
+def _seed_item(seed: np.random.SeedSequence, index: int) -> None:
+    """Give item ``index`` its own child of ``seed``; also seed the global generators from it."""
+    global _current_seed
+    import random
+
+    child = np.random.SeedSequence(seed.entropy, spawn_key=(*seed.spawn_key, index), pool_size=seed.pool_size)
+    _current_seed = child
+    state = child.generate_state(4)
+    np.random.seed(state)
+    random.seed(int.from_bytes(state.tobytes(), "little"))
+
+
+def _worker(conn: Connection, options: _Options) -> None:
+    """Worker main loop: receive a chunk of (index, item, name), answer one message per item."""
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        for index, item, name in task:
+            if options.items is not None:
+                item = options.items[index]
+            conn.send(_run_one(options, index, item, name))
+
+
+def _run_one(options: _Options, index: int, item: Any, name: str) -> tuple:
+    try:
+        if options.seed is not None:
+            _seed_item(options.seed, index)
+        result = options.func(item)
+        return ("ok", index, ship(result, name, options.limit))
+    except BaseException as exc:  # report everything; the parent decides
+        return ("error", index, *_describe(exc))
+
+
+def _describe(exc: BaseException) -> tuple[bytes | None, str, str]:
+    text = "".join(traceback.format_exception(exc))
+    message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+    payload = None
+    if isinstance(exc, Exception):
+        try:
+            payload = pickle.dumps(exc, protocol=5)
+        except Exception:
+            payload = None
+    return payload, message, text
+
+
+# ----------------------------------------------------------------------------
+# The parent
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    pending: list[int] = field(default_factory=list)  # indices sent, not yet answered
+
+
+def usable_cpus() -> int:
+    """Number of CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def map(
+    func: Callable[[Any], Any],
+    iterable: Iterable[Any],
+    *,
+    processes: int | None = None,
+    copy: bool = True,
+    start_method: str | None = None,
+    chunksize: int = 1,
+    progress: bool = False,
+    seed: int | np.random.SeedSequence | None = None,
+    pipe_limit: int = PIPE_LIMIT,
+) -> list[Any]:
+    """Apply ``func`` to each item in worker processes; return the results in input order.
+
+    Large results (arrays, data frames, and containers holding them) come
+    back through POSIX shared memory, small ones through a pipe.
+
+    Parameters
+    ----------
+    func : callable
+        Called as ``func(item)`` in a worker. Under ``start_method="fork"``
+        it is inherited, so lambdas and closures work; otherwise it must be
+        picklable (a module-level function).
+    iterable : iterable
+        The items. Under fork they are inherited as well; otherwise each is
+        pickled to its worker.
+    processes : int, optional
+        Number of worker processes (default: the usable CPUs, at most one
+        per chunk).
+    copy : bool, default True
+        True: results are copied out of shared memory into regular memory.
+        False: arrays in the results own private (copy-on-write) mappings of
+        the segments: no copy, the memory is freed with the arrays.
+    start_method : {"fork", "forkserver", "spawn"}, optional
+        How workers start; None: the platform's default.
+    chunksize : int, default 1
+        Items handed to a worker at a time.
+    progress : bool, default False
+        Show a progress bar (``tqdm.auto``), if tqdm is installed.
+    seed : int or numpy.random.SeedSequence, optional
+        Item ``i`` runs with child ``i`` of ``SeedSequence(seed)``: numpy's
+        and :mod:`random`'s global generators are seeded from it, and
+        :func:`item_seed` returns it. Results then do not depend on the
+        number of processes or on scheduling.
+    pipe_limit : int, default 65536
+        Results holding fewer bytes than this go through the pipe.
+
+    Returns
+    -------
+    list
+        ``[func(item) for item in iterable]``.
+
+    Raises
+    ------
+    Exception
+        The exception ``func`` raised for the first failing item received,
+        re-raised in the parent, with a note giving the item's index and the
+        worker's traceback.
+    WorkerError
+        If that exception cannot be re-raised as it was (not picklable).
+    WorkerDiedError
+        If a worker ends while working on an item (killed, crashed, out of
+        memory), naming the item.
+    TypeError, ValueError
+        For bad arguments, or a ``func`` that cannot be pickled under spawn
+        or forkserver.
+
+    Warns
+    -----
+    ShmFallbackWarning
+        Once per call, if /dev/shm was full and results came back through
+        the pipe instead (they are still right).
+
+    Notes
+    -----
+    Every segment made for the call is gone when ``map`` returns or raises,
+    also after a killed worker or a KeyboardInterrupt.
+
+    Examples
+    --------
+    >>> import numpy as np, shmalloc
+    >>> [a.sum() for a in shmalloc.map(np.ones, [100_000, 200_000], processes=2)]
+    [np.float64(100000.0), np.float64(200000.0)]
+    """
+    ctx, items, options = _prepare(func, iterable, processes, copy, start_method, chunksize, seed, pipe_limit)
+    if not items:
+        return []
+    nproc = min(processes or usable_cpus(), math.ceil(len(items) / chunksize))
+    return _Run(ctx, items, options, nproc, chunksize, copy, progress).run()
+
+
+def _prepare(func, iterable, processes, copy, start_method, chunksize, seed, pipe_limit):
+    if not callable(func):
+        raise TypeError(f"func must be callable, not {type(func).__name__}")
+    for label, value in (("processes", processes), ("chunksize", chunksize), ("pipe_limit", pipe_limit)):
+        if value is None and label == "processes":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if label == "pipe_limit" else 1):
+            raise ValueError(f"{label} must be a positive int, not {value!r}")
+    if not isinstance(copy, bool):
+        raise TypeError("copy must be bool")
+    if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
+        raise ValueError(
+            f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
+        )
+    ctx = multiprocessing.get_context(start_method)
+    if seed is not None and not isinstance(seed, np.random.SeedSequence):
+        seed = np.random.SeedSequence(seed)
+    items = list(iterable)
+    inherit = ctx.get_start_method() == "fork"
+    if not inherit:
+        try:
+            pickle.dumps(func)
+        except Exception as exc:
+            raise TypeError(
+                f"under start_method={ctx.get_start_method()!r} func must be picklable (a module-level function);"
+                f" lambdas and closures need start_method='fork': {exc}"
+            ) from exc
+    return ctx, items, _Options(func, items if inherit else None, seed, pipe_limit)
+
+
+class _Run:
+    """One call of :func:`map`: start workers, hand out chunks, collect, clean up."""
+
+    def __init__(self, ctx, items, options: _Options, nproc: int, chunksize: int, copy: bool, progress: bool):
+        self.ctx, self.items, self.options, self.copy = ctx, items, options, copy
+        self.nproc = nproc
+        self.chunks = [range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)]
+        self.next_chunk = 0
+        self.results: list[Any] = [None] * len(items)
+        self.done = 0
+        self.names: dict[int, str] = {}  # handed out, not yet consumed
+        self.workers: list[_Worker] = []
+        self.fallbacks = 0
+        self.bar = _progress_bar(len(items)) if progress else None
+
+    def run(self) -> list[Any]:
+        try:
+            for _ in range(self.nproc):
+                self._start_worker()
+            for worker in self.workers:
+                self._dispatch(worker)
+            while self.done < len(self.items):
+                self._step()
+            self._stop(graceful=True)
+        finally:
+            self._stop(graceful=False)
+            for name in self.names.values():
+                discard(name)
+            self.names.clear()
+            if self.bar is not None:
+                self.bar.close()
+        if self.fallbacks:
+            warnings.warn(
+                f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
+                ShmFallbackWarning,
+                stacklevel=3,
+            )
+        return self.results
+
+    def _start_worker(self) -> None:
+        parent_end, child_end = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=_worker, args=(child_end, self.options), daemon=True)
+        try:
+            process.start()
+        finally:
+            child_end.close()  # so that the parent sees EOF when the worker is gone
+        self.workers.append(_Worker(process, parent_end))
+
+    def _dispatch(self, worker: _Worker) -> None:
+        if self.next_chunk >= len(self.chunks):
+            return
+        chunk = self.chunks[self.next_chunk]
+        self.next_chunk += 1
+        inherit = self.options.items is not None
+        task = []
+        for index in chunk:
+            self.names[index] = _names.generate()
+            task.append((index, None if inherit else self.items[index], self.names[index]))
+        worker.pending = list(chunk)
+        try:
+            worker.conn.send(task)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
+
+    def _step(self) -> None:
+        busy = [w for w in self.workers if w.pending]
+        ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in self.workers]))
+        for worker in list(self.workers):
+            exited = worker.process.sentinel in ready
+            if worker.conn in ready or exited:
+                # Read what a worker sent before it ended: its last results are good.
+                if not self._drain(worker) or exited:
+                    self._buried(worker)
+                elif not worker.pending:
+                    self._dispatch(worker)
+
+    def _drain(self, worker: _Worker) -> bool:
+        """Handle every message waiting from ``worker``; False if its pipe is closed."""
+        try:
+            while worker.pending and worker.conn.poll():
+                self._handle(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _buried(self, worker: _Worker) -> None:
+        """A worker ended: an error if it still owed results, else replace it."""
+        worker.process.join(_TERMINATE_GRACE)
+        if worker.pending:
+            index, code = worker.pending[0], worker.process.exitcode
+            if code is None:
+                how = "closed its pipe"
+            elif code < 0:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            else:
+                how = f"exited with code {code}"
+            raise WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
+        self.workers.remove(worker)
+        worker.conn.close()
+        if self.next_chunk < len(self.chunks):
+            self._start_worker()
+            self._dispatch(self.workers[-1])
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind, index = message[0], message[1]
+        if kind == "error":
+            self._raise_remote(index, *message[2:])
+        name = self.names[index]
+        shipped: Shipped = message[2]
+        self.results[index] = receive(shipped, name, self.copy)
+        del self.names[index]
+        self.fallbacks += shipped.fell_back
+        worker.pending.remove(index)
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _raise_remote(self, index: int, payload: bytes | None, message: str, text: str) -> None:
+        exc: BaseException | None = None
+        if payload is not None:
+            try:
+                exc = pickle.loads(payload)
+            except Exception:
+                exc = None
+        if not isinstance(exc, Exception):
+            raise WorkerError(f"item {index} failed in a worker: {message}\n\n{text}", index, text)
+        exc.add_note(f"shmalloc.map: raised by func for item {index}; the worker's traceback:\n{text.rstrip()}")
+        try:
+            exc.shmalloc_index = index
+        except AttributeError:
+            pass
+        raise exc
+
+    def _stop(self, graceful: bool) -> None:
+        """Let idle workers exit (graceful), or terminate and reap all of them."""
+        for worker in self.workers:
+            if graceful:
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+        deadline_kill = []
+        for worker in self.workers:
+            process = worker.process
+            if graceful:
+                process.join(_TERMINATE_GRACE)
+            if process.exitcode is None:
+                process.terminate()
+                deadline_kill.append(process)
+        for process in deadline_kill:
+            process.join(_TERMINATE_GRACE)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        for worker in self.workers:
+            worker.conn.close()
+            worker.process.close()
+        self.workers = []
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progress=True needs tqdm (pip install tqdm); no progress bar shown", stacklevel=4)
+        return None
+    return tqdm(total=total)
+
+
+__all__ = ["map", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]
