@@ -133,13 +133,8 @@ def _frame(entries: list[_Entry]) -> "pd.DataFrame":
     return frame
 
 
-def segments(directory: str | os.PathLike[str] = SHM_DIR) -> "pd.DataFrame":
+def segments() -> "pd.DataFrame":
     """List this user's shmalloc segments that nobody has consumed yet.
-
-    Parameters
-    ----------
-    directory : path, default "/dev/shm"
-        Where the system shows shared memory objects.
 
     Returns
     -------
@@ -157,7 +152,7 @@ def segments(directory: str | os.PathLike[str] = SHM_DIR) -> "pd.DataFrame":
     >>> list(shmalloc.segments().columns)
     ['name', 'pid', 'alive', 'size', 'age', 'created']
     """
-    return _frame(_scan(Path(directory)))
+    return _frame(_scan(SHM_DIR))
 
 
 def _parse_age(value: float | str | None) -> float:
@@ -195,11 +190,11 @@ class GcResult:
     failed: dict[str, ShmError]
 
 
-def collect(older_than: float | str | None = None, dry_run: bool = False, directory: str | os.PathLike[str] = SHM_DIR) -> GcResult:
+def collect(older_than: float | str | None = None, dry_run: bool = False) -> GcResult:
     """Do the work of :func:`gc` and report everything (used by the command line)."""
     min_age = _parse_age(older_than)
     removed, kept, failed = [], [], {}
-    for entry in _scan(Path(directory)):
+    for entry in _scan(SHM_DIR):
         if entry.alive or entry.age < min_age:
             kept.append(entry)
             continue
@@ -214,11 +209,17 @@ def collect(older_than: float | str | None = None, dry_run: bool = False, direct
     return GcResult(_frame(removed), _frame(kept), failed)
 
 
-def gc(older_than: float | str | None = None, dry_run: bool = False, directory: str | os.PathLike[str] = SHM_DIR) -> "pd.DataFrame":
+def gc(older_than: float | str | None = None, dry_run: bool = False) -> "pd.DataFrame":
     """Remove this user's shmalloc segments whose creating process is dead.
 
     Never touches names shmalloc did not generate, segments of other users,
     or segments whose creator still runs (it may yet hand them on).
+
+    A process may hand a segment on and exit before the receiver consumes it
+    (a pool worker returning a result does exactly that): such a segment
+    looks orphaned for that moment. Where other programs use shmalloc while
+    this runs, pass ``older_than`` (a minute is plenty) so that handles in
+    flight are spared.
 
     Parameters
     ----------
@@ -227,8 +228,6 @@ def gc(older_than: float | str | None = None, dry_run: bool = False, directory: 
         ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. Default: any age.
     dry_run : bool, default False
         Only report what would be removed.
-    directory : path, default "/dev/shm"
-        Where the system shows shared memory objects.
 
     Returns
     -------
@@ -244,7 +243,7 @@ def gc(older_than: float | str | None = None, dry_run: bool = False, directory: 
     ValueError
         For a negative or malformed ``older_than``.
     """
-    result = collect(older_than, dry_run, directory)
+    result = collect(older_than, dry_run)
     if result.failed:
         raise next(iter(result.failed.values()))
     return result.removed
