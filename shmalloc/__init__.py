@@ -8,10 +8,13 @@ array([0, 1, 2, 3, 4])
 from ._api import allocate_from_shm, copy2shm, unlink
 from ._cleanup import gc, segments
 from ._errors import CorruptHandleError, ShmError
+from ._executor import ProcessPoolExecutor
 from ._handle import ShmObj
+from ._map import ShmFallbackWarning, WorkerDiedError, WorkerError, item_seed, map
 from ._shmarray import ShmArray
 
 __version__ = "0.1.0"
 __all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError"]
 __all__ += ["segments", "gc"]
 __all__ += ["ShmArray"]
+__all__ += ["map", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]

@@ -1,0 +1,174 @@
+"""shmalloc.ProcessPoolExecutor: a concurrent.futures executor whose results travel through shared memory.
+
+It wraps the standard ProcessPoolExecutor (persistent workers, BrokenProcessPool
+when a worker dies) and adds the transport of :mod:`shmalloc._map`: each task
+gets a segment name chosen here, a large result is placed under it in the
+worker and consumed here as soon as the task is done, whether or not anybody
+asks for the result. Names left unconsumed (failed or cancelled tasks, a
+worker killed while writing) are unlinked then, and once more at shutdown,
+after the workers are gone.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import warnings
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+from . import _names
+from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, receive, ship
+
+
+def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, kwargs: dict) -> Shipped:
+    """Runs in a worker: call ``fn`` and make its result ready for the parent."""
+    return ship(fn(*args, **kwargs), name, limit)
+
+
+class _Future(cf.Future):
+    """The caller's future; cancelling it cancels the task in the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._task: cf.Future | None = None
+
+    def cancel(self) -> bool:
+        if self._task is not None and not self._task.cancel():
+            return False
+        return super().cancel()
+
+
+class ProcessPoolExecutor(cf.Executor):
+    """A process pool whose results come back through POSIX shared memory.
+
+    Use it like :class:`concurrent.futures.ProcessPoolExecutor`; large
+    results (arrays, data frames, containers holding them) are returned
+    through :func:`shmalloc.copy2shm` / :func:`shmalloc.allocate_from_shm`,
+    small ones through the pool's pipes.
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Number of worker processes (default: the usable CPUs).
+    mp_context : multiprocessing context, optional
+        How workers start (default: the platform's default).
+    initializer, initargs
+        Called in each worker when it starts, as in the standard executor.
+    copy : bool, default True
+        True: results are copied into regular memory. False: arrays in the
+        results own private mappings of their segments (no copy).
+    pipe_limit : int, default 65536
+        Results holding fewer bytes than this go through the pipe.
+    **kwargs
+        Passed on to :class:`concurrent.futures.ProcessPoolExecutor`
+        (e.g. ``max_tasks_per_child``).
+
+    Notes
+    -----
+    Functions and arguments are pickled, as in the standard executor (so no
+    lambdas; :func:`shmalloc.map` under fork takes them). A worker that dies
+    breaks the pool: pending futures raise
+    :class:`concurrent.futures.process.BrokenProcessPool`. A full /dev/shm
+    sends results through the pipe, with one :class:`ShmFallbackWarning`.
+    Every segment made for the pool is gone once :meth:`shutdown` (with
+    ``wait=True``, as the ``with`` statement does) returns.
+
+    Examples
+    --------
+    >>> import numpy as np, shmalloc
+    >>> with shmalloc.ProcessPoolExecutor(2) as pool:
+    ...     pool.submit(np.ones, 100_000).result().sum()
+    np.float64(100000.0)
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        *,
+        copy: bool = True,
+        pipe_limit: int = PIPE_LIMIT,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(copy, bool):
+            raise TypeError("copy must be bool")
+        if not isinstance(pipe_limit, int) or isinstance(pipe_limit, bool) or pipe_limit < 0:
+            raise ValueError(f"pipe_limit must be a non-negative int, not {pipe_limit!r}")
+        self._pool = cf.ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, **kwargs)
+        self._copy = copy
+        self._limit = pipe_limit
+        self._lock = threading.Lock()
+        self._names: set[str] = set()  # handed out, not yet consumed or discarded
+        self._warned = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Schedule ``fn(*args, **kwargs)``; return a future of its result."""
+        name = _names.generate()
+        with self._lock:
+            self._names.add(name)
+        future = _Future()
+        try:
+            task = self._pool.submit(_call_and_ship, fn, name, self._limit, args, kwargs)
+        except BaseException:
+            self._forget(name)
+            raise
+        future._task = task
+        task.add_done_callback(lambda done: self._settle(done, future, name))
+        return future
+
+    def _settle(self, task: cf.Future, future: _Future, name: str) -> None:
+        """Consume the task's segment at once; hand the result (or error) to the caller's future."""
+        settled = True
+        try:
+            if task.cancelled():
+                future.cancel()
+                return
+            error = task.exception()
+            if error is not None:
+                # In a broken pool another worker may still be writing under this name:
+                # keep it for the sweep in shutdown().
+                settled = not isinstance(error, BrokenProcessPool)
+                future.set_exception(error)
+                return
+            shipped: Shipped = task.result()
+            try:
+                value = receive(shipped, name, self._copy)
+            except BaseException as exc:
+                future.set_exception(exc)
+                return
+            if shipped.fell_back:
+                self._warn_fallback()
+            if not future.cancelled():
+                future.set_result(value)
+        except cf.InvalidStateError:
+            pass  # the caller cancelled meanwhile: the result is dropped
+        finally:
+            discard(name)
+            if settled:
+                with self._lock:
+                    self._names.discard(name)
+
+    def _forget(self, name: str) -> None:
+        discard(name)
+        with self._lock:
+            self._names.discard(name)
+
+    def _warn_fallback(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn("/dev/shm was full: results come back through the pipe instead", ShmFallbackWarning)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers; with ``wait=True`` also remove every segment left unconsumed."""
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:
+            # The workers are gone: nothing can create these names any more.
+            with self._lock:
+                left, self._names = self._names, set()
+            for name in left:
+                discard(name)
+
+
+__all__ = ["ProcessPoolExecutor"]
