@@ -1,0 +1,232 @@
+"""Benchmark of shmalloc.map: 2 forked workers each return a data frame (bettermc's README benchmark).
+
+The frame has N rows of x float64, y bool, z int32 (13 bytes a row) and is
+made in the parent before the workers fork, so every method measures only
+the return of the results. All methods run interleaved, repetition by
+repetition, in one process; medians are reported.
+"""
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor as StdExecutor
+from multiprocessing import resource_tracker, shared_memory
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+import shmalloc
+
+from . import median_time, print_table
+
+WORKERS = 2
+_frame: pd.DataFrame | None = None  # inherited by the forked workers
+
+
+def make_frame(rows: int) -> pd.DataFrame:
+    """The benchmark frame: x float64, y bool, z int32."""
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {"x": rng.random(rows), "y": rng.random(rows) < 0.5, "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32)}
+    )
+
+
+def _return_frame(_: int) -> pd.DataFrame:
+    return _frame
+
+
+def _fork() -> multiprocessing.context.BaseContext:
+    return multiprocessing.get_context("fork")
+
+
+# --- the methods: each returns the list of the workers' frames ------------------------------
+
+
+def shmalloc_map(copy: bool) -> Callable[[], list]:
+    return lambda: shmalloc.map(_return_frame, range(WORKERS), processes=WORKERS, start_method="fork", copy=copy)
+
+
+def mp_pool() -> list:
+    with _fork().Pool(WORKERS) as pool:
+        return pool.map(_return_frame, range(WORKERS))
+
+
+def cf_executor() -> list:
+    with StdExecutor(WORKERS, mp_context=_fork()) as pool:
+        return list(pool.map(_return_frame, range(WORKERS)))
+
+
+def _to_stdlib_shm(_: int) -> tuple[str, list[tuple[str, str, int, int]]]:
+    """In a worker: copy each column into one stdlib SharedMemory block."""
+    columns, offset = [], 0
+    for name in _frame.columns:
+        values = _frame[name].to_numpy()
+        columns.append((name, values.dtype.str, offset, len(values)))
+        offset += -(-values.nbytes // 64) * 64
+    block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+    for (name, dtype, start, length), values in zip(columns, (_frame[c].to_numpy() for c in _frame.columns)):
+        np.ndarray(length, dtype, block.buf, start)[:] = values
+    block.close()
+    return block.name, columns
+
+
+def stdlib_shared_memory() -> list:
+    """By hand with multiprocessing.shared_memory; columns copied out (zero-copy would crash on close)."""
+    with _fork().Pool(WORKERS) as pool:
+        answers = pool.map(_to_stdlib_shm, range(WORKERS))
+    frames = []
+    for block_name, columns in answers:
+        block = shared_memory.SharedMemory(block_name)
+        try:
+            data = {name: np.ndarray(length, dtype, block.buf, start).copy() for name, dtype, start, length in columns}
+        finally:
+            block.close()
+            block.unlink()
+        frames.append(pd.DataFrame(data, copy=False))
+    return frames
+
+
+def _to_shared_array(i: int) -> list[tuple[str, str]]:
+    import SharedArray
+
+    names = []
+    for column in _frame.columns:
+        values = _frame[column].to_numpy()
+        name = f"shm://shmalloc_bench_{multiprocessing.current_process().pid}_{i}_{column}"
+        target = SharedArray.create(name, values.shape, values.dtype)
+        target[:] = values
+        names.append((column, name))
+    return names
+
+
+def shared_array() -> list:
+    """SharedArray by hand: workers create and fill arrays, the parent attaches them (zero-copy)."""
+    import SharedArray
+
+    with _fork().Pool(WORKERS) as pool:
+        answers = pool.map(_to_shared_array, range(WORKERS))
+    frames = []
+    for names in answers:
+        data = {}
+        for column, name in names:
+            data[column] = SharedArray.attach(name)
+            SharedArray.delete(name)
+        frames.append(pd.DataFrame(data, copy=False))
+    return frames
+
+
+def ray_store(rows: int, repeat: int) -> float | None:
+    """Ray's object store: the frame is put once, tasks return it (zero-copy, read-only).
+
+    Measured in a child process after the others: forking a process that runs
+    Ray's threads is unsafe, and Ray's signal handlers would reach the workers.
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_ray_child, (rows, repeat))
+
+
+def _ray_child(rows: int, repeat: int) -> float:
+    import ray
+
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        frame = make_frame(rows)
+        ref = ray.put(frame)
+
+        @ray.remote
+        def give(frame):
+            return frame
+
+        def method() -> list:
+            return ray.get([give.remote(ref) for _ in range(WORKERS)])
+
+        got = method()
+        assert len(got) == WORKERS and got[0]["z"].equals(frame["z"])
+        del got
+        return statistics.median(median_time(method, 1) for _ in range(repeat))
+    finally:
+        ray.shutdown()
+
+
+def _methods() -> dict[str, Callable[[], list]]:
+    methods = {
+        "shmalloc.map, copy=False": shmalloc_map(False),
+        "shmalloc.map, copy=True": shmalloc_map(True),
+        "multiprocessing.Pool": mp_pool,
+        "concurrent.futures": cf_executor,
+        "stdlib SharedMemory by hand, copied out": stdlib_shared_memory,
+    }
+    try:
+        import SharedArray  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        methods["SharedArray by hand, zero-copy"] = shared_array
+    return methods
+
+
+def _check(frames: list) -> None:
+    assert len(frames) == WORKERS
+    for frame in frames:
+        pd.testing.assert_frame_equal(frame, _frame, check_column_type=False, check_index_type=False)
+
+
+def measure(rows: int, repeat: int) -> dict[str, float]:
+    """Median seconds of each method for a frame of ``rows`` rows, interleaved."""
+    global _frame
+    _frame = make_frame(rows)
+    resource_tracker.ensure_running()  # the workers' SharedMemory blocks register with the parent's tracker
+    methods = _methods()
+    for method in methods.values():  # warm up, and check every method returns the frames
+        _check(method())
+        gc.collect()
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(repeat):
+        for label, method in methods.items():
+            times[label].append(median_time(method, 1))
+            gc.collect()
+    _frame = None
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    ray = ray_store(rows, repeat)
+    if ray is not None:
+        medians["Ray object store, zero-copy (measured after the others)"] = ray
+    return medians
+
+
+def run(quick: bool = False, repeat: int = 5) -> None:
+    """Print the benchmark table (and the goals of issue 4) for 1e7 and 3e7 rows; small sizes if quick."""
+    sizes = (10**5, 3 * 10**5) if quick else (10**7, 3 * 10**7)
+    repeat = min(repeat, 2) if quick else repeat
+    results = {rows: measure(rows, repeat) for rows in sizes}
+    labels = list(results[sizes[0]])
+    header = ["method"] + [f"{rows:.0e} rows: s" for rows in sizes] + [f"{rows:.0e}: x Pool" for rows in sizes]
+    rows_out = []
+    for label in labels:
+        rows_out.append(
+            [label]
+            + [results[rows][label] for rows in sizes]
+            + [results[rows][label] / results[rows]["multiprocessing.Pool"] for rows in sizes]
+        )
+    print_table(
+        f"map: {WORKERS} forked workers each return a data frame (x float64, y bool, z int32), median of {repeat}",
+        header,
+        rows_out,
+    )
+    print()
+    goals = [
+        ("copy=False / SharedArray", "shmalloc.map, copy=False", "SharedArray by hand, zero-copy", "<= 0.6"),
+        ("copy=False / multiprocessing.Pool", "shmalloc.map, copy=False", "multiprocessing.Pool", "<= 1/15 (0.067)"),
+        ("copy=True / stdlib SharedMemory copied out", "shmalloc.map, copy=True", "stdlib SharedMemory by hand, copied out", "<= 0.8"),
+    ]
+    goal_rows = []
+    for title, ours, theirs, target in goals:
+        if theirs in results[sizes[0]]:
+            goal_rows.append([title, target] + [results[rows][ours] / results[rows][theirs] for rows in sizes])
+    print_table("map: goals (time ratios)", ["ratio", "goal"] + [f"{rows:.0e} rows" for rows in sizes], goal_rows)
