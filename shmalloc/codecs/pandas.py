@@ -33,6 +33,8 @@ from pandas.arrays import (
     TimedeltaArray,
 )
 
+from . import pickled
+
 try:
     import pyarrow as pa
 except ImportError:  # strings are then factorised only, Arrow columns cannot occur
@@ -48,9 +50,10 @@ _MASKED = (IntegerArray, FloatingArray, BooleanArray)
 def accepts(obj: Any) -> bool:
     """Whether this codec stores ``obj`` itself (pandas' own classes only, not subclasses)."""
     cls = type(obj)
-    if cls in _KINDS or isinstance(obj, pd.Index) and cls.__module__.startswith("pandas."):
+    if cls in _KINDS:
         return True
-    return isinstance(obj, ExtensionArray) and cls.__module__.startswith("pandas.") and _known_array(obj)
+    ours = cls.__module__.split(".")[0] == "pandas"
+    return ours and (isinstance(obj, pd.Index) or isinstance(obj, ExtensionArray) and _known_array(obj))
 
 
 def _known_array(values: ExtensionArray) -> bool:
@@ -105,18 +108,14 @@ def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> Any:
 
 
 def _enc_meta(obj: pd.DataFrame | pd.Series, buffers: list[np.ndarray]) -> dict[str, Any]:
-    from . import encode_into
-
     # attrs may hold anything (even frames): the generic path keeps a big one out of the handle
-    attrs = encode_into(dict(obj.attrs), buffers)[2] if obj.attrs else None
+    attrs = _encode_any(dict(obj.attrs), buffers) if obj.attrs else None
     return {"index": _enc_index(obj.index, buffers), "attrs": attrs, "dup": obj.flags.allows_duplicate_labels}
 
 
 def _set_meta(obj: pd.DataFrame | pd.Series, spec: dict[str, Any], buffers: list[np.ndarray]) -> None:
-    from . import decode as decode_any
-
     if spec["attrs"] is not None:
-        obj.attrs = decode_any(spec["attrs"], buffers)
+        obj.attrs = pickled.decode(spec["attrs"], buffers)
     if not spec["dup"]:
         obj.flags.allows_duplicate_labels = False
 
@@ -217,9 +216,7 @@ def _enc_numpy(values: np.ndarray, buffers: list[np.ndarray]) -> dict[str, Any]:
 
 def _dec_numpy(spec: dict[str, Any], buffers: list[np.ndarray]) -> np.ndarray:
     if spec["k"] == "any":
-        from . import decode as decode_any
-
-        return decode_any(spec["attributes"], buffers)
+            return pickled.decode(spec["attributes"], buffers)
     if spec["k"] != "np":
         raise ValueError(f"expected a numpy array, found {spec['k']!r}")
     return spec["inline"].copy() if "inline" in spec else buffers[spec["buffer"]]
@@ -227,12 +224,10 @@ def _dec_numpy(spec: dict[str, Any], buffers: list[np.ndarray]) -> np.ndarray:
 
 def _enc_values(values: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
     """Encode a 1-D array of any kind pandas keeps in a Series, Index or column."""
-    from . import encode_into
-
     if isinstance(values, np.ndarray):
         if not values.dtype.hasobject:
             return _enc_numpy(values, buffers)
-        return _enc_strings_object(values, buffers) or {"k": "any", "attributes": encode_into(values, buffers)[2]}
+        return _enc_strings_object(values, buffers) or {"k": "any", "attributes": _encode_any(values, buffers)}
     if isinstance(values, pd.Categorical):
         return {
             "k": "cat",
@@ -278,20 +273,18 @@ def _enc_values(values: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
         return spec
     elif isinstance(values, ArrowExtensionArray):
         # pickle protocol 5 hands pyarrow's buffers out of band, and they go to shared memory
-        return {"k": "arrow", "attributes": encode_into(values._pa_array, buffers)[2], "dtype": values.dtype}
+        return {"k": "arrow", "attributes": _encode_any(values._pa_array, buffers), "dtype": values.dtype}
     elif isinstance(values, NumpyExtensionArray):
         return {"k": "numpy-ea", "values": _enc_values(values._ndarray, buffers)}
-    return {"k": "any", "attributes": encode_into(values, buffers)[2]}
+    return {"k": "any", "attributes": _encode_any(values, buffers)}
 
 
 def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
-    from . import decode as decode_any
-
     kind = spec["k"]
     if kind == "np":
         return _dec_numpy(spec, buffers)
     if kind == "any":
-        return decode_any(spec["attributes"], buffers)
+        return pickled.decode(spec["attributes"], buffers)
     if kind == "cat":
         dtype = pd.CategoricalDtype(_dec_index(spec["categories"], buffers), ordered=spec["ordered"])
         codes = _dec_numpy(spec["codes"], buffers)
@@ -322,7 +315,7 @@ def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     if kind == "strings":
         return _dec_strings(spec, buffers)
     if kind == "arrow":
-        return ArrowExtensionArray(decode_any(spec["attributes"], buffers))
+        return ArrowExtensionArray(pickled.decode(spec["attributes"], buffers))
     if kind == "numpy-ea":
         return NumpyExtensionArray(_dec_values(spec["values"], buffers))
     raise ValueError(f"unknown array kind {kind!r}")
@@ -367,9 +360,12 @@ def _enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value:
 
 
 def _encode_any(obj: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
-    from . import encode_into
+    """Pickle ``obj`` (large buffers and a long stream go to shared memory).
 
-    return encode_into(obj, buffers)[2]
+    Straight to the pickled codec, which never hands its root back: this codec's
+    fallbacks must not come back to it.
+    """
+    return pickled.encode(obj, buffers)[2]
 
 
 def _enc_strings_arrow(array: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
@@ -462,8 +458,6 @@ def _dec_utf8(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
 
 
 def _dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
-    from . import decode as decode_any
-
     dtype = spec.get("dtype")
     to_arrow = dtype is not None and dtype.storage == "pyarrow"
     if spec["form"] == "utf8":
@@ -476,19 +470,20 @@ def _dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         codes = _dec_numpy(spec["codes"], buffers)
         uniques_spec = spec["uniques"]
         if uniques_spec["k"] == "any":
-            uniques = decode_any(uniques_spec["attributes"], buffers)
+            uniques = pickled.decode(uniques_spec["attributes"], buffers)
         else:
             uniques = _dec_utf8(uniques_spec, buffers)
-        if codes.size and codes.max() >= len(uniques):
-            raise ValueError("stored string codes out of range")
         mask = _validity(spec, buffers, len(codes))
+        # codes of missing values are 0, and all values are missing if there are no unique ones
+        if codes.size and codes.max() >= max(len(uniques), 1) or not len(uniques) and codes.size and mask is None:
+            raise ValueError("stored string codes out of range")
         if to_arrow:
             indices = pa.array(codes, mask=mask)
             strings = uniques.take(indices).cast(spec["arrow_type"])
             return ArrowStringArray(pa.chunked_array([strings]), dtype=dtype)
         if not isinstance(uniques, np.ndarray):
             uniques = uniques.to_numpy(zero_copy_only=False)
-        values = uniques.take(codes)
+        values = uniques.take(codes) if len(uniques) else np.full(len(codes), None, dtype=object)
     if mask is not None:
         values[mask] = spec["missing"] if dtype is None else dtype.na_value
     if dtype is not None:

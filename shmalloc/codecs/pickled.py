@@ -1,6 +1,13 @@
-"""Codec for any picklable object: pickle protocol 5, large out-of-band buffers to shared memory."""
+"""Codec for any picklable object: pickle protocol 5, large out-of-band buffers to shared memory.
+
+Objects that pickle would copy into the stream itself (datetime arrays,
+pandas objects with datetime or string columns) are handed, wherever they
+sit inside the object, to the codec made for them; their buffers then travel
+out of band like numpy's own.
+"""
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any
 
@@ -16,6 +23,60 @@ def accepts(obj: Any) -> bool:
     return True
 
 
+class _Pickler(pickle.Pickler):
+    """A pickler that lets the other codecs encode the objects they know, found anywhere inside."""
+
+    def __init__(self, file: io.BytesIO, root: Any, buffer_callback: Any) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self._root = root
+
+    def reducer_override(self, obj: Any) -> Any:
+        # The root came here because no other codec took it: never hand it back (endless recursion).
+        if obj is self._root or not _routed(obj):
+            return NotImplemented
+        from . import encode_into
+
+        parts: list[np.ndarray] = []
+        attributes = encode_into(obj, parts)[2]
+        layouts = [(part.dtype, part.shape, "F" if _is_fortran(part) else "C") for part in parts]
+        raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]
+        return _rebuild, (attributes, layouts, *raw)
+
+
+def _routed(obj: Any) -> bool:
+    """Whether ``obj`` is better stored by another codec than by its own reduction."""
+    if type(obj) is np.ndarray:
+        # numpy hands other arrays out of band itself, but datetimes and strided arrays go in band
+        return obj.dtype.kind in "mM" or not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+    module = type(obj).__module__
+    if not module.startswith("pandas"):
+        return False
+    from . import pandas as pandas_codec
+
+    return pandas_codec.accepts(obj)
+
+
+def _is_fortran(part: np.ndarray) -> bool:
+    return bool(part.flags.f_contiguous and not part.flags.c_contiguous)
+
+
+def _as_bytes(part: np.ndarray) -> np.ndarray:
+    """A flat uint8 view of a contiguous array (datetime arrays do not export the buffer protocol)."""
+    return part.ravel(order="F" if _is_fortran(part) else "C").view(np.uint8)
+
+
+def _rebuild(attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], str]], *raw: Any) -> Any:
+    from . import decode
+
+    parts = []
+    for (dtype, shape, order), data in zip(layouts, raw, strict=True):
+        flat = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+        if not flat.flags.writeable:  # small buffers come back in band as bytes
+            flat = flat.copy()
+        parts.append(flat.view(dtype).reshape(shape, order=order))
+    return decode(attributes, parts)
+
+
 def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
     first = len(buffers)
 
@@ -26,7 +87,9 @@ def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any
         buffers.append(np.frombuffer(raw, np.uint8))
         return False
 
-    stream = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    file = io.BytesIO()
+    _Pickler(file, obj, out_of_band).dump(obj)
+    stream = file.getvalue()
     out_of_band_buffers = list(range(first, len(buffers)))
     if len(stream) > STREAM_LIMIT:
         buffers.append(np.frombuffer(stream, np.uint8))
