@@ -219,7 +219,11 @@ def _worker(conn: Connection, options: _Options) -> None:
         for index, item, name in task:
             if options.items is not None:
                 item = options.items[index]
-            conn.send(_run_one(options, index, item, name))
+            message = _run_one(options, index, item, name)
+            try:
+                conn.send(message)
+            except Exception as exc:  # a small result that cannot be pickled: pickling fails before sending
+                conn.send(("error", index, *_describe(exc)))
 
 
 def _run_one(options: _Options, index: int, item: Any, name: str) -> tuple:
@@ -361,7 +365,7 @@ def _prepare(func, iterable, processes, copy, start_method, chunksize, seed, pip
         if value is None and label == "processes":
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if label == "pipe_limit" else 1):
-            raise ValueError(f"{label} must be a positive int, not {value!r}")
+            raise ValueError(f"{label} must be a {'non-negative' if label == 'pipe_limit' else 'positive'} int, not {value!r}")
     if not isinstance(copy, bool):
         raise TypeError("copy must be bool")
     if start_method is not None and start_method not in multiprocessing.get_all_start_methods():

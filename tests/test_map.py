@@ -378,3 +378,16 @@ def _children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 children.append(int(entry))
     return children
+
+
+def unpicklable_result(i: int):
+    big = i == 1
+    return (x for x in range(100_000 if big else 3))
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_unpicklable_result_is_an_error_naming_the_item(index):
+    """A result that cannot be pickled (small: pipe, large: shared memory) fails with its item's index."""
+    with pytest.raises(TypeError, match="generator") as info:
+        shmalloc.map(unpicklable_result, [index], processes=1)
+    assert info.value.shmalloc_index == index

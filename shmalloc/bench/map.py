@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor as StdExecutor
 from multiprocessing import resource_tracker, shared_memory
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 import shmalloc
+from shmalloc import _names
 
 from . import median_time, print_table
 
@@ -31,6 +33,15 @@ def make_frame(rows: int) -> pd.DataFrame:
     return pd.DataFrame(
         {"x": rng.random(rows), "y": rng.random(rows) < 0.5, "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32)}
     )
+
+
+def _peer_name() -> str:
+    """A segment name for the peers, in shmalloc's form with the parent's pid.
+
+    Cleaners that remove segments of dead processes (such as the test suite's
+    leak check in a concurrent run) then leave it alone while the parent lives.
+    """
+    return _names.generate(os.getppid())[1:]
 
 
 def _return_frame(_: int) -> pd.DataFrame:
@@ -65,7 +76,7 @@ def _to_stdlib_shm(_: int) -> tuple[str, list[tuple[str, str, int, int]]]:
         values = _frame[name].to_numpy()
         columns.append((name, values.dtype.str, offset, len(values)))
         offset += -(-values.nbytes // 64) * 64
-    block = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+    block = shared_memory.SharedMemory(_peer_name(), create=True, size=max(offset, 1))
     for (name, dtype, start, length), values in zip(columns, (_frame[c].to_numpy() for c in _frame.columns)):
         np.ndarray(length, dtype, block.buf, start)[:] = values
     block.close()
@@ -94,7 +105,7 @@ def _to_shared_array(i: int) -> list[tuple[str, str]]:
     names = []
     for column in _frame.columns:
         values = _frame[column].to_numpy()
-        name = f"shm://shmalloc_bench_{multiprocessing.current_process().pid}_{i}_{column}"
+        name = "shm://" + _peer_name()
         target = SharedArray.create(name, values.shape, values.dtype)
         target[:] = values
         names.append((column, name))
