@@ -6,6 +6,7 @@
 array([0, 1, 2, 3, 4])
 """
 from ._api import allocate_from_shm, copy2shm, unlink
+from . import _accessor  # registers .shm on pandas objects
 from ._cleanup import gc, segments
 from ._errors import CorruptHandleError, ShmError
 from ._executor import ProcessPoolExecutor
