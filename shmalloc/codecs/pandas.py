@@ -382,13 +382,17 @@ def _enc_factorised(codes: np.ndarray, uniques: Any, mask: np.ndarray, buffers: 
     """Choose between unique values plus codes and UTF-8 bytes plus offsets, whichever is smaller."""
     n, count = len(codes), len(uniques)
     lengths = np.diff(_offsets(uniques))
-    codes = np.where(mask, 0, codes) if mask.any() else codes
-    plain_bytes = int(lengths.take(codes)[~mask].sum()) if count else 0
+    missing = int(mask.sum())
+    codes = np.where(mask, 0, codes) if missing else codes
+    counts = np.bincount(codes, minlength=count)
+    if missing:
+        counts[0] -= missing  # missing values carry code 0 but no bytes
+    plain_bytes = int(counts[:count] @ lengths) if count else 0
     offset_size = 4 if plain_bytes < 2**31 else 8
     plain_size = plain_bytes + offset_size * (n + 1)
     dict_size = n * _code_dtype(count).itemsize + int(lengths.sum()) + 8 * (count + 1)
     if plain_size < dict_size:
-        indices = pa.array(codes, mask=mask if mask.any() else None)
+        indices = pa.array(codes, mask=mask if missing else None)
         spec = _enc_utf8(uniques.take(indices), buffers)
     else:
         spec = _enc_dict(codes, count, mask, buffers)

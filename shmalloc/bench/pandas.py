@@ -1,0 +1,108 @@
+"""Benchmark: data frames through shared memory against pickle protocol 5, in one run.
+
+The frame of bettermc's benchmark (x float64, y bool, z int32: 13 bytes a
+row), and variants with a category column and with a string column of
+``rows / 30`` distinct values, each repeated 30 times.
+"""
+from __future__ import annotations
+
+import gc
+import pickle
+
+import numpy as np
+import pandas as pd
+
+from .. import allocate_from_shm, copy2shm, unlink
+from . import median_time, print_table
+
+
+def frames(rows: int) -> dict[str, pd.DataFrame]:
+    """The frames measured, by name."""
+    rng = np.random.default_rng(42)
+    base = pd.DataFrame(
+        {
+            "x": rng.random(rows),
+            "y": rng.random(rows) > 0.5,
+            "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32),
+        }
+    )
+    distinct = max(rows // 30, 1)
+    words = pd.Series([f"value-{i:07d}" for i in range(distinct)], dtype="str")
+    return {
+        "x, y, z": base,
+        "+ category": base.assign(c=pd.Categorical.from_codes(rng.integers(0, 100, rows), [f"c{i}" for i in range(100)])),
+        f"+ str ({distinct:.0e} distinct x 30)": base.assign(s=words.take(np.arange(rows) % distinct).to_numpy()),
+    }
+
+
+def run(quick: bool = False, repeat: int = 5) -> None:
+    """Print the table: seconds (medians) and the speed-up over pickle."""
+    rows = 1_000_000 if quick else 30_000_000
+    rows_out = []
+    for label, df in frames(rows).items():
+        rows_out.append([label, *_measure(df, repeat)])
+        del df
+        gc.collect()
+    print_table(
+        f"pandas: {rows:.0e} rows, seconds (median of {repeat})",
+        [
+            "frame",
+            "pickle dumps",
+            "pickle loads",
+            "copy2shm",
+            "allocate copy=True",
+            "allocate copy=False",
+            "speed-up, copy=True",
+            "speed-up, copy=False",
+            "MB in shm",
+            "MB pickled",
+        ],
+        rows_out,
+    )
+
+
+def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
+    stream = pickle.dumps(df, protocol=5)
+    dumps = median_time(lambda: pickle.dumps(df, protocol=5), repeat)
+    loads = median_time(lambda: pickle.loads(stream), repeat)
+    pickled_mb = len(stream) / 1e6
+    del stream
+
+    handles: list = []
+    export = median_time(lambda: handles.append(copy2shm(df)), repeat, setup=lambda: _consume(handles))
+    _consume(handles)
+    size_mb = 0.0
+
+    def make() -> None:
+        nonlocal size_mb
+        _consume(handles)
+        handles.append(copy2shm(df))
+        size_mb = handles[-1].size / 1e6
+
+    allocate, results = {}, []
+
+    def setup() -> None:
+        results.clear()  # free the previous result outside the timed part
+        make()
+
+    for copy in (True, False):
+        allocate[copy] = median_time(lambda: results.append(allocate_from_shm(handles.pop(), copy=copy)), repeat, setup)
+    results.clear()
+    pickle_total = dumps + loads
+    return [
+        dumps,
+        loads,
+        export,
+        allocate[True],
+        allocate[False],
+        f"{pickle_total / (export + allocate[True]):.1f}x",
+        f"{pickle_total / (export + allocate[False]):.1f}x",
+        size_mb,
+        pickled_mb,
+    ]
+
+
+def _consume(handles: list) -> None:
+    """Remove the objects of handles left over from a previous round."""
+    while handles:
+        unlink(handles.pop())
