@@ -320,14 +320,29 @@ def test_repeated_strings_are_compact(dtype):
     assert_same(shmalloc.allocate_from_shm(obj), s)
 
 
-@pytest.mark.parametrize("dtype", [object, "str", "string[pyarrow]"])
-def test_distinct_strings_are_stored_as_utf8_and_offsets(dtype):
+@pytest.mark.parametrize("n", [100_000, 300_000])  # factorised exactly / judged from a sample
+@pytest.mark.parametrize("dtype", [object, "str", "string[python]", "string[pyarrow]"])
+def test_distinct_strings_are_stored_as_utf8_and_offsets(dtype, n):
     """Distinct strings: UTF-8 bytes plus 4-byte offsets, smaller than codes plus unique values."""
-    s = pd.Series([f"é{i}" for i in range(100_000)], dtype=dtype)
-    utf8 = sum(len(v.encode()) for v in s)
+    values = np.array([f"é{i}" for i in range(n)], dtype=object)
+    values[::1000] = None
+    s = pd.Series(values, dtype=dtype)
+    utf8 = sum(len(v.encode()) for v in values if v is not None)
     obj = shmalloc.copy2shm(s)
-    assert obj.size < utf8 + 4 * len(s) + 5 * 4096
+    assert obj.size < utf8 + 4 * n + n // 8 + 6 * 4096
     assert_same(shmalloc.allocate_from_shm(obj), s)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_long_object_columns_that_are_not_all_strings_are_pickled_exactly(copy):
+    """A long column of distinct strings with one other object in it is not forced into strings."""
+    for odd in (b"bytes", 1, np.str_("numpy"), "\ud800"):
+        values = np.array([f"v{i}" for i in range(300_000)], dtype=object)
+        values[-1] = odd
+        s = pd.Series(values, dtype=object)
+        result = roundtrip(s, copy)
+        assert_same(result, s)
+        assert type(result.iloc[-1]) is type(odd)
 
 
 @pytest.mark.parametrize("copy", [True, False])
