@@ -401,12 +401,15 @@ class _Run:
         self.names: dict[int, str] = {}  # handed out, not yet consumed
         self.workers: list[_Worker] = []
         self.fallbacks = 0
-        self.bar = _progress_bar(len(items)) if progress else None
+        self.progress = progress
+        self.bar = None
 
     def run(self) -> list[Any]:
         try:
             for _ in range(self.nproc):
                 self._start_worker()
+            if self.progress:  # after forking: tqdm may start a monitor thread
+                self.bar = _progress_bar(len(self.items))
             for worker in self.workers:
                 self._dispatch(worker)
             while self.done < len(self.items):
