@@ -10,6 +10,7 @@ on leaving a ``with`` block, or at interpreter exit.
 """
 from __future__ import annotations
 
+import errno
 import html
 import operator
 import os
@@ -66,9 +67,9 @@ def _attach(name: str, size: int, inode: int) -> _segment.SharedMapping:
             return mapping
     try:
         mapping = _segment.open_shared(_names.validate(name), size, inode)
-    except FileNotFoundError as exc:
+    except FileNotFoundError:
         raise ShmError(
-            exc.errno, "the ShmArray's segment is gone: its creator unlinked it or ended before this process attached", name
+            errno.ENOENT, "the ShmArray's segment is gone: its creator unlinked it or ended before this process attached", name
         ) from None
     with _lock:
         return _mappings.setdefault(name, mapping)
@@ -317,6 +318,10 @@ class ShmArray(np.ndarray):
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         return _demote(super().__array_function__(func, types, args, kwargs))
+
+    def __getitem__(self, key: Any) -> Any:
+        # Fancy and boolean indexing copy into private memory: such results are plain.
+        return _demote(super().__getitem__(key))
 
     def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]
         """Return a copy in private memory, as a plain ndarray."""
