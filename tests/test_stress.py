@@ -281,5 +281,7 @@ def test_rss_returns_to_baseline_after_zero_copy_cycles():
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["live_mappings"] == 0 and report["shm_maps"] == 0 and report["fds_growth"] == 0, report
     assert report["maps_growth"] < 50, report  # 3000 cycles: a leak would add thousands
+    if os.environ.get("SHMALLOC_SANITIZER"):
+        return  # a sanitizer's quarantine holds freed memory on purpose: RSS says nothing there
     # 4.5 GB moved through the cycles; what stays must be allocator noise, not one leaked buffer per cycle.
     assert report["rss_growth"] < 16 << 20, report
