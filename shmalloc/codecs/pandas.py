@@ -33,6 +33,7 @@ from pandas.arrays import (
     TimedeltaArray,
 )
 
+from .._errors import CorruptHandleError
 from . import pickled
 
 try:
@@ -101,7 +102,7 @@ def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         return _dec_values(spec, buffers)
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         # Stored specs come from the segment, whose owner was checked: a failure here means damage.
-        raise ValueError(f"damaged pandas attributes in the stored object: {exc!r}") from exc
+        raise CorruptHandleError(f"damaged pandas attributes in the stored object: {exc!r}") from exc
 
 
 # ---------------------------------------------------------------- frames and series
@@ -134,7 +135,7 @@ def _dec_frame(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.DataFrame:
     columns = _dec_index(spec["columns"], buffers)
     arrays = [_dec_values(s, buffers) for s in spec["values"]]
     if len(arrays) != len(columns) or any(len(a) != len(index) for a in arrays):
-        raise ValueError("stored frame does not match its columns or index")
+        raise CorruptHandleError("stored frame does not match its columns or index")
     # Series with the explicit dtype stop pandas from inferring "str" for object columns; copy=False:
     # no consolidation into 2-D blocks, every column stays a view of its buffer.
     series = {i: pd.Series(a, index=index, dtype=a.dtype, copy=False) for i, a in enumerate(arrays)}
@@ -193,7 +194,7 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
             verify_integrity=False,
         )
     if kind != "index":
-        raise ValueError(f"unknown index kind {kind!r}")
+        raise CorruptHandleError(f"unknown index kind {kind!r}")
     values = _dec_values(spec["values"], buffers)
     if "freq" in spec:
         cls = pd.DatetimeIndex if isinstance(values, DatetimeArray) else pd.TimedeltaIndex
@@ -216,9 +217,9 @@ def _enc_numpy(values: np.ndarray, buffers: list[np.ndarray]) -> dict[str, Any]:
 
 def _dec_numpy(spec: dict[str, Any], buffers: list[np.ndarray]) -> np.ndarray:
     if spec["k"] == "any":
-            return pickled.decode(spec["attributes"], buffers)
+        return pickled.decode(spec["attributes"], buffers)
     if spec["k"] != "np":
-        raise ValueError(f"expected a numpy array, found {spec['k']!r}")
+        raise CorruptHandleError(f"expected a numpy array, found {spec['k']!r}")
     return spec["inline"].copy() if "inline" in spec else buffers[spec["buffer"]]
 
 
@@ -289,7 +290,7 @@ def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         dtype = pd.CategoricalDtype(_dec_index(spec["categories"], buffers), ordered=spec["ordered"])
         codes = _dec_numpy(spec["codes"], buffers)
         if codes.size and (codes.min() < -1 or codes.max() >= len(dtype.categories)):
-            raise ValueError("stored category codes out of range")
+            raise CorruptHandleError("stored category codes out of range")
         return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
     if kind == "dt":
         values, dtype = _dec_numpy(spec["values"], buffers), spec["dtype"]
@@ -318,7 +319,7 @@ def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         return ArrowExtensionArray(pickled.decode(spec["attributes"], buffers))
     if kind == "numpy-ea":
         return NumpyExtensionArray(_dec_values(spec["values"], buffers))
-    raise ValueError(f"unknown array kind {kind!r}")
+    raise CorruptHandleError(f"unknown array kind {kind!r}")
 
 
 # ---------------------------------------------------------------- strings
@@ -498,7 +499,7 @@ def _dec_utf8(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     n = spec["length"]
     # Checked because pyarrow trusts offsets: bad ones would make it read outside the data.
     if len(offsets) != n + 1 or (n and (offsets[0] != 0 or offsets[-1] != len(data) or (offsets[1:] < offsets[:-1]).any())):
-        raise ValueError("stored string offsets do not match their data")
+        raise CorruptHandleError("stored string offsets do not match their data")
     kind = pa.large_string() if offsets.dtype == np.int64 else pa.string()
     validity = None if spec["validity"] is None else pa.py_buffer(_dec_numpy(spec["validity"], buffers))
     return pa.Array.from_buffers(kind, n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)], spec["nulls"])
@@ -523,7 +524,7 @@ def _dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         mask = _validity(spec, buffers, len(codes))
         # codes of missing values are 0, and all values are missing if there are no unique ones
         if codes.size and codes.max() >= max(len(uniques), 1) or not len(uniques) and codes.size and mask is None:
-            raise ValueError("stored string codes out of range")
+            raise CorruptHandleError("stored string codes out of range")
         if to_arrow:
             indices = pa.array(codes, mask=mask)
             strings = uniques.take(indices).cast(spec["arrow_type"])
