@@ -14,7 +14,8 @@
 set -eu
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-python}
+# The interpreter itself, not a wrapper script (pyenv's shim would hide it from valgrind).
+python=$("${PYTHON:-python}" -c 'import sys; print(sys.executable)')
 default_tests="tests/test_core.py tests/test_hostile.py tests/test_stress.py"
 
 mode=asan
