@@ -343,7 +343,11 @@ def map(
     Notes
     -----
     Every segment made for the call is gone when ``map`` returns or raises,
-    also after a killed worker or a KeyboardInterrupt.
+    also after a killed worker or a KeyboardInterrupt. When ``map`` raises,
+    its workers are stopped and reaped first; when it returns, they have
+    delivered everything and exit on their own (multiprocessing reaps them
+    at the next process start or at exit), so that the results are not
+    delayed by their exit.
 
     Examples
     --------
@@ -525,29 +529,30 @@ class _Run:
         raise exc
 
     def _stop(self, graceful: bool) -> None:
-        """Let idle workers exit (graceful), or terminate and reap all of them."""
-        for worker in self.workers:
-            if graceful:
+        """Tell idle workers to exit (graceful), or terminate and reap every worker."""
+        if graceful:
+            # Every result is in and every segment consumed: the workers exit on their own, and
+            # multiprocessing reaps them later (at the next process start, or at exit). Waiting
+            # for them to tear down their address spaces would only delay the results.
+            for worker in self.workers:
                 try:
                     worker.conn.send(None)
                 except OSError:
                     pass
-        deadline_kill = []
+                worker.conn.close()
+            self.workers = []
+            return
+        for worker in self.workers:
+            if worker.process.exitcode is None:
+                worker.process.terminate()
         for worker in self.workers:
             process = worker.process
-            if graceful:
-                process.join(_TERMINATE_GRACE)
-            if process.exitcode is None:
-                process.terminate()
-                deadline_kill.append(process)
-        for process in deadline_kill:
             process.join(_TERMINATE_GRACE)
             if process.exitcode is None:
                 process.kill()
                 process.join()
-        for worker in self.workers:
             worker.conn.close()
-            worker.process.close()
+            process.close()
         self.workers = []
 
 

@@ -123,10 +123,21 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def _wait_for_workers_to_exit(timeout: float = 10.0) -> None:
+    """Workers that delivered everything exit on their own after map returns; they must do so soon."""
+    deadline = time.monotonic() + timeout
+    while mp.active_children() and time.monotonic() < deadline:  # active_children() also reaps
+        time.sleep(0.01)
+    assert not mp.active_children()
+
+
 @pytest.mark.parametrize("copy", [True, False])
 @pytest.mark.parametrize("method", START_METHODS)
 def test_frames_and_arrays_every_start_method(method, copy):
     """Frames and arrays come back equal, in input order, from every start method and copy mode."""
+    shmalloc.map(abs, [1], start_method=method)  # starts the forkserver or resource tracker, once
+    _wait_for_workers_to_exit()
+    fds = _open_fds()
     items = list(range(5))
     frames = shmalloc.map(make_frame, items, processes=2, start_method=method, copy=copy)
     arrays = shmalloc.map(make_array, items, processes=2, start_method=method, copy=copy)
@@ -136,6 +147,9 @@ def test_frames_and_arrays_every_start_method(method, copy):
         # copy=False: the array owns a private mapping through shmalloc's handler.
         assert (get_handler_name(arrays[i]) == "default_allocator") == copy
         assert arrays[i].flags.owndata and arrays[i].flags.writeable
+    del frames, arrays
+    _wait_for_workers_to_exit()
+    assert _open_fds() <= fds
 
 
 @pytest.mark.parametrize("copy", [True, False])
@@ -280,8 +294,8 @@ def test_many_items_and_chunks():
     got = shmalloc.map(make_array, range(60), processes=2, chunksize=4, copy=False)
     assert [float(a[1, 0]) for a in got] == [float(i) for i in range(60)]
     del got
+    _wait_for_workers_to_exit()
     assert _open_fds() <= fds
-    assert not mp.active_children()
 
 
 def test_generators_empty_inputs_and_more_processes_than_items():
