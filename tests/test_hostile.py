@@ -15,6 +15,7 @@ import os
 import pickle
 import secrets
 import subprocess
+import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -57,7 +58,13 @@ def same(a, b) -> bool:
 
 
 def exists(name: object) -> bool:
-    return isinstance(name, str) and name.startswith("/") and "\0" not in name and (SHM / name[1:]).exists()
+    """Whether an object other than a directory exists under ``name`` in /dev/shm."""
+    if not (isinstance(name, str) and name.startswith("/") and "\0" not in name):
+        return False
+    try:
+        return not stat.S_ISDIR(os.lstat(SHM / name[1:]).st_mode)
+    except (OSError, ValueError):  # absent, too long, not encodable
+        return False
 
 
 def consume(handle: shmalloc.ShmObj, original, real_name: str, copy: bool | None = None) -> BaseException | None:
