@@ -1,0 +1,55 @@
+"""The documentation stays true: the notebook and the quick start run, the site builds without warnings."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_notebook_executes(tmp_path):
+    """Every cell of docs/notebook.ipynb runs without error in a fresh kernel."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("tqdm")
+    notebook = nbformat.read(DOCS / "notebook.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError, naming the cell, if one fails
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_quick_start_code_runs(tmp_path):
+    """The python blocks of docs/quickstart.md, joined into one script, run and pass their asserts."""
+    text = (DOCS / "quickstart.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    script = tmp_path / "quickstart.py"
+    script.write_text("\n\n".join(blocks))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ShmObj(name='/shmalloc_" in done.stdout
+
+
+def test_docs_build_without_warnings(tmp_path):
+    """The Sphinx site, API reference included, builds with warnings as errors."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("numpydoc")
+    pytest.importorskip("myst_parser")
+    done = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(tmp_path / "html")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    api = (tmp_path / "html" / "api.html").read_text()
+    for name in ("copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmArray", "ShmArray.from_array", "ShmError", "CorruptHandleError"):
+        assert f'id="shmalloc.{name}"' in api, f"{name} missing from the API reference"
