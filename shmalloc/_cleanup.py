@@ -53,18 +53,17 @@ def _boot_time() -> float | None:
     return None
 
 
-def _start_time(pid: int) -> float | None:
-    """Wall-clock start time of process ``pid`` from /proc, or None if unknown."""
-    boot = _boot_time()
-    if boot is None:
-        return None
+def _proc_stat(pid: int) -> tuple[str, float | None] | None:
+    """State letter and wall-clock start time of process ``pid`` from /proc, or None if unknown."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22 (starttime); the command name in field 2 may hold spaces, so split after its ")".
+    # The command name (field 2) may hold spaces and ")": split after its last ")".
     fields = raw.rsplit(")", 1)[1].split()
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    boot = _boot_time()
+    start = None if boot is None else boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    return fields[0], start
 
 
 def _exists(pid: int) -> bool:
@@ -83,11 +82,17 @@ def creator_alive(pid: int, created: float) -> bool:
     """Whether the process that created a segment at time ``created`` is still running.
 
     A live process with that pid that started more than a moment after the
-    segment was written cannot have written it: the pid was reused.
+    segment was written cannot have written it: the pid was reused. A zombie
+    (exited, not yet reaped) is dead.
     """
     if not _exists(pid):
         return False
-    started = _start_time(pid)
+    info = _proc_stat(pid)
+    if info is None:
+        return True  # no /proc: trust the pid
+    state, started = info
+    if state in ("Z", "X"):  # exited, not yet reaped by its parent
+        return False
     return started is None or started <= created + _START_SLACK
 
 

@@ -130,6 +130,29 @@ def test_reused_pid_counts_as_dead():
         remove(name)
 
 
+def test_zombie_creator_counts_as_dead():
+    """A creator that exited but was not yet reaped by its parent (a zombie) is dead."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: make a segment, report its name, exit without consuming it
+        os.close(read)
+        os.write(write, shmalloc.copy2shm(np.arange(10)).name.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        name = pipe.read().decode()
+    try:
+        zombie, deadline = Path(f"/proc/{pid}/stat"), time.monotonic() + 60
+        while zombie.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        row = listed(name)
+        assert row is not None and row["pid"] == pid and not row["alive"]
+    finally:
+        os.waitpid(pid, 0)
+        remove(name)
+
+
 def test_own_fresh_segment_is_alive():
     """A segment this process just wrote under its own pid is alive, and gc leaves it."""
     handle = make_segment(our_name(os.getpid()), ancient=False)
