@@ -23,7 +23,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls = commands.add_parser("ls", help="list this user's shmalloc segments in /dev/shm")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
-    gc = commands.add_parser("gc", help="remove shmalloc segments whose creating process is dead")
+    gc = commands.add_parser(
+        "gc",
+        help="remove shmalloc segments whose creating process is dead",
+        description="Remove this user's shmalloc segments whose creating process is dead. Never touches other"
+        " names, other users' segments, or segments whose creator runs. While programs use shmalloc, pass"
+        " --older-than 1m to spare handles in flight.",
+    )
     gc.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     gc.add_argument(
         "--older-than", metavar="AGE", default=None, type=_duration, help="only segments at least this old: 90, 90s, 15m, 2h, 1d"
