@@ -92,7 +92,10 @@ def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     try:
         dims = (operator.index(shape),)  # type: ignore[arg-type]
     except TypeError:
-        dims = tuple(operator.index(n) for n in shape)  # type: ignore[union-attr]
+        try:
+            dims = tuple(operator.index(n) for n in shape)  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
     if any(n < 0 for n in dims):
         raise ValueError(f"negative dimensions are not allowed: {dims}")
     return dims

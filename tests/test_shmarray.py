@@ -24,15 +24,6 @@ def _exists(name: str) -> bool:
     return os.path.exists("/dev/shm" + name)
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 # ---- construction ----
 
 DTYPES = ["float64", "int8", "uint64", "bool", "complex128", "datetime64[ns]", "U3", "S5", [("a", "i4"), ("b", "f8")]]
