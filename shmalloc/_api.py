@@ -16,10 +16,11 @@ def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: boo
 
     Parameters
     ----------
-    x : array_like, pandas object or any picklable object
-        A numpy array of any fixed-size dtype, shape and layout (or anything
-        ``np.asarray`` turns into one), a pandas object, or any other
-        picklable object.
+    x : numpy array, pandas object or any picklable object
+        A numpy array of any fixed-size dtype, shape and layout, a pandas
+        object, or any other picklable object (lists, dicts and tuples keep
+        their type and may nest arrays and frames, whose large buffers go to
+        shared memory too).
     name : str, optional
         Name of the shared memory object: "/" followed by 1 to 253 characters,
         none of them "/" (at most 31 in all on macOS). By default a fresh,
@@ -53,31 +54,11 @@ def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: boo
     if overwrite and sys.platform == "darwin":
         raise NotImplementedError("overwrite=True is not supported on macOS (shm_open cannot replace safely there)")
     _segment._check_supported()
-    encoded = codecs.encode(_as_encodable(x))
+    encoded = codecs.encode(x)
     token = secrets.token_bytes(_segment.TOKEN_BYTES)
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     size = _segment.create(name, token, recipe, encoded.buffers, overwrite)
     return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
-
-
-def _as_encodable(x: Any) -> Any:
-    """Lists, scalars and other array-likes become arrays where numpy can do so exactly."""
-    if isinstance(x, (list, tuple)) or _is_scalar(x):
-        import numpy as np
-
-        try:
-            array = np.asarray(x)
-        except (ValueError, TypeError):
-            return x
-        if not array.dtype.hasobject:
-            return array
-    return x
-
-
-def _is_scalar(x: Any) -> bool:
-    import numpy as np
-
-    return isinstance(x, (np.generic, bool, int, float, complex))
 
 
 def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
@@ -145,8 +126,9 @@ def _check_matches(obj: ShmObj, recipe: dict[str, Any]) -> None:
 
 def _same(a: Any, b: Any) -> bool:
     # Pickled bytes compare NaN labels and nested arrays as equal where == would not.
+    # One round trip first: how pickle shares equal strings depends on an object's history.
     try:
-        if pickle.dumps(a, protocol=5) == pickle.dumps(b, protocol=5):
+        if _canonical(a) == _canonical(b):
             return True
     except Exception:
         return False
@@ -154,6 +136,10 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
+
+
+def _canonical(x: Any) -> bytes:
+    return pickle.dumps(pickle.loads(pickle.dumps(x, protocol=5)), protocol=5)
 
 
 def unlink(obj_or_name: ShmObj | str) -> None:

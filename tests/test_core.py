@@ -108,11 +108,18 @@ def test_subclasses_without_state_keep_their_class():
     assert type(shmalloc.allocate_from_shm(shmalloc.copy2shm(m))) is np.matrix
 
 
-def test_lists_and_scalars_become_arrays():
-    """Anything np.asarray turns into a fixed-size array is stored as that array."""
-    obj = shmalloc.copy2shm([[1, 2], [3, 4]])
-    assert obj.type == "int64" and obj.length == 4
-    same(np.array([[1, 2], [3, 4]]), shmalloc.allocate_from_shm(obj))
+@pytest.mark.parametrize("copy", [True, False])
+def test_lists_tuples_and_scalars_keep_their_type(copy):
+    """Containers and scalars come back as themselves, arrays inside them as arrays."""
+    for x in ([[1, 2], [3, 4]], (np.arange(3), np.arange(3.0)), np.float32(2.5), 7, [np.zeros((2, 2)), np.ones(5000)]):
+        back = shmalloc.allocate_from_shm(shmalloc.copy2shm(x), copy=copy)
+        assert type(back) is type(x)
+        if isinstance(x, (list, tuple)):
+            assert len(back) == len(x)
+            for a, b in zip(x, back):
+                assert type(a) is type(b) and np.array_equal(a, b)
+        else:
+            assert back == x
 
 
 def test_object_arrays_go_through_pickle():
