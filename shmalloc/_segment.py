@@ -213,7 +213,8 @@ class OpenSegment:
         _check_supported()
         self.name = name
         encoded = name.encode()
-        fd = lib.shmalloc_open(encoded, os.O_RDONLY, 0)
+        # O_NONBLOCK: a FIFO planted under the name must not block the open (S_ISREG refuses it below).
+        fd = lib.shmalloc_open(encoded, os.O_RDONLY | os.O_NONBLOCK, 0)
         if fd < 0:
             code = ffi.errno
             lib.shmalloc_unlink(encoded)  # unlink right after trying to open, whatever happens
@@ -279,7 +280,12 @@ class OpenSegment:
         ):
             raise CorruptHandleError(f"{self.name}: damaged segment header")
         self.data_offset = data_offset
-        recipe = pickle.loads(self._read(recipe_len, HEADER_SIZE))
+        try:
+            recipe = pickle.loads(self._read(recipe_len, HEADER_SIZE))
+        except Exception as exc:
+            raise CorruptHandleError(f"{self.name}: damaged recipe ({type(exc).__name__})") from exc
+        if not isinstance(recipe, dict) or not {"type", "length", "attributes", "buffers"} <= recipe.keys():
+            raise CorruptHandleError(f"{self.name}: damaged recipe")
         self.layouts = _checked_layouts(self.name, recipe.get("buffers"), size - data_offset)
         return recipe
 
@@ -304,6 +310,16 @@ def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferL
         raise CorruptHandleError(f"{name}: damaged buffer table")
     end = 0
     for layout in layouts:
+        if not (
+            vars(layout).keys() == {"offset", "dtype", "shape", "fortran"}
+            and type(layout.offset) is int
+            and isinstance(layout.dtype, np.dtype)
+            and not layout.dtype.hasobject
+            and isinstance(layout.shape, tuple)
+            and all(type(n) is int and n >= 0 for n in layout.shape)
+            and type(layout.fortran) is bool
+        ):
+            raise CorruptHandleError(f"{name}: damaged buffer table entry")
         if layout.offset % PAGE or layout.offset < end or layout.offset + layout.nbytes > data_size:
             raise CorruptHandleError(f"{name}: buffer table does not fit the segment")
         end = layout.offset + _round_up(layout.nbytes)

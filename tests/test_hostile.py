@@ -298,12 +298,6 @@ _DAMAGE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_segment.OpenSegment.read_recipe unpickles the recipe unchecked, and _checked_layouts trusts the "
-    "fields of each BufferLayout: damaged bytes raise UnpicklingError, UnicodeDecodeError, KeyError, "
-    "AttributeError, ModuleNotFoundError, MemoryError ... instead of CorruptHandleError",
-)
 def test_damaged_segment_header_or_recipe():
     """Random bytes written over a segment's header and recipe give CorruptHandleError (or a codec's
     ValueError that the stored array does not match its attributes) or the right data."""
@@ -526,11 +520,6 @@ _FIFO = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_segment.OpenSegment opens with O_RDONLY only: shm_open on a FIFO planted under the name blocks "
-    "forever; O_RDONLY | O_NONBLOCK (harmless for regular objects) lets the S_ISREG check refuse it",
-)
 def test_fifo_under_a_segment_name_does_not_hang(shm_name):
     """A FIFO planted under a segment's name (any user can make one in /dev/shm) gives an error, not a hang."""
     path = SHM / shm_name[1:]

@@ -109,9 +109,14 @@ void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
 int shmalloc_fallocate(int fd, long long size)
 {
     int rc;
+#ifdef __APPLE__
+    /* no posix_fallocate on macOS: sizing the object is the best there is */
+    rc = ftruncate(fd, (off_t)size) < 0 ? errno : 0;
+#else
     do {
         rc = posix_fallocate(fd, 0, (off_t)size);
     } while (rc == EINTR);
+#endif
     if (rc) {
         errno = rc;
         return -1;
