@@ -29,10 +29,11 @@ def _parent_of(pid: int) -> int | None:
 
 
 def _belongs_to_other_run(name: str) -> bool:
-    """A segment whose creator is alive and not in this process tree belongs to a concurrent run."""
+    """Whether a new segment is someone else's: not named by shmalloc or these tests, or made
+    by a live process outside this process tree (a concurrent run)."""
     match = _OWNED.match(name)
     if not match:
-        return False
+        return True
     pid = int(match.group(1))
     me = os.getpid()
     seen = 0
