@@ -20,6 +20,7 @@ import stat
 import struct
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -388,9 +389,6 @@ def live_mappings() -> int:
 # __array_interface__ and which unmaps itself when garbage collected.
 # ---------------------------------------------------------------------------
 
-import weakref  # noqa: E402  (kept in this section so the lines above stay untouched)
-
-
 class SharedMapping:
     """A writable MAP_SHARED mapping of a whole shared memory object.
 
@@ -451,7 +449,7 @@ def open_shared(name: str, size: int, inode: int | None = None) -> SharedMapping
     given) differs from what the caller expects: it was replaced or resized.
     """
     _check_supported()
-    fd = lib.shmalloc_open(name.encode(), os.O_RDWR, 0)
+    fd = lib.shmalloc_open(name.encode(), os.O_RDWR | os.O_NONBLOCK, 0)  # a planted FIFO must not block
     if fd < 0:
         _raise(name)
     try:
