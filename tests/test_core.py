@@ -469,3 +469,40 @@ def test_array_longer_than_2_31_elements():
     obj = shmalloc.copy2shm(np.ones(n, np.int8))
     y = shmalloc.allocate_from_shm(obj, copy=True)
     assert y.shape == (n,) and y[-1] == 1
+
+
+# ---- platforms ----
+
+
+def test_without_the_native_core_import_works_and_calls_refuse():
+    """Where the core cannot exist (Windows), importing works and every call raises a clear error."""
+    script = (
+        "import sys; sys.modules['shmalloc._native'] = None\n"
+        "import numpy as np, shmalloc\n"
+        "for call in (lambda: shmalloc.copy2shm(np.arange(3)), lambda: shmalloc.unlink('/x')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except NotImplementedError as e:\n"
+        "        assert 'not supported' in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_macos_rules(monkeypatch, shm_name):
+    """On macOS overwrite=True is refused and copy=False copies (emulated here)."""
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(_segment, "ZERO_COPY", False)
+    with pytest.raises(NotImplementedError, match="macOS"):
+        shmalloc.copy2shm(np.arange(3), name=shm_name, overwrite=True)
+    assert not os.path.exists("/dev/shm" + shm_name)
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(10_000)), copy=False)
+    assert get_handler_name(y) == "default_allocator" and y.sum() == sum(range(10_000))
