@@ -473,11 +473,14 @@ class _Run:
 
     def _drain(self, worker: _Worker) -> bool:
         """Handle every message waiting from ``worker``; False if its pipe is closed."""
-        try:
-            while worker.pending and worker.conn.poll():
-                self._handle(worker, worker.conn.recv())
-        except (EOFError, OSError):
-            return False
+        while worker.pending:
+            try:
+                if not worker.conn.poll():
+                    break
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                return False
+            self._handle(worker, message)  # its errors (e.g. ShmError) are the caller's, not a dead pipe
         return True
 
     def _buried(self, worker: _Worker) -> None:

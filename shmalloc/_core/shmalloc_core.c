@@ -415,3 +415,10 @@ int shmalloc_adopt_end(void *previous_handler)
     PyGILState_Release(gil);
     return adopted ? 0 : -1;
 }
+
+/* ---- recycling (shmalloc._pool): is an address still owned by an array? ---- */
+
+int shmalloc_is_adopted(void *addr)
+{
+    return registry_find(addr, 0) != 0;
+}

@@ -20,3 +20,6 @@ int shmalloc_handler_init(void);
 void *shmalloc_adopt_begin(void *addr, size_t len);
 int shmalloc_adopt_end(void *previous_handler);
 size_t shmalloc_live_mappings(void);
+
+/* recycling: 1 if addr is a mapping still owned by an array, else 0 */
+int shmalloc_is_adopted(void *addr);

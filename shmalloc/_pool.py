@@ -1,0 +1,482 @@
+"""shmalloc.Pool: persistent workers that return results through shared memory, on warm pages.
+
+A :func:`shmalloc.map` call starts its workers, and each result lands in a
+fresh segment whose pages the kernel must fault in one by one (about 4 us
+per 4 KB page here, more than copying the page). A :class:`Pool` keeps its
+workers across calls, and keeps the objects of consumed results as *spares*:
+unlinked shared memory objects held only by a descriptor of the parent. The
+next task gets a spare through its pipe (SCM_RIGHTS) and its worker pwrites
+into pages that already exist, which is a plain copy.
+
+A spare has no name, so nothing of it is ever in /dev/shm, and it is gone
+with the parent's descriptor (at :meth:`Pool.close`, or when the process
+dies). An object lent to a ``copy=False`` result becomes a spare only when
+every array mapping it has been freed; a fork while it is lent retires it
+for good, because a forked child keeps reading the object's pages through
+its copy-on-write mapping.
+"""
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import pickle
+import secrets
+import signal
+import warnings
+import weakref
+from multiprocessing import reduction
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import _names, _segment, codecs
+from ._api import _check_matches
+from ._errors import CorruptHandleError, ShmError
+from ._handle import ShmObj
+from ._map import (
+    PIPE_LIMIT,
+    ShmFallbackWarning,
+    Shipped,
+    _Box,
+    _describe,
+    _is_pandas,
+    _nbytes,
+    _Options,
+    _prepare,
+    _progress_bar,
+    _Run,
+    _seed_item,
+    _Worker,
+    discard,
+    ship,
+    usable_cpus,
+)
+
+#: The label of spares in error messages (they have no name).
+SPARE = "/shmalloc_spare"
+
+
+# ----------------------------------------------------------------------------
+# Spares of one pool
+
+
+class _Spares:
+    """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results."""
+
+    def __init__(self) -> None:
+        self.free: list[tuple[int, int]] = []  # (fd, size)
+        self.lent: list[tuple[int, int, list[int]]] = []  # (fd, size, addresses of the arrays' mappings)
+        self.retired: list[tuple[int, int]] = []  # lent across a fork: never reused
+        _all_spares.add(self)
+
+    def reclaim(self) -> None:
+        """Free the retired; make spares of lent objects whose arrays are all gone."""
+        for fd, size in self.retired:
+            _segment.release_fd(fd, size)
+        self.retired = []
+        still = []
+        for fd, size, addresses in self.lent:
+            if _segment.any_adopted(addresses):
+                still.append((fd, size, addresses))
+            else:
+                self.free.append((fd, size))
+        self.lent = still
+
+    def take(self) -> tuple[int, int] | None:
+        """The largest free spare, or None."""
+        if not self.free:
+            return None
+        best = max(range(len(self.free)), key=lambda i: self.free[i][1])
+        return self.free.pop(best)
+
+    def give(self, fd: int, size: int) -> None:
+        self.free.append((fd, size))
+
+    def lend(self, fd: int, size: int, addresses: list[int]) -> None:
+        self.lent.append((fd, size, addresses))
+
+    def trim(self, budget: int) -> None:
+        """Keep free spares (largest first) up to ``budget`` bytes; release the others."""
+        self.reclaim()
+        self.free.sort(key=lambda entry: -entry[1])
+        kept, total = [], 0
+        for fd, size in self.free:
+            if total + size <= budget:
+                kept.append((fd, size))
+                total += size
+            else:
+                _segment.release_fd(fd, size)
+        self.free = kept
+
+    def close(self) -> None:
+        """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
+        for fd, size in self.free + self.retired + [(fd, size) for fd, size, _ in self.lent]:
+            _segment.release_fd(fd, size)
+        self.free, self.retired, self.lent = [], [], []
+
+    def _before_fork(self) -> None:
+        # A child inherits the arrays' copy-on-write mappings: a later write into the
+        # object would show through its untouched pages. Never reuse these objects.
+        # Objects whose arrays are all freed already are safe to keep.
+        for fd, size, addresses in self.lent:
+            (self.retired if _segment.any_adopted(addresses) else self.free).append((fd, size))
+        self.lent = []
+
+    def _in_child(self) -> None:
+        # The child's copies of the descriptors: the parent's spares are not the child's to use.
+        for fd, size in self.free + self.retired + [(fd, size) for fd, size, _ in self.lent]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.free, self.retired, self.lent = [], [], []
+
+
+_all_spares: "weakref.WeakSet[_Spares]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for spares in list(_all_spares):
+        spares._before_fork()
+
+
+def _in_child() -> None:
+    for spares in list(_all_spares):
+        spares._in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+
+
+# ----------------------------------------------------------------------------
+# Workers
+
+
+def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT) -> Shipped:
+    """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
+
+    A full /dev/shm (ENOSPC) sends the value through the pipe instead.
+    """
+    if _nbytes(result, limit) < limit:
+        return Shipped(value=result)
+    whole = isinstance(result, np.ndarray) or _is_pandas(result)
+    encoded = codecs.encode(result if whole else _Box(result))
+    token = secrets.token_bytes(_segment.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    try:
+        size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
+    except ShmError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return Shipped(value=result, fell_back=True)
+    handle = ShmObj(SPARE, encoded.type, encoded.length, size, encoded.attributes, True, token)
+    return Shipped(handle=handle, boxed=not whole)
+
+
+def _pool_worker(conn: Any) -> None:
+    """Worker main loop: receive (options, chunk) and the chunk's spares; answer one message per item."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    while True:
+        try:
+            task = conn.recv()
+            if task is None:
+                return
+            options, entries = task
+            fds = {index: reduction.recv_handle(conn) for index, _, _, spare in entries if spare}
+        except (EOFError, OSError):
+            return
+        for index, item, name, _ in entries:
+            fd = fds.pop(index, -1)
+            try:
+                if options.seed is not None:
+                    _seed_item(options.seed, index)
+                result = options.func(item)
+                message = ("ok", index, ship_into(result, fd, options.limit) if fd >= 0 else ship(result, name, options.limit))
+            except BaseException as exc:  # report everything; the parent decides
+                message = ("error", index, *_describe(exc))
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            try:
+                conn.send(message)
+            except Exception as exc:  # a small result that cannot be pickled
+                conn.send(("error", index, *_describe(exc)))
+
+
+# ----------------------------------------------------------------------------
+# The parent
+
+
+def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[int]]:
+    """Rebuild the object in ``segment``; also return the addresses of its arrays' mappings."""
+    if not isinstance(handle.token, bytes):
+        raise CorruptHandleError(f"{segment.name}: damaged token")
+    recipe = segment.read_recipe(handle.token)
+    _check_matches(handle, recipe)
+    buffers = segment.arrays(copy or not _segment.ZERO_COPY)
+    addresses = [] if copy else [b.__array_interface__["data"][0] for b in buffers if b.nbytes]
+    return codecs.decode(recipe["attributes"], buffers), addresses
+
+
+class _PoolRun(_Run):
+    """One :meth:`Pool.map` call on the pool's persistent workers."""
+
+    def __init__(self, pool: "Pool", items: list, options: _Options, chunksize: int, copy: bool, progress: bool):
+        super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
+        self.pool = pool
+        self.workers = pool._workers
+        self.spares: dict[int, tuple[int, int]] = {}  # index -> spare handed out with it
+        self.consumed_bytes = 0
+
+    def run(self) -> list[Any]:
+        pool = self.pool
+        pool._spares.reclaim()
+        try:
+            while len(self.workers) < self.nproc:
+                self._start_worker()
+            if self.progress:
+                self.bar = _progress_bar(len(self.items))
+            for worker in list(self.workers):
+                self._dispatch(worker)
+            while self.done < len(self.items):
+                self._step()
+        except BaseException:
+            self._stop(graceful=False)  # also stops workers still writing into spares
+            raise
+        finally:
+            pool._workers = self.workers
+            for name in self.names.values():
+                discard(name)
+            self.names.clear()
+            for fd, size in self.spares.values():  # handed out, not used: still good spares
+                pool._spares.give(fd, size)
+            self.spares.clear()
+            if self.bar is not None:
+                self.bar.close()
+        pool._spares.trim(self.consumed_bytes)
+        if self.fallbacks:
+            warnings.warn(
+                f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
+                ShmFallbackWarning,
+                stacklevel=3,
+            )
+        return self.results
+
+    def _start_worker(self) -> None:
+        parent_end, child_end = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        self.workers.append(_Worker(process, parent_end))
+
+    def _dispatch(self, worker: _Worker) -> None:
+        if self.next_chunk >= len(self.chunks):
+            return
+        chunk = self.chunks[self.next_chunk]
+        self.next_chunk += 1
+        entries, fds = [], []
+        for index in chunk:
+            spare = self.pool._spares.take() if self.pool._recycle else None
+            if spare is None:
+                self.names[index] = _names.generate()
+                entries.append((index, self.items[index], self.names[index], False))
+            else:
+                self.spares[index] = spare
+                fds.append(spare[0])
+                entries.append((index, self.items[index], None, True))
+        worker.pending = list(chunk)
+        try:
+            worker.conn.send((self.options, entries))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
+        for fd in fds:
+            reduction.send_handle(worker.conn, fd, worker.process.pid)
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind, index = message[0], message[1]
+        if kind == "error":
+            self._raise_remote(index, *message[2:])
+        shipped: Shipped = message[2]
+        self.results[index] = self._receive(index, shipped)
+        self.fallbacks += shipped.fell_back
+        worker.pending.remove(index)
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _receive(self, index: int, shipped: Shipped) -> Any:
+        handle = shipped.handle
+        spare = self.spares.pop(index, None)
+        if handle is None:
+            if spare is not None:
+                self.pool._spares.give(*spare)
+            else:
+                del self.names[index]
+            return shipped.value
+        if spare is not None:
+            fd = spare[0]
+            try:
+                with _segment.HeldSegment(fd, SPARE, handle.size) as segment:
+                    value, addresses = _consume(segment, handle, self.copy)
+            except BaseException:
+                _segment.release_fd(fd, spare[1])
+                raise
+        else:
+            name = self.names[index]
+            if handle.name != name:
+                raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
+            del self.names[index]
+            with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
+                value, addresses = _consume(segment, handle, self.copy)
+                fd = _segment.reopen_writable(segment) if self.pool._recycle else -1
+        self.consumed_bytes += handle.size
+        if fd >= 0 and addresses:
+            self.pool._spares.lend(fd, handle.size, addresses)
+        elif fd >= 0:
+            self.pool._spares.give(fd, handle.size)
+        return value.value if shipped.boxed else value
+
+
+class Pool:
+    """Persistent worker processes whose results come back through warm shared memory.
+
+    Parameters
+    ----------
+    processes : int, optional
+        Number of worker processes (default: the usable CPUs).
+    start_method : {"fork", "forkserver", "spawn"}, optional
+        How workers start; None: the platform's default. Workers start when
+        the pool is made: under fork they see the parent's state as it is then.
+    pipe_limit : int, default 65536
+        Results holding fewer bytes than this go through the pipe.
+    recycle : bool, default True
+        Keep the shared memory objects of consumed results as spares for the
+        next results, whose pages then need no faulting in. Between calls the
+        pool keeps at most as many bytes of free spares as its last call
+        returned (objects of ``copy=False`` results join them once those
+        results are freed). False: every result gets a fresh object, freed
+        with it.
+
+    Notes
+    -----
+    Spares have no name (nothing of them appears in /dev/shm) and are freed
+    by :meth:`close`, or at the latest when this process ends. A
+    ``copy=False`` result never shares pages with a later result: its object
+    is reused only after all its arrays are freed, and never if the process
+    forked while they were alive (the child's copy-on-write view would see
+    the new data). Functions and items are pickled to the workers, so
+    ``func`` must be picklable (a module-level function) under every start
+    method; :func:`shmalloc.map` takes lambdas under fork. A pool is used
+    from one thread at a time.
+
+    Examples
+    --------
+    >>> import numpy as np, shmalloc
+    >>> with shmalloc.Pool(2) as pool:
+    ...     [a.sum() for a in pool.map(np.ones, [100_000, 200_000])]
+    [np.float64(100000.0), np.float64(200000.0)]
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        start_method: str | None = None,
+        *,
+        pipe_limit: int = PIPE_LIMIT,
+        recycle: bool = True,
+    ) -> None:
+        if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool) or processes < 1):
+            raise ValueError(f"processes must be a positive int, not {processes!r}")
+        if not isinstance(pipe_limit, int) or isinstance(pipe_limit, bool) or pipe_limit < 0:
+            raise ValueError(f"pipe_limit must be a non-negative int, not {pipe_limit!r}")
+        if not isinstance(recycle, bool):
+            raise TypeError("recycle must be bool")
+        if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
+            )
+        self._ctx = multiprocessing.get_context(start_method)
+        self._processes = processes or usable_cpus()
+        self._limit = pipe_limit
+        self._recycle = recycle
+        self._spares = _Spares()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
+
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        copy: bool = True,
+        chunksize: int = 1,
+        progress: bool = False,
+        seed: int | np.random.SeedSequence | None = None,
+    ) -> list[Any]:
+        """Apply ``func`` to each item in the pool's workers; return the results in input order.
+
+        Parameters and errors are those of :func:`shmalloc.map` (``func``
+        and the items are pickled to the workers under every start method).
+        After an error the pool's workers are stopped; the next call starts
+        new ones.
+
+        Returns
+        -------
+        list
+            ``[func(item) for item in iterable]``.
+        """
+        if self._closed:
+            raise ValueError("the pool is closed")
+        ctx_method = self._ctx.get_start_method()
+        _, items, options = _prepare(func, iterable, None, copy, ctx_method, chunksize, seed, self._limit)
+        if ctx_method == "fork":
+            try:
+                pickle.dumps(func)
+            except Exception as exc:
+                raise TypeError(f"Pool.map pickles func to its running workers (use a module-level function): {exc}") from exc
+        options = _Options(options.func, None, options.seed, options.limit)
+        if not items:
+            return []
+        return _PoolRun(self, items, options, chunksize, copy, progress).run()
+
+    def close(self) -> None:
+        """Stop the workers (without waiting for them to exit) and release the spares."""
+        if self._closed:
+            return
+        self._closed = True
+        run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
+        run._stop(graceful=True)
+        self._workers = []
+        self._spares.close()
+
+    def terminate(self) -> None:
+        """Kill the workers, wait for them, and release the spares."""
+        run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
+        run._stop(graceful=False)
+        self._workers = []
+        self._closed = True
+        self._spares.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.terminate()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+__all__ = ["Pool"]
