@@ -12,6 +12,7 @@ from ._errors import CorruptHandleError, ShmError
 from ._executor import ProcessPoolExecutor
 from ._handle import ShmObj
 from ._map import ShmFallbackWarning, WorkerDiedError, WorkerError, item_seed, map
+from ._pool import Pool
 from ._shmarray import ShmArray
 
 __version__ = "0.1.0"
@@ -19,3 +20,4 @@ __all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "Cor
 __all__ += ["segments", "gc"]
 __all__ += ["ShmArray"]
 __all__ += ["map", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]
+__all__ += ["Pool"]
