@@ -59,6 +59,14 @@ def shmalloc_map(copy: bool) -> Callable[[], list]:
     return lambda: shmalloc.map(_return_frame, range(WORKERS), processes=WORKERS, start_method="fork", copy=copy)
 
 
+_pools: dict[bool, "shmalloc.Pool"] = {}  # made in measure(), after the frame: the workers inherit it
+
+
+def shmalloc_pool(copy: bool) -> Callable[[], list]:
+    """A persistent shmalloc.Pool (one per copy mode), warm after the first call."""
+    return lambda: _pools[copy].map(_return_frame, range(WORKERS), copy=copy)
+
+
 def mp_pool() -> list:
     with _fork().Pool(WORKERS) as pool:
         return pool.map(_return_frame, range(WORKERS))
@@ -170,6 +178,8 @@ def _methods() -> dict[str, Callable[[], list]]:
     methods = {
         "shmalloc.map, copy=False": shmalloc_map(False),
         "shmalloc.map, copy=True": shmalloc_map(True),
+        "shmalloc.Pool (persistent, warm), copy=False": shmalloc_pool(False),
+        "shmalloc.Pool (persistent, warm), copy=True": shmalloc_pool(True),
         "multiprocessing.Pool": mp_pool,
         "concurrent.futures": cf_executor,
         "stdlib SharedMemory by hand, copied out": stdlib_shared_memory,
@@ -189,22 +199,65 @@ def _check(frames: list) -> None:
         pd.testing.assert_frame_equal(frame, _frame, check_column_type=False, check_index_type=False)
 
 
+PEAKS: dict[tuple[int, str], float] = {}  # (rows, method) -> parent's peak extra memory / results' size
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_extra(method: Callable[[], list]) -> float:
+    """Bytes the parent's resident set peaks above its size before the call, results touched.
+
+    Linux only (resets the peak through /proc/self/clear_refs); nan elsewhere.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM to the current resident size
+    except OSError:
+        return float("nan")
+    before = _status_kb("VmRSS")
+    frames = method()
+    for frame in frames:  # read every page of the results, as a user would
+        for column in frame.columns:
+            frame[column].to_numpy().sum()
+    peak = _status_kb("VmHWM")
+    del frames
+    gc.collect()
+    return (peak - before) * 1024.0
+
+
 def measure(rows: int, repeat: int) -> dict[str, float]:
     """Median seconds of each method for a frame of ``rows`` rows, interleaved."""
     global _frame
     _frame = make_frame(rows)
     resource_tracker.ensure_running()  # the workers' SharedMemory blocks register with the parent's tracker
-    methods = _methods()
-    for method in methods.values():  # warm up, and check every method returns the frames
-        _check(method())
-        gc.collect()
-    times: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(repeat):
-        for label, method in methods.items():
-            times[label].append(median_time(method, 1))
+    for copy in (False, True):
+        _pools[copy] = shmalloc.Pool(WORKERS, start_method="fork")
+    try:
+        methods = _methods()
+        for method in methods.values():  # warm up, and check every method returns the frames
+            _check(method())
             gc.collect()
+        times: dict[str, list[float]] = {label: [] for label in methods}
+        for _ in range(repeat):
+            for label, method in methods.items():
+                times[label].append(median_time(method, 1))
+                gc.collect()
+        peaks = {label: peak_extra(methods[label]) for label in methods if label.startswith("shmalloc")}
+    finally:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+    result_bytes = int(_frame.memory_usage(index=False).sum()) * WORKERS
     _frame = None
     medians = {label: statistics.median(t) for label, t in times.items()}
+    for label, peak in peaks.items():
+        PEAKS[(rows, label)] = peak / result_bytes
     ray = ray_store(rows, repeat)
     if ray is not None:
         medians["Ray object store, zero-copy (measured after the others)"] = ray
@@ -212,7 +265,7 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
 
 
 def run(quick: bool = False, repeat: int = 5) -> None:
-    """Print the benchmark table (and the goals of issue 4) for 1e7 and 3e7 rows; small sizes if quick."""
+    """Print the benchmark table (and the goals of issues 4 and 6) for 1e7 and 3e7 rows; small sizes if quick."""
     sizes = (10**5, 3 * 10**5) if quick else (10**7, 3 * 10**7)
     repeat = min(repeat, 2) if quick else repeat
     results = {rows: measure(rows, repeat) for rows in sizes}
@@ -231,13 +284,29 @@ def run(quick: bool = False, repeat: int = 5) -> None:
         rows_out,
     )
     print()
-    goals = [
-        ("copy=False / SharedArray", "shmalloc.map, copy=False", "SharedArray by hand, zero-copy", "<= 0.6"),
-        ("copy=False / multiprocessing.Pool", "shmalloc.map, copy=False", "multiprocessing.Pool", "<= 1/15 (0.067)"),
-        ("copy=True / stdlib SharedMemory copied out", "shmalloc.map, copy=True", "stdlib SharedMemory by hand, copied out", "<= 0.8"),
-    ]
+    ray = "Ray object store, zero-copy (measured after the others)"
+    stdlib = "stdlib SharedMemory by hand, copied out"
+    goals = []
+    for ours in ("shmalloc.map", "shmalloc.Pool (persistent, warm)"):
+        goals += [
+            (f"{ours} copy=False / Ray", f"{ours}, copy=False", ray, "<= 0.8 (then 0.5)"),
+            (f"{ours} copy=False / multiprocessing.Pool", f"{ours}, copy=False", "multiprocessing.Pool", "<= 1/40 (0.025)"),
+            (f"{ours} copy=True / {stdlib}", f"{ours}, copy=True", stdlib, "<= 0.4"),
+        ]
     goal_rows = []
     for title, ours, theirs, target in goals:
         if theirs in results[sizes[0]]:
             goal_rows.append([title, target] + [results[rows][ours] / results[rows][theirs] for rows in sizes])
     print_table("map: goals (time ratios)", ["ratio", "goal"] + [f"{rows:.0e} rows" for rows in sizes], goal_rows)
+    print()
+    peak_rows = [
+        [label] + [PEAKS.get((rows, label), float("nan")) for rows in sizes]
+        for label in labels
+        if label.startswith("shmalloc")
+    ]
+    print_table(
+        "map: the parent's peak memory above its size before the call, results read, / the results' size"
+        " (goal for copy=False: <= 1.1)",
+        ["method"] + [f"{rows:.0e} rows" for rows in sizes],
+        peak_rows,
+    )
