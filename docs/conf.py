@@ -1,12 +1,7 @@
 """Sphinx configuration for shmalloc's documentation (``sphinx-build -W docs docs/_build``)."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import shmalloc
-
-HERE = Path(__file__).parent
 
 project = "shmalloc"
 author = "shmalloc developers"
@@ -26,36 +21,18 @@ numpydoc_class_members_toctree = False
 html_theme = "alabaster"
 html_title = f"shmalloc {release}"
 
-# Pages and API entries written later, by other parts of the project: they
-# appear in the navigation and the reference once they exist, and their
-# absence is not an error (the build runs with warnings as errors).
-OPTIONAL_PAGES = ["pandas", "benchmarks", "design", "threat-model", "sanitizers"]
-OPTIONAL_FUNCTIONS = ["map", "segments", "gc"]
-
-
-def _optional_pages() -> str:
-    return "\n".join(page for page in OPTIONAL_PAGES if (HERE / f"{page}.md").exists() or (HERE / f"{page}.rst").exists())
-
-
-def _optional_functions() -> str:
-    blocks = []
-    for name in OPTIONAL_FUNCTIONS:
-        if callable(getattr(shmalloc, name, None)):
-            blocks.append(f"```{{eval-rst}}\n.. autofunction:: shmalloc.{name}\n```\n")
-    return "\n".join(blocks) or "*(none in this version)*"
-
-
-def _page_link(match: "re.Match[str]") -> str:
-    page = match.group(1)
-    if (HERE / f"{page}.md").exists() or (HERE / f"{page}.rst").exists():
-        return f"See also {{doc}}`{page}`."
-    return ""
+# api.md and operations.md still hold two placeholders; fixed text fills them.
+PLACEHOLDERS = {
+    "%OPTIONAL_FUNCTIONS%": "\n".join(
+        f"```{{eval-rst}}\n.. autofunction:: shmalloc.{name}\n```\n" for name in ("map", "segments", "gc")
+    ),
+    "%LINK:threat-model%": "See also {doc}`threat-model`.",
+}
 
 
 def _fill_placeholders(app, docname: str, source: list[str]) -> None:
-    text = source[0].replace("%OPTIONAL_PAGES%", _optional_pages())
-    text = text.replace("%OPTIONAL_FUNCTIONS%", _optional_functions())
-    source[0] = re.sub(r"%LINK:([\w-]+)%", _page_link, text)
+    for placeholder, text in PLACEHOLDERS.items():
+        source[0] = source[0].replace(placeholder, text)
 
 
 def setup(app) -> None:
