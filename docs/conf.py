@@ -21,19 +21,3 @@ numpydoc_class_members_toctree = False
 html_theme = "alabaster"
 html_title = f"shmalloc {release}"
 
-# api.md and operations.md still hold two placeholders; fixed text fills them.
-PLACEHOLDERS = {
-    "%OPTIONAL_FUNCTIONS%": "\n".join(
-        f"```{{eval-rst}}\n.. autofunction:: shmalloc.{name}\n```\n" for name in ("map", "segments", "gc")
-    ),
-    "%LINK:threat-model%": "See also {doc}`threat-model`.",
-}
-
-
-def _fill_placeholders(app, docname: str, source: list[str]) -> None:
-    for placeholder, text in PLACEHOLDERS.items():
-        source[0] = source[0].replace(placeholder, text)
-
-
-def setup(app) -> None:
-    app.connect("source-read", _fill_placeholders)
