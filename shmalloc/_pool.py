@@ -134,6 +134,9 @@ class _Spares:
 
 
 _all_spares: "weakref.WeakSet[_Spares]" = weakref.WeakSet()
+# The parent's ends of every pool's pipes: a forked child must not keep them open, or a
+# worker would never see EOF when the parent dies (its sibling holds its pipe).
+_parent_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def _before_fork() -> None:
@@ -144,6 +147,12 @@ def _before_fork() -> None:
 def _in_child() -> None:
     for spares in list(_all_spares):
         spares._in_child()
+    for conn in list(_parent_ends):
+        try:
+            conn.close()
+        except OSError:
+            pass
+    _parent_ends.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -267,6 +276,7 @@ class _PoolRun(_Run):
     def _start_worker(self) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
+        _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
         try:
             process.start()
         finally:

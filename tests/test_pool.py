@@ -1,0 +1,293 @@
+"""shmalloc.Pool: persistent workers, recycled (warm) segments that never mix users' data, no leaks."""
+from __future__ import annotations
+
+import errno
+import gc
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import shmalloc
+import shmalloc._pool as pool_module
+from shmalloc import _segment
+
+START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+N = 100_000  # 800 kB an array: above the pipe limit
+
+
+# Module-level functions: workers get them pickled.
+
+
+def full(i: int) -> np.ndarray:
+    return np.full(N, i, dtype=np.float64)
+
+
+def frame(i: int) -> pd.DataFrame:
+    return pd.DataFrame({"x": np.arange(N, dtype=np.float64) + i, "y": np.arange(N) % 2 == 0, "z": np.full(N, i, np.int32)})
+
+
+def sized(n: int) -> np.ndarray:
+    return np.ones(n, dtype=np.uint8)
+
+
+def mixed(i: int):
+    return [i, "small", (np.full(N, i), {"f": frame(i)})][i % 3]
+
+
+def fail_on_three(i: int) -> np.ndarray:
+    if i == 3:
+        raise ValueError(f"item {i} is bad")
+    return full(i)
+
+
+def kill_self_on_two(i: int) -> np.ndarray:
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return full(i)
+
+
+def pid_of(i: int) -> int:
+    return os.getpid()
+
+
+def _fds() -> set[str]:
+    """Open descriptors, once closed workers are reaped and background closes are done."""
+    deadline = time.monotonic() + 10
+    while mp.active_children() and time.monotonic() < deadline:  # active_children() also reaps
+        time.sleep(0.01)
+    _segment.wait_for_releases()
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _count_fresh_names(monkeypatch) -> list[str]:
+    """Record the fresh segment names the parent hands out (recycled objects need none)."""
+    made: list[str] = []
+    generate = pool_module._names.generate
+
+    def counting(*args):
+        made.append(generate(*args))
+        return made[-1]
+
+    monkeypatch.setattr(pool_module._names, "generate", counting)
+    return made
+
+
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("method", START_METHODS)
+def test_results_in_order_from_every_start_method(method, copy):
+    """Frames come back equal and in order, in several calls on the same workers; close leaves no descriptor."""
+    shmalloc.map(abs, [1], start_method=method)  # starts the forkserver or resource tracker, once
+    fds = _fds()
+    with shmalloc.Pool(2, start_method=method) as pool:
+        pids = set(pool.map(pid_of, range(4)))
+        for _ in range(3):
+            got = pool.map(frame, range(5), copy=copy)
+            for i, df in enumerate(got):
+                pd.testing.assert_frame_equal(df, frame(i))
+            del got
+            gc.collect()
+        assert set(pool.map(pid_of, range(4))) == pids  # the same workers all along
+    assert _fds() == fds
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_second_call_reuses_the_objects_of_the_first(monkeypatch, copy):
+    """Once the first results are consumed (copy=True) or freed (copy=False), no fresh segment is made."""
+    made = _count_fresh_names(monkeypatch)
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        first = pool.map(full, range(2), copy=copy)
+        assert len(made) == 2
+        del first
+        gc.collect()
+        second = pool.map(full, [5, 6], copy=copy)
+        assert len(made) == 2
+        np.testing.assert_array_equal(second[0], full(5))
+        np.testing.assert_array_equal(second[1], full(6))
+
+
+def test_mixed_results_keep_their_types_through_recycled_objects():
+    """Small results, containers and frames come back right when they land in recycled objects."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        for copy in (True, False, True):
+            got = pool.map(mixed, range(9), copy=copy)
+            for i, value in enumerate(got):
+                want = mixed(i)
+                if i % 3 == 2:
+                    assert type(value) is tuple and type(value[1]) is dict
+                    np.testing.assert_array_equal(value[0], want[0])
+                    pd.testing.assert_frame_equal(value[1]["f"], want[1]["f"])
+                else:
+                    assert value == want
+
+
+def test_live_copy_false_results_are_never_overwritten(monkeypatch):
+    """While a copy=False result lives, its object is not handed to a worker; writes to it stay private."""
+    made = _count_fresh_names(monkeypatch)
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        kept = pool.map(full, range(2), copy=False)
+        assert kept[0].flags.writeable and kept[0].flags.owndata
+        kept[0][:10] = -1.0  # a private write
+        for k in range(3):
+            again = pool.map(full, [10 + k, 20 + k], copy=False)
+            np.testing.assert_array_equal(again[0], full(10 + k))
+            del again
+            gc.collect()
+        assert len(made) == 4  # the two live results' objects were never reused
+        np.testing.assert_array_equal(kept[1], full(1))
+        assert (kept[0][:10] == -1).all() and (kept[0][10:] == 0).all()
+
+
+def _child_reads(conn, array) -> None:
+    conn.recv()  # wait until the parent has freed its results and run the pool again
+    conn.send(float(array.sum()))
+
+
+def test_fork_while_lent_retires_the_object(monkeypatch):
+    """A child forked while a copy=False result lives keeps seeing that result after the parent freed it."""
+    made = _count_fresh_names(monkeypatch)
+    ctx = mp.get_context("fork")
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        (result,) = pool.map(full, [7], copy=False)
+        parent_end, child_end = ctx.Pipe()
+        child = ctx.Process(target=_child_reads, args=(child_end, result))
+        child.start()
+        try:
+            del result
+            gc.collect()
+            np.testing.assert_array_equal(pool.map(full, [9], copy=False)[0], full(9))
+            assert len(made) == 2  # not reused: the child still maps it
+            parent_end.send("read")
+            assert parent_end.recv() == 7.0 * N
+        finally:
+            child.join(10)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+
+
+def test_spares_are_bounded_by_the_last_call():
+    """Between calls the pool keeps at most the last call's bytes of free spares."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        pool.map(sized, [4 << 20] * 4)
+        big = sum(size for _, size in pool._spares.free)
+        assert big >= 8 << 20
+        pool.map(sized, [1 << 20])
+        kept = sum(size for _, size in pool._spares.free)
+        assert kept <= (1 << 20) + 2 * _segment.PAGE
+
+
+def test_recycle_false_makes_fresh_objects(monkeypatch):
+    """recycle=False: every result gets its own fresh segment, nothing is kept."""
+    made = _count_fresh_names(monkeypatch)
+    with shmalloc.Pool(2, start_method="fork", recycle=False) as pool:
+        for _ in range(2):
+            assert [a[0] for a in pool.map(full, range(2))] == [0.0, 1.0]
+        assert len(made) == 4 and not pool._spares.free
+
+
+def test_error_names_the_item_and_the_pool_recovers():
+    """func's exception is re-raised with the item's index; the next call works on new workers."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        pool.map(full, range(2))  # leaves spares, which the failing call hands out
+        with pytest.raises(ValueError, match="item 3 is bad") as info:
+            pool.map(fail_on_three, range(6))
+        assert info.value.shmalloc_index == 3
+        assert any("raise ValueError" in note for note in info.value.__notes__)
+        np.testing.assert_array_equal(pool.map(full, [4])[0], full(4))
+
+
+def test_killed_worker_raises_and_the_pool_recovers():
+    """A worker killed while working gives WorkerDiedError naming the item, not a hang."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        pool.map(full, range(2))
+        with pytest.raises(shmalloc.WorkerDiedError) as info:
+            pool.map(kill_self_on_two, range(4))
+        assert info.value.index == 2 and info.value.exitcode == -signal.SIGKILL
+        assert [a[0] for a in pool.map(full, range(3))] == [0.0, 1.0, 2.0]
+
+
+def test_simulated_enospc_falls_back_to_the_pipe(monkeypatch):
+    """A full /dev/shm while filling a recycled object: the result comes through the pipe, with a warning."""
+
+    def no_space(*args):
+        raise shmalloc.ShmError(errno.ENOSPC, os.strerror(errno.ENOSPC), pool_module.SPARE)
+
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(full, [0])  # a spare now exists; the next worker is forked with the patch
+        pool.terminate()
+    monkeypatch.setattr(_segment, "fill", no_space)
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(full, [0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = pool.map(full, [3])
+        np.testing.assert_array_equal(got[0], full(3))
+        assert [w.category for w in caught] == [shmalloc.ShmFallbackWarning]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"processes": 0}, ValueError),
+        ({"processes": 1.5}, ValueError),
+        ({"pipe_limit": -1}, ValueError),
+        ({"recycle": 1}, TypeError),
+        ({"start_method": "teleport"}, ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        shmalloc.Pool(**kwargs)
+
+
+def test_lambda_closed_pool_and_bad_map_arguments():
+    """Clear errors: a lambda (pickled to running workers), a closed pool, a bad chunksize or copy."""
+    pool = shmalloc.Pool(1, start_method="fork")
+    with pytest.raises(TypeError, match="module-level"):
+        pool.map(lambda i: i, range(2))
+    with pytest.raises(ValueError):
+        pool.map(full, range(2), chunksize=0)
+    with pytest.raises(TypeError):
+        pool.map(full, range(2), copy="yes")
+    assert pool.map(full, []) == []
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        pool.map(full, range(2))
+
+
+def test_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
+    """A killed parent leaves no segment (spares have no name), and its workers exit (they see EOF).
+
+    subprocess.run returns only once every holder of the child's stdout, its workers too, is gone.
+    """
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys
+            import numpy as np, shmalloc
+            sys.path.insert(0, sys.argv[1])
+            from test_pool import full
+            pool = shmalloc.Pool(2, start_method="fork")
+            pool.map(full, range(4))
+            kept = pool.map(full, range(4), copy=False)
+            print(os.getpid(), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), os.path.dirname(__file__)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = done.stdout.strip()
+    assert pid and not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")]
