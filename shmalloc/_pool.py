@@ -243,6 +243,10 @@ class _PoolRun(_Run):
         pool = self.pool
         pool._spares.reclaim()
         try:
+            for worker in [w for w in self.workers if w.process.exitcode is not None]:
+                self.workers.remove(worker)  # died while idle: costs nothing, is replaced below
+                worker.conn.close()
+                worker.process.close()
             while len(self.workers) < self.nproc:
                 self._start_worker()
             if self.progress:
@@ -301,10 +305,12 @@ class _PoolRun(_Run):
         worker.pending = list(chunk)
         try:
             worker.conn.send((self.options, entries))
+            for fd in fds:
+                reduction.send_handle(worker.conn, fd, worker.process.pid)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
-        for fd in fds:
-            reduction.send_handle(worker.conn, fd, worker.process.pid)
+        except OSError:
+            pass  # the worker is gone: _step sees its sentinel and names the item
 
     def _handle(self, worker: _Worker, message: tuple) -> None:
         kind, index = message[0], message[1]

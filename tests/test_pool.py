@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -250,7 +251,7 @@ def test_bad_arguments(kwargs, error):
 
 
 def test_lambda_closed_pool_and_bad_map_arguments():
-    """Clear errors: a lambda (pickled to running workers), a closed pool, a bad chunksize or copy."""
+    """Clear errors: a lambda (pickled to running workers), an unpicklable item, a closed pool, bad arguments."""
     pool = shmalloc.Pool(1, start_method="fork")
     with pytest.raises(TypeError, match="module-level"):
         pool.map(lambda i: i, range(2))
@@ -259,6 +260,9 @@ def test_lambda_closed_pool_and_bad_map_arguments():
     with pytest.raises(TypeError):
         pool.map(full, range(2), copy="yes")
     assert pool.map(full, []) == []
+    with pytest.raises(TypeError, match="could not be pickled"):
+        pool.map(full, [threading.Lock()])
+    assert pool.map(full, [2])[0][0] == 2.0  # usable after each error
     pool.close()
     with pytest.raises(ValueError, match="closed"):
         pool.map(full, range(2))
@@ -291,3 +295,18 @@ def test_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
     assert done.returncode == -signal.SIGKILL, done.stderr
     pid = done.stdout.strip()
     assert pid and not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")]
+
+
+def test_idle_worker_killed_between_calls_is_replaced():
+    """A worker that dies while idle costs nothing: the next call starts a new one and succeeds."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        pids = set(pool.map(pid_of, range(4)))
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(w.process.pid == victim and w.process.is_alive() for w in pool._workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        got = pool.map(full, range(6))
+        assert [a[0] for a in got] == [float(i) for i in range(6)]
+        assert victim not in set(pool.map(pid_of, range(4)))
