@@ -349,6 +349,12 @@ def map(
     at the next process start or at exit), so that the results are not
     delayed by their exit.
 
+    Each call starts its workers, and each result lands in a fresh segment
+    whose pages the kernel must fault in (about as costly as copying them).
+    For repeated calls, :class:`shmalloc.Pool` keeps its workers and reuses
+    the memory of consumed results, which is several times faster for
+    large results.
+
     Examples
     --------
     >>> import numpy as np, shmalloc

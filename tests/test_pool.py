@@ -310,3 +310,23 @@ def test_idle_worker_killed_between_calls_is_replaced():
         got = pool.map(full, range(6))
         assert [a[0] for a in got] == [float(i) for i in range(6)]
         assert victim not in set(pool.map(pid_of, range(4)))
+
+
+def draw(i: int) -> tuple[float, float]:
+    return float(np.random.default_rng(shmalloc.item_seed()).random()), float(np.random.random())
+
+
+def test_seed_gives_the_same_draws_as_map():
+    """With a seed, item i draws the same numbers in a Pool as in shmalloc.map, whatever the chunking."""
+    want = shmalloc.map(draw, range(6), processes=2, seed=5)
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        assert pool.map(draw, range(6), seed=5, chunksize=4) == want
+        assert pool.map(draw, range(6), seed=6) != want
+
+
+def test_progress_bar(capsys):
+    """progress=True shows a bar that reaches the number of items."""
+    pytest.importorskip("tqdm")
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        assert len(pool.map(full, range(3), progress=True)) == 3
+    assert "3/3" in capsys.readouterr().err
