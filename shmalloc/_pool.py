@@ -25,6 +25,8 @@ import secrets
 import signal
 import warnings
 import weakref
+import itertools
+from dataclasses import dataclass, field
 from multiprocessing import reduction
 from typing import Any, Callable, Iterable
 
@@ -54,83 +56,105 @@ from ._map import (
 )
 
 #: The label of spares in error messages (they have no name).
-SPARE = "/shmalloc_spare"
+SPARE = _segment.SPARE_LABEL
+#: Refill mappings a worker keeps at most (the oldest is dropped first).
+WORKER_MAPPINGS = 8
 
 
 # ----------------------------------------------------------------------------
 # Spares of one pool
 
 
+@dataclass(eq=False)
+class _Spare:
+    """A recycled object: held by the parent's descriptor; the workers that may map it."""
+
+    fd: int
+    size: int  # bytes of the object (it only grows)
+    sid: int = field(default_factory=lambda: next(_sids))
+    mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
+    addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
+
+
+_sids = itertools.count(1)
+
+
 class _Spares:
     """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results."""
 
     def __init__(self) -> None:
-        self.free: list[tuple[int, int]] = []  # (fd, size)
-        self.lent: list[tuple[int, int, list[int]]] = []  # (fd, size, addresses of the arrays' mappings)
-        self.retired: list[tuple[int, int]] = []  # lent across a fork: never reused
+        self.free: list[_Spare] = []
+        self.lent: list[_Spare] = []
+        self.retired: list[_Spare] = []  # lent across a fork: never reused
+        self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
         _all_spares.add(self)
 
+    def release(self, spare: _Spare) -> None:
+        """Close the parent's descriptor; tell the workers that map it to unmap it (their next task)."""
+        for pid in spare.mappers:
+            self.dropped.setdefault(pid, []).append(spare.sid)
+        _segment.release_fd(spare.fd, spare.size)
+
     def reclaim(self) -> None:
-        """Free the retired; make spares of lent objects whose arrays are all gone."""
-        for fd, size in self.retired:
-            _segment.release_fd(fd, size)
+        """Release the retired; make spares of lent objects whose arrays are all gone."""
+        for spare in self.retired:
+            self.release(spare)
         self.retired = []
         still = []
-        for fd, size, addresses in self.lent:
-            if _segment.any_adopted(addresses):
-                still.append((fd, size, addresses))
-            else:
-                self.free.append((fd, size))
+        for spare in self.lent:
+            (still if _segment.any_adopted(spare.addresses) else self.free).append(spare)
         self.lent = still
 
-    def take(self) -> tuple[int, int] | None:
-        """The largest free spare, or None."""
+    def take(self, pid: int) -> _Spare | None:
+        """A free spare for worker ``pid``: the largest it maps already, else the largest; None if none."""
         if not self.free:
             return None
-        best = max(range(len(self.free)), key=lambda i: self.free[i][1])
+        best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
         return self.free.pop(best)
 
-    def give(self, fd: int, size: int) -> None:
-        self.free.append((fd, size))
+    def give(self, spare: _Spare) -> None:
+        spare.addresses = []
+        self.free.append(spare)
 
-    def lend(self, fd: int, size: int, addresses: list[int]) -> None:
-        self.lent.append((fd, size, addresses))
+    def lend(self, spare: _Spare, addresses: list[int]) -> None:
+        spare.addresses = addresses
+        self.lent.append(spare)
 
     def trim(self, budget: int) -> None:
         """Keep free spares (largest first) up to ``budget`` bytes; release the others."""
         self.reclaim()
-        self.free.sort(key=lambda entry: -entry[1])
+        self.free.sort(key=lambda spare: -spare.size)
         kept, total = [], 0
-        for fd, size in self.free:
-            if total + size <= budget:
-                kept.append((fd, size))
-                total += size
+        for spare in self.free:
+            if total + spare.size <= budget:
+                kept.append(spare)
+                total += spare.size
             else:
-                _segment.release_fd(fd, size)
+                self.release(spare)
         self.free = kept
 
     def close(self) -> None:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
-        for fd, size in self.free + self.retired + [(fd, size) for fd, size, _ in self.lent]:
-            _segment.release_fd(fd, size)
-        self.free, self.retired, self.lent = [], [], []
+        for spare in self.free + self.retired + self.lent:
+            _segment.release_fd(spare.fd, spare.size)
+        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
 
     def _before_fork(self) -> None:
         # A child inherits the arrays' copy-on-write mappings: a later write into the
-        # object would show through its untouched pages. Never reuse these objects.
-        # Objects whose arrays are all freed already are safe to keep.
-        for fd, size, addresses in self.lent:
-            (self.retired if _segment.any_adopted(addresses) else self.free).append((fd, size))
+        # object would show through its untouched pages. Never reuse these objects;
+        # those whose arrays are all freed already are safe to keep.
+        for spare in self.lent:
+            (self.retired if _segment.any_adopted(spare.addresses) else self.free).append(spare)
         self.lent = []
 
     def _in_child(self) -> None:
         # The child's copies of the descriptors: the parent's spares are not the child's to use.
-        for fd, size in self.free + self.retired + [(fd, size) for fd, size, _ in self.lent]:
+        for spare in self.free + self.retired + self.lent:
             try:
-                os.close(fd)
+                os.close(spare.fd)
             except OSError:
                 pass
-        self.free, self.retired, self.lent = [], [], []
+        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
 
 
 _all_spares: "weakref.WeakSet[_Spares]" = weakref.WeakSet()
@@ -163,10 +187,11 @@ if hasattr(os, "register_at_fork"):
 # Workers
 
 
-def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT) -> Shipped:
+def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.RefillMapping | None = None) -> Shipped:
     """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
 
-    A full /dev/shm (ENOSPC) sends the value through the pipe instead.
+    Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
+    it. A full /dev/shm (ENOSPC) sends the value through the pipe instead.
     """
     if _nbytes(result, limit) < limit:
         return Shipped(value=result)
@@ -175,7 +200,9 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT) -> Shipped:
     token = secrets.token_bytes(_segment.TOKEN_BYTES)
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     try:
-        size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
+        size = mapping.fill(fd, SPARE, token, recipe, encoded.buffers) if mapping is not None else None
+        if size is None:
+            size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
     except ShmError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -184,34 +211,73 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT) -> Shipped:
     return Shipped(handle=handle, boxed=not whole)
 
 
+class _Mappings:
+    """A worker's refill mappings, by spare id, oldest first."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, _segment.RefillMapping] = {}
+
+    def get(self, sid: int) -> _segment.RefillMapping | None:
+        return self.maps.get(sid)
+
+    def drop(self, sids: Iterable[int]) -> None:
+        for sid in sids:
+            mapping = self.maps.pop(sid, None)
+            if mapping is not None:
+                mapping.close()
+
+    def remember(self, sid: int, fd: int, length: int) -> None:
+        """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
+        current = self.maps.get(sid)
+        if current is not None and current.length >= length:
+            return
+        self.drop([sid])
+        while len(self.maps) >= WORKER_MAPPINGS:
+            self.drop([next(iter(self.maps))])
+        try:
+            self.maps[sid] = _segment.RefillMapping(fd, length)
+        except (OSError, ValueError):
+            pass  # the next refill uses pwrite
+
+
 def _pool_worker(conn: Any) -> None:
-    """Worker main loop: receive (options, chunk) and the chunk's spares; answer one message per item."""
+    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    mappings = _Mappings()
     while True:
         try:
             task = conn.recv()
             if task is None:
                 return
-            options, entries = task
-            fds = {index: reduction.recv_handle(conn) for index, _, _, spare in entries if spare}
+            options, entries, drops = task
+            mappings.drop(drops)
+            fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
         except (EOFError, OSError):
             return
-        for index, item, name, _ in entries:
+        for index, item, name, sid in entries:
             fd = fds.pop(index, -1)
             try:
-                if options.seed is not None:
-                    _seed_item(options.seed, index)
-                result = options.func(item)
-                message = ("ok", index, ship_into(result, fd, options.limit) if fd >= 0 else ship(result, name, options.limit))
-            except BaseException as exc:  # report everything; the parent decides
-                message = ("error", index, *_describe(exc))
+                try:
+                    if options.seed is not None:
+                        _seed_item(options.seed, index)
+                    result = options.func(item)
+                    if fd >= 0:
+                        shipped = ship_into(result, fd, options.limit, mappings.get(sid))
+                    else:
+                        shipped = ship(result, name, options.limit)
+                    message = ("ok", index, shipped)
+                except BaseException as exc:  # report everything; the parent decides
+                    shipped, message = None, ("error", index, *_describe(exc))
+                try:
+                    conn.send(message)
+                except Exception as exc:  # a small result that cannot be pickled
+                    conn.send(("error", index, *_describe(exc)))
+                # Off the result's path: map what was just written, for the next refill.
+                if fd >= 0 and shipped is not None and shipped.handle is not None:
+                    mappings.remember(sid, fd, shipped.handle.size)
             finally:
                 if fd >= 0:
                     os.close(fd)
-            try:
-                conn.send(message)
-            except Exception as exc:  # a small result that cannot be pickled
-                conn.send(("error", index, *_describe(exc)))
 
 
 # ----------------------------------------------------------------------------
@@ -236,7 +302,7 @@ class _PoolRun(_Run):
         super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
         self.pool = pool
         self.workers = pool._workers
-        self.spares: dict[int, tuple[int, int]] = {}  # index -> spare handed out with it
+        self.spares: dict[int, _Spare] = {}  # index -> spare handed out with it
         self.consumed_bytes = 0
 
     def run(self) -> list[Any]:
@@ -263,12 +329,12 @@ class _PoolRun(_Run):
             for name in self.names.values():
                 discard(name)
             self.names.clear()
-            for fd, size in self.spares.values():  # handed out, not used: still good spares
-                pool._spares.give(fd, size)
+            for spare in self.spares.values():  # handed out, not used: still good spares
+                pool._spares.give(spare)
             self.spares.clear()
             if self.bar is not None:
                 self.bar.close()
-        pool._spares.trim(self.consumed_bytes)
+        pool._spares.trim(self.consumed_bytes + self.consumed_bytes // 4)  # slack: objects only grow
         if self.fallbacks:
             warnings.warn(
                 f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
@@ -293,18 +359,21 @@ class _PoolRun(_Run):
         chunk = self.chunks[self.next_chunk]
         self.next_chunk += 1
         entries, fds = [], []
+        pid = worker.process.pid
         for index in chunk:
-            spare = self.pool._spares.take() if self.pool._recycle else None
+            spare = self.pool._spares.take(pid) if self.pool._recycle else None
             if spare is None:
                 self.names[index] = _names.generate()
-                entries.append((index, self.items[index], self.names[index], False))
+                entries.append((index, self.items[index], self.names[index], None))
             else:
                 self.spares[index] = spare
-                fds.append(spare[0])
-                entries.append((index, self.items[index], None, True))
+                spare.mappers.add(pid)  # the worker maps it after filling it
+                fds.append(spare.fd)
+                entries.append((index, self.items[index], None, spare.sid))
         worker.pending = list(chunk)
+        drops = self.pool._spares.dropped.pop(pid, [])
         try:
-            worker.conn.send((self.options, entries))
+            worker.conn.send((self.options, entries, drops))
             for fd in fds:
                 reduction.send_handle(worker.conn, fd, worker.process.pid)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -329,18 +398,18 @@ class _PoolRun(_Run):
         spare = self.spares.pop(index, None)
         if handle is None:
             if spare is not None:
-                self.pool._spares.give(*spare)
+                self.pool._spares.give(spare)
             else:
                 del self.names[index]
             return shipped.value
         if spare is not None:
-            fd = spare[0]
             try:
-                with _segment.HeldSegment(fd, SPARE, handle.size) as segment:
+                with _segment.HeldSegment(spare.fd, SPARE, handle.size) as segment:
                     value, addresses = _consume(segment, handle, self.copy)
             except BaseException:
-                _segment.release_fd(fd, spare[1])
+                self.pool._spares.release(spare)
                 raise
+            spare.size = max(spare.size, handle.size)
         else:
             name = self.names[index]
             if handle.name != name:
@@ -349,11 +418,12 @@ class _PoolRun(_Run):
             with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
                 value, addresses = _consume(segment, handle, self.copy)
                 fd = _segment.reopen_writable(segment) if self.pool._recycle else -1
+            spare = _Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
-        if fd >= 0 and addresses:
-            self.pool._spares.lend(fd, handle.size, addresses)
-        elif fd >= 0:
-            self.pool._spares.give(fd, handle.size)
+        if spare is not None and addresses:
+            self.pool._spares.lend(spare, addresses)
+        elif spare is not None:
+            self.pool._spares.give(spare)
         return value.value if shipped.boxed else value
 
 
@@ -372,9 +442,10 @@ class Pool:
     recycle : bool, default True
         Keep the shared memory objects of consumed results as spares for the
         next results, whose pages then need no faulting in. Between calls the
-        pool keeps at most as many bytes of free spares as its last call
+        pool keeps free spares of at most 1.25 times the bytes its last call
         returned (objects of ``copy=False`` results join them once those
-        results are freed). False: every result gets a fresh object, freed
+        results are freed), and each worker keeps a mapping of the spares it
+        filled, so that refilling them is a plain memory copy. False: every result gets a fresh object, freed
         with it.
 
     Notes

@@ -474,13 +474,8 @@ def open_shared(name: str, size: int, inode: int | None = None) -> SharedMapping
 # transfer, so pwrite into it is a plain copy instead of ~4 us per fresh page.
 # ---------------------------------------------------------------------------
 
-def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int:
-    """Write ``recipe`` and ``buffers`` into the open object ``fd``, sized exactly; return the size.
-
-    Same layout as :func:`create`. ``name`` only labels errors. A full
-    /dev/shm gives ShmError (ENOSPC); the object is then left at any size.
-    """
-    _check_supported()
+def _prepared(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> tuple[bytearray, list[BufferLayout], int, int]:
+    """The header block, buffer layouts, data offset and size of a segment (as :func:`create` lays it out)."""
     layouts, data_size = layout_buffers(buffers)
     recipe_bytes = pickle.dumps(dict(recipe, buffers=layouts), protocol=5)
     data_offset = _round_up(HEADER_SIZE + len(recipe_bytes))
@@ -488,9 +483,18 @@ def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.nd
     head = bytearray(data_offset)
     _HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
     head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
-    # Shrinking frees the tail; growing leaves a hole that the writes below fill.
-    if lib.shmalloc_truncate(fd, size) < 0:
-        _raise(name)
+    return head, layouts, data_offset, size
+
+
+def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int:
+    """Write ``recipe`` and ``buffers`` at the start of the open object ``fd``; return the segment's size.
+
+    Same layout as :func:`create`. The object is never shrunk (its warm pages
+    stay for later fills): it may be larger than the returned size. ``name``
+    only labels errors. A full /dev/shm gives ShmError (ENOSPC).
+    """
+    _check_supported()
+    head, layouts, data_offset, size = _prepared(token, recipe, buffers)
     _write(fd, name, ffi.from_buffer(head), len(head), 0)
     padding = np.zeros(PAGE, np.uint8)
     for buf, layout in zip(buffers, layouts):
@@ -501,6 +505,53 @@ def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.nd
         if pad:
             _write(fd, name, _address(padding), pad, data_offset + layout.offset + nbytes)
     return size
+
+
+class RefillMapping:
+    """A worker's writable shared mapping of the first ``length`` bytes of a recycled object.
+
+    Every byte of that range was written before the mapping was made (so no
+    page is a hole a full /dev/shm could refuse: writes through it cannot
+    SIGBUS), and the object is never shrunk. Refilling through it is a plain
+    memcpy into mapped pages, ~2.5x faster than pwrite here.
+    """
+
+    def __init__(self, fd: int, length: int) -> None:
+        _check_supported()
+        if length <= 0 or os.fstat(fd).st_size < length:
+            raise ValueError("a refill mapping must cover written bytes of the object")
+        address = lib.shmalloc_map_populated(fd, length)
+        if address == ffi.NULL:
+            _raise(SPARE_LABEL)
+        self._address, self.length = address, length
+
+    def fill(self, fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int | None:
+        """Like :func:`fill`, through the mapping; None (nothing written) if the segment would not fit."""
+        head, layouts, data_offset, size = _prepared(token, recipe, buffers)
+        if self._address is None or size > self.length or os.fstat(fd).st_size < size:
+            return None  # never write through the mapping past the end of the object (SIGBUS)
+        _write(fd, name, ffi.from_buffer(head), len(head), 0)
+        padding = np.zeros(PAGE, np.uint8)
+        base = self._address + data_offset
+        for buf, layout in zip(buffers, layouts):
+            nbytes = buf.nbytes
+            if nbytes:
+                lib.shmalloc_copy(base + layout.offset, _address(buf), nbytes, 1)
+            pad = _round_up(nbytes) - nbytes
+            if pad:
+                lib.shmalloc_copy(base + layout.offset + nbytes, _address(padding), pad, 1)
+        return size
+
+    def close(self) -> None:
+        if self._address is not None:
+            address, self._address = self._address, None
+            lib.shmalloc_unmap(address, self.length)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+SPARE_LABEL = "/shmalloc_spare"
 
 
 class HeldSegment(OpenSegment):
@@ -515,7 +566,7 @@ class HeldSegment(OpenSegment):
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
             raise ShmError(errno.EPERM, "not a regular object of this user", name)
-        if st.st_size != size:
+        if st.st_size < size:  # recycled objects only grow: the segment is at their start
             raise CorruptHandleError(f"{name}: the object holds {st.st_size} bytes, the handle says {size}")
         self.size = size
 

@@ -422,3 +422,15 @@ int shmalloc_is_adopted(void *addr)
 {
     return registry_find(addr, 0) != 0;
 }
+
+/* recycling: a writable shared mapping with its page tables filled at once, so
+   that a worker refilling a recycled object through it copies without faults */
+void *shmalloc_map_populated(int fd, size_t len)
+{
+#ifdef MAP_POPULATE
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+#else
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+#endif
+    return p == MAP_FAILED ? NULL : p;
+}

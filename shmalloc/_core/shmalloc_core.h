@@ -23,3 +23,4 @@ size_t shmalloc_live_mappings(void);
 
 /* recycling: 1 if addr is a mapping still owned by an array, else 0 */
 int shmalloc_is_adopted(void *addr);
+void *shmalloc_map_populated(int fd, size_t len);
