@@ -5,8 +5,12 @@ fresh segment whose pages the kernel must fault in one by one (about 4 us
 per 4 KB page here, more than copying the page). A :class:`Pool` keeps its
 workers across calls, and keeps the objects of consumed results as *spares*:
 unlinked shared memory objects held only by a descriptor of the parent. The
-next task gets a spare through its pipe (SCM_RIGHTS) and its worker pwrites
-into pages that already exist, which is a plain copy.
+next task gets a spare through its pipe (SCM_RIGHTS) and its worker writes
+into pages that already exist: with pwrite the first time, then through a
+shared mapping of the spare that the worker keeps, which is a plain memcpy
+(about 2.5 times faster than pwrite here). Spares only grow, so such a
+mapping never reaches past the end of its object; when the parent releases a
+spare, the workers that map it unmap it at their next task.
 
 A spare has no name, so nothing of it is ever in /dev/shm, and it is gone
 with the parent's descriptor (at :meth:`Pool.close`, or when the process
@@ -18,6 +22,7 @@ its copy-on-write mapping.
 from __future__ import annotations
 
 import errno
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -25,7 +30,6 @@ import secrets
 import signal
 import warnings
 import weakref
-import itertools
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from typing import Any, Callable, Iterable
@@ -311,6 +315,7 @@ class _PoolRun(_Run):
         try:
             for worker in [w for w in self.workers if w.process.exitcode is not None]:
                 self.workers.remove(worker)  # died while idle: costs nothing, is replaced below
+                pool._spares.dropped.pop(worker.process.pid, None)
                 worker.conn.close()
                 worker.process.close()
             while len(self.workers) < self.nproc:
@@ -323,6 +328,7 @@ class _PoolRun(_Run):
                 self._step()
         except BaseException:
             self._stop(graceful=False)  # also stops workers still writing into spares
+            pool._spares.dropped.clear()  # their mappings died with them
             raise
         finally:
             pool._workers = self.workers
