@@ -351,3 +351,16 @@ def test_workers_refill_through_mappings_and_unmap_released_spares():
         assert not pool._spares.free and set(pool._spares.dropped) == set(pids)
         pool.map(sized, [1 << 20] * 2)  # delivers the drops
         assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited)] == [0, 0]
+
+
+def ramp(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) * 7 + n
+
+
+def test_growing_and_shrinking_results_through_recycled_objects():
+    """Results of changing sizes, through objects that only grow and mappings that may be too small, stay exact."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        for n in [300_000, 300_000, 600_000, 100_000, 600_000, 150_000, 800_000, 700_000, 800_000, 750_000]:
+            for copy in (True, False):
+                (got,) = pool.map(ramp, [n], copy=copy)
+                np.testing.assert_array_equal(got, ramp(n))
