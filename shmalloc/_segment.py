@@ -157,6 +157,39 @@ def unlink(name: str) -> None:
         _raise(name)
 
 
+def _prepared(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> tuple[bytearray, list[BufferLayout], int, int]:
+    """The header block, buffer layouts, data offset and size of a segment (as :func:`create` lays it out)."""
+    layouts, data_size = layout_buffers(buffers)
+    recipe_bytes = pickle.dumps(dict(recipe, buffers=layouts), protocol=5)
+    data_offset = _round_up(HEADER_SIZE + len(recipe_bytes))
+    size = data_offset + data_size
+    head = bytearray(data_offset)
+    _HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
+    head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
+    return head, layouts, data_offset, size
+
+
+def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int:
+    """Write ``recipe`` and ``buffers`` at the start of the open object ``fd``; return the segment's size.
+
+    The layout of every segment (see the module docstring). The object is never shrunk (its warm pages
+    stay for later fills): it may be larger than the returned size. ``name``
+    only labels errors. A full /dev/shm gives ShmError (ENOSPC).
+    """
+    _check_supported()
+    head, layouts, data_offset, size = _prepared(token, recipe, buffers)
+    _write(fd, name, ffi.from_buffer(head), len(head), 0)
+    padding = np.zeros(PAGE, np.uint8)
+    for buf, layout in zip(buffers, layouts):
+        nbytes = buf.nbytes
+        if nbytes:
+            _write(fd, name, _address(buf), nbytes, data_offset + layout.offset)
+        pad = _round_up(nbytes) - nbytes
+        if pad:
+            _write(fd, name, _address(padding), pad, data_offset + layout.offset + nbytes)
+    return size
+
+
 def create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray], overwrite: bool) -> int:
     """Create segment ``name`` holding ``recipe`` and ``buffers``; return its size in bytes.
 
@@ -165,15 +198,6 @@ def create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray],
     failure the segment is unlinked and the error raised.
     """
     _check_supported()
-    layouts, data_size = layout_buffers(buffers)
-    recipe = dict(recipe, buffers=layouts)
-    recipe_bytes = pickle.dumps(recipe, protocol=5)
-    data_offset = _round_up(HEADER_SIZE + len(recipe_bytes))
-    size = data_offset + data_size
-    head = bytearray(data_offset)
-    _HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
-    head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
-
     encoded = name.encode()
     if overwrite and lib.shmalloc_unlink(encoded) < 0 and ffi.errno != errno.ENOENT:
         _raise(name)
@@ -181,21 +205,12 @@ def create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray],
     if fd < 0:
         _raise(name)
     try:
-        _write(fd, name, ffi.from_buffer(head), len(head), 0)
-        padding = np.zeros(PAGE, np.uint8)
-        for buf, layout in zip(buffers, layouts):
-            nbytes = buf.nbytes
-            if nbytes:
-                _write(fd, name, _address(buf), nbytes, data_offset + layout.offset)
-            pad = _round_up(nbytes) - nbytes
-            if pad:
-                _write(fd, name, _address(padding), pad, data_offset + layout.offset + nbytes)
+        return fill(fd, name, token, recipe, buffers)
     except BaseException:
         lib.shmalloc_unlink(encoded)
         raise
     finally:
         lib.shmalloc_close(fd)
-    return size
 
 
 def _write(fd: int, name: str, address: Any, nbytes: int, offset: int) -> None:
@@ -473,38 +488,6 @@ def open_shared(name: str, size: int, inode: int | None = None) -> SharedMapping
 # descriptor, that a worker fills again. Its pages were faulted in by an earlier
 # transfer, so pwrite into it is a plain copy instead of ~4 us per fresh page.
 # ---------------------------------------------------------------------------
-
-def _prepared(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> tuple[bytearray, list[BufferLayout], int, int]:
-    """The header block, buffer layouts, data offset and size of a segment (as :func:`create` lays it out)."""
-    layouts, data_size = layout_buffers(buffers)
-    recipe_bytes = pickle.dumps(dict(recipe, buffers=layouts), protocol=5)
-    data_offset = _round_up(HEADER_SIZE + len(recipe_bytes))
-    size = data_offset + data_size
-    head = bytearray(data_offset)
-    _HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
-    head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
-    return head, layouts, data_offset, size
-
-
-def fill(fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int:
-    """Write ``recipe`` and ``buffers`` at the start of the open object ``fd``; return the segment's size.
-
-    Same layout as :func:`create`. The object is never shrunk (its warm pages
-    stay for later fills): it may be larger than the returned size. ``name``
-    only labels errors. A full /dev/shm gives ShmError (ENOSPC).
-    """
-    _check_supported()
-    head, layouts, data_offset, size = _prepared(token, recipe, buffers)
-    _write(fd, name, ffi.from_buffer(head), len(head), 0)
-    padding = np.zeros(PAGE, np.uint8)
-    for buf, layout in zip(buffers, layouts):
-        nbytes = buf.nbytes
-        if nbytes:
-            _write(fd, name, _address(buf), nbytes, data_offset + layout.offset)
-        pad = _round_up(nbytes) - nbytes
-        if pad:
-            _write(fd, name, _address(padding), pad, data_offset + layout.offset + nbytes)
-    return size
 
 
 class RefillMapping:
