@@ -110,12 +110,12 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
         raise CorruptHandleError(f"{name}: damaged token")
     with _segment.OpenSegment(name, obj.size) as segment:
         recipe = segment.read_recipe(obj.token)
-        _check_matches(obj, recipe)
+        check_handle_matches(obj, recipe)
         buffers = segment.arrays(copy or not _segment.ZERO_COPY)
     return codecs.decode(recipe["attributes"], buffers)
 
 
-def _check_matches(obj: ShmObj, recipe: dict[str, Any]) -> None:
+def check_handle_matches(obj: ShmObj, recipe: dict[str, Any]) -> None:
     """Refuse a handle whose fields differ from the segment's own copy of them."""
     for field in ("type", "length"):
         if type(getattr(obj, field)) is not type(recipe[field]) or getattr(obj, field) != recipe[field]:

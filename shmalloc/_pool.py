@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import _names, _segment, codecs
-from ._api import _check_matches
+from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
 from ._map import (
@@ -293,7 +293,7 @@ def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple
     if not isinstance(handle.token, bytes):
         raise CorruptHandleError(f"{segment.name}: damaged token")
     recipe = segment.read_recipe(handle.token)
-    _check_matches(handle, recipe)
+    check_handle_matches(handle, recipe)
     buffers = segment.arrays(copy or not _segment.ZERO_COPY)
     addresses = [] if copy else [b.__array_interface__["data"][0] for b in buffers if b.nbytes]
     return codecs.decode(recipe["attributes"], buffers), addresses
