@@ -219,8 +219,12 @@ def test_killed_worker_raises_and_the_pool_recovers():
 def test_simulated_enospc_falls_back_to_the_pipe(monkeypatch):
     """A full /dev/shm while filling a recycled object: the result comes through the pipe, with a warning."""
 
-    def no_space(*args):
-        raise shmalloc.ShmError(errno.ENOSPC, os.strerror(errno.ENOSPC), pool_module.SPARE)
+    fill = _segment.fill
+
+    def no_space(fd, name, *args):
+        if name != pool_module.SPARE:  # fresh segments (copy2shm) still fill
+            return fill(fd, name, *args)
+        raise shmalloc.ShmError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [0])  # a spare now exists; the next worker is forked with the patch
