@@ -16,8 +16,8 @@ from ._pool import Pool
 from ._shmarray import ShmArray
 
 __version__ = "0.1.0"
-__all__ = ["copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError"]
-__all__ += ["segments", "gc"]
-__all__ += ["ShmArray"]
-__all__ += ["map", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]
-__all__ += ["Pool"]
+__all__ = [
+    "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError",
+    "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
+    "ShmArray", "segments", "gc",
+]
