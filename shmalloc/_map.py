@@ -432,13 +432,17 @@ class _Run:
             self.names.clear()
             if self.bar is not None:
                 self.bar.close()
+        self._warn_fallbacks()
+        return self.results
+
+    def _warn_fallbacks(self) -> None:
+        """One warning per call if results had to come back through the pipe."""
         if self.fallbacks:
             warnings.warn(
                 f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
                 ShmFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        return self.results
 
     def _start_worker(self) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)

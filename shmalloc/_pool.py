@@ -28,7 +28,6 @@ import os
 import pickle
 import secrets
 import signal
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -42,7 +41,6 @@ from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
 from ._map import (
     PIPE_LIMIT,
-    ShmFallbackWarning,
     Shipped,
     _Box,
     _describe,
@@ -341,12 +339,7 @@ class _PoolRun(_Run):
             if self.bar is not None:
                 self.bar.close()
         pool._spares.trim(self.consumed_bytes + self.consumed_bytes // 4)  # slack: objects only grow
-        if self.fallbacks:
-            warnings.warn(
-                f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
-                ShmFallbackWarning,
-                stacklevel=3,
-            )
+        self._warn_fallbacks()
         return self.results
 
     def _start_worker(self) -> None:
