@@ -59,23 +59,36 @@ RELEASE_LATER_BYTES = 16 << 20
 
 
 class _Releaser:
-    """One daemon thread that closes the descriptors of consumed objects."""
+    """One daemon thread that closes the descriptors of consumed objects.
+
+    The descriptors waiting for it are tracked, so that a forked child (where
+    the thread does not exist) closes its inherited copies at once instead of
+    pinning the objects' pages for its whole life.
+    """
 
     def __init__(self) -> None:
         self._jobs: queue.Queue | None = None
+        self._pending: set[int] = set()
         self._lock = threading.Lock()
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
 
-    def _forget(self) -> None:
-        self._jobs = None  # the thread did not survive the fork
+    def _after_fork_in_child(self) -> None:
+        # The lock may have been held by another thread at the fork: replace it.
+        self._lock = threading.Lock()
+        self._jobs = None
+        pending, self._pending = self._pending, set()
+        for fd in pending:
+            lib.shmalloc_close(fd)
 
-    def submit(self, job: Any) -> None:
+    def close_later(self, fd: int) -> None:
+        """Close ``fd`` on the background thread."""
         with self._lock:
             if self._jobs is None:
                 self._jobs = queue.Queue()
                 threading.Thread(target=self._run, args=(self._jobs,), name="shmalloc-release", daemon=True).start()
-            self._jobs.put(job)
+            self._pending.add(fd)
+            self._jobs.put(fd)
 
     def wait(self) -> None:
         """Block until every submitted release has run."""
@@ -83,12 +96,15 @@ class _Releaser:
         if jobs is not None:
             jobs.join()
 
-    @staticmethod
-    def _run(jobs: queue.Queue) -> None:
+    def _run(self, jobs: queue.Queue) -> None:
         while True:
-            job = jobs.get()
+            fd = jobs.get()
             try:
-                job()
+                # Forget it before closing: a child forked in between must never close
+                # a number this process may already have reused.
+                with self._lock:
+                    self._pending.discard(fd)
+                lib.shmalloc_close(fd)  # outside the lock: this is the slow part
             finally:
                 jobs.task_done()
 
@@ -257,10 +273,7 @@ class OpenSegment:
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            if getattr(self, "size", 0) >= RELEASE_LATER_BYTES:
-                _releaser.submit(lambda: lib.shmalloc_close(fd))
-            else:
-                lib.shmalloc_close(fd)
+            release_fd(fd, getattr(self, "size", 0))
 
     def __enter__(self) -> "OpenSegment":
         return self
@@ -358,29 +371,31 @@ def _copied(layout: BufferLayout, base: Any) -> np.ndarray:
 def _adopt_all(name: str, base: Any, data_size: int, layouts: list[BufferLayout]) -> list[np.ndarray]:
     """Hand each page-aligned part of one private mapping to its own array."""
     arrays: list[np.ndarray] = []
-    for i, layout in enumerate(layouts):
-        span = _round_up(layout.nbytes)
-        if not span:
-            arrays.append(_empty(layout))
-            continue
-        try:
-            arrays.append(_adopt(base + layout.offset, span, layout))
-        except BaseException:
-            # Parts not yet owned by an array would leak: unmap them.
-            tail = layout.offset
-            lib.shmalloc_unmap(base + tail, data_size - tail)
-            raise
+    try:
+        for layout in layouts:
+            span = _round_up(layout.nbytes)
+            arrays.append(_adopt(base + layout.offset, span, layout) if span else _empty(layout))
+    except BaseException:
+        # An interrupt may come at any point, even before _adopt's finally ran: restore
+        # numpy's handler (idempotent), then unmap the parts no array owns.
+        lib.shmalloc_adopt_end()
+        for layout in layouts:
+            span = _round_up(layout.nbytes)
+            if span and not lib.shmalloc_is_adopted(base + layout.offset):
+                lib.shmalloc_unmap(base + layout.offset, span)
+        raise
     return arrays
 
 
 def _adopt(address: Any, span: int, layout: BufferLayout) -> np.ndarray:
-    previous = lib.shmalloc_adopt_begin(address, span)
-    if previous == ffi.NULL:
-        raise MemoryError("shmalloc: could not install the numpy memory handler")
+    # begin and end pair up in try/finally, so that even an interrupt right after
+    # begin returns cannot leave the handler installed with a pending mapping.
     try:
+        if lib.shmalloc_adopt_begin(address, span) < 0:
+            raise MemoryError("shmalloc: could not install the numpy memory handler")
         array = _empty(layout)
     finally:
-        adopted = lib.shmalloc_adopt_end(previous) == 0
+        adopted = lib.shmalloc_adopt_end() == 0
     if not adopted:
         raise MemoryError("shmalloc: numpy did not take the mapped memory")  # array holds heap memory
     return array
@@ -576,6 +591,6 @@ def any_adopted(addresses: Sequence[int]) -> bool:
 def release_fd(fd: int, size: int) -> None:
     """Close a descriptor; a large object's pages are freed on the background thread."""
     if size >= RELEASE_LATER_BYTES:
-        _releaser.submit(lambda: lib.shmalloc_close(fd))
+        _releaser.close_later(fd)
     else:
         lib.shmalloc_close(fd)

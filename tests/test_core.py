@@ -506,3 +506,104 @@ def test_macos_rules(monkeypatch, shm_name):
     assert not os.path.exists("/dev/shm" + shm_name)
     y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(10_000)), copy=False)
     assert get_handler_name(y) == "default_allocator" and y.sum() == sum(range(10_000))
+
+
+# ---- regressions ----
+
+
+@pytest.mark.parametrize("n", [(8 << 20) + 1, (8 << 20) + 3, (16 << 20) + 7])
+def test_threaded_copy_keeps_the_last_bytes(n):
+    """copy=True splits large copies across threads: lengths that do not divide evenly lose nothing."""
+    x = np.random.default_rng(n).integers(1, 256, n, dtype=np.uint8)  # no zero byte: a gap would show
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(x), copy=True)
+    assert np.array_equal(x, y)
+
+
+def _adopt_lines() -> list[int]:
+    import inspect
+
+    source, first = inspect.getsourcelines(_segment._adopt)
+    return [first + i for i, line in enumerate(source) if line.strip() and not line.strip().startswith(("def ", "#"))]
+
+
+@pytest.mark.parametrize("line", _adopt_lines())
+def test_interrupt_anywhere_while_adopting_leaves_numpy_usable(line):
+    """An interrupt at any line of the adoption (as Ctrl-C may arrive after any C call) restores
+    numpy's handler, leaks no mapping and leaves numpy usable."""
+    import sys
+
+    obj = shmalloc.copy2shm(np.arange(100_000.0))
+    before = _segment.live_mappings()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not _segment._adopt.__code__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    sys.settrace(tracer)
+    try:
+        result = shmalloc.allocate_from_shm(obj, copy=False)  # the line may not run: then no interrupt
+    except KeyboardInterrupt:
+        result = None
+    finally:
+        sys.settrace(None)
+    assert get_handler_name() == "default_allocator"
+    fresh = np.empty(100_000)
+    fresh[:] = 1.0
+    assert get_handler_name(fresh) == "default_allocator"
+    if result is None:
+        assert _segment.live_mappings() == before
+        assert obj.name.lstrip("/") not in _mapped_names()
+    else:
+        assert result.sum() == np.arange(100_000.0).sum()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_keep_objects_waiting_to_be_closed(monkeypatch):
+    """Descriptors queued for the background close are closed in a child forked meanwhile
+    (at most the one being closed at the moment of the fork stays open in the child)."""
+    release = threading.Event()
+    real_lib = _segment.lib
+
+    class SlowClose:  # the background close of consumed objects waits until released
+        def __getattr__(self, attr):
+            return getattr(real_lib, attr)
+
+        def shmalloc_close(self, fd):
+            if threading.current_thread().name == "shmalloc-release":
+                release.wait(10)
+            return real_lib.shmalloc_close(fd)
+
+    monkeypatch.setattr(_segment, "lib", SlowClose())
+    try:
+        for _ in range(3):
+            obj = shmalloc.copy2shm(np.zeros(_segment.RELEASE_LATER_BYTES, np.uint8))
+            shmalloc.allocate_from_shm(obj, copy=True)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: report the deleted shared memory objects it still holds
+            held = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/shmalloc_"):
+                    held.append(target)
+            os.write(write_end, str(len(held)).encode())
+            os._exit(0)
+        os.close(write_end)
+        held = int(os.read(read_end, 100).decode())
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    finally:
+        release.set()
+        _segment.wait_for_releases()
+    assert held <= 1

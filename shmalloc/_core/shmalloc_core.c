@@ -162,7 +162,7 @@ void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads)
     copy_job jobs[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     /* chunks on page boundaries so threads never share a page */
-    size_t chunk = ((len / (size_t)nthreads) + 4095) & ~(size_t)4095;
+    size_t chunk = (((len + (size_t)nthreads - 1) / (size_t)nthreads) + 4095) & ~(size_t)4095;
     size_t done = 0;
     int i;
     for (i = 0; i < nthreads && done < len; i++) {
@@ -380,43 +380,55 @@ int shmalloc_handler_init(void)
     return rc;
 }
 
+/* The handler that was current before shmalloc_adopt_begin, per thread. */
+static __thread PyObject *pending_previous;
+
 /* Make addr (len mapped bytes) the next data block numpy allocates on this
-   thread, and install the handler in the current context. Returns the previous
-   handler (a reference the caller hands back to shmalloc_adopt_end), or NULL. */
-void *shmalloc_adopt_begin(void *addr, size_t len)
+   thread, and install the handler in the current context. Returns 0, or -1
+   (nothing installed). Always pair with shmalloc_adopt_end, in a finally. */
+int shmalloc_adopt_begin(void *addr, size_t len)
 {
+    int rc = 0;
     PyGILState_STATE gil = PyGILState_Ensure();
-    pending_addr = addr;
-    pending_len = len;
-    PyObject *previous = PyDataMem_SetHandler(handler_capsule);
-    if (!previous) {
-        PyErr_Clear();
-        pending_addr = NULL;
-        errno = ENOMEM;
+    if (pending_previous) {  /* an earlier begin never ended: refuse to stack */
+        errno = EBUSY;
+        rc = -1;
+    } else {
+        PyObject *previous = PyDataMem_SetHandler(handler_capsule);
+        if (!previous) {
+            PyErr_Clear();
+            errno = ENOMEM;
+            rc = -1;
+        } else {
+            pending_previous = previous;
+            pending_addr = addr;
+            pending_len = len;
+        }
     }
     PyGILState_Release(gil);
-    return previous;
+    return rc;
 }
 
-/* Restore the previous handler. Returns 0 if the pending mapping was adopted
-   by an array, -1 if not (the caller still owns it and must unmap it). */
-int shmalloc_adopt_end(void *previous_handler)
+/* Restore the previous handler; safe to call more than once. Returns 0 if
+   the pending mapping was adopted by an array, -1 if not (the caller still
+   owns it and must unmap it). */
+int shmalloc_adopt_end(void)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *previous = previous_handler;
-    PyObject *ours = PyDataMem_SetHandler(previous);
-    if (ours)
-        Py_DECREF(ours);
-    else
-        PyErr_Clear();
-    Py_DECREF(previous);
-    int adopted = pending_addr == NULL;
+    int adopted = pending_previous != NULL && pending_addr == NULL;
+    if (pending_previous) {
+        PyObject *ours = PyDataMem_SetHandler(pending_previous);
+        if (ours)
+            Py_DECREF(ours);
+        else
+            PyErr_Clear();
+        Py_DECREF(pending_previous);
+        pending_previous = NULL;
+    }
     pending_addr = NULL;
     PyGILState_Release(gil);
     return adopted ? 0 : -1;
 }
-
-/* ---- recycling (shmalloc._pool): is an address still owned by an array? ---- */
 
 int shmalloc_is_adopted(void *addr)
 {

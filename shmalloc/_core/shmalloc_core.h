@@ -17,8 +17,8 @@ size_t shmalloc_page_size(void);
 
 /* numpy memory handler (NEP 49) */
 int shmalloc_handler_init(void);
-void *shmalloc_adopt_begin(void *addr, size_t len);
-int shmalloc_adopt_end(void *previous_handler);
+int shmalloc_adopt_begin(void *addr, size_t len);
+int shmalloc_adopt_end(void);
 size_t shmalloc_live_mappings(void);
 
 /* recycling: 1 if addr is a mapping still owned by an array, else 0 */
