@@ -72,7 +72,11 @@ def _attach(name: str, size: int, inode: int) -> _segment.SharedMapping:
             errno.ENOENT, "the ShmArray's segment is gone: its creator unlinked it or ended before this process attached", name
         ) from None
     with _lock:
-        return _mappings.setdefault(name, mapping)
+        current = _mappings.get(name)  # another thread may have attached meanwhile
+        if current is not None and current.size == size and current.inode == inode:
+            return current
+        _mappings[name] = mapping
+        return mapping
 
 
 def _mapping_of(array: np.ndarray) -> _segment.SharedMapping | None:
