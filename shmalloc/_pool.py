@@ -88,11 +88,13 @@ class _Spares:
         self.free: list[_Spare] = []
         self.lent: list[_Spare] = []
         self.retired: list[_Spare] = []  # lent across a fork: never reused
+        self.handed: set[_Spare] = set()  # taken for a task, not yet back
         self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
         _all_spares.add(self)
 
     def release(self, spare: _Spare) -> None:
         """Close the parent's descriptor; tell the workers that map it to unmap it (their next task)."""
+        self.handed.discard(spare)
         for pid in spare.mappers:
             self.dropped.setdefault(pid, []).append(spare.sid)
         _segment.release_fd(spare.fd, spare.size)
@@ -112,13 +114,17 @@ class _Spares:
         if not self.free:
             return None
         best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
-        return self.free.pop(best)
+        spare = self.free.pop(best)
+        self.handed.add(spare)
+        return spare
 
     def give(self, spare: _Spare) -> None:
+        self.handed.discard(spare)
         spare.addresses = []
         self.free.append(spare)
 
     def lend(self, spare: _Spare, addresses: list[int]) -> None:
+        self.handed.discard(spare)
         spare.addresses = addresses
         self.lent.append(spare)
 
@@ -150,13 +156,14 @@ class _Spares:
         self.lent = []
 
     def _in_child(self) -> None:
-        # The child's copies of the descriptors: the parent's spares are not the child's to use.
-        for spare in self.free + self.retired + self.lent:
+        # The child's copies of the descriptors: the parent's spares are not the child's to use
+        # (a worker started in the middle of a run would otherwise pin the ones handed out).
+        for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
             try:
                 os.close(spare.fd)
             except OSError:
                 pass
-        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
+        self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
 
 
 _all_spares: "weakref.WeakSet[_Spares]" = weakref.WeakSet()
