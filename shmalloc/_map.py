@@ -446,12 +446,15 @@ class _Run:
 
     def _start_worker(self) -> None:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
-        process = self.ctx.Process(target=_worker, args=(child_end, self.options), daemon=True)
+        process = self._new_process(parent_end, child_end)
         try:
             process.start()
         finally:
             child_end.close()  # so that the parent sees EOF when the worker is gone
         self.workers.append(_Worker(process, parent_end))
+
+    def _new_process(self, parent_end: Connection, child_end: Connection) -> multiprocessing.process.BaseProcess:
+        return self.ctx.Process(target=_worker, args=(child_end, self.options), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):

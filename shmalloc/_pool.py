@@ -349,15 +349,9 @@ class _PoolRun(_Run):
         self._warn_fallbacks()
         return self.results
 
-    def _start_worker(self) -> None:
-        parent_end, child_end = self.ctx.Pipe(duplex=True)
-        process = self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
+    def _new_process(self, parent_end: Any, child_end: Any) -> multiprocessing.process.BaseProcess:
         _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        try:
-            process.start()
-        finally:
-            child_end.close()
-        self.workers.append(_Worker(process, parent_end))
+        return self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):
