@@ -368,21 +368,31 @@ def map(
     return _Run(ctx, items, options, nproc, chunksize, copy, progress).run()
 
 
-def _prepare(func, iterable, processes, copy, start_method, chunksize, seed, pipe_limit):
-    if not callable(func):
-        raise TypeError(f"func must be callable, not {type(func).__name__}")
-    for label, value in (("processes", processes), ("chunksize", chunksize), ("pipe_limit", pipe_limit)):
-        if value is None and label == "processes":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if label == "pipe_limit" else 1):
-            raise ValueError(f"{label} must be a {'non-negative' if label == 'pipe_limit' else 'positive'} int, not {value!r}")
-    if not isinstance(copy, bool):
-        raise TypeError("copy must be bool")
+def check_count(label: str, value: Any, minimum: int) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{label} must be a {'positive' if minimum else 'non-negative'} int, not {value!r}")
+
+
+def start_context(start_method: str | None) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of ``start_method`` (None: the platform's default), or ValueError."""
     if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
         raise ValueError(
             f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
         )
-    ctx = multiprocessing.get_context(start_method)
+    return multiprocessing.get_context(start_method)
+
+
+def _prepare(func, iterable, processes, copy, start_method, chunksize, seed, pipe_limit):
+    if not callable(func):
+        raise TypeError(f"func must be callable, not {type(func).__name__}")
+    if processes is not None:
+        check_count("processes", processes, 1)
+    check_count("chunksize", chunksize, 1)
+    check_count("pipe_limit", pipe_limit, 0)
+    if not isinstance(copy, bool):
+        raise TypeError("copy must be bool")
+    ctx = start_context(start_method)
     if seed is not None and not isinstance(seed, np.random.SeedSequence):
         seed = np.random.SeedSequence(seed)
     items = list(iterable)

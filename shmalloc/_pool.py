@@ -52,8 +52,10 @@ from ._map import (
     _Run,
     _seed_item,
     _Worker,
+    check_count,
     discard,
     ship,
+    start_context,
     usable_cpus,
 )
 
@@ -476,17 +478,12 @@ class Pool:
         pipe_limit: int = PIPE_LIMIT,
         recycle: bool = True,
     ) -> None:
-        if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool) or processes < 1):
-            raise ValueError(f"processes must be a positive int, not {processes!r}")
-        if not isinstance(pipe_limit, int) or isinstance(pipe_limit, bool) or pipe_limit < 0:
-            raise ValueError(f"pipe_limit must be a non-negative int, not {pipe_limit!r}")
+        if processes is not None:
+            check_count("processes", processes, 1)
+        check_count("pipe_limit", pipe_limit, 0)
         if not isinstance(recycle, bool):
             raise TypeError("recycle must be bool")
-        if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
-            raise ValueError(
-                f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
-            )
-        self._ctx = multiprocessing.get_context(start_method)
+        self._ctx = start_context(start_method)
         self._processes = processes or usable_cpus()
         self._limit = pipe_limit
         self._recycle = recycle
