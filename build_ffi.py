@@ -6,7 +6,7 @@ import numpy
 from cffi import FFI
 
 # setuptools runs this from the project root; relative paths keep the sdist relocatable.
-CORE = "shmalloc/_core"
+CORE = "src/shmalloc/_core"
 
 ffibuilder = FFI()
 with open(f"{CORE}/shmalloc_core.h") as header:

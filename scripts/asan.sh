@@ -44,9 +44,11 @@ fi
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-cp -r "$repo/shmalloc" "$repo/build_ffi.py" "$repo/setup.py" "$repo/pyproject.toml" "$scratch/"
+mkdir -p "$scratch/src"
+cp -r "$repo/src/shmalloc" "$scratch/src/"
+cp "$repo/build_ffi.py" "$repo/setup.py" "$repo/pyproject.toml" "$scratch/"
 [ -f "$repo/README.md" ] && cp "$repo/README.md" "$scratch/"
-rm -f "$scratch"/shmalloc/_native*.so "$scratch"/shmalloc/_native.c
+rm -f "$scratch"/src/shmalloc/_native*.so "$scratch"/src/shmalloc/_native.c
 
 flags="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -g -O1"
 (cd "$scratch" && CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
@@ -64,9 +66,9 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86:halt_on_error=1
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
 export PYTHONMALLOC=malloc  # let ASan see every Python allocation too
 export SHMALLOC_SANITIZER=asan  # tests that measure RSS skip that part: ASan's quarantine holds freed memory
-export PYTHONPATH="$scratch${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$scratch/src${PYTHONPATH:+:$PYTHONPATH}"
 
-# From the scratch copy (the current directory comes first on sys.path), so
+# From the scratch copy (its src/ comes first on sys.path), so
 # that the sanitized build, not the installed one, is what gets imported.
 cd "$scratch"
 "$python" -c "

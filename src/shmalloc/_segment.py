@@ -30,8 +30,11 @@ from ._errors import CorruptHandleError, ShmError
 
 try:
     from ._native import ffi, lib
-except ImportError:  # Windows, or a build without the core
+
+    _NATIVE_MISSING: ImportError | None = None
+except ImportError as exc:  # Windows (never built), or a broken or missing build
     ffi = lib = None
+    _NATIVE_MISSING = exc
 
 MAGIC = b"SHMALLOC"
 VERSION = 1
@@ -40,7 +43,8 @@ _HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, token, recip
 HEADER_SIZE = 64
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MAX_RECIPE = 1 << 30
-SUPPORTED = lib is not None and sys.platform != "win32"
+POSIX_PLATFORM = sys.platform != "win32"
+SUPPORTED = lib is not None and POSIX_PLATFORM
 ZERO_COPY = sys.platform.startswith("linux") or sys.platform.startswith("freebsd")
 
 
@@ -117,13 +121,37 @@ def _round_up(n: int) -> int:
 
 
 def _check_supported() -> None:
-    if not SUPPORTED:
+    if not POSIX_PLATFORM:
         raise NotImplementedError(f"shmalloc: POSIX shared memory is not supported on {sys.platform}")
+    if lib is None:
+        raise _missing_core_error()
     if not _handler_ready:
         _init_handler()
 
 
 _handler_ready = False
+
+
+def _missing_core_error() -> ImportError:
+    """The error for a POSIX platform whose compiled core cannot be imported: what is wrong, and the fix."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    in_source_tree = os.path.exists(os.path.join(package_dir, "_core", "shmalloc_core.c")) and os.path.exists(
+        os.path.join(package_dir, os.pardir, os.pardir, "build_ffi.py")
+    )
+    hint = (
+        "this looks like a source tree, where the core exists only after `pip install -e .`"
+        " (run from the project root); or install with `pip install .` and import it from elsewhere"
+        if in_source_tree
+        else "reinstall shmalloc (`pip install --force-reinstall shmalloc`); building it needs a C compiler"
+    )
+    error = ImportError(
+        f"shmalloc: the compiled core shmalloc._native could not be imported from {package_dir}"
+        f" ({_NATIVE_MISSING}); {hint}",
+        name="shmalloc._native",
+        path=package_dir,
+    )
+    error.__cause__ = _NATIVE_MISSING
+    return error
 
 
 def _init_handler() -> None:
