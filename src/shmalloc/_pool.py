@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _names, _segment, codecs
+from . import _answer, _names, _segment, _shmarray, codecs
 from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
@@ -43,7 +43,6 @@ from ._map import (
     PIPE_LIMIT,
     Shipped,
     _Box,
-    _describe,
     _is_pandas,
     _nbytes,
     _Options,
@@ -255,40 +254,44 @@ def _pool_worker(conn: Any) -> None:
     """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     mappings = _Mappings()
-    while True:
-        try:
-            task = conn.recv()
-            if task is None:
-                return
-            options, entries, drops = task
-            mappings.drop(drops)
-            fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
-        except (EOFError, OSError):
-            return
-        for index, item, name, sid in entries:
-            fd = fds.pop(index, -1)
+    try:
+        while True:
             try:
+                task = conn.recv()
+                if task is None:
+                    return
+                options, entries, drops = task
+                mappings.drop(drops)
+                fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
+            except (EOFError, OSError):
+                return
+            for index, item, name, sid in entries:
+                fd = fds.pop(index, -1)
                 try:
-                    if options.seed is not None:
-                        _seed_item(options.seed, index)
-                    result = options.func(item)
+                    shipped: list[Shipped] = []
+
+                    def produce() -> Shipped:
+                        if options.seed is not None:
+                            _seed_item(options.seed, index)
+                        result = options.func(item)
+                        if fd >= 0:
+                            shipped.append(ship_into(result, fd, options.limit, mappings.get(sid)))
+                        else:
+                            shipped.append(ship(result, name, options.limit))
+                        return shipped[0]
+
+                    message, handover = _answer.answer(index, produce)
+                    conn.send_bytes(message)
+                    if handover is not None:
+                        handover.complete()
+                    # Off the result's path: map what was just written, for the next refill.
+                    if fd >= 0 and handover is not None and shipped[0].handle is not None:
+                        mappings.remember(sid, fd, shipped[0].handle.size)
+                finally:
                     if fd >= 0:
-                        shipped = ship_into(result, fd, options.limit, mappings.get(sid))
-                    else:
-                        shipped = ship(result, name, options.limit)
-                    message = ("ok", index, shipped)
-                except BaseException as exc:  # report everything; the parent decides
-                    shipped, message = None, ("error", index, *_describe(exc))
-                try:
-                    conn.send(message)
-                except Exception as exc:  # a small result that cannot be pickled
-                    conn.send(("error", index, *_describe(exc)))
-                # Off the result's path: map what was just written, for the next refill.
-                if fd >= 0 and shipped is not None and shipped.handle is not None:
-                    mappings.remember(sid, fd, shipped.handle.size)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+                        os.close(fd)
+    finally:
+        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
 
 # ----------------------------------------------------------------------------
@@ -308,6 +311,8 @@ def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple
 
 class _PoolRun(_Run):
     """One :meth:`Pool.map` call on the pool's persistent workers."""
+
+    LABEL = "shmalloc.Pool.map"
 
     def __init__(self, pool: "Pool", items: list, options: _Options, chunksize: int, copy: bool, progress: bool):
         super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
@@ -382,18 +387,6 @@ class _PoolRun(_Run):
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
         except OSError:
             pass  # the worker is gone: _step sees its sentinel and names the item
-
-    def _handle(self, worker: _Worker, message: tuple) -> None:
-        kind, index = message[0], message[1]
-        if kind == "error":
-            self._raise_remote(index, *message[2:])
-        shipped: Shipped = message[2]
-        self.results[index] = self._receive(index, shipped)
-        self.fallbacks += shipped.fell_back
-        worker.pending.remove(index)
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
 
     def _receive(self, index: int, shipped: Shipped) -> Any:
         handle = shipped.handle

@@ -123,6 +123,88 @@ def _rebuild(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np
         raise ValueError(f"{name}: damaged ShmArray reference: {exc}") from None
 
 
+def _adopt(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]) -> "ShmArray":
+    """Unpickle a ShmArray handed over as a result: this process becomes the owner of its name."""
+    array = _rebuild(name, size, inode, shape, dtype, offset, strides)
+    mapping = _mapping_of(array)
+    with _lock:
+        ownership = _owned.get(mapping)
+        if ownership is None or ownership.pid != os.getpid():
+            _owned[mapping] = _Ownership(mapping)
+    return array
+
+
+# The handover that ShmArrays pickled by this thread join (None: pickled by reference, the owner stays).
+_handing_over = threading.local()
+
+
+class Handover:
+    """While active (``with``), ShmArrays this process owns and pickles pass their name's ownership on.
+
+    For a worker returning results: whoever unpickles such an array owns its
+    name from then on. The worker keeps its duty to unlink until
+    :meth:`complete` (call it once the pickle has been delivered); a
+    handover dropped without :meth:`complete` changes nothing here.
+    """
+
+    def __init__(self) -> None:
+        self.mappings: dict[str, _segment.SharedMapping] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The names handed over so far."""
+        return list(self.mappings)
+
+    def __enter__(self) -> "Handover":
+        self._outer = getattr(_handing_over, "current", None)
+        _handing_over.current = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _handing_over.current = self._outer
+
+    def _join(self, mapping: _segment.SharedMapping) -> bool:
+        """Take ``mapping`` into the handover if this process owns its name."""
+        ownership = _owned.get(mapping)
+        if ownership is None or ownership.pid != os.getpid() or not ownership.finalizer.alive:
+            return False
+        self.mappings[mapping.name] = mapping
+        return True
+
+    def complete(self) -> None:
+        """The receiver has the pickle: give up the duty to unlink the names handed over."""
+        with _lock:
+            for mapping in self.mappings.values():
+                ownership = _owned.pop(mapping, None)
+                if ownership is not None:
+                    ownership.finalizer.detach()
+        self.mappings = {}
+
+
+def unlink_unless_owned(name: str) -> None:
+    """Unlink ``name`` unless this process owns it (a handed-over name nobody took over)."""
+    with _lock:
+        mapping = _mappings.get(name)
+        ownership = _owned.get(mapping) if mapping is not None else None
+        if ownership is not None and ownership.pid == os.getpid():
+            return
+    try:
+        _segment.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_owned() -> None:
+    """Unlink every name this process owns: for a worker about to leave through ``os._exit``.
+
+    (``os._exit`` skips the finalisers that would unlink them; the arrays stay valid where mapped.)
+    """
+    with _lock:
+        owned = [o for o in _owned.values() if o.pid == os.getpid()]
+    for ownership in owned:
+        ownership.finalizer()
+
+
 def _demote(result: Any) -> Any:
     """Turn ShmArrays whose memory is not shared (copies, results) into plain ndarrays."""
     if isinstance(result, ShmArray) and _mapping_of(result) is None:
@@ -347,8 +429,9 @@ class ShmArray(np.ndarray):
         if mapping is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
         offset = self.__array_interface__["data"][0] - mapping.address
+        handover = getattr(_handing_over, "current", None)
         return (
-            _rebuild,
+            _adopt if handover is not None and handover._join(mapping) else _rebuild,
             (mapping.name, mapping.size, mapping.inode, self.shape, self.dtype, offset, self.strides),
         )
 
