@@ -16,13 +16,28 @@ import warnings
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from . import _names
-from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, receive, ship
+from . import _answer, _names, _shmarray
+from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, rebuild_error, receive, remote_error, ship
+
+_LABEL = "shmalloc.ProcessPoolExecutor"
+# In a worker: the handover of the last answer, completed at the next task (by then the
+# answer has been sent). Until then the worker keeps the ShmArrays alive.
+_unsent: _shmarray.Handover | None = None
 
 
-def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, kwargs: dict) -> Shipped:
-    """Runs in a worker: call ``fn`` and make its result ready for the parent."""
-    return ship(fn(*args, **kwargs), name, limit)
+def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, kwargs: dict) -> bytes:
+    """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._answer`).
+
+    The answer is pickled here, so that rebuilding it happens in
+    :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
+    broken pool) and fn's exceptions are described safely.
+    """
+    global _unsent
+    if _unsent is not None:
+        _unsent.complete()
+        _unsent = None
+    message, _unsent = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
+    return message
 
 
 class _Future(cf.Future):
@@ -132,12 +147,20 @@ class ProcessPoolExecutor(cf.Executor):
                 settled = not isinstance(error, BrokenProcessPool)
                 future.set_exception(error)
                 return
-            shipped: Shipped = task.result()
+            header, stream = _answer.read_header(task.result())
             try:
-                value = receive(shipped, name, self._copy)
-            except BaseException as exc:
-                future.set_exception(exc)
-                return
+                try:
+                    payload = _answer.read_payload(stream)
+                    if header.kind == _answer.ERROR:
+                        future.set_exception(remote_error(None, payload, _LABEL))
+                        return
+                    shipped: Shipped = payload
+                    value = receive(shipped, name, self._copy)
+                except Exception as exc:
+                    future.set_exception(rebuild_error(None, exc, _LABEL))
+                    return
+            finally:
+                _answer.forget(header.names)
             if shipped.fell_back:
                 self._warn_fallback()
             if not future.cancelled():

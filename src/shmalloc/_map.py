@@ -41,13 +41,14 @@ class WorkerError(RuntimeError):
 
     Attributes
     ----------
-    index : int
-        Position of the failing item in the input.
+    index : int or None
+        Position of the failing item in the input (None for a task of
+        :class:`shmalloc.ProcessPoolExecutor`).
     remote_traceback : str
         The traceback text from the worker ("" if there is none).
     """
 
-    def __init__(self, message: str, index: int, remote_traceback: str = "") -> None:
+    def __init__(self, message: str, index: int | None, remote_traceback: str = "") -> None:
         super().__init__(message)
         self.index = index
         self.remote_traceback = remote_traceback
@@ -258,13 +259,15 @@ def exit_text(code: int | None) -> str:
     return f"was killed by signal {name} ({number})" if name else f"was killed by signal {number}"
 
 
-def remote_error(index: int, described: tuple[bytes | None, str, str], where: str) -> Exception:
+def remote_error(index: int | None, described: tuple[bytes | None, str, str], where: str) -> Exception:
     """The exception to raise in the parent for an item that failed in a worker (see :func:`_answer.describe`).
 
     The worker's own exception where it can be rebuilt, with a note naming
-    the item and giving the worker's traceback; else a :class:`WorkerError`.
+    the item (None: the executor's task) and giving the worker's traceback;
+    else a :class:`WorkerError`.
     """
     payload, message, text = described
+    subject = "the task" if index is None else f"item {index}"
     exc: BaseException | None = None
     if payload is not None:
         try:
@@ -273,29 +276,32 @@ def remote_error(index: int, described: tuple[bytes | None, str, str], where: st
             exc = None
     if isinstance(exc, Exception):
         try:
-            exc.add_note(f"{where}: raised by func for item {index}; the worker's traceback:\n{text.rstrip()}")
-            try:
-                exc.shmalloc_index = index
-            except AttributeError:
-                pass
+            exc.add_note(f"{where}: raised by func for {subject}; the worker's traceback:\n{text.rstrip()}")
+            if index is not None:
+                try:
+                    exc.shmalloc_index = index
+                except AttributeError:
+                    pass
             return exc
         except Exception:
             pass  # e.g. a __notes__ that is not a list: report it as a WorkerError
-    return WorkerError(f"item {index} failed in a worker: {message}\n\n{text}", index, text)
+    return WorkerError(f"{subject} failed in a worker: {message}\n\n{text}", index, text)
 
 
-def rebuild_error(index: int, exc: Exception, where: str) -> Exception:
-    """Name item ``index`` on ``exc``, raised in the parent while rebuilding the item's result."""
+def rebuild_error(index: int | None, exc: Exception, where: str) -> Exception:
+    """Name item ``index`` (None: the executor's task) on ``exc``, raised in the parent while rebuilding its result."""
+    subject = "the task" if index is None else f"item {index}"
     try:
-        exc.add_note(f"{where}: raised in the parent while rebuilding the result of item {index}")
+        exc.add_note(f"{where}: raised in the parent while rebuilding the result of {subject}")
     except Exception:  # an exception that takes no notes: wrap it
-        wrapped = WorkerError(f"item {index}: rebuilding its result in the parent failed: {exc!r}", index)
+        wrapped = WorkerError(f"{subject}: rebuilding its result in the parent failed: {exc!r}", index)
         wrapped.__cause__ = exc
         return wrapped
-    try:
-        exc.shmalloc_index = index
-    except AttributeError:
-        pass
+    if index is not None:
+        try:
+            exc.shmalloc_index = index
+        except AttributeError:
+            pass
     return exc
 
 

@@ -28,6 +28,7 @@ import os
 import pickle
 import secrets
 import signal
+import threading
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -356,6 +357,16 @@ class _PoolRun(_Run):
         self._warn_fallbacks()
         return self.results
 
+    def _start_worker(self) -> None:
+        if self.pool._terminating:
+            raise RuntimeError("Pool.terminate() was called while this map was running")
+        super()._start_worker()
+
+    def _buried(self, worker: _Worker) -> None:
+        if self.pool._terminating:
+            raise RuntimeError("Pool.terminate() was called while this map was running")
+        super()._buried(worker)
+
     def _new_process(self, parent_end: Any, child_end: Any) -> multiprocessing.process.BaseProcess:
         _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
         return self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
@@ -452,8 +463,13 @@ class Pool:
     forked while they were alive (the child's copy-on-write view would see
     the new data). Functions and items are pickled to the workers, so
     ``func`` must be picklable (a module-level function) under every start
-    method; :func:`shmalloc.map` takes lambdas under fork. A pool is used
-    from one thread at a time.
+    method; :func:`shmalloc.map` takes lambdas under fork.
+
+    A pool may be shared by threads: their :meth:`map` calls run one after
+    the other (as :class:`multiprocessing.pool.Pool` users expect), and
+    :meth:`close` waits for a running call. :meth:`terminate` stops the
+    workers at once; a call running in another thread then raises
+    :class:`RuntimeError` saying so.
 
     Examples
     --------
@@ -483,6 +499,9 @@ class Pool:
         self._spares = _Spares()
         self._workers: list[_Worker] = []
         self._closed = False
+        # One call at a time: a run owns the workers, their pipes and the spares it hands out.
+        self._lock = threading.Lock()
+        self._terminating = False  # set by terminate(), read by a run in another thread
         _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
 
     def map(
@@ -517,26 +536,37 @@ class Pool:
             except Exception as exc:
                 raise TypeError(f"Pool.map pickles func to its running workers (use a module-level function): {exc}") from exc
         options = _Options(options.func, None, options.seed, options.limit)
-        if not items:
-            return []
-        return _PoolRun(self, items, options, chunksize, copy, progress).run()
+        with self._lock:
+            if self._closed:
+                raise ValueError("the pool is closed")
+            if not items:
+                return []
+            return _PoolRun(self, items, options, chunksize, copy, progress).run()
 
     def close(self) -> None:
-        """Stop the workers (without waiting for them to exit) and release the spares."""
-        if self._closed:
-            return
-        self._closed = True
-        run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-        run._stop(graceful=True)
-        self._workers = []
-        self._spares.close()
+        """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shut(graceful=True)
 
     def terminate(self) -> None:
-        """Kill the workers, wait for them, and release the spares."""
+        """Kill the workers at once (also under a :meth:`map` running in another thread), reap them, release the spares."""
+        self._terminating = True
+        for worker in list(self._workers):  # a copy: a running map may change the list
+            try:
+                worker.process.terminate()
+            except (ValueError, AttributeError):
+                pass  # closed or not yet started by the running map: it stops on _terminating
+        with self._lock:
+            self._closed = True
+            self._shut(graceful=False)
+
+    def _shut(self, graceful: bool) -> None:
         run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-        run._stop(graceful=False)
+        run._stop(graceful=graceful)
         self._workers = []
-        self._closed = True
         self._spares.close()
 
     def __enter__(self) -> "Pool":
