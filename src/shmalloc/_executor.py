@@ -33,11 +33,22 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, k
     broken pool) and fn's exceptions are described safely.
     """
     global _unsent
+    _complete_unsent()
+    message, handover = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
+    if handover is not None and handover.names:
+        # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
+        # names; the answer has been sent by then (before the worker read its stop message).
+        handover.keep_at_exit()
+        _unsent = handover
+    return message
+
+
+def _complete_unsent() -> None:
+    """In a worker: the last answer has been sent (a new task came, or the worker exits)."""
+    global _unsent
     if _unsent is not None:
         _unsent.complete()
         _unsent = None
-    message, _unsent = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
-    return message
 
 
 class _Future(cf.Future):

@@ -171,6 +171,14 @@ class Handover:
         self.mappings[mapping.name] = mapping
         return True
 
+    def keep_at_exit(self) -> None:
+        """Leave the names handed over alone at interpreter exit (the receiver has them by then)."""
+        with _lock:
+            for mapping in self.mappings.values():
+                ownership = _owned.get(mapping)
+                if ownership is not None:
+                    ownership.finalizer.atexit = False
+
     def complete(self) -> None:
         """The receiver has the pickle: give up the duty to unlink the names handed over."""
         with _lock:
