@@ -533,6 +533,37 @@ def test_shmarrays_of_a_failed_call_leave_nothing(chunksize):
     assert not ours
 
 
+def _new_names_of_dead_or_this_process(before: set[str]) -> list[str]:
+    """Segments made since ``before`` by this process or by processes that are gone (a concurrent run's are alive)."""
+    new = {"/" + n for n in set(os.listdir("/dev/shm")) - before}
+    return [
+        n for n in new
+        if _names.creator_pid(n) is not None
+        and (_names.creator_pid(n) == os.getpid() or not os.path.exists(f"/proc/{_names.creator_pid(n)}"))
+    ]
+
+
+def _make_then_die_on_three(i: int) -> ShmArray:
+    a = _make_shmarray(i)
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # while it owns an array it has not sent
+    return a
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_killed_while_owning_a_shmarray_leaves_nothing(method):
+    """A worker killed while it owns a ShmArray it made: WorkerDiedError, and its array's name is gone too."""
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(shmalloc.WorkerDiedError):
+        shmalloc.map(_make_then_die_on_three, range(6), processes=2, start_method=method)
+    with shmalloc.Pool(2, method) as pool:
+        with pytest.raises(shmalloc.WorkerDiedError):
+            pool.map(_make_then_die_on_three, range(6))
+        assert len(pool.map(_make_shmarray, range(2))) == 2
+    gc.collect()
+    assert not _new_names_of_dead_or_this_process(before)
+
+
 _kept_in_worker: list = []
 
 

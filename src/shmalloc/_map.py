@@ -566,6 +566,8 @@ class _Run:
     def _buried(self, worker: _Worker) -> None:
         """A worker ended: an error if it still owed results, else reap it and replace it if needed."""
         process = worker.process
+        if worker.pending and wait([process.sentinel], _TERMINATE_GRACE):
+            _shmarray.unlink_left_by(process.pid)  # arrays it made for the items it owed
         process.join(_TERMINATE_GRACE)
         if worker.pending:
             index, code = worker.pending[0], process.exitcode
@@ -638,12 +640,13 @@ class _Run:
                     worker.process.terminate()
         for worker in workers:
             process = worker.process
-            process.join(_TERMINATE_GRACE)
-            if process.exitcode is None:
+            if not wait([process.sentinel], _TERMINATE_GRACE):
                 process.kill()
-                process.join()
             if not graceful:
+                wait([process.sentinel])
+                _shmarray.unlink_left_by(process.pid)  # before reaping it: its pid cannot be reused yet
                 self._discard_unread(worker)
+            process.join()
             worker.conn.close()
             process.close()
 

@@ -213,6 +213,27 @@ def unlink_owned() -> None:
         ownership.finalizer()
 
 
+def unlink_left_by(pid: int) -> None:
+    """Unlink the names a stopped process ``pid`` made and this process does not own.
+
+    For a worker killed while it owned ShmArrays (a kill skips the
+    finalisers that would unlink them): names it handed over to this process
+    stay. Call it before reaping ``pid`` (so that the pid cannot be reused
+    meanwhile). Only where ``/dev/shm`` can be listed (Linux).
+    """
+    prefix = f"{_names.PREFIX[1:]}{pid}_"
+    try:
+        entries = os.listdir(_SHM_DIR)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            unlink_unless_owned("/" + entry)
+
+
+_SHM_DIR = "/dev/shm"
+
+
 def _demote(result: Any) -> Any:
     """Turn ShmArrays whose memory is not shared (copies, results) into plain ndarrays."""
     if isinstance(result, ShmArray) and _mapping_of(result) is None:
