@@ -281,3 +281,16 @@ def test_executor_reports_an_undescribable_exception_as_the_tasks_error(kind):
         assert not isinstance(info.value, cf.process.BrokenProcessPool)
         assert type(info.value) in (FAILURES[kind], shmalloc.WorkerError)
         assert pool.submit(fail_undescribably, (kind, 1)).result(timeout=60) == 1
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_executor_shutdown_leaves_no_descriptor_and_no_zombie(method):
+    """After the executor's shutdown the parent has as many descriptors as before and its workers are reaped."""
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+        pool.submit(abs, 1).result(timeout=60)  # starts what a start method starts once
+    before = _fds()
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+        pids = [pool.submit(own_pid, i).result(timeout=60) for i in range(6)]
+    assert _fds() == before
+    for pid in set(pids):
+        assert not _is_zombie_or_alive(pid), f"worker {pid} was not reaped"

@@ -400,11 +400,16 @@ def map(
     Notes
     -----
     Every segment made for the call is gone when ``map`` returns or raises,
-    also after a killed worker or a KeyboardInterrupt. When ``map`` raises,
-    its workers are stopped and reaped first; when it returns, they have
-    delivered everything and exit on their own (multiprocessing reaps them
-    at the next process start or at exit), so that the results are not
-    delayed by their exit.
+    also after a killed worker or a KeyboardInterrupt. Its workers are
+    reaped before ``map`` returns or raises: no descriptor or zombie of
+    theirs is left. (A worker's last task tells it to exit once answered, so
+    its exit overlaps with the reading of the results.)
+
+    A :class:`shmalloc.ShmArray` that ``func`` makes and returns (also
+    inside a container) arrives as a ShmArray over the same memory, and the
+    parent takes over its name: it is unlinked when the parent's last
+    reference dies. An error while rebuilding a result in the parent is
+    raised as it is, with a note naming the item.
 
     Each call starts its workers, and each result lands in a fresh segment
     whose pages the kernel must fault in (about as costly as copying them).

@@ -270,6 +270,12 @@ class ShmArray(np.ndarray):
     stays in ``/dev/shm`` as ``/shmalloc_<pid>_<random>`` for
     :func:`shmalloc.gc` (``python -m shmalloc gc``) to remove.
 
+    A ShmArray made in a worker of :func:`shmalloc.map`, :class:`shmalloc.Pool`
+    or :class:`shmalloc.ProcessPoolExecutor` and returned as (part of) a
+    result is handed over: the receiving process becomes its owner, the
+    worker gives up its duty once the result is sent. (Passed anywhere else,
+    including to a worker as an argument, the creator stays the owner.)
+
     Results that do not live in the shared memory, such as those of
     arithmetic (``a + 1``), reductions or :meth:`copy`, are plain
     :class:`numpy.ndarray`. ``np.asarray(a)`` is a plain view of the shared
