@@ -571,12 +571,16 @@ class _Run:
     def _buried(self, worker: _Worker) -> None:
         """A worker ended: an error if it still owed results, else reap it and replace it if needed."""
         process = worker.process
-        if worker.pending and wait([process.sentinel], _TERMINATE_GRACE):
-            _shmarray.unlink_left_by(process.pid)  # arrays it made for the items it owed
-        process.join(_TERMINATE_GRACE)
+        exited = bool(wait([process.sentinel], _TERMINATE_GRACE))
+        if not exited:  # it closed its pipe but lives on: of no use any more
+            process.kill()
+            wait([process.sentinel])
+        if worker.pending:
+            _shmarray.unlink_left_by(process.pid)  # arrays it made for the items it owed; before reaping it
+        process.join()
         if worker.pending:
             index, code = worker.pending[0], process.exitcode
-            how = "closed its pipe" if code is None else exit_text(code)
+            how = exit_text(code) if exited else "closed its pipe"
             raise WorkerDiedError(f"the worker (pid {process.pid}) working on item {index} {how}", index, code)
         self.workers.remove(worker)
         worker.conn.close()
