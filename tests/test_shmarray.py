@@ -526,11 +526,7 @@ def test_shmarrays_of_a_failed_call_leave_nothing(chunksize):
         with pytest.raises(KeyError):
             pool.map(_shmarray_or_fail, range(8), chunksize=chunksize)
     gc.collect()
-    new = {"/" + n for n in set(os.listdir("/dev/shm")) - before}
-    # Ours: made here or by a worker (all gone now); a live process's names are a concurrent run's.
-    ours = [n for n in new if _names.creator_pid(n) is not None
-            and (_names.creator_pid(n) == os.getpid() or not os.path.exists(f"/proc/{_names.creator_pid(n)}"))]
-    assert not ours
+    assert not _new_names_of_dead_or_this_process(before)
 
 
 def _new_names_of_dead_or_this_process(before: set[str]) -> list[str]:
@@ -543,25 +539,22 @@ def _new_names_of_dead_or_this_process(before: set[str]) -> list[str]:
     ]
 
 
-def _make_then_die_on_three(i: int) -> ShmArray:
-    a = _make_shmarray(i)
-    if i == 3:
-        os.kill(os.getpid(), signal.SIGKILL)  # while it owns an array it has not sent
-    return a
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_worker_killed_while_owning_a_shmarray_leaves_nothing(method):
-    """A worker killed while it owns a ShmArray it made: WorkerDiedError, and its array's name is gone too."""
-    before = set(os.listdir("/dev/shm"))
-    with pytest.raises(shmalloc.WorkerDiedError):
-        shmalloc.map(_make_then_die_on_three, range(6), processes=2, start_method=method)
-    with shmalloc.Pool(2, method) as pool:
-        with pytest.raises(shmalloc.WorkerDiedError):
-            pool.map(_make_then_die_on_three, range(6))
-        assert len(pool.map(_make_shmarray, range(2))) == 2
-    gc.collect()
-    assert not _new_names_of_dead_or_this_process(before)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_returned_shmarrays_are_named_for_the_receiver(method):
+    """Names of ShmArrays made in workers carry the receiver's pid: cleanup tools see them alive after the worker is gone."""
+    arrays = shmalloc.map(_make_shmarray, range(3), processes=2, start_method=method)
+    with shmalloc.Pool(1, method) as pool:
+        arrays += pool.map(_make_shmarray, range(2))
+    with shmalloc.ProcessPoolExecutor(1, mp_context=mp.get_context(method)) as pool:
+        arrays.append(pool.submit(_make_shmarray, 1).result(timeout=60))
+    assert not mp.active_children()  # every worker is gone
+    names = [a.name for a in arrays]
+    assert all(_names.creator_pid(name) == os.getpid() for name in names)
+    listed = shmalloc.segments()
+    alive = dict(zip(listed["name"], listed["alive"]))
+    assert all(alive[name] for name in names)
+    del arrays
+    assert _gone_after_collect(names)
 
 
 _kept_in_worker: list = []

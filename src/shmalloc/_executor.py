@@ -11,6 +11,7 @@ after the workers are gone.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 import warnings
 from concurrent.futures.process import BrokenProcessPool
@@ -25,15 +26,17 @@ _LABEL = "shmalloc.ProcessPoolExecutor"
 _unsent: _shmarray.Handover | None = None
 
 
-def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, kwargs: dict) -> bytes:
+def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict) -> bytes:
     """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._answer`).
 
     The answer is pickled here, so that rebuilding it happens in
     :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
-    broken pool) and fn's exceptions are described safely.
+    broken pool) and fn's exceptions are described safely. ``receiver``:
+    the parent's pid.
     """
     global _unsent
     _complete_unsent()
+    _shmarray.name_for_receiver(receiver)
     message, handover = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
@@ -136,7 +139,7 @@ class ProcessPoolExecutor(cf.Executor):
             self._names.add(name)
         future = _Future()
         try:
-            task = self._pool.submit(_call_and_ship, fn, name, self._limit, args, kwargs)
+            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs)
         except BaseException:
             self._forget(name)
             raise

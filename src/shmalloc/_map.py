@@ -143,7 +143,9 @@ def _is_pandas(obj: Any) -> bool:
 
 def _nbytes(obj: Any, limit: int) -> int:
     """Roughly how many bytes ``obj`` holds; counting may stop once ``limit`` is reached."""
-    if type(obj) is np.ndarray:  # subclasses (a ShmArray pickles by reference) are measured by their pickle
+    if isinstance(obj, _shmarray.ShmArray) and obj.shared:
+        return 256  # pickled by reference (name and layout)
+    if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, (bytes, bytearray, str, memoryview)):
         return len(obj)
@@ -205,14 +207,16 @@ def _seed_item(seed: np.random.SeedSequence, index: int) -> None:
     random.seed(int.from_bytes(state.tobytes(), "little"))
 
 
-def _worker(conn: Connection, options: _Options) -> None:
+def _worker(conn: Connection, options: _Options, receiver: int) -> None:
     """Worker main loop: receive (chunk of (index, item, name), last), answer one message per item.
 
     ``last``: no more chunks will come; exit right after answering (the exit
-    overlaps with the parent's reading of the results).
+    overlaps with the parent's reading of the results). ``receiver``: the
+    parent's pid.
     """
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _shmarray.name_for_receiver(receiver)
     try:
         while True:
             try:
@@ -526,7 +530,7 @@ class _Run:
         self.workers.append(_Worker(process, parent_end))
 
     def _new_process(self, parent_end: Connection, child_end: Connection) -> multiprocessing.process.BaseProcess:
-        return self.ctx.Process(target=_worker, args=(child_end, self.options), daemon=True)
+        return self.ctx.Process(target=_worker, args=(child_end, self.options, os.getpid()), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):
@@ -574,9 +578,6 @@ class _Run:
         exited = bool(wait([process.sentinel], _TERMINATE_GRACE))
         if not exited:  # it closed its pipe but lives on: of no use any more
             process.kill()
-            wait([process.sentinel])
-        if worker.pending:
-            _shmarray.unlink_left_by(process.pid)  # arrays it made for the items it owed; before reaping it
         process.join()
         if worker.pending:
             index, code = worker.pending[0], process.exitcode
@@ -651,11 +652,9 @@ class _Run:
             process = worker.process
             if not wait([process.sentinel], _TERMINATE_GRACE):
                 process.kill()
-            if not graceful:
-                wait([process.sentinel])
-                _shmarray.unlink_left_by(process.pid)  # before reaping it: its pid cannot be reused yet
-                self._discard_unread(worker)
             process.join()
+            if not graceful:
+                self._discard_unread(worker)
             worker.conn.close()
             process.close()
 

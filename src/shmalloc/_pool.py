@@ -251,9 +251,13 @@ class _Mappings:
             pass  # the next refill uses pwrite
 
 
-def _pool_worker(conn: Any) -> None:
-    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item."""
+def _pool_worker(conn: Any, receiver: int) -> None:
+    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item.
+
+    ``receiver``: the parent's pid.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    _shmarray.name_for_receiver(receiver)
     mappings = _Mappings()
     try:
         while True:
@@ -369,7 +373,7 @@ class _PoolRun(_Run):
 
     def _new_process(self, parent_end: Any, child_end: Any) -> multiprocessing.process.BaseProcess:
         _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        return self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
+        return self.ctx.Process(target=_pool_worker, args=(child_end, os.getpid()), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):

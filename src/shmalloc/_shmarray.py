@@ -51,8 +51,19 @@ class _Ownership:
 _owned: "weakref.WeakKeyDictionary[_segment.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
 
 
+# In a worker of shmalloc: the pid of the process its results go to. New names carry it, because
+# that process takes over the arrays returned to it, and cleanup tools judge a name by its pid.
+_receiver_pid: int | None = None
+
+
+def name_for_receiver(pid: int) -> None:
+    """In a worker: new ShmArrays get names carrying ``pid``, the process that receives its results."""
+    global _receiver_pid
+    _receiver_pid = pid
+
+
 def _new_segment(nbytes: int) -> _segment.SharedMapping:
-    name = _names.generate()
+    name = _names.generate(_receiver_pid)
     mapping = _segment.create_shared(name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
     with _lock:
         _owned[mapping] = _Ownership(mapping)
@@ -213,27 +224,6 @@ def unlink_owned() -> None:
         ownership.finalizer()
 
 
-def unlink_left_by(pid: int) -> None:
-    """Unlink the names a stopped process ``pid`` made and this process does not own.
-
-    For a worker killed while it owned ShmArrays (a kill skips the
-    finalisers that would unlink them): names it handed over to this process
-    stay. Call it before reaping ``pid`` (so that the pid cannot be reused
-    meanwhile). Only where ``/dev/shm`` can be listed (Linux).
-    """
-    prefix = f"{_names.PREFIX[1:]}{pid}_"
-    try:
-        entries = os.listdir(_SHM_DIR)
-    except OSError:
-        return
-    for entry in entries:
-        if entry.startswith(prefix):
-            unlink_unless_owned("/" + entry)
-
-
-_SHM_DIR = "/dev/shm"
-
-
 def _demote(result: Any) -> Any:
     """Turn ShmArrays whose memory is not shared (copies, results) into plain ndarrays."""
     if isinstance(result, ShmArray) and _mapping_of(result) is None:
@@ -274,7 +264,8 @@ class ShmArray(np.ndarray):
     or :class:`shmalloc.ProcessPoolExecutor` and returned as (part of) a
     result is handed over: the receiving process becomes its owner, the
     worker gives up its duty once the result is sent. (Passed anywhere else,
-    including to a worker as an argument, the creator stays the owner.)
+    including to a worker as an argument, the creator stays the owner.) The
+    names of arrays made in such workers carry the receiving process's pid.
 
     Results that do not live in the shared memory, such as those of
     arithmetic (``a + 1``), reductions or :meth:`copy`, are plain
