@@ -102,6 +102,12 @@ class ProcessPoolExecutor(cf.Executor):
     Every segment made for the pool is gone once :meth:`shutdown` (with
     ``wait=True``, as the ``with`` statement does) returns.
 
+    An exception raised by ``fn`` is re-raised with a note giving the
+    worker's traceback (a :class:`shmalloc.WorkerError` if it cannot be
+    rebuilt); an error while rebuilding a result here fails that future
+    only, with a note saying so. A :class:`shmalloc.ShmArray` that ``fn``
+    makes and returns is taken over by this process.
+
     Examples
     --------
     >>> import numpy as np, shmalloc
