@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 
@@ -145,3 +146,34 @@ def test_threads_submitting_and_shutting_down_the_executor():
     for thread, i, future in accepted:
         np.testing.assert_array_equal(future.result(timeout=60), np.full(20_000, thread * 1000 + i))
     assert not pool._names
+
+
+def test_terminate_from_a_signal_handler_during_map_ends_it_cleanly():
+    """Pool.terminate() called by a signal handler in the thread running map: map raises RuntimeError, the pool ends closed."""
+    pool = shmalloc.Pool(2)
+    seen: list = []
+
+    def on_alarm(signum, frame):
+        seen.append(pool._runner is not None)
+        if seen[-1]:
+            with pytest.raises(RuntimeError, match="signal handler"):
+                pool.map(abs, [1])  # re-entering would hang on the lock: refused
+        pool.terminate()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            pool.map(slow_square, range(400))
+        except RuntimeError as exc:
+            assert "terminate" in str(exc)
+        else:
+            pytest.fail("the map ran to its end: the alarm did not interrupt it")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert seen == [True]
+    with pytest.raises(ValueError, match="closed"):
+        pool.map(abs, [1])
+    pool.close()
+    assert not mp.active_children()

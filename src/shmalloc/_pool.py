@@ -506,6 +506,7 @@ class Pool:
         # One call at a time: a run owns the workers, their pipes and the spares it hands out.
         self._lock = threading.Lock()
         self._terminating = False  # set by terminate(), read by a run in another thread
+        self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
         _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
 
     def map(
@@ -540,15 +541,23 @@ class Pool:
             except Exception as exc:
                 raise TypeError(f"Pool.map pickles func to its running workers (use a module-level function): {exc}") from exc
         options = _Options(options.func, None, options.seed, options.limit)
+        self._refuse_reentry("map")
         with self._lock:
             if self._closed:
                 raise ValueError("the pool is closed")
             if not items:
                 return []
-            return _PoolRun(self, items, options, chunksize, copy, progress).run()
+            self._runner = threading.get_ident()
+            try:
+                return _PoolRun(self, items, options, chunksize, copy, progress).run()
+            finally:
+                self._runner = None
+                if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
+                    self._shut(graceful=False)
 
     def close(self) -> None:
         """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        self._refuse_reentry("close")
         with self._lock:
             if self._closed:
                 return
@@ -556,16 +565,28 @@ class Pool:
             self._shut(graceful=True)
 
     def terminate(self) -> None:
-        """Kill the workers at once (also under a :meth:`map` running in another thread), reap them, release the spares."""
+        """Kill the workers at once, reap them, release the spares.
+
+        Also while a :meth:`map` runs, in another thread or in this one (a
+        signal handler): that call then raises RuntimeError.
+        """
         self._terminating = True
         for worker in list(self._workers):  # a copy: a running map may change the list
             try:
                 worker.process.terminate()
             except (ValueError, AttributeError):
                 pass  # closed or not yet started by the running map: it stops on _terminating
+        if self._runner == threading.get_ident():
+            self._closed = True  # the interrupted call raises when it resumes, and then cleans up
+            return
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
+
+    def _refuse_reentry(self, what: str) -> None:
+        # The lock is not reentrant: waiting for it in the thread that holds it would hang.
+        if self._runner == threading.get_ident():
+            raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
 
     def _shut(self, graceful: bool) -> None:
         run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
