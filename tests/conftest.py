@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from shmalloc import _segment
+
 SHM_DIR = Path("/dev/shm")
 # Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
 _OWNED = re.compile(r"^(?:shmalloc|shmtest)_(\d+)_")
@@ -60,6 +62,20 @@ def no_leaked_segments():
             pass
     if leaked:
         pytest.fail(f"test leaked shared memory objects: {leaked}", pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_unmap_failures: the test makes freeing an array fail to unmap, on purpose")
+
+
+@pytest.fixture(autouse=True)
+def no_failed_unmaps(request):
+    """Fail the test if an array freed during it could not unmap its mapping (the core counts such failures)."""
+    before, _ = _segment.unmap_failures()
+    yield
+    after, last = _segment.unmap_failures()
+    if after != before and not request.node.get_closest_marker("allow_unmap_failures"):
+        pytest.fail(f"{after - before} mappings failed to unmap (last errno {last})", pytrace=False)
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from numpy._core.multiarray import get_handler_name
 
-from ._errors import CorruptHandleError, ShmError
+from ._errors import NO_SUCH_SEGMENT, CorruptHandleError, ShmError
 
 try:
     from ._native import ffi, lib
@@ -166,6 +167,37 @@ def _raise(name: str, code: int | None = None) -> None:
     raise ShmError(code, os.strerror(code), name)
 
 
+def _raise_missing_or(name: str, code: int) -> None:
+    """Raise the error of opening or unlinking segment ``name``; a missing one says why that may be."""
+    if code == errno.ENOENT:
+        raise ShmError(code, NO_SUCH_SEGMENT, name)
+    _raise(name, code)
+
+
+def _raise_map_failure(name: str) -> None:
+    """Raise the error of a failed mmap; ENOMEM says that the mapping limit may be the cause, and what to do."""
+    code = ffi.errno
+    if code != errno.ENOMEM:
+        _raise(name, code)
+    raise ShmError(code, f"{os.strerror(code)}: {_mapping_limit_hint()}", name)
+
+
+def _mapping_limit_hint() -> str:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit_file:
+            limit = limit_file.read().strip()
+        with open("/proc/self/maps") as maps:
+            in_use = sum(1 for _ in maps)
+    except OSError:  # not Linux
+        limit = in_use = "unknown"
+    return (
+        f"this process may have reached the limit on memory mappings (vm.max_map_count is {limit};"
+        f" the process has {in_use} mappings, {live_mappings()} of them owned by zero-copy shmalloc arrays,"
+        " one each). Consume with copy=True, drop zero-copy arrays no longer needed, or raise the limit"
+        " (sysctl -w vm.max_map_count=...)"
+    )
+
+
 def _address(array: np.ndarray) -> Any:
     return ffi.cast("void *", array.__array_interface__["data"][0])
 
@@ -198,7 +230,7 @@ def unlink(name: str) -> None:
     """Remove the name of a shared memory object (raises ShmError)."""
     _check_supported()
     if lib.shmalloc_unlink(name.encode()) < 0:
-        _raise(name)
+        _raise_missing_or(name, ffi.errno)
 
 
 def _prepared(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> tuple[bytearray, list[BufferLayout], int, int]:
@@ -278,7 +310,7 @@ class OpenSegment:
         if fd < 0:
             code = ffi.errno
             lib.shmalloc_unlink(encoded)  # unlink right after trying to open, whatever happens
-            _raise(name, code)
+            _raise_missing_or(name, code)
         self.fd = fd
         try:
             st = os.fstat(fd)
@@ -351,15 +383,21 @@ class OpenSegment:
         data_size = self.size - self.data_offset
         if not self.layouts or data_size == 0:
             return [_empty(layout) for layout in self.layouts]
-        base = lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1)
-        if base == ffi.NULL:
-            _raise(self.name)
-        if copy:
-            try:
+        base = ffi.NULL
+        try:  # from the mapping on, so that an interrupt at any line leaves no part of it unowned
+            base = lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1)
+            if base == ffi.NULL:
+                _raise_map_failure(self.name)
+            if copy:
                 return [_copied(layout, base) for layout in self.layouts]
-            finally:
+            return _adopt_all(self.name, base, self.layouts)
+        except BaseException:
+            if base != ffi.NULL and not copy:
+                _unmap_unowned(base, self.layouts)
+            raise
+        finally:
+            if base != ffi.NULL and copy:
                 lib.shmalloc_unmap(base, data_size)  # promised: no mapping remains at return
-        return _adopt_all(self.name, base, data_size, self.layouts)
 
 
 def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
@@ -396,37 +434,57 @@ def _copied(layout: BufferLayout, base: Any) -> np.ndarray:
     return out
 
 
-def _adopt_all(name: str, base: Any, data_size: int, layouts: list[BufferLayout]) -> list[np.ndarray]:
-    """Hand each page-aligned part of one private mapping to its own array."""
+def _adopt_all(name: str, base: Any, layouts: list[BufferLayout]) -> list[np.ndarray]:
+    """Hand each page-aligned part of one private mapping (at ``base``) to its own array.
+
+    On an exception the caller unmaps the parts no array owns (:func:`_unmap_unowned`).
+    """
     arrays: list[np.ndarray] = []
-    try:
-        for layout in layouts:
-            span = _round_up(layout.nbytes)
-            arrays.append(_adopt(base + layout.offset, span, layout) if span else _empty(layout))
-    except BaseException:
-        # An interrupt may come at any point, even before _adopt's finally ran: restore
-        # numpy's handler (idempotent), then unmap the parts no array owns.
-        lib.shmalloc_adopt_end()
-        for layout in layouts:
-            span = _round_up(layout.nbytes)
-            if span and not lib.shmalloc_is_adopted(base + layout.offset):
-                lib.shmalloc_unmap(base + layout.offset, span)
-        raise
+    for layout in layouts:
+        span = _round_up(layout.nbytes)
+        arrays.append(_adopt(name, base + layout.offset, span, layout) if span else _empty(layout))
     return arrays
 
 
-def _adopt(address: Any, span: int, layout: BufferLayout) -> np.ndarray:
-    # begin and end pair up in try/finally, so that even an interrupt right after
-    # begin returns cannot leave the handler installed with a pending mapping.
-    try:
-        if lib.shmalloc_adopt_begin(address, span) < 0:
-            raise MemoryError("shmalloc: could not install the numpy memory handler")
-        array = _empty(layout)
-    finally:
-        adopted = lib.shmalloc_adopt_end() == 0
-    if not adopted:
-        raise MemoryError("shmalloc: numpy did not take the mapped memory")  # array holds heap memory
+def _unmap_unowned(base: Any, layouts: list[BufferLayout]) -> None:
+    """Unmap the parts of a mapping that no array owns.
+
+    An interrupt may come at any line, even after an array took its part and before it
+    reached a list: it is alive meanwhile in the traceback's frames, and unmaps its part
+    when collected, so the registry, not a list, says which parts are owned.
+    """
+    for layout in layouts:
+        span = _round_up(layout.nbytes)
+        if span and not lib.shmalloc_is_adopted(base + layout.offset):
+            lib.shmalloc_unmap(base + layout.offset, span)
+
+
+def _adopt(name: str, address: Any, span: int, layout: BufferLayout) -> np.ndarray:
+    """An array over the ``span`` mapped bytes at ``address`` that owns them (munmaps them when freed).
+
+    The core makes the array and hands it the mapping in one call with the GIL
+    held, so no other Python code on this thread (a signal handler, a finaliser,
+    a profile hook) can ever receive the mapping. The result is checked all the
+    same: wrong data is never returned.
+    """
+    out = [None]  # the core puts the array here; it and the dtype stay alive across the call
+    dims = ffi.new("intptr_t[]", layout.shape)
+    if lib.shmalloc_adopt(address, span, _pointer_to(layout.dtype), len(layout.shape), dims, layout.fortran, _pointer_to(out)) < 0:
+        code = ffi.errno
+        if code == errno.ENOMEM:
+            raise MemoryError(f"shmalloc: no memory to hand {name}'s mapping to an array")
+        raise ShmError(code, f"numpy could not make a {layout.dtype} array of shape {layout.shape} over the mapping", name)
+    array = out[0]
+    owner = array.__array_interface__["data"][0]
+    if owner != int(ffi.cast("uintptr_t", address)) or get_handler_name(array) != "shmalloc" or not array.flags.owndata:
+        # never seen: the array owns the mapping all the same, and unmaps it when collected
+        raise ShmError(errno.EFAULT, "the new array does not own the mapping it was made over", name)
     return array
+
+
+def _pointer_to(obj: object) -> Any:
+    """The address of a Python object, for the core (cffi has no PyObject type); the caller keeps obj alive."""
+    return ffi.cast("void *", id(obj))
 
 
 def wait_for_releases() -> None:
@@ -437,6 +495,17 @@ def wait_for_releases() -> None:
 def live_mappings() -> int:
     """Number of mappings currently owned by arrays through shmalloc's handler."""
     return int(lib.shmalloc_live_mappings()) if SUPPORTED else 0
+
+
+def unmap_failures() -> tuple[int, int]:
+    """How often freeing an array failed to unmap its mapping (which then stays mapped), and the last errno.
+
+    numpy's free callback may not raise, print or allocate: the core counts instead.
+    """
+    if not SUPPORTED:
+        return 0, 0
+    last = ffi.new("int *")
+    return int(lib.shmalloc_unmap_failures(last)), int(last[0])
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +528,7 @@ class SharedMapping:
     def __init__(self, name: str, fd: int, size: int, inode: int) -> None:
         address = lib.shmalloc_map_shared(fd, size, 0, 1)
         if address == ffi.NULL:
-            _raise(name)
+            _raise_map_failure(name)
         self.name = name
         self.size = size
         self.inode = inode
@@ -548,7 +617,7 @@ class RefillMapping:
             raise ValueError("a refill mapping must cover written bytes of the object")
         address = lib.shmalloc_map_populated(fd, length)
         if address == ffi.NULL:
-            _raise(SPARE_LABEL)
+            _raise_map_failure(SPARE_LABEL)
         self._address, self.length = address, length
 
     def fill(self, fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int | None:

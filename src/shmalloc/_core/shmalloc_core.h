@@ -17,9 +17,12 @@ size_t shmalloc_page_size(void);
 
 /* numpy memory handler (NEP 49) */
 int shmalloc_handler_init(void);
-int shmalloc_adopt_begin(void *addr, size_t len);
-int shmalloc_adopt_end(void);
+/* descr (a numpy dtype) and out (a list holding only None) are PyObject
+   pointers, passed as void * because cffi has no type for them */
+int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *dims, int fortran, void *out);
 size_t shmalloc_live_mappings(void);
+/* munmap failures when arrays freed their mappings, and the errno of the last one */
+size_t shmalloc_unmap_failures(int *last_errno);
 
 /* recycling: 1 if addr is a mapping still owned by an array, else 0 */
 int shmalloc_is_adopted(void *addr);
