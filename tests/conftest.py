@@ -4,11 +4,21 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
+import warnings
 from pathlib import Path
 
-import pytest
+# Threads of other libraries would make every fork of this process warn (see no_fork_with_threads):
+# numpy's OpenBLAS starts a pool at import, pyarrow's jemalloc a background thread. Without
+# them, a fork that warns means a thread of shmalloc, or of the test itself.
+if "numpy" in sys.modules or "pyarrow" in sys.modules:
+    raise RuntimeError("tests/conftest.py must run before numpy and pyarrow are imported")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 
-from shmalloc import _segment
+import pytest  # noqa: E402
+
+from shmalloc import _segment  # noqa: E402
 
 SHM_DIR = Path("/dev/shm")
 # Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
@@ -66,6 +76,29 @@ def no_leaked_segments():
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_unmap_failures: the test makes freeing an array fail to unmap, on purpose")
+    config.addinivalue_line(
+        "markers", "allow_fork_with_threads: the test forks while threads of its own run, on purpose"
+    )
+
+
+# Python 3.12+ warns after a fork in the parent if the process had other threads. It warns from C
+# once the child exists, so -W error cannot make it an exception: the warnings are recorded instead.
+FORK_WITH_THREADS = re.compile(r"is multi-threaded, use of fork\(\)")
+
+
+@pytest.fixture(autouse=True)
+def no_fork_with_threads(request):
+    """Fail the test if the process forked while it had other threads (none of shmalloc's may be alive at a fork)."""
+    with warnings.catch_warnings(record=True) as caught:
+        # only this warning's filter changes: the others keep pytest's and the test's settings
+        warnings.filterwarnings("always", message=".*" + FORK_WITH_THREADS.pattern, category=DeprecationWarning)
+        yield
+    forks = [w for w in caught if FORK_WITH_THREADS.search(str(w.message))]
+    for w in caught:  # hand the others on to pytest's own warning capture
+        if w not in forks:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if forks and not request.node.get_closest_marker("allow_fork_with_threads"):
+        pytest.fail(f"{len(forks)} forks while the process had other threads: {forks[0].message}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

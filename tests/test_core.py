@@ -592,50 +592,6 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
             assert np.array_equal(part, x + i)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_does_not_keep_objects_waiting_to_be_closed(monkeypatch):
-    """Descriptors queued for the background close are closed in a child forked meanwhile
-    (at most the one being closed at the moment of the fork stays open in the child)."""
-    release = threading.Event()
-    real_lib = _segment.lib
-
-    class SlowClose:  # the background close of consumed objects waits until released
-        def __getattr__(self, attr):
-            return getattr(real_lib, attr)
-
-        def shmalloc_close(self, fd):
-            if threading.current_thread().name == "shmalloc-release":
-                release.wait(10)
-            return real_lib.shmalloc_close(fd)
-
-    monkeypatch.setattr(_segment, "lib", SlowClose())
-    try:
-        for _ in range(3):
-            obj = shmalloc.copy2shm(np.zeros(_segment.RELEASE_LATER_BYTES, np.uint8))
-            shmalloc.allocate_from_shm(obj, copy=True)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: report the deleted shared memory objects it still holds
-            held = []
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    target = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("/dev/shm/shmalloc_"):
-                    held.append(target)
-            os.write(write_end, str(len(held)).encode())
-            os._exit(0)
-        os.close(write_end)
-        held = int(os.read(read_end, 100).decode())
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    finally:
-        release.set()
-        _segment.wait_for_releases()
-    assert held <= 1
-
-
 # ---- error messages ----
 
 

@@ -12,14 +12,15 @@ of the object is a hole that a full /dev/shm could refuse to fault in later.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import pickle
-import queue
 import stat
 import struct
 import sys
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -59,59 +60,109 @@ def copy_threads() -> int:
 
 
 # Dropping the last reference to a large unlinked object frees its pages, which
-# takes ~50 ms per 400 MB here; a background thread does that off the caller's path.
+# takes ~50 ms per 400 MB here; a background thread does that off the caller's path
+# (copy=True of 400 MB: ~100 ms with it, ~160 ms without).
 RELEASE_LATER_BYTES = 16 << 20
+# How long a fork waits for the thread to finish the close it is in (~1 s per 8 GB).
+STOP_TIMEOUT = 60.0
 
 
 class _Releaser:
-    """One daemon thread that closes the descriptors of consumed objects.
+    """A daemon thread that closes the descriptors of consumed objects, never alive at a fork.
 
-    The descriptors waiting for it are tracked, so that a forked child (where
-    the thread does not exist) closes its inherited copies at once instead of
-    pinning the objects' pages for its whole life.
+    A library must not leave its user's process multi-threaded at a fork (Python
+    3.12 warns, and a child of a multi-threaded process may deadlock). So, before
+    every ``os.fork``, the thread finishes the close it is in and exits, and the
+    forking thread closes what is still queued: the child inherits no descriptor
+    waiting to be closed, and no thread of ours. The thread starts again at the
+    next :meth:`close_later`.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue | None = None
-        self._pending: set[int] = set()
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler may fork while its thread is inside close_later.
+        self._changed = threading.Condition(threading.RLock())
+        self._queue: collections.deque[int] = collections.deque()
+        self._closing = 0  # descriptors the thread took and is closing
+        self._thread: threading.Thread | None = None
+        self._stop = False
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork_in_child)
-
-    def _after_fork_in_child(self) -> None:
-        # The lock may have been held by another thread at the fork: replace it.
-        self._lock = threading.Lock()
-        self._jobs = None
-        pending, self._pending = self._pending, set()
-        for fd in pending:
-            lib.shmalloc_close(fd)
+            os.register_at_fork(
+                before=self._before_fork,
+                after_in_parent=self._after_fork_in_parent,
+                after_in_child=self._after_fork_in_child,
+            )
 
     def close_later(self, fd: int) -> None:
         """Close ``fd`` on the background thread."""
-        with self._lock:
-            if self._jobs is None:
-                self._jobs = queue.Queue()
-                threading.Thread(target=self._run, args=(self._jobs,), name="shmalloc-release", daemon=True).start()
-            self._pending.add(fd)
-            self._jobs.put(fd)
+        with self._changed:
+            self._queue.append(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shmalloc-release", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
 
     def wait(self) -> None:
         """Block until every submitted release has run."""
-        jobs = self._jobs
-        if jobs is not None:
-            jobs.join()
+        with self._changed:
+            while self._queue or self._closing:
+                self._changed.wait()
 
-    def _run(self, jobs: queue.Queue) -> None:
+    def _run(self) -> None:
         while True:
-            fd = jobs.get()
+            with self._changed:
+                while not self._queue and not self._stop:
+                    self._changed.wait()
+                if self._stop:
+                    self._thread = None
+                    self._changed.notify_all()  # for _before_fork
+                    return
+                fd = self._queue.popleft()
+                self._closing += 1
             try:
-                # Forget it before closing: a child forked in between must never close
-                # a number this process may already have reused.
-                with self._lock:
-                    self._pending.discard(fd)
                 lib.shmalloc_close(fd)  # outside the lock: this is the slow part
             finally:
-                jobs.task_done()
+                with self._changed:
+                    self._closing -= 1
+                    self._changed.notify_all()
+
+    def _before_fork(self) -> None:
+        self._changed.acquire()  # held across the fork: released in both after-fork hooks
+        thread = self._thread
+        if thread is not None:
+            self._stop = True
+            self._changed.notify_all()
+            # wait() releases the lock however often this thread holds it (a signal handler
+            # may fork inside close_later), so the thread can finish its close and exit.
+            if self._changed.wait_for(lambda: self._thread is None, timeout=STOP_TIMEOUT):
+                thread.join()
+                _wait_until_gone(thread.native_id)
+            # else: a close that takes minutes; fork with the thread alive rather than hang
+        while self._queue:  # rather here than pinning the objects' pages in the child
+            lib.shmalloc_close(self._queue.popleft())
+        self._changed.notify_all()  # for wait()
+
+    def _after_fork_in_parent(self) -> None:
+        self._stop = False
+        self._changed.release()
+
+    def _after_fork_in_child(self) -> None:
+        # No thread of the parent exists here; the held lock may count them as owners.
+        self._changed = threading.Condition(threading.RLock())
+        self._thread, self._stop, self._closing = None, False, 0
+
+
+def _wait_until_gone(native_id: int | None, limit: float = 1.0) -> None:
+    """Wait (at most ``limit`` seconds) until the OS thread ``native_id`` has exited.
+
+    ``Thread.join`` returns a moment before the OS thread ends, and Python counts
+    the OS threads (/proc/self/task on Linux) when it decides to warn at a fork.
+    """
+    task = f"/proc/self/task/{native_id}"
+    if native_id is None or not os.path.exists("/proc/self/task"):
+        return
+    deadline = time.monotonic() + limit
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 _releaser = _Releaser()
