@@ -221,3 +221,19 @@ def test_a_failing_munmap_when_an_array_is_freed_is_counted():
     assert count == before + 1 and last == errno.EINVAL
     assert not _segment.lib.shmalloc_is_adopted(_segment.ffi.cast("void *", start + 1))
     region.close()
+
+
+def test_an_array_that_does_not_own_its_mapping_is_never_returned(monkeypatch):
+    """If the array the core made did not prove to own the mapping, allocate_from_shm raises instead of
+    returning it, and the mapping is still unmapped exactly once."""
+    obj = shmalloc.copy2shm([np.arange(5000.0), np.arange(7000.0)])
+    before = _segment.live_mappings()
+    failures = _segment.unmap_failures()[0]
+    monkeypatch.setattr(_segment, "get_handler_name", lambda array: "default_allocator")
+    with pytest.raises(shmalloc.ShmError, match="does not own the mapping"):
+        shmalloc.allocate_from_shm(obj, copy=False)
+    monkeypatch.undo()
+    gc.collect()
+    assert _segment.live_mappings() == before and _segment.unmap_failures()[0] == failures
+    with open("/proc/self/maps") as maps:
+        assert obj.name not in maps.read()
