@@ -174,7 +174,7 @@ def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
     from shmalloc._segment import ffi, lib
 
     fd = _anonymous_object(_segment.PAGE)
-    address = lib.shmalloc_map(fd, _segment.PAGE, 0, 1)
+    address = lib.shmalloc_map(fd, _segment.PAGE, 0, 1, ffi.NULL)
     os.close(fd)
     try:
         before = _segment.live_mappings()
@@ -190,8 +190,11 @@ def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
         else:
             shape = (1,) * 65
         dims = ffi.new("intptr_t[]", shape)
-        rc = lib.shmalloc_adopt(address, _segment.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)))
-        assert rc == -1 and ffi.errno == errno.EINVAL
+        owned = ffi.new("int *")
+        rc = lib.shmalloc_adopt(
+            address, _segment.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)), owned
+        )
+        assert rc == -1 and ffi.errno == errno.EINVAL and owned[0] == 0
         assert _segment.live_mappings() == before and not lib.shmalloc_is_adopted(address)
         assert list(out) in ([None], [None, None], [0])
     finally:
@@ -214,7 +217,9 @@ def test_a_failing_munmap_when_an_array_is_freed_is_counted():
     before, _ = _segment.unmap_failures()
     # An address one byte into the page: munmap refuses it (EINVAL) and unmaps nothing.
     layout = _segment.BufferLayout(0, np.dtype(np.uint8), (16,), False)
-    array = _segment._adopt("/test", _segment.ffi.cast("void *", start + 1), _segment.PAGE, layout)
+    owned = _segment.ffi.new("int *")
+    array = _segment._adopt("/test", _segment.ffi.cast("void *", start + 1), _segment.PAGE, layout, owned)
+    assert owned[0] == 1
     assert get_handler_name(array) == "shmalloc" and array.flags.owndata
     del array
     count, last = _segment.unmap_failures()

@@ -592,6 +592,82 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
             assert np.array_equal(part, x + i)
 
 
+def _adoption_instructions() -> list[tuple[str, int]]:
+    import dis
+
+    return [
+        (function.__name__, instruction.offset)
+        for function in (_segment.OpenSegment.arrays, _segment._adopt_all, _segment._adopt)
+        for instruction in dis.get_instructions(function)
+    ]
+
+
+class _CheckedUnmaps:
+    """The core, except that each unmap from Python is first checked to cover only mapped pages of one object."""
+
+    def __init__(self, object_name: str) -> None:
+        self.object_name = object_name
+        self.violations: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(_REAL_CORE, name)
+
+    def shmalloc_unmap(self, address, length):
+        start = int(_segment.ffi.cast("uintptr_t", address))
+        with open("/proc/self/maps") as maps:
+            ranges = [
+                [int(bound, 16) for bound in line.split()[0].split("-")] for line in maps if self.object_name in line
+            ]
+        if not any(low <= start and start + length <= high for low, high in ranges):
+            self.violations.append(f"unmap of {length} bytes at {start:#x}, which is not (all) mapped")
+        return _REAL_CORE.shmalloc_unmap(address, length)
+
+
+_REAL_CORE = _segment.lib
+
+
+@pytest.mark.parametrize("function, offset", _adoption_instructions(), ids=lambda v: str(v))
+def test_interrupt_at_any_instruction_while_adopting_never_unmaps_twice(monkeypatch, function, offset):
+    """An interrupt before any bytecode instruction of the adoption (a signal handler may raise after
+    any C call returns, before its result is stored) leaks no mapping, and Python never unmaps a range
+    that is not mapped (such as a part its array already unmapped, which another thread may reuse)."""
+    x = np.arange(3000.0)
+    obj = shmalloc.copy2shm([x, x + 1, x + 2])
+    before = _segment.live_mappings()
+    checked = _CheckedUnmaps(obj.name)
+    monkeypatch.setattr(_segment, "lib", checked)
+    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+
+        def local(frame, event, arg):
+            if event == "opcode" and frame.f_lasti == offset:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    sys.settrace(tracer)
+    try:
+        result = shmalloc.allocate_from_shm(obj, copy=False)  # the instruction may not run: then no interrupt
+    except KeyboardInterrupt:
+        result = None
+    finally:
+        sys.settrace(None)
+    monkeypatch.undo()
+    assert not checked.violations
+    if result is None:
+        assert _segment.live_mappings() == before
+        assert obj.name.lstrip("/") not in _mapped_names()
+    else:
+        for i, part in enumerate(result):
+            assert np.array_equal(part, x + i)
+
+
 # ---- error messages ----
 
 

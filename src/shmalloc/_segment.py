@@ -434,21 +434,24 @@ class OpenSegment:
         data_size = self.size - self.data_offset
         if not self.layouts or data_size == 0:
             return [_empty(layout) for layout in self.layouts]
-        base = ffi.NULL
-        try:  # from the mapping on, so that an interrupt at any line leaves no part of it unowned
-            base = lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1)
-            if base == ffi.NULL:
+        # The core stores the mapping's address, and each part's hand-over to its array, in these
+        # before returning, so an interrupt right after any call cannot lose track of them.
+        mapped = ffi.new("void **")
+        owned = ffi.new("int[]", len(self.layouts))
+        try:
+            lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1, mapped)
+            if mapped[0] == ffi.NULL:
                 _raise_map_failure(self.name)
             if copy:
-                return [_copied(layout, base) for layout in self.layouts]
-            return _adopt_all(self.name, base, self.layouts)
+                return [_copied(layout, mapped[0]) for layout in self.layouts]
+            return _adopt_all(self.name, mapped[0], self.layouts, owned)
         except BaseException:
-            if base != ffi.NULL and not copy:
-                _unmap_unowned(base, self.layouts)
+            if mapped[0] != ffi.NULL and not copy:
+                _unmap_unowned(mapped[0], self.layouts, owned)
             raise
         finally:
-            if base != ffi.NULL and copy:
-                lib.shmalloc_unmap(base, data_size)  # promised: no mapping remains at return
+            if mapped[0] != ffi.NULL and copy:
+                lib.shmalloc_unmap(mapped[0], data_size)  # promised: no mapping remains at return
 
 
 def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
@@ -485,42 +488,45 @@ def _copied(layout: BufferLayout, base: Any) -> np.ndarray:
     return out
 
 
-def _adopt_all(name: str, base: Any, layouts: list[BufferLayout]) -> list[np.ndarray]:
+def _adopt_all(name: str, base: Any, layouts: list[BufferLayout], owned: Any) -> list[np.ndarray]:
     """Hand each page-aligned part of one private mapping (at ``base``) to its own array.
 
-    On an exception the caller unmaps the parts no array owns (:func:`_unmap_unowned`).
+    ``owned[i]`` becomes 1 when part ``i`` belongs to its array. On an exception the
+    caller unmaps the other parts (:func:`_unmap_unowned`).
     """
     arrays: list[np.ndarray] = []
-    for layout in layouts:
+    for i, layout in enumerate(layouts):
         span = _round_up(layout.nbytes)
-        arrays.append(_adopt(name, base + layout.offset, span, layout) if span else _empty(layout))
+        arrays.append(_adopt(name, base + layout.offset, span, layout, owned + i) if span else _empty(layout))
     return arrays
 
 
-def _unmap_unowned(base: Any, layouts: list[BufferLayout]) -> None:
-    """Unmap the parts of a mapping that no array owns.
+def _unmap_unowned(base: Any, layouts: list[BufferLayout], owned: Any) -> None:
+    """Unmap the parts of a mapping that were never handed to an array.
 
-    An interrupt may come at any line, even after an array took its part and before it
-    reached a list: it is alive meanwhile in the traceback's frames, and unmaps its part
-    when collected, so the registry, not a list, says which parts are owned.
+    A part that was handed over is the array's to unmap, even if an interrupt dropped
+    the array before it reached a list (then it is already unmapped, and its
+    addresses may already hold another mapping): the core's flags, set in the call
+    that handed it over, say which parts these are.
     """
-    for layout in layouts:
+    for i, layout in enumerate(layouts):
         span = _round_up(layout.nbytes)
-        if span and not lib.shmalloc_is_adopted(base + layout.offset):
+        if span and not owned[i]:
             lib.shmalloc_unmap(base + layout.offset, span)
 
 
-def _adopt(name: str, address: Any, span: int, layout: BufferLayout) -> np.ndarray:
+def _adopt(name: str, address: Any, span: int, layout: BufferLayout, owned: Any) -> np.ndarray:
     """An array over the ``span`` mapped bytes at ``address`` that owns them (munmaps them when freed).
 
     The core makes the array and hands it the mapping in one call with the GIL
     held, so no other Python code on this thread (a signal handler, a finaliser,
-    a profile hook) can ever receive the mapping. The result is checked all the
-    same: wrong data is never returned.
+    a profile hook) can ever receive the mapping; it sets ``owned[0]`` to 1 in
+    that call. The result is checked all the same: wrong data is never returned.
     """
     out = [None]  # the core puts the array here; it and the dtype stay alive across the call
     dims = ffi.new("intptr_t[]", layout.shape)
-    if lib.shmalloc_adopt(address, span, _pointer_to(layout.dtype), len(layout.shape), dims, layout.fortran, _pointer_to(out)) < 0:
+    descr = _pointer_to(layout.dtype)
+    if lib.shmalloc_adopt(address, span, descr, len(layout.shape), dims, layout.fortran, _pointer_to(out), owned) < 0:
         code = ffi.errno
         if code == errno.ENOMEM:
             raise MemoryError(f"shmalloc: no memory to hand {name}'s mapping to an array")

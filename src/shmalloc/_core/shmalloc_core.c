@@ -92,11 +92,17 @@ int shmalloc_read_all(int fd, void *buf, size_t len, long long offset)
     return 0;
 }
 
-void *shmalloc_map(int fd, size_t len, long long offset, int writable_private)
+/* The address is also stored in *out (if not NULL) before returning, so that
+   Python code interrupted right after the call still knows what to unmap. */
+void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, void **out)
 {
     int prot = writable_private ? PROT_READ | PROT_WRITE : PROT_READ;
     void *addr = mmap(NULL, len, prot, MAP_PRIVATE, fd, (off_t)offset);
-    return addr == MAP_FAILED ? NULL : addr;
+    if (addr == MAP_FAILED)
+        addr = NULL;
+    if (out)
+        *out = addr;
+    return addr;
 }
 
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
@@ -394,16 +400,19 @@ typedef char npy_intp_is_intptr_t[sizeof(npy_intp) == sizeof(intptr_t) ? 1 : -1]
    no Python code can run between registering the mapping and the array owning
    it: no other code can ever receive the mapping. (Creating the array may run
    Python code, e.g. finalisers from the collector, but that is before the
-   mapping is registered, and the array only points at it.) Returns 0, or -1
-   with errno set: then nothing is registered, no array owns the mapping and
-   out is unchanged. */
-int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *dims, int fortran, void *out)
+   mapping is registered, and the array only points at it.) *owned is set to 1
+   at the moment the array owns the mapping: from then on only the array may
+   unmap it, even if an interrupt drops the array before the caller sees it.
+   Returns 0, or -1 with errno set: then nothing is registered, no array owns
+   the mapping, and out and *owned are unchanged. */
+int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *dims, int fortran, void *out,
+                   int *owned)
 {
     int rc = -1;
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *list = out;
     PyArrayObject *array = NULL;
-    if (!handler_capsule || !addr || !PyArray_DescrCheck((PyObject *)descr) || !PyList_Check(list)
+    if (!handler_capsule || !addr || !owned || !PyArray_DescrCheck((PyObject *)descr) || !PyList_Check(list)
         || PyList_GET_SIZE(list) != 1 || PyList_GET_ITEM(list, 0) != Py_None || nd < 0 || nd > NPY_MAXDIMS) {
         errno = EINVAL;
         goto done;
@@ -430,6 +439,7 @@ int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *
     Py_INCREF(handler_capsule);
     ((PyArrayObject_fields *)array)->mem_handler = handler_capsule;
     PyArray_ENABLEFLAGS(array, NPY_ARRAY_OWNDATA);
+    *owned = 1;
     PyList_SetItem(list, 0, (PyObject *)array);  /* steals the reference; releases the None */
     array = NULL;
     rc = 0;
