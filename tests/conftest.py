@@ -12,10 +12,17 @@ from pathlib import Path
 # Threads of other libraries would make every fork of this process warn (see no_fork_with_threads):
 # numpy's OpenBLAS starts a pool at import, pyarrow's jemalloc a background thread. Without
 # them, a fork that warns means a thread of shmalloc, or of the test itself.
-if "numpy" in sys.modules or "pyarrow" in sys.modules:
-    raise RuntimeError("tests/conftest.py must run before numpy and pyarrow are imported")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+_QUIET_LIBRARIES = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
+if ("numpy" in sys.modules or "pyarrow" in sys.modules) and any(
+    os.environ.get(name) != value for name, value in _QUIET_LIBRARIES.items()
+):
+    raise RuntimeError(
+        "numpy or pyarrow was imported before tests/conftest.py could switch their threads off: set "
+        + " ".join(f"{name}={value}" for name, value in _QUIET_LIBRARIES.items())
+        + " in the environment"
+    )
+for _name, _value in _QUIET_LIBRARIES.items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 
