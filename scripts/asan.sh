@@ -2,7 +2,7 @@
 # Run shmalloc's core tests with the native core built under AddressSanitizer
 # (and UndefinedBehaviorSanitizer), or under valgrind's memcheck.
 #
-#   scripts/asan.sh                      ASan+UBSan: core, hostile and stress tests
+#   scripts/asan.sh                      ASan+UBSan: core, adoption, releaser, hostile and stress tests
 #   scripts/asan.sh tests/test_core.py   ASan+UBSan: the tests given
 #   scripts/asan.sh --selftest           prove the instrumentation is live: an
 #                                        overflow through the core must be caught
@@ -16,7 +16,7 @@ set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # The interpreter itself, not a wrapper script (pyenv's shim would hide it from valgrind).
 python=$("${PYTHON:-python}" -c 'import sys; print(sys.executable)')
-default_tests="tests/test_core.py tests/test_hostile.py tests/test_stress.py"
+default_tests="tests/test_core.py tests/test_adoption.py tests/test_releaser.py tests/test_hostile.py tests/test_stress.py"
 
 mode=asan
 case "${1:-}" in

@@ -4,9 +4,29 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
+import time
+import warnings
 from pathlib import Path
 
-import pytest
+# Threads of other libraries would make every fork of this process warn (see no_fork_with_threads):
+# numpy's OpenBLAS starts a pool at import, pyarrow's jemalloc a background thread. Without
+# them, a fork that warns means a thread of shmalloc, or of the test itself.
+_QUIET_LIBRARIES = {"OPENBLAS_NUM_THREADS": "1", "JE_ARROW_MALLOC_CONF": "background_thread:false"}
+if ("numpy" in sys.modules or "pyarrow" in sys.modules) and any(
+    os.environ.get(name) != value for name, value in _QUIET_LIBRARIES.items()
+):
+    raise RuntimeError(
+        "numpy or pyarrow was imported before tests/conftest.py could switch their threads off: set "
+        + " ".join(f"{name}={value}" for name, value in _QUIET_LIBRARIES.items())
+        + " in the environment"
+    )
+for _name, _value in _QUIET_LIBRARIES.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+from shmalloc import _segment  # noqa: E402
 
 SHM_DIR = Path("/dev/shm")
 # Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
@@ -53,6 +73,12 @@ def no_leaked_segments():
     before = _segments()
     yield
     leaked = sorted(n for n in _segments() - before if not _belongs_to_other_run(n))
+    # A segment whose creator died may be a concurrent run's result that its parent is about to
+    # consume (the process tree of a dead creator is unknown): give such segments a moment to go.
+    deadline = time.monotonic() + 2.0
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked = [n for n in leaked if (SHM_DIR / n).exists() and not _belongs_to_other_run(n)]
     for name in leaked:
         try:
             (SHM_DIR / name).unlink()
@@ -60,6 +86,43 @@ def no_leaked_segments():
             pass
     if leaked:
         pytest.fail(f"test leaked shared memory objects: {leaked}", pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_unmap_failures: the test makes freeing an array fail to unmap, on purpose")
+    config.addinivalue_line(
+        "markers", "allow_fork_with_threads: the test forks while threads of its own run, on purpose"
+    )
+
+
+# Python 3.12+ warns after a fork in the parent if the process had other threads. It warns from C
+# once the child exists, so -W error cannot make it an exception: the warnings are recorded instead.
+FORK_WITH_THREADS = re.compile(r"is multi-threaded, use of fork\(\)")
+
+
+@pytest.fixture(autouse=True)
+def no_fork_with_threads(request):
+    """Fail the test if the process forked while it had other threads (none of shmalloc's may be alive at a fork)."""
+    with warnings.catch_warnings(record=True) as caught:
+        # only this warning's filter changes: the others keep pytest's and the test's settings
+        warnings.filterwarnings("always", message=".*" + FORK_WITH_THREADS.pattern, category=DeprecationWarning)
+        yield
+    forks = [w for w in caught if FORK_WITH_THREADS.search(str(w.message))]
+    for w in caught:  # hand the others on to pytest's own warning capture
+        if w not in forks:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if forks and not request.node.get_closest_marker("allow_fork_with_threads"):
+        pytest.fail(f"{len(forks)} forks while the process had other threads: {forks[0].message}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_failed_unmaps(request):
+    """Fail the test if an array freed during it could not unmap its mapping (the core counts such failures)."""
+    before, _ = _segment.unmap_failures()
+    yield
+    after, last = _segment.unmap_failures()
+    if after != before and not request.node.get_closest_marker("allow_unmap_failures"):
+        pytest.fail(f"{after - before} mappings failed to unmap (last errno {last})", pytrace=False)
 
 
 @pytest.fixture

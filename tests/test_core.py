@@ -534,24 +534,34 @@ def test_threaded_copy_keeps_the_last_bytes(n):
     assert np.array_equal(x, y)
 
 
-def _adopt_lines() -> list[int]:
+def _adoption_lines() -> list[tuple[str, int]]:
     import inspect
 
-    source, first = inspect.getsourcelines(_segment._adopt)
-    return [first + i for i, line in enumerate(source) if line.strip() and not line.strip().startswith(("def ", "#"))]
+    lines = []
+    for function in (_segment.OpenSegment.arrays, _segment._adopt_all, _segment._adopt):
+        source, first = inspect.getsourcelines(function)
+        lines += [
+            (function.__name__, first + i)
+            for i, line in enumerate(source)
+            if line.strip() and not line.strip().startswith(("def ", "#", '"""'))
+        ]
+    return lines
 
 
-@pytest.mark.parametrize("line", _adopt_lines())
-def test_interrupt_anywhere_while_adopting_leaves_numpy_usable(line):
-    """An interrupt at any line of the adoption (as Ctrl-C may arrive after any C call) restores
-    numpy's handler, leaks no mapping and leaves numpy usable."""
+@pytest.mark.parametrize("function, line", _adoption_lines(), ids=lambda v: str(v))
+def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice(function, line):
+    """An interrupt at any line of the adoption (as Ctrl-C may arrive after any C call) leaks no
+    mapping, unmaps no part twice or while an array owns it, and leaves numpy's own handler in place."""
     import sys
 
-    obj = shmalloc.copy2shm(np.arange(100_000.0))
+    x = np.arange(100_000.0)
+    obj = shmalloc.copy2shm([x, x + 1, x + 2])  # three buffers: the interrupt may fall between them
     before = _segment.live_mappings()
+    failures_before = _segment.unmap_failures()[0]
+    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
 
     def tracer(frame, event, arg):
-        if frame.f_code is not _segment._adopt.__code__:
+        if frame.f_code is not code:
             return None
 
         def local(frame, event, arg):
@@ -573,52 +583,162 @@ def test_interrupt_anywhere_while_adopting_leaves_numpy_usable(line):
     fresh = np.empty(100_000)
     fresh[:] = 1.0
     assert get_handler_name(fresh) == "default_allocator"
+    assert _segment.unmap_failures()[0] == failures_before
     if result is None:
         assert _segment.live_mappings() == before
         assert obj.name.lstrip("/") not in _mapped_names()
     else:
-        assert result.sum() == np.arange(100_000.0).sum()
+        for i, part in enumerate(result):
+            assert np.array_equal(part, x + i)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_does_not_keep_objects_waiting_to_be_closed(monkeypatch):
-    """Descriptors queued for the background close are closed in a child forked meanwhile
-    (at most the one being closed at the moment of the fork stays open in the child)."""
-    release = threading.Event()
-    real_lib = _segment.lib
+def _adoption_instructions() -> list[tuple[str, int]]:
+    import dis
 
-    class SlowClose:  # the background close of consumed objects waits until released
-        def __getattr__(self, attr):
-            return getattr(real_lib, attr)
+    return [
+        (function.__name__, instruction.offset)
+        for function in (_segment.OpenSegment.arrays, _segment._adopt_all, _segment._adopt)
+        for instruction in dis.get_instructions(function)
+    ]
 
-        def shmalloc_close(self, fd):
-            if threading.current_thread().name == "shmalloc-release":
-                release.wait(10)
-            return real_lib.shmalloc_close(fd)
 
-    monkeypatch.setattr(_segment, "lib", SlowClose())
+class _CheckedUnmaps:
+    """The core, except that each unmap from Python is first checked to cover only mapped pages of one object."""
+
+    def __init__(self, object_name: str) -> None:
+        self.object_name = object_name
+        self.violations: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(_REAL_CORE, name)
+
+    def shmalloc_unmap(self, address, length):
+        start = int(_segment.ffi.cast("uintptr_t", address))
+        with open("/proc/self/maps") as maps:
+            ranges = [
+                [int(bound, 16) for bound in line.split()[0].split("-")] for line in maps if self.object_name in line
+            ]
+        if not any(low <= start and start + length <= high for low, high in ranges):
+            self.violations.append(f"unmap of {length} bytes at {start:#x}, which is not (all) mapped")
+        return _REAL_CORE.shmalloc_unmap(address, length)
+
+
+_REAL_CORE = _segment.lib
+
+
+@pytest.mark.parametrize("function, offset", _adoption_instructions(), ids=lambda v: str(v))
+def test_interrupt_at_any_instruction_while_adopting_never_unmaps_twice(monkeypatch, function, offset):
+    """An interrupt before any bytecode instruction of the adoption (a signal handler may raise after
+    any C call returns, before its result is stored) leaks no mapping, and Python never unmaps a range
+    that is not mapped (such as a part its array already unmapped, which another thread may reuse)."""
+    x = np.arange(3000.0)
+    obj = shmalloc.copy2shm([x, x + 1, x + 2])
+    before = _segment.live_mappings()
+    checked = _CheckedUnmaps(obj.name)
+    monkeypatch.setattr(_segment, "lib", checked)
+    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+
+        def local(frame, event, arg):
+            if event == "opcode" and frame.f_lasti == offset:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    sys.settrace(tracer)
     try:
-        for _ in range(3):
-            obj = shmalloc.copy2shm(np.zeros(_segment.RELEASE_LATER_BYTES, np.uint8))
-            shmalloc.allocate_from_shm(obj, copy=True)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: report the deleted shared memory objects it still holds
-            held = []
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    target = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("/dev/shm/shmalloc_"):
-                    held.append(target)
-            os.write(write_end, str(len(held)).encode())
-            os._exit(0)
-        os.close(write_end)
-        held = int(os.read(read_end, 100).decode())
-        os.close(read_end)
-        os.waitpid(pid, 0)
+        result = shmalloc.allocate_from_shm(obj, copy=False)  # the instruction may not run: then no interrupt
+    except KeyboardInterrupt:
+        result = None
     finally:
-        release.set()
-        _segment.wait_for_releases()
-    assert held <= 1
+        sys.settrace(None)
+    monkeypatch.undo()
+    assert not checked.violations
+    if result is None:
+        assert _segment.live_mappings() == before
+        assert obj.name.lstrip("/") not in _mapped_names()
+    else:
+        for i, part in enumerate(result):
+            assert np.array_equal(part, x + i)
+
+
+# ---- error messages ----
+
+
+def test_consuming_a_handle_twice_says_a_handle_is_consumed_once():
+    """The second consumption of a handle raises shmalloc.ShmFileNotFoundError (a FileNotFoundError
+    and a ShmError) saying that a handle can be consumed once; so does unlinking it afterwards."""
+    obj = shmalloc.copy2shm(np.arange(10))
+    shmalloc.allocate_from_shm(obj)
+    for again in (lambda: shmalloc.allocate_from_shm(obj), lambda: shmalloc.unlink(obj)):
+        with pytest.raises(shmalloc.ShmFileNotFoundError) as info:
+            again()
+        error = info.value
+        assert isinstance(error, FileNotFoundError) and isinstance(error, ShmError) and error.errno == errno.ENOENT
+        assert "already consumed (a handle can be consumed once)" in str(error) and obj.name in str(error)
+        assert type(pickle.loads(pickle.dumps(error))) is shmalloc.ShmFileNotFoundError
+    assert "ShmFileNotFoundError" in shmalloc.__all__
+
+
+def test_error_classes_are_one_per_builtin_and_exported():
+    """Each errno with a builtin OSError subclass maps to one exported ShmError subclass of it."""
+    assert type(ShmError(errno.EPERM)) is type(ShmError(errno.EACCES)) is shmalloc.ShmPermissionError
+    assert type(ShmError(errno.EEXIST)) is shmalloc.ShmFileExistsError
+    assert isinstance(ShmError(errno.EEXIST), FileExistsError)
+    assert type(ShmError(errno.ENOSPC)) is ShmError
+
+
+class _MapFailsWith:
+    """The core, except that every mmap fails with the given errno."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __getattr__(self, name):
+        return getattr(_REAL_LIB, name)
+
+    def _fail(self, *args):
+        _segment.ffi.errno = self.code
+        return _segment.ffi.NULL
+
+    shmalloc_map = shmalloc_map_shared = shmalloc_map_populated = _fail
+
+
+_REAL_LIB = _segment.lib
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "zerocopy"])
+def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypatch, copy):
+    """When mmap fails with ENOMEM, the error names vm.max_map_count with its value, the count of
+    mappings shmalloc's arrays hold, and the ways out; the segment is consumed and nothing stays mapped."""
+    keep = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(5000)), copy=False)  # one live mapping
+    obj = shmalloc.copy2shm(np.arange(10_000))
+    monkeypatch.setattr(_segment, "lib", _MapFailsWith(errno.ENOMEM))
+    with pytest.raises(ShmError) as info:
+        shmalloc.allocate_from_shm(obj, copy=copy)
+    monkeypatch.undo()
+    message = str(info.value)
+    with open("/proc/sys/vm/max_map_count") as limit:
+        assert f"vm.max_map_count is {limit.read().strip()}" in message
+    assert info.value.errno == errno.ENOMEM and obj.name in message
+    assert f"{_segment.live_mappings()} of them owned by zero-copy shmalloc arrays" in message
+    assert "copy=True" in message and "sysctl" in message
+    assert not os.path.exists("/dev/shm" + obj.name)
+    assert obj.name.lstrip("/") not in _mapped_names()
+    del keep
+
+
+def test_other_mmap_failures_keep_their_plain_message(monkeypatch):
+    """An mmap failure other than ENOMEM is reported as itself, without the mapping-limit hint."""
+    obj = shmalloc.copy2shm(np.arange(10_000))
+    monkeypatch.setattr(_segment, "lib", _MapFailsWith(errno.EACCES))
+    with pytest.raises(ShmError) as info:
+        shmalloc.allocate_from_shm(obj, copy=False)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EACCES and "max_map_count" not in str(info.value)

@@ -8,7 +8,7 @@ array([0, 1, 2, 3, 4])
 from ._api import allocate_from_shm, copy2shm, unlink
 from . import _accessor  # registers .shm on pandas objects
 from ._cleanup import gc, segments
-from ._errors import CorruptHandleError, ShmError
+from ._errors import CorruptHandleError, ShmError, ShmFileExistsError, ShmFileNotFoundError, ShmPermissionError
 from ._executor import ProcessPoolExecutor
 from ._handle import ShmObj
 from ._map import ShmFallbackWarning, WorkerDiedError, WorkerError, item_seed, map
@@ -17,7 +17,8 @@ from ._shmarray import ShmArray
 
 __version__ = "0.1.0"
 __all__ = [
-    "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "CorruptHandleError",
+    "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError",
+    "CorruptHandleError",
     "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
     "ShmArray", "segments", "gc",
 ]

@@ -36,10 +36,29 @@ class ShmError(OSError):
         return (ShmError, (self.errno, self.strerror, self.filename))
 
 
+class ShmFileExistsError(ShmError, FileExistsError):
+    """A shared memory object of that name exists already (EEXIST)."""
+
+
+class ShmFileNotFoundError(ShmError, FileNotFoundError):
+    """No shared memory object of that name (ENOENT): a handle that was consumed already
+    (each can be consumed once), an object removed, or one that never existed."""
+
+
+class ShmPermissionError(ShmError, PermissionError):
+    """The shared memory object belongs to another user, or its mode refuses access (EPERM, EACCES)."""
+
+
 _SUBCLASSES = {
-    code: type(f"Shm{builtin.__name__}", (ShmError, builtin), {"__module__": __name__})
-    for code, builtin in _BUILTIN_FOR_ERRNO.items()
+    errno_codes.EEXIST: ShmFileExistsError,
+    errno_codes.ENOENT: ShmFileNotFoundError,
+    errno_codes.EACCES: ShmPermissionError,
+    errno_codes.EPERM: ShmPermissionError,
 }
+assert all(issubclass(_SUBCLASSES[code], builtin) for code, builtin in _BUILTIN_FOR_ERRNO.items())
+
+#: What a missing segment means to a user of handles.
+NO_SUCH_SEGMENT = "no such segment: it was already consumed (a handle can be consumed once), removed, or never existed"
 
 
 class CorruptHandleError(ValueError):

@@ -665,7 +665,11 @@ def _progress_bar(total: int):
     except ImportError:
         warnings.warn("progress=True needs tqdm (pip install tqdm); no progress bar shown", stacklevel=4)
         return None
-    return tqdm(total=total)
+
+    class Bar(tqdm):
+        monitor_interval = 0  # no monitor thread: a Pool may fork a replacement worker while the bar lives
+
+    return Bar(total=total)
 
 
 __all__ = ["map", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]

@@ -12,21 +12,23 @@ of the object is a hole that a full /dev/shm could refuse to fault in later.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import pickle
-import queue
 import stat
 import struct
 import sys
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from numpy._core.multiarray import get_handler_name
 
-from ._errors import CorruptHandleError, ShmError
+from ._errors import NO_SUCH_SEGMENT, CorruptHandleError, ShmError
 
 try:
     from ._native import ffi, lib
@@ -58,59 +60,109 @@ def copy_threads() -> int:
 
 
 # Dropping the last reference to a large unlinked object frees its pages, which
-# takes ~50 ms per 400 MB here; a background thread does that off the caller's path.
+# takes ~50 ms per 400 MB here; a background thread does that off the caller's path
+# (copy=True of 400 MB: ~100 ms with it, ~160 ms without).
 RELEASE_LATER_BYTES = 16 << 20
+# How long a fork waits for the thread to finish the close it is in (~1 s per 8 GB).
+STOP_TIMEOUT = 60.0
 
 
 class _Releaser:
-    """One daemon thread that closes the descriptors of consumed objects.
+    """A daemon thread that closes the descriptors of consumed objects, never alive at a fork.
 
-    The descriptors waiting for it are tracked, so that a forked child (where
-    the thread does not exist) closes its inherited copies at once instead of
-    pinning the objects' pages for its whole life.
+    A library must not leave its user's process multi-threaded at a fork (Python
+    3.12 warns, and a child of a multi-threaded process may deadlock). So, before
+    every ``os.fork``, the thread finishes the close it is in and exits, and the
+    forking thread closes what is still queued: the child inherits no descriptor
+    waiting to be closed, and no thread of ours. The thread starts again at the
+    next :meth:`close_later`.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue | None = None
-        self._pending: set[int] = set()
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler may fork while its thread is inside close_later.
+        self._changed = threading.Condition(threading.RLock())
+        self._queue: collections.deque[int] = collections.deque()
+        self._closing = 0  # descriptors the thread took and is closing
+        self._thread: threading.Thread | None = None
+        self._stop = False
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork_in_child)
-
-    def _after_fork_in_child(self) -> None:
-        # The lock may have been held by another thread at the fork: replace it.
-        self._lock = threading.Lock()
-        self._jobs = None
-        pending, self._pending = self._pending, set()
-        for fd in pending:
-            lib.shmalloc_close(fd)
+            os.register_at_fork(
+                before=self._before_fork,
+                after_in_parent=self._after_fork_in_parent,
+                after_in_child=self._after_fork_in_child,
+            )
 
     def close_later(self, fd: int) -> None:
         """Close ``fd`` on the background thread."""
-        with self._lock:
-            if self._jobs is None:
-                self._jobs = queue.Queue()
-                threading.Thread(target=self._run, args=(self._jobs,), name="shmalloc-release", daemon=True).start()
-            self._pending.add(fd)
-            self._jobs.put(fd)
+        with self._changed:
+            self._queue.append(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shmalloc-release", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
 
     def wait(self) -> None:
         """Block until every submitted release has run."""
-        jobs = self._jobs
-        if jobs is not None:
-            jobs.join()
+        with self._changed:
+            while self._queue or self._closing:
+                self._changed.wait()
 
-    def _run(self, jobs: queue.Queue) -> None:
+    def _run(self) -> None:
         while True:
-            fd = jobs.get()
+            with self._changed:
+                while not self._queue and not self._stop:
+                    self._changed.wait()
+                if self._stop:
+                    self._thread = None
+                    self._changed.notify_all()  # for _before_fork
+                    return
+                fd = self._queue.popleft()
+                self._closing += 1
             try:
-                # Forget it before closing: a child forked in between must never close
-                # a number this process may already have reused.
-                with self._lock:
-                    self._pending.discard(fd)
                 lib.shmalloc_close(fd)  # outside the lock: this is the slow part
             finally:
-                jobs.task_done()
+                with self._changed:
+                    self._closing -= 1
+                    self._changed.notify_all()
+
+    def _before_fork(self) -> None:
+        self._changed.acquire()  # held across the fork: released in both after-fork hooks
+        thread = self._thread
+        if thread is not None:
+            self._stop = True
+            self._changed.notify_all()
+            # wait() releases the lock however often this thread holds it (a signal handler
+            # may fork inside close_later), so the thread can finish its close and exit.
+            if self._changed.wait_for(lambda: self._thread is None, timeout=STOP_TIMEOUT):
+                thread.join()
+                _wait_until_gone(thread.native_id)
+            # else: a close that takes minutes; fork with the thread alive rather than hang
+        while self._queue:  # rather here than pinning the objects' pages in the child
+            lib.shmalloc_close(self._queue.popleft())
+        self._changed.notify_all()  # for wait()
+
+    def _after_fork_in_parent(self) -> None:
+        self._stop = False
+        self._changed.release()
+
+    def _after_fork_in_child(self) -> None:
+        # No thread of the parent exists here; the held lock may count them as owners.
+        self._changed = threading.Condition(threading.RLock())
+        self._thread, self._stop, self._closing = None, False, 0
+
+
+def _wait_until_gone(native_id: int | None, limit: float = 1.0) -> None:
+    """Wait (at most ``limit`` seconds) until the OS thread ``native_id`` has exited.
+
+    ``Thread.join`` returns a moment before the OS thread ends, and Python counts
+    the OS threads (/proc/self/task on Linux) when it decides to warn at a fork.
+    """
+    task = f"/proc/self/task/{native_id}"
+    if native_id is None or not os.path.exists("/proc/self/task"):
+        return
+    deadline = time.monotonic() + limit
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 _releaser = _Releaser()
@@ -166,6 +218,37 @@ def _raise(name: str, code: int | None = None) -> None:
     raise ShmError(code, os.strerror(code), name)
 
 
+def _raise_missing_or(name: str, code: int) -> None:
+    """Raise the error of opening or unlinking segment ``name``; a missing one says why that may be."""
+    if code == errno.ENOENT:
+        raise ShmError(code, NO_SUCH_SEGMENT, name)
+    _raise(name, code)
+
+
+def _raise_map_failure(name: str) -> None:
+    """Raise the error of a failed mmap; ENOMEM says that the mapping limit may be the cause, and what to do."""
+    code = ffi.errno
+    if code != errno.ENOMEM:
+        _raise(name, code)
+    raise ShmError(code, f"{os.strerror(code)}: {_mapping_limit_hint()}", name)
+
+
+def _mapping_limit_hint() -> str:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit_file:
+            limit = limit_file.read().strip()
+        with open("/proc/self/maps") as maps:
+            in_use = sum(1 for _ in maps)
+    except OSError:  # not Linux
+        limit = in_use = "unknown"
+    return (
+        f"this process may have reached the limit on memory mappings (vm.max_map_count is {limit};"
+        f" the process has {in_use} mappings, {live_mappings()} of them owned by zero-copy shmalloc arrays,"
+        " one each). Consume with copy=True, drop zero-copy arrays no longer needed, or raise the limit"
+        " (sysctl -w vm.max_map_count=...)"
+    )
+
+
 def _address(array: np.ndarray) -> Any:
     return ffi.cast("void *", array.__array_interface__["data"][0])
 
@@ -198,7 +281,7 @@ def unlink(name: str) -> None:
     """Remove the name of a shared memory object (raises ShmError)."""
     _check_supported()
     if lib.shmalloc_unlink(name.encode()) < 0:
-        _raise(name)
+        _raise_missing_or(name, ffi.errno)
 
 
 def _prepared(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> tuple[bytearray, list[BufferLayout], int, int]:
@@ -278,7 +361,7 @@ class OpenSegment:
         if fd < 0:
             code = ffi.errno
             lib.shmalloc_unlink(encoded)  # unlink right after trying to open, whatever happens
-            _raise(name, code)
+            _raise_missing_or(name, code)
         self.fd = fd
         try:
             st = os.fstat(fd)
@@ -351,15 +434,24 @@ class OpenSegment:
         data_size = self.size - self.data_offset
         if not self.layouts or data_size == 0:
             return [_empty(layout) for layout in self.layouts]
-        base = lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1)
-        if base == ffi.NULL:
-            _raise(self.name)
-        if copy:
-            try:
-                return [_copied(layout, base) for layout in self.layouts]
-            finally:
-                lib.shmalloc_unmap(base, data_size)  # promised: no mapping remains at return
-        return _adopt_all(self.name, base, data_size, self.layouts)
+        # The core stores the mapping's address, and each part's hand-over to its array, in these
+        # before returning, so an interrupt right after any call cannot lose track of them.
+        mapped = ffi.new("void **")
+        owned = ffi.new("int[]", len(self.layouts))
+        try:
+            lib.shmalloc_map(self.fd, data_size, self.data_offset, 0 if copy else 1, mapped)
+            if mapped[0] == ffi.NULL:
+                _raise_map_failure(self.name)
+            if copy:
+                return [_copied(layout, mapped[0]) for layout in self.layouts]
+            return _adopt_all(self.name, mapped[0], self.layouts, owned)
+        except BaseException:
+            if mapped[0] != ffi.NULL and not copy:
+                _unmap_unowned(mapped[0], self.layouts, owned)
+            raise
+        finally:
+            if mapped[0] != ffi.NULL and copy:
+                lib.shmalloc_unmap(mapped[0], data_size)  # promised: no mapping remains at return
 
 
 def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
@@ -396,37 +488,60 @@ def _copied(layout: BufferLayout, base: Any) -> np.ndarray:
     return out
 
 
-def _adopt_all(name: str, base: Any, data_size: int, layouts: list[BufferLayout]) -> list[np.ndarray]:
-    """Hand each page-aligned part of one private mapping to its own array."""
+def _adopt_all(name: str, base: Any, layouts: list[BufferLayout], owned: Any) -> list[np.ndarray]:
+    """Hand each page-aligned part of one private mapping (at ``base``) to its own array.
+
+    ``owned[i]`` becomes 1 when part ``i`` belongs to its array. On an exception the
+    caller unmaps the other parts (:func:`_unmap_unowned`).
+    """
     arrays: list[np.ndarray] = []
-    try:
-        for layout in layouts:
-            span = _round_up(layout.nbytes)
-            arrays.append(_adopt(base + layout.offset, span, layout) if span else _empty(layout))
-    except BaseException:
-        # An interrupt may come at any point, even before _adopt's finally ran: restore
-        # numpy's handler (idempotent), then unmap the parts no array owns.
-        lib.shmalloc_adopt_end()
-        for layout in layouts:
-            span = _round_up(layout.nbytes)
-            if span and not lib.shmalloc_is_adopted(base + layout.offset):
-                lib.shmalloc_unmap(base + layout.offset, span)
-        raise
+    for i, layout in enumerate(layouts):
+        span = _round_up(layout.nbytes)
+        arrays.append(_adopt(name, base + layout.offset, span, layout, owned + i) if span else _empty(layout))
     return arrays
 
 
-def _adopt(address: Any, span: int, layout: BufferLayout) -> np.ndarray:
-    # begin and end pair up in try/finally, so that even an interrupt right after
-    # begin returns cannot leave the handler installed with a pending mapping.
-    try:
-        if lib.shmalloc_adopt_begin(address, span) < 0:
-            raise MemoryError("shmalloc: could not install the numpy memory handler")
-        array = _empty(layout)
-    finally:
-        adopted = lib.shmalloc_adopt_end() == 0
-    if not adopted:
-        raise MemoryError("shmalloc: numpy did not take the mapped memory")  # array holds heap memory
+def _unmap_unowned(base: Any, layouts: list[BufferLayout], owned: Any) -> None:
+    """Unmap the parts of a mapping that were never handed to an array.
+
+    A part that was handed over is the array's to unmap, even if an interrupt dropped
+    the array before it reached a list (then it is already unmapped, and its
+    addresses may already hold another mapping): the core's flags, set in the call
+    that handed it over, say which parts these are.
+    """
+    for i, layout in enumerate(layouts):
+        span = _round_up(layout.nbytes)
+        if span and not owned[i]:
+            lib.shmalloc_unmap(base + layout.offset, span)
+
+
+def _adopt(name: str, address: Any, span: int, layout: BufferLayout, owned: Any) -> np.ndarray:
+    """An array over the ``span`` mapped bytes at ``address`` that owns them (munmaps them when freed).
+
+    The core makes the array and hands it the mapping in one call with the GIL
+    held, so no other Python code on this thread (a signal handler, a finaliser,
+    a profile hook) can ever receive the mapping; it sets ``owned[0]`` to 1 in
+    that call. The result is checked all the same: wrong data is never returned.
+    """
+    out = [None]  # the core puts the array here; it and the dtype stay alive across the call
+    dims = ffi.new("intptr_t[]", layout.shape)
+    descr = _pointer_to(layout.dtype)
+    if lib.shmalloc_adopt(address, span, descr, len(layout.shape), dims, layout.fortran, _pointer_to(out), owned) < 0:
+        code = ffi.errno
+        if code == errno.ENOMEM:
+            raise MemoryError(f"shmalloc: no memory to hand {name}'s mapping to an array")
+        raise ShmError(code, f"numpy could not make a {layout.dtype} array of shape {layout.shape} over the mapping", name)
+    array = out[0]
+    owner = array.__array_interface__["data"][0]
+    if owner != int(ffi.cast("uintptr_t", address)) or get_handler_name(array) != "shmalloc" or not array.flags.owndata:
+        # never seen: the array owns the mapping all the same, and unmaps it when collected
+        raise ShmError(errno.EFAULT, "the new array does not own the mapping it was made over", name)
     return array
+
+
+def _pointer_to(obj: object) -> Any:
+    """The address of a Python object, for the core (cffi has no PyObject type); the caller keeps obj alive."""
+    return ffi.cast("void *", id(obj))
 
 
 def wait_for_releases() -> None:
@@ -437,6 +552,17 @@ def wait_for_releases() -> None:
 def live_mappings() -> int:
     """Number of mappings currently owned by arrays through shmalloc's handler."""
     return int(lib.shmalloc_live_mappings()) if SUPPORTED else 0
+
+
+def unmap_failures() -> tuple[int, int]:
+    """How often freeing an array failed to unmap its mapping (which then stays mapped), and the last errno.
+
+    numpy's free callback may not raise, print or allocate: the core counts instead.
+    """
+    if not SUPPORTED:
+        return 0, 0
+    last = ffi.new("int *")
+    return int(lib.shmalloc_unmap_failures(last)), int(last[0])
 
 
 # ---------------------------------------------------------------------------
@@ -459,7 +585,7 @@ class SharedMapping:
     def __init__(self, name: str, fd: int, size: int, inode: int) -> None:
         address = lib.shmalloc_map_shared(fd, size, 0, 1)
         if address == ffi.NULL:
-            _raise(name)
+            _raise_map_failure(name)
         self.name = name
         self.size = size
         self.inode = inode
@@ -548,7 +674,7 @@ class RefillMapping:
             raise ValueError("a refill mapping must cover written bytes of the object")
         address = lib.shmalloc_map_populated(fd, length)
         if address == ffi.NULL:
-            _raise(SPARE_LABEL)
+            _raise_map_failure(SPARE_LABEL)
         self._address, self.length = address, length
 
     def fill(self, fd: int, name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> int | None:

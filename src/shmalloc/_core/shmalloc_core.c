@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,11 +92,17 @@ int shmalloc_read_all(int fd, void *buf, size_t len, long long offset)
     return 0;
 }
 
-void *shmalloc_map(int fd, size_t len, long long offset, int writable_private)
+/* The address is also stored in *out (if not NULL) before returning, so that
+   Python code interrupted right after the call still knows what to unmap. */
+void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, void **out)
 {
     int prot = writable_private ? PROT_READ | PROT_WRITE : PROT_READ;
     void *addr = mmap(NULL, len, prot, MAP_PRIVATE, fd, (off_t)offset);
-    return addr == MAP_FAILED ? NULL : addr;
+    if (addr == MAP_FAILED)
+        addr = NULL;
+    if (out)
+        *out = addr;
+    return addr;
 }
 
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
@@ -283,39 +290,41 @@ static void lock_before_fork(void) { pthread_mutex_lock(&registry_lock); }
 static void unlock_after_fork(void) { pthread_mutex_unlock(&registry_lock); }
 
 /* ---- the numpy handler ----
-   A mapping waiting to be adopted is kept per thread, so that another thread
-   allocating at the same moment never receives it. */
+   Arrays never receive a mapping through allocation: shmalloc_adopt makes an
+   array over the mapping and hands it ownership, all in one call with the GIL
+   held. The handler then only frees (munmap for a registered mapping) and
+   reallocates; its malloc and calloc serve numpy's own later allocations for
+   such an array (e.g. after arr.resize). */
 
-static __thread void *pending_addr;
-static __thread size_t pending_len;
+/* munmap failures in the handler: it may not raise, print or allocate, so they
+   are counted here for Python to read (a failure leaves the mapping behind). */
+static atomic_size_t unmap_failures;
+static atomic_int last_unmap_errno;
 
-static void *take_pending(size_t size)
+static void unmap_owned(void *addr, size_t len)
 {
-    void *addr = pending_addr;
-    if (!addr || size > pending_len)
-        return NULL;
-    if (registry_add(addr, pending_len) < 0)
-        return NULL;
-    pending_addr = NULL;
-    return addr;
+    if (munmap(addr, len) < 0) {
+        atomic_store(&last_unmap_errno, errno);
+        atomic_fetch_add(&unmap_failures, 1);
+    }
+}
+
+size_t shmalloc_unmap_failures(int *last_errno)
+{
+    if (last_errno)
+        *last_errno = atomic_load(&last_unmap_errno);
+    return atomic_load(&unmap_failures);
 }
 
 static void *handler_malloc(void *ctx, size_t size)
 {
     (void)ctx;
-    if (pending_addr)
-        return take_pending(size);
     return malloc(size ? size : 1);
 }
 
 static void *handler_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     (void)ctx;
-    if (pending_addr) {
-        if (elsize && nelem > SIZE_MAX / elsize)
-            return NULL;
-        return take_pending(nelem * elsize);  /* the mapping already holds the data */
-    }
     return calloc(nelem ? nelem : 1, elsize ? elsize : 1);
 }
 
@@ -331,19 +340,19 @@ static void *handler_realloc(void *ctx, void *ptr, size_t new_size)
         return NULL;
     memcpy(fresh, ptr, new_size < mapped ? new_size : mapped);
     registry_find(ptr, 1);
-    munmap(ptr, mapped);
+    unmap_owned(ptr, mapped);
     return fresh;
 }
 
 static void handler_free(void *ctx, void *ptr, size_t size)
 {
     (void)ctx;
-    (void)size;  /* not reliable: the registry knows the true length */
+    (void)size;  /* numpy passes the array's byte count: the registry knows the mapped length */
     if (!ptr)
         return;
     size_t mapped = registry_find(ptr, 1);
     if (mapped)
-        munmap(ptr, mapped);
+        unmap_owned(ptr, mapped);
     else
         free(ptr);
 }
@@ -380,54 +389,68 @@ int shmalloc_handler_init(void)
     return rc;
 }
 
-/* The handler that was current before shmalloc_adopt_begin, per thread. */
-static __thread PyObject *pending_previous;
+/* npy_intp is what the cdef calls intptr_t */
+typedef char npy_intp_is_intptr_t[sizeof(npy_intp) == sizeof(intptr_t) ? 1 : -1];
 
-/* Make addr (len mapped bytes) the next data block numpy allocates on this
-   thread, and install the handler in the current context. Returns 0, or -1
-   (nothing installed). Always pair with shmalloc_adopt_end, in a finally. */
-int shmalloc_adopt_begin(void *addr, size_t len)
+/* Make an array of dtype descr and shape dims (nd of them; Fortran order if
+   fortran) over the mapping addr of len bytes, hand it ownership of the
+   mapping (numpy frees it through the handler, which munmaps len bytes), and
+   store it as the only item of the list out. descr and out are PyObject
+   pointers the caller keeps alive. Everything happens with the GIL held, and
+   no Python code can run between registering the mapping and the array owning
+   it: no other code can ever receive the mapping. (Creating the array may run
+   Python code, e.g. finalisers from the collector, but that is before the
+   mapping is registered, and the array only points at it.) *owned is set to 1
+   at the moment the array owns the mapping: from then on only the array may
+   unmap it, even if an interrupt drops the array before the caller sees it.
+   Returns 0, or -1 with errno set: then nothing is registered, no array owns
+   the mapping, and out and *owned are unchanged. */
+int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *dims, int fortran, void *out,
+                   int *owned)
 {
-    int rc = 0;
+    int rc = -1;
     PyGILState_STATE gil = PyGILState_Ensure();
-    if (pending_previous) {  /* an earlier begin never ended: refuse to stack */
-        errno = EBUSY;
-        rc = -1;
-    } else {
-        PyObject *previous = PyDataMem_SetHandler(handler_capsule);
-        if (!previous) {
-            PyErr_Clear();
-            errno = ENOMEM;
-            rc = -1;
-        } else {
-            pending_previous = previous;
-            pending_addr = addr;
-            pending_len = len;
-        }
+    PyObject *list = out;
+    PyArrayObject *array = NULL;
+    if (!handler_capsule || !addr || !owned || !PyArray_DescrCheck((PyObject *)descr) || !PyList_Check(list)
+        || PyList_GET_SIZE(list) != 1 || PyList_GET_ITEM(list, 0) != Py_None || nd < 0 || nd > NPY_MAXDIMS) {
+        errno = EINVAL;
+        goto done;
+    }
+    Py_INCREF(descr);  /* PyArray_NewFromDescr steals a reference */
+    array = (PyArrayObject *)PyArray_NewFromDescr(
+        &PyArray_Type, (PyArray_Descr *)descr, nd, (const npy_intp *)dims, NULL, addr,
+        fortran ? NPY_ARRAY_FARRAY : NPY_ARRAY_CARRAY, NULL);
+    if (!array) {
+        errno = PyErr_ExceptionMatches(PyExc_MemoryError) ? ENOMEM : EINVAL;
+        PyErr_Clear();
+        goto done;
+    }
+    /* From here on no Python code runs until the array owns the mapping. */
+    if (PyArray_DATA(array) != addr || (size_t)PyArray_NBYTES(array) > len
+        || (PyArray_FLAGS(array) & NPY_ARRAY_OWNDATA) || PyArray_HANDLER(array) != NULL) {
+        errno = EINVAL;  /* not the plain view over the mapping that was asked for */
+        goto done;
+    }
+    if (registry_add(addr, len) < 0) {
+        errno = ENOMEM;
+        goto done;
+    }
+    Py_INCREF(handler_capsule);
+    ((PyArrayObject_fields *)array)->mem_handler = handler_capsule;
+    PyArray_ENABLEFLAGS(array, NPY_ARRAY_OWNDATA);
+    *owned = 1;
+    PyList_SetItem(list, 0, (PyObject *)array);  /* steals the reference; releases the None */
+    array = NULL;
+    rc = 0;
+done:
+    if (rc < 0 && array) {
+        int saved = errno;
+        Py_DECREF(array);  /* it does not own the mapping: nothing is freed */
+        errno = saved;
     }
     PyGILState_Release(gil);
     return rc;
-}
-
-/* Restore the previous handler; safe to call more than once. Returns 0 if
-   the pending mapping was adopted by an array, -1 if not (the caller still
-   owns it and must unmap it). */
-int shmalloc_adopt_end(void)
-{
-    PyGILState_STATE gil = PyGILState_Ensure();
-    int adopted = pending_previous != NULL && pending_addr == NULL;
-    if (pending_previous) {
-        PyObject *ours = PyDataMem_SetHandler(pending_previous);
-        if (ours)
-            Py_DECREF(ours);
-        else
-            PyErr_Clear();
-        Py_DECREF(pending_previous);
-        pending_previous = NULL;
-    }
-    pending_addr = NULL;
-    PyGILState_Release(gil);
-    return adopted ? 0 : -1;
 }
 
 int shmalloc_is_adopted(void *addr)

@@ -8,7 +8,8 @@ int shmalloc_close(int fd);
 int shmalloc_truncate(int fd, long long size);
 int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset);
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset);
-void *shmalloc_map(int fd, size_t len, long long offset, int writable_private);
+/* also stores the address (or NULL) in *out unless out is NULL */
+void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, void **out);
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable);
 int shmalloc_unmap(void *addr, size_t len);
 int shmalloc_fallocate(int fd, long long size);
@@ -17,9 +18,14 @@ size_t shmalloc_page_size(void);
 
 /* numpy memory handler (NEP 49) */
 int shmalloc_handler_init(void);
-int shmalloc_adopt_begin(void *addr, size_t len);
-int shmalloc_adopt_end(void);
+/* descr (a numpy dtype) and out (a list holding only None) are PyObject
+   pointers, passed as void * because cffi has no type for them; *owned
+   becomes 1 when the array owns the mapping */
+int shmalloc_adopt(void *addr, size_t len, void *descr, int nd, const intptr_t *dims, int fortran, void *out,
+                   int *owned);
 size_t shmalloc_live_mappings(void);
+/* munmap failures when arrays freed their mappings, and the errno of the last one */
+size_t shmalloc_unmap_failures(int *last_errno);
 
 /* recycling: 1 if addr is a mapping still owned by an array, else 0 */
 int shmalloc_is_adopted(void *addr);
