@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from . import _answer, _names, _shmarray
+from ._threads import native_ids, wait_until_gone
 from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, rebuild_error, receive, remote_error, ship
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
@@ -205,8 +206,12 @@ class ProcessPoolExecutor(cf.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers; with ``wait=True`` also remove every segment left unconsumed."""
+        threads_before = native_ids()
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait:
+            # The standard executor's threads are joined, but their OS threads may live a moment
+            # longer: a fork right after shutdown would then fork a multi-threaded process.
+            wait_until_gone(threads_before - native_ids())
             # The workers are gone: nothing can create these names any more.
             with self._lock:
                 left, self._names = self._names, set()

@@ -20,7 +20,6 @@ import stat
 import struct
 import sys
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from numpy._core.multiarray import get_handler_name
 
 from ._errors import NO_SUCH_SEGMENT, CorruptHandleError, ShmError
+from ._threads import wait_until_gone
 
 try:
     from ._native import ffi, lib
@@ -135,7 +135,7 @@ class _Releaser:
             # may fork inside close_later), so the thread can finish its close and exit.
             if self._changed.wait_for(lambda: self._thread is None, timeout=STOP_TIMEOUT):
                 thread.join()
-                _wait_until_gone(thread.native_id)
+                wait_until_gone([thread.native_id])
             # else: a close that takes minutes; fork with the thread alive rather than hang
         while self._queue:  # rather here than pinning the objects' pages in the child
             lib.shmalloc_close(self._queue.popleft())
@@ -149,20 +149,6 @@ class _Releaser:
         # No thread of the parent exists here; the held lock may count them as owners.
         self._changed = threading.Condition(threading.RLock())
         self._thread, self._stop, self._closing = None, False, 0
-
-
-def _wait_until_gone(native_id: int | None, limit: float = 1.0) -> None:
-    """Wait (at most ``limit`` seconds) until the OS thread ``native_id`` has exited.
-
-    ``Thread.join`` returns a moment before the OS thread ends, and Python counts
-    the OS threads (/proc/self/task on Linux) when it decides to warn at a fork.
-    """
-    task = f"/proc/self/task/{native_id}"
-    if native_id is None or not os.path.exists("/proc/self/task"):
-        return
-    deadline = time.monotonic() + limit
-    while os.path.exists(task) and time.monotonic() < deadline:
-        time.sleep(0.0001)
 
 
 _releaser = _Releaser()
