@@ -30,6 +30,12 @@ SHM_DIR = Path("/dev/shm")
 # /proc gives a process's start time in clock ticks since boot, and the boot
 # time in whole seconds: allow for that rounding before calling a pid reused.
 _START_SLACK = 2.0
+#: Segments younger than this (seconds) are kept by default: a handle may be in flight for that long.
+#: A producer may hand a segment on and exit before its consumer opens it (a worker of
+#: concurrent.futures or of a job queue does exactly that), and the consumer may be busy with
+#: earlier results for minutes; ten minutes covers queues that deep, while a real leftover
+#: of a crash is still collected within the hour.
+DEFAULT_OLDER_THAN = 600.0
 COLUMNS = ["name", "pid", "alive", "size", "age", "created"]
 
 
@@ -162,7 +168,9 @@ def segments() -> "pd.DataFrame":
 
 def _parse_age(value: float | str | None) -> float:
     if value is None:
-        return 0.0
+        return DEFAULT_OLDER_THAN
+    if isinstance(value, bool):
+        raise TypeError("older_than must be a number of seconds or a duration string, not bool")
     seconds = parse_duration(value) if isinstance(value, str) else float(value)
     if seconds != seconds or seconds < 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, not {value!r}")
@@ -195,7 +203,7 @@ class GcResult:
     failed: dict[str, ShmError]
 
 
-def collect(older_than: float | str | None = None, dry_run: bool = False) -> GcResult:
+def collect(older_than: float | str | None = DEFAULT_OLDER_THAN, dry_run: bool = False) -> GcResult:
     """Do the work of :func:`gc` and report everything (used by the command line)."""
     min_age = _parse_age(older_than)
     removed, kept, failed = [], [], {}
@@ -214,23 +222,24 @@ def collect(older_than: float | str | None = None, dry_run: bool = False) -> GcR
     return GcResult(_frame(removed), _frame(kept), failed)
 
 
-def gc(older_than: float | str | None = None, dry_run: bool = False) -> "pd.DataFrame":
-    """Remove this user's shmalloc segments whose creating process is dead.
+def gc(older_than: float | str | None = DEFAULT_OLDER_THAN, dry_run: bool = False) -> "pd.DataFrame":
+    """Remove this user's shmalloc segments whose creating process is dead and that are not young.
 
     Never touches names shmalloc did not generate, segments of other users,
     or segments whose creator still runs (it may yet hand them on).
 
     A process may hand a segment on and exit before the receiver consumes it
-    (a pool worker returning a result does exactly that): such a segment
-    looks orphaned for that moment. Where other programs use shmalloc while
-    this runs, pass ``older_than`` (a minute is plenty) so that handles in
-    flight are spared.
+    (a worker of ``concurrent.futures`` returning a result does exactly
+    that): such a segment looks orphaned until it is consumed. So by default
+    segments younger than ten minutes are kept; ``older_than=0`` removes
+    every orphan, which is safe only when nothing else uses shmalloc.
 
     Parameters
     ----------
-    older_than : float or str, optional
+    older_than : float or str, default 600 (ten minutes)
         Only remove segments at least this old: seconds, or a string such as
-        ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. Default: any age.
+        ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. ``0``: any age. None: the
+        default.
     dry_run : bool, default False
         Only report what would be removed.
 
@@ -247,6 +256,12 @@ def gc(older_than: float | str | None = None, dry_run: bool = False) -> "pd.Data
         removed all the same).
     ValueError
         For a negative or malformed ``older_than``.
+
+    Examples
+    --------
+    >>> import shmalloc
+    >>> list(shmalloc.gc(dry_run=True).columns)  # what a plain gc would remove
+    ['name', 'pid', 'alive', 'size', 'age', 'created']
     """
     result = collect(older_than, dry_run)
     if result.failed:

@@ -25,14 +25,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gc = commands.add_parser(
         "gc",
-        help="remove shmalloc segments whose creating process is dead",
-        description="Remove this user's shmalloc segments whose creating process is dead. Never touches other"
-        " names, other users' segments, or segments whose creator runs. While programs use shmalloc, pass"
-        " --older-than 1m to spare handles in flight.",
+        help="remove shmalloc segments whose creating process is dead (and at least 10 minutes old)",
+        description="Remove this user's shmalloc segments whose creating process is dead and that are at least"
+        " 10 minutes old. Younger ones may be handles in flight: a producer may exit before its consumer opens"
+        " its result. Never touches other names, other users' segments, or segments whose creator runs.",
     )
-    gc.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     gc.add_argument(
-        "--older-than", metavar="AGE", default=None, type=_duration, help="only segments at least this old: 90, 90s, 15m, 2h, 1d"
+        "--dry-run", action="store_true", help="only list what would be removed: name, size, age and creator pid"
+    )
+    gc.add_argument(
+        "--older-than",
+        metavar="AGE",
+        default=None,
+        type=_duration,
+        help="only segments at least this old: 90, 90s, 15m, 2h, 1d (default 10m; 0 removes every orphan,"
+        " safe only when nothing else uses shmalloc)",
     )
 
     args = parser.parse_args(argv)
@@ -102,12 +109,21 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
 
 
 def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO | None = None) -> int:
-    """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed."""
+    """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed.
+
+    ``older_than`` None: the default age (:data:`shmalloc._cleanup.DEFAULT_OLDER_THAN`). With
+    ``dry_run`` each segment that would be removed is listed before the summary.
+    """
     from ._cleanup import collect
     from ._handle import human_size
 
     out = out or sys.stdout
     result = collect(older_than=older_than, dry_run=dry_run)
+    if dry_run and not result.removed.empty:
+        width = max(len("NAME"), *(len(n) for n in result.removed["name"]))
+        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'CREATOR':>7}\n")
+        for row in result.removed.itertuples(index=False):
+            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}\n")
     verb = "would remove" if dry_run else "removed"
     alive = int(result.kept["alive"].sum())
     young = len(result.kept) - alive
