@@ -166,6 +166,101 @@ def segments() -> "pd.DataFrame":
     return _frame(_scan(SHM_DIR))
 
 
+# ---------------------------------------------------------------------------
+# Objects held open after their name was removed: a Pool's spares, the objects
+# under copy=False results. `ls /dev/shm` does not show them, `df` counts them.
+
+
+HELD_COLUMNS = ["name", "size", "pid", "command", "fds", "inode"]
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class _Held:
+    name: str
+    size: int
+    pid: int
+    command: str
+    fds: int
+    inode: int
+
+
+def _command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+
+
+def _scan_held(directory: Path) -> list[_Held]:
+    """Unlinked objects of ``directory``'s file system that this user's live processes hold by descriptor."""
+    try:
+        device = os.stat(directory).st_dev
+        pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    except OSError:
+        return []  # no /dev/shm or no /proc (macOS)
+    prefix, uid = str(directory).rstrip("/") + "/", os.geteuid()
+    found: list[_Held] = []
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        objects: dict[int, list] = {}  # inode -> [name, size, descriptors]
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if not (target.startswith(prefix) and target.endswith(_DELETED)):
+                    continue
+                st = os.stat(f"/proc/{pid}/fd/{fd}")  # the object itself, through the descriptor
+            except OSError:
+                continue  # closed meanwhile
+            if st.st_dev != device or st.st_nlink != 0 or not stat.S_ISREG(st.st_mode):
+                continue  # another mount's /dev/shm, or a name was given to it again
+            entry = objects.setdefault(st.st_ino, ["/" + target[len(prefix) : -len(_DELETED)], st.st_size, 0])
+            entry[2] += 1
+        if objects:
+            command = _command(pid)
+            found.extend(_Held(name, size, pid, command, n, inode) for inode, (name, size, n) in objects.items())
+    return found
+
+
+def held_objects() -> "pd.DataFrame":
+    """List shared memory objects whose name is gone but that this user's processes still hold open.
+
+    A :class:`shmalloc.Pool` keeps such objects as spares, and the objects of
+    consumed segments stay while something holds them: ``ls /dev/shm`` and
+    :func:`segments` do not show them, but they take space (``df``). Found
+    through ``/proc/<pid>/fd`` of this user's live processes (Linux).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per object and holding process, largest first, with columns
+        ``name`` (the name the object had), ``size`` (bytes), ``pid`` and
+        ``command`` of the holder, ``fds`` (its descriptors of the object)
+        and ``inode`` (the same inode under several pids is one object).
+        Empty where there is no /proc.
+    """
+    import pandas as pd
+
+    found = sorted(_scan_held(SHM_DIR), key=lambda h: (-h.size, h.pid, h.inode))
+    return pd.DataFrame(
+        {
+            "name": pd.Series([h.name for h in found], dtype=object),
+            "size": pd.Series([h.size for h in found], dtype="int64"),
+            "pid": pd.Series([h.pid for h in found], dtype="int64"),
+            "command": pd.Series([h.command for h in found], dtype=object),
+            "fds": pd.Series([h.fds for h in found], dtype="int64"),
+            "inode": pd.Series([h.inode for h in found], dtype="int64"),
+        },
+        columns=HELD_COLUMNS,
+    )
+
+
 def _parse_age(value: float | str | None) -> float:
     if value is None:
         return DEFAULT_OLDER_THAN

@@ -1,0 +1,335 @@
+"""Spares of a Pool: recycled shared memory objects, held by descriptor, within a budget of /dev/shm.
+
+A spare is an unlinked object: nothing of it is in /dev/shm's listing, yet
+its pages take space there until its last descriptor and mapping are gone.
+So spares are bounded:
+
+- by the last call: free spares of at most 1.25 times the bytes it returned
+  (objects only grow: the slack keeps a slightly larger one);
+- by the space left: at most ``limit`` (by default a quarter) of what is
+  free in /dev/shm, counting the free spares' own space as free, or a fixed
+  number of bytes. Other programs always keep the rest.
+
+The budget is applied at the end of every call, whenever the objects of
+freed ``copy=False`` results come back (an array finalizer queues them and
+the *keeper* thread takes them back: finalizers run at any bytecode and may
+not touch the lists), and when a write of this process finds /dev/shm full
+(:mod:`._space`), which then releases every free spare. Releasing a spare
+closes the parent's descriptor and has the workers unmap it at once (they
+keep refill mappings), so that its space really is free when that returns.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import _segment, _space
+from ._cleanup import SHM_DIR
+
+#: Default share of /dev/shm's free space that the free spares of a pool may take.
+DEFAULT_LIMIT = 0.25
+#: Free spares may exceed the bytes of the last call by this share (objects only grow).
+SLACK = 0.25
+# How long a write that found /dev/shm full waits for a pool busy in another thread.
+_BUSY_WAIT = 1.0
+
+
+def check_limit(limit: object) -> int | float:
+    """``limit`` if it is a share of /dev/shm (float in [0, 1]) or a number of bytes (int >= 0); else raise."""
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise TypeError(f"spare_limit must be a float share of /dev/shm or an int of bytes, not {type(limit).__name__}")
+    if isinstance(limit, float) and not 0.0 <= limit <= 1.0:
+        raise ValueError(f"spare_limit as a share of /dev/shm must be between 0.0 and 1.0, not {limit!r}")
+    if isinstance(limit, int) and limit < 0:
+        raise ValueError(f"spare_limit in bytes must be >= 0, not {limit}")
+    return limit
+
+
+def shm_free_bytes() -> int | None:
+    """Bytes free in /dev/shm for this user, or None where it cannot be measured (no /dev/shm)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass(eq=False)
+class Spare:
+    """A recycled object: held by the parent's descriptor; the workers that may map it."""
+
+    fd: int
+    size: int  # bytes of the object (it only grows)
+    sid: int = field(default_factory=lambda: next(_sids))
+    mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
+    addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
+    unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
+
+
+_sids = itertools.count(1)
+
+
+class Spares:
+    """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results.
+
+    Every change happens under :meth:`held` (the pool holds it for a whole
+    call), except at a fork, when no other thread runs.
+
+    Parameters
+    ----------
+    limit : float or int
+        Share of /dev/shm's free space (float), or bytes (int), that free
+        spares may take (see :func:`check_limit`).
+    unmap : callable
+        Called under the lock with no argument after spares were released
+        outside a call: has the idle workers unmap them, and returns once
+        they have. Held weakly (a bound method of the pool).
+    """
+
+    def __init__(self, limit: int | float, unmap: Callable[[], None]) -> None:
+        self.limit = check_limit(limit)
+        self.free: list[Spare] = []
+        self.lent: list[Spare] = []
+        self.retired: list[Spare] = []  # lent across a fork: never reused
+        self.handed: set[Spare] = set()  # taken for a task, not yet back
+        self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
+        self.call_bytes = 0  # bytes the last call returned
+        self.closed = False
+        self._unmap = weakref.WeakMethod(unmap) if hasattr(unmap, "__self__") else (lambda: unmap)
+        self._lock = threading.Lock()
+        _all_spares.add(self)
+        _space.register(self)
+
+    # -- locking
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the spares (and the workers' pipes) for a call, or for stopping the workers."""
+        with self._lock:
+            yield
+
+    # -- moving spares
+
+    def release(self, spare: Spare, now: bool = False) -> None:
+        """Close the parent's descriptor; tell the workers that map it to unmap it (their next task).
+
+        ``now``: close it on this thread (the budget wants the space free when it returns);
+        else a large object is closed on the background thread.
+        """
+        self.handed.discard(spare)
+        for pid in spare.mappers:
+            self.dropped.setdefault(pid, []).append(spare.sid)
+        if now:
+            os.close(spare.fd)
+        else:
+            _segment.release_fd(spare.fd, spare.size)
+
+    def reclaim(self) -> None:
+        """Release the retired; make spares of lent objects whose arrays are all gone."""
+        for spare in self.retired:
+            self.release(spare)
+        self.retired = []
+        still = []
+        for spare in self.lent:
+            (still if spare.unfreed and _segment.any_adopted(spare.addresses) else self.free).append(spare)
+        self.lent = still
+
+    def take(self, pid: int) -> Spare | None:
+        """A free spare for worker ``pid``: the largest it maps already, else the largest; None if none."""
+        if not self.free:
+            return None
+        best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
+        spare = self.free.pop(best)
+        self.handed.add(spare)
+        return spare
+
+    def give(self, spare: Spare) -> None:
+        self.handed.discard(spare)
+        spare.addresses, spare.unfreed = [], set()
+        self.free.append(spare)
+
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray]) -> None:
+        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed."""
+        self.handed.discard(spare)
+        spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
+        spare.unfreed = set(spare.addresses)
+        self.lent.append(spare)
+        _keeper.start()
+        for array, address in zip(arrays, spare.addresses):
+            weakref.finalize(array, _keeper.array_freed, self, spare, address).atexit = False
+
+    # -- the budget
+
+    def budget(self) -> int:
+        """Bytes of free spares to keep: within the last call's bytes, and ``limit`` of /dev/shm."""
+        budget = int(self.call_bytes * (1 + SLACK))
+        if isinstance(self.limit, int):
+            return min(budget, self.limit)
+        free = shm_free_bytes()
+        if free is None:
+            return budget  # nothing to measure (macOS): the last call bounds them
+        return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
+
+    def trim(self) -> None:
+        """Keep free spares (largest first) within :meth:`budget`; release the others."""
+        budget = self.budget()
+        self.free.sort(key=lambda spare: -spare.size)
+        kept, total = [], 0
+        for spare in self.free:
+            if total + spare.size <= budget:
+                kept.append(spare)
+                total += spare.size
+            else:
+                self.release(spare, now=True)
+        self.free = kept
+
+    def end_call(self, call_bytes: int) -> None:
+        """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
+        self.call_bytes = call_bytes
+        self.reclaim()
+        self.trim()
+        self._unmap_released()
+
+    def _unmap_released(self) -> None:
+        if self.dropped:
+            unmap = self._unmap()
+            if unmap is not None:
+                unmap()
+
+    def settle(self, returned: Sequence[Spare]) -> None:
+        """Take back lent spares whose arrays were all finalized, then apply the budget (the keeper calls this)."""
+        with self._lock:
+            if self.closed:
+                return
+            for spare in returned:
+                if spare in self.lent and not spare.unfreed:  # not retired by a fork, nor released by close
+                    self.lent.remove(spare)
+                    self.give(spare)
+            self.trim()
+            self._unmap_released()
+
+    def give_back_space(self) -> int:
+        """Release every free spare (a write found /dev/shm full); return their bytes. 0 if the pool is busy."""
+        if not self._lock.acquire(timeout=_BUSY_WAIT):
+            return 0
+        try:
+            if self.closed:
+                return 0
+            self.reclaim()
+            given = sum(spare.size for spare in self.free)
+            for spare in self.free:
+                self.release(spare, now=True)
+            self.free = []
+            self._unmap_released()
+            _segment.wait_for_releases()  # the retired ones, closed on the background thread
+            return given
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
+        self.closed = True
+        for spare in self.free + self.retired + self.lent:
+            _segment.release_fd(spare.fd, spare.size)
+        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
+
+    # -- fork
+
+    def _before_fork(self) -> None:
+        # A child inherits the arrays' copy-on-write mappings: a later write into the
+        # object would show through its untouched pages. Never reuse these objects;
+        # those whose arrays are all freed already are safe to keep.
+        for spare in self.lent:
+            (self.retired if _segment.any_adopted(spare.addresses) else self.free).append(spare)
+        self.lent = []
+
+    def _in_child(self) -> None:
+        # The child's copies of the descriptors: the parent's spares are not the child's to use
+        # (a worker started in the middle of a run would otherwise pin the ones handed out).
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
+            try:
+                os.close(spare.fd)
+            except OSError:
+                pass
+        self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
+
+
+class _Keeper:
+    """One daemon thread that takes back the objects of freed ``copy=False`` results.
+
+    An array's finalizer runs at any bytecode, in any thread, maybe while that
+    thread holds a pool's lock; so it only puts the object on a queue that is
+    safe to use there (:class:`queue.SimpleQueue`), and this thread settles it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue | None = None
+        self._start_lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def start(self) -> None:
+        """Start the thread if it does not run (called from ordinary code, never from a finalizer)."""
+        if self._queue is not None:
+            return
+        with self._start_lock:
+            if self._queue is None:
+                jobs: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(jobs,), name="shmalloc-spares", daemon=True).start()
+                self._queue = jobs
+
+    def array_freed(self, spares: Spares, spare: Spare, address: int) -> None:
+        """Finalizer of an array that owns a mapping of a lent spare."""
+        spare.unfreed.discard(address)
+        jobs = self._queue
+        if not spare.unfreed and jobs is not None:
+            jobs.put((spares, spare))
+
+    def _run(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            batch = [jobs.get()]
+            while not jobs.empty():  # settle together what was freed together
+                batch.append(jobs.get())
+            self._settle(batch)
+
+    @staticmethod
+    def _settle(batch: list[tuple[Spares, Spare]]) -> None:
+        by_pool: dict[Spares, list[Spare]] = {}
+        for spares, spare in batch:
+            by_pool.setdefault(spares, []).append(spare)
+        for spares, returned in by_pool.items():
+            try:
+                spares.settle(returned)
+            except Exception:  # never let the thread die: later frees still need it
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        self._start_lock = threading.Lock()
+        self._queue = None  # the thread does not exist here; the child's spares are gone anyway
+
+
+_keeper = _Keeper()
+_all_spares: "weakref.WeakSet[Spares]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for spares in list(_all_spares):
+        spares._before_fork()
+
+
+def _in_child() -> None:
+    for spares in list(_all_spares):
+        spares._in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
