@@ -262,3 +262,16 @@ def test_held_objects_without_proc(monkeypatch):
     """Without /dev/shm (macOS) the listing of held objects is empty, not an error."""
     monkeypatch.setattr(_cleanup, "SHM_DIR", _cleanup.SHM_DIR / "does-not-exist")
     assert shmalloc.held_objects().empty
+
+
+def test_pool_dropped_while_its_spares_are_held_closes_later():
+    """A pool finalized in a thread that holds its spares' lock (a GC inside a locked section) closes later instead of deadlocking."""
+    pool = shmalloc.Pool(1, start_method="fork")
+    pool.map(full, [1])
+    spares, worker = pool._spares, pool._workers[0].process
+    with spares.held():
+        del pool
+        gc.collect()  # Pool.__del__ runs here
+        assert not spares.closed
+    _wait_for(lambda: spares.closed and not spares.free, "the pool was never closed")
+    _wait_for(lambda: worker.exitcode is not None, "its worker did not exit")

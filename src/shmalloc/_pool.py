@@ -495,7 +495,7 @@ class Pool:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
-                self.close()
+                self._spares.when_free(self.close)  # this thread may hold the spares' lock
             except Exception:
                 pass
 

@@ -116,6 +116,18 @@ class Spares:
         with self._lock:
             yield
 
+    def when_free(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (which takes the lock) now, or on the keeper thread if the lock is taken.
+
+        For a pool's finalizer: it may run in a thread that holds this lock (garbage
+        collection inside a locked section), where taking it again would deadlock.
+        """
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            action()
+        else:
+            _keeper.later(action)
+
     # -- moving spares
 
     def release(self, spare: Spare, now: bool = False) -> None:
@@ -162,7 +174,7 @@ class Spares:
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         self.lent.append(spare)
-        _keeper.start()
+        _keeper.start()  # here, in ordinary code: the arrays' finalizers only queue work for it
         for array, address in zip(arrays, spare.addresses):
             weakref.finalize(array, _keeper.array_freed, self, spare, address).atexit = False
 
@@ -178,8 +190,8 @@ class Spares:
             return budget  # nothing to measure (macOS): the last call bounds them
         return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
 
-    def trim(self) -> None:
-        """Keep free spares (largest first) within :meth:`budget`; release the others."""
+    def trim(self) -> bool:
+        """Keep free spares (largest first) within :meth:`budget`; release the others; whether any was."""
         budget = self.budget()
         self.free.sort(key=lambda spare: -spare.size)
         kept, total = [], 0
@@ -189,23 +201,33 @@ class Spares:
                 total += spare.size
             else:
                 self.release(spare, now=True)
+        released = len(kept) < len(self.free)
         self.free = kept
+        return released
 
     def end_call(self, call_bytes: int) -> None:
         """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
         self.call_bytes = call_bytes
         self.reclaim()
-        self.trim()
-        self._unmap_released()
+        released = self.trim()
+        self._unmap_released([])
+        if released:
+            # The call's consumed segments may still be closing on the background thread,
+            # and a released spare made from one is free only once that is done too.
+            _segment.wait_for_releases()
 
-    def _unmap_released(self) -> None:
+    def _unmap_released(self, pool_refs: list) -> None:
+        # The pool's strong reference goes into ``pool_refs``, which the caller drops after
+        # releasing the lock: were it the last one, the pool's close would take the lock.
         if self.dropped:
             unmap = self._unmap()
             if unmap is not None:
+                pool_refs.append(unmap)
                 unmap()
 
     def settle(self, returned: Sequence[Spare]) -> None:
         """Take back lent spares whose arrays were all finalized, then apply the budget (the keeper calls this)."""
+        pool_refs: list = []
         with self._lock:
             if self.closed:
                 return
@@ -213,13 +235,17 @@ class Spares:
                 if spare in self.lent and not spare.unfreed:  # not retired by a fork, nor released by close
                     self.lent.remove(spare)
                     self.give(spare)
-            self.trim()
-            self._unmap_released()
+            released = self.trim()
+            self._unmap_released(pool_refs)
+            if released:
+                _segment.wait_for_releases()
+        del pool_refs
 
     def give_back_space(self) -> int:
         """Release every free spare (a write found /dev/shm full); return their bytes. 0 if the pool is busy."""
         if not self._lock.acquire(timeout=_BUSY_WAIT):
             return 0
+        pool_refs: list = []
         try:
             if self.closed:
                 return 0
@@ -228,11 +254,12 @@ class Spares:
             for spare in self.free:
                 self.release(spare, now=True)
             self.free = []
-            self._unmap_released()
+            self._unmap_released(pool_refs)
             _segment.wait_for_releases()  # the retired ones, closed on the background thread
             return given
         finally:
             self._lock.release()
+            del pool_refs
 
     def close(self) -> None:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
@@ -269,6 +296,7 @@ class _Keeper:
     An array's finalizer runs at any bytecode, in any thread, maybe while that
     thread holds a pool's lock; so it only puts the object on a queue that is
     safe to use there (:class:`queue.SimpleQueue`), and this thread settles it.
+    It also runs actions that must wait for a lock (:meth:`Spares.when_free`).
     """
 
     def __init__(self) -> None:
@@ -294,22 +322,36 @@ class _Keeper:
         if not spare.unfreed and jobs is not None:
             jobs.put((spares, spare))
 
+    def later(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the thread (a pool's finalizer calls this, in a thread holding that pool's lock)."""
+        self.start()  # no thread yet: a pool whose results never were lent
+        self._queue.put((None, action))
+
     def _run(self, jobs: queue.SimpleQueue) -> None:
         while True:
             batch = [jobs.get()]
             while not jobs.empty():  # settle together what was freed together
                 batch.append(jobs.get())
-            self._settle(batch)
+            self._do(batch)
 
     @staticmethod
-    def _settle(batch: list[tuple[Spares, Spare]]) -> None:
+    def _do(batch: list[tuple[Any, Any]]) -> None:
         by_pool: dict[Spares, list[Spare]] = {}
-        for spares, spare in batch:
-            by_pool.setdefault(spares, []).append(spare)
+        actions = []
+        for spares, job in batch:
+            if spares is None:
+                actions.append(job)
+            else:
+                by_pool.setdefault(spares, []).append(job)
         for spares, returned in by_pool.items():
             try:
                 spares.settle(returned)
             except Exception:  # never let the thread die: later frees still need it
+                pass
+        for action in actions:
+            try:
+                action()
+            except Exception:
                 pass
 
     def _after_fork_in_child(self) -> None:
