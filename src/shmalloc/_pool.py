@@ -10,11 +10,13 @@ into pages that already exist: with pwrite the first time, then through a
 shared mapping of the spare that the worker keeps, which is a plain memcpy
 (about 2.5 times faster than pwrite here). Spares only grow, so such a
 mapping never reaches past the end of its object; when the parent releases a
-spare, the workers that map it unmap it at their next task.
+spare between calls, it tells the idle workers that map it to unmap it and
+waits for their answer (a task with no item), so that its space is free.
 
-A spare has no name, so nothing of it is ever in /dev/shm, and it is gone
-with the parent's descriptor (at :meth:`Pool.close`, or when the process
-dies). An object lent to a ``copy=False`` result becomes a spare only when
+A spare has no name, so nothing of it is in /dev/shm's listing (``df``
+counts it), and it is gone with the parent's descriptor and the workers'
+mappings (at :meth:`Pool.close`, or when the process dies). How many the
+pool keeps, and how they give way to other writes: :mod:`._spares`. An object lent to a ``copy=False`` result becomes a spare only when
 every array mapping it has been freed; a fork while it is lent retires it
 for good, because a forked child keeps reading the object's pages through
 its copy-on-write mapping.
