@@ -228,14 +228,14 @@ def test_ls_shows_spares_held_in_this_process_and_in_a_child(capsys):
         child_bytes = int(child.stdout.readline())
         with shmalloc.Pool(1, start_method="fork") as pool:
             pool.map(ones, [2 << 20])
-            mine = sorted(spare.size for spare in pool._spares.free)
+            mine = {os.fstat(spare.fd).st_ino: spare.size for spare in pool._spares.free}
             held = shmalloc.held_objects()
-            assert list(held.columns) == ["name", "size", "pid", "command", "fds", "inode"]
-            here = held[held["pid"] == os.getpid()]
+            assert list(held.columns) == ["name", "size", "pid", "command", "fds", "maps", "inode"]
+            here = held[(held["pid"] == os.getpid()) & held["inode"].isin(mine)]  # earlier tests' objects may still close
             there = held[held["pid"] == child.pid]
-            assert sorted(here["size"]) == mine and list(there["size"]) == [child_bytes]
+            assert dict(zip(here["inode"], here["size"])) == mine and list(there["size"]) == [child_bytes]
             assert there["command"].iloc[0].startswith(sys.executable) and (here["fds"] == 1).all()
-            assert all(name.startswith("/shmalloc_") for name in held["name"])
+            assert all(name.startswith("/shmalloc_") for name in [*here["name"], *there["name"]])
             assert not set(here["name"]) & set(shmalloc.segments()["name"])  # not in /dev/shm's listing
 
             assert main(["ls"]) == 0
@@ -243,19 +243,32 @@ def test_ls_shows_spares_held_in_this_process_and_in_a_child(capsys):
             assert "held open after unlink" in out
             lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("/shmalloc_")}
             for name, pid in [(here["name"].iloc[0], os.getpid()), (there["name"].iloc[0], child.pid)]:
-                assert lines[name][3] == str(pid) and "python" in lines[name][5]  # NAME SIZE(2) PID FDS COMMAND
+                assert lines[name][3] == str(pid) and "python" in lines[name][6]  # NAME SIZE(2) PID FDS MAPS COMMAND
 
             listing = subprocess.run(
                 [sys.executable, "-m", "shmalloc", "ls", "--json"], capture_output=True, text=True, timeout=120
             )
             assert listing.returncode == 0, listing.stderr
             rows = [row for row in json.loads(listing.stdout) if row["linked"] is False]
-            assert {(row["pid"], row["size"]) for row in rows} >= {(os.getpid(), mine[0]), (child.pid, child_bytes)}
+            assert {(row["pid"], row["size"]) for row in rows} >= {(os.getpid(), size) for size in mine.values()} | {(child.pid, child_bytes)}
     finally:
         child.stdin.close()
         assert child.wait(timeout=60) == 0
     gone = shmalloc.held_objects()
     assert not ((gone["pid"] == os.getpid()) | (gone["pid"] == child.pid)).any()
+
+
+def test_held_objects_lists_the_object_under_a_copy_false_result():
+    """An object mapped only by the arrays of a copy=False result is listed with its mapping, until the arrays are freed."""
+    handle = shmalloc.copy2shm(np.arange(MB, dtype=np.int64))
+    array = shmalloc.allocate_from_shm(handle, copy=False)
+    held = shmalloc.held_objects()
+    row = held[(held["pid"] == os.getpid()) & (held["name"] == handle.name)]
+    assert len(row) == 1 and row["fds"].iloc[0] == 0 and row["maps"].iloc[0] >= 1
+    assert row["size"].iloc[0] == handle.size
+    del array
+    held = shmalloc.held_objects()
+    assert handle.name not in set(held[held["pid"] == os.getpid()]["name"])
 
 
 def test_held_objects_without_proc(monkeypatch):

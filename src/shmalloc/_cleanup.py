@@ -171,7 +171,7 @@ def segments() -> "pd.DataFrame":
 # under copy=False results. `ls /dev/shm` does not show them, `df` counts them.
 
 
-HELD_COLUMNS = ["name", "size", "pid", "command", "fds", "inode"]
+HELD_COLUMNS = ["name", "size", "pid", "command", "fds", "maps", "inode"]
 _DELETED = " (deleted)"
 
 
@@ -182,6 +182,7 @@ class _Held:
     pid: int
     command: str
     fds: int
+    maps: int
     inode: int
 
 
@@ -193,8 +194,46 @@ def _command(pid: int) -> str:
     return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
 
 
+def _held_by_fds(pid: int, prefix: str, device: int, objects: dict[int, list]) -> None:
+    """Add the unlinked objects that process ``pid`` holds by descriptor: inode -> [name, size, fds, maps]."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if not (target.startswith(prefix) and target.endswith(_DELETED)):
+                continue
+            st = os.stat(f"/proc/{pid}/fd/{fd}")  # the object itself, through the descriptor
+        except OSError:
+            continue  # closed meanwhile
+        if st.st_dev != device or st.st_nlink != 0 or not stat.S_ISREG(st.st_mode):
+            continue  # another mount's /dev/shm, or a name was given to it again
+        entry = objects.setdefault(st.st_ino, ["/" + target[len(prefix) : -len(_DELETED)], st.st_size, 0, 0])
+        entry[2] += 1
+
+
+def _held_by_maps(pid: int, prefix: str, device: int, objects: dict[int, list]) -> None:
+    """Add the unlinked objects that process ``pid`` maps (arrays of ``copy=False`` results, workers' refills)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        lines = [line for line in maps if line.rstrip("\n").endswith(_DELETED) and prefix in line]
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith(prefix):
+            continue
+        major, minor = (int(part, 16) for part in fields[3].split(":"))
+        if os.makedev(major, minor) != device:
+            continue
+        inode, name = int(fields[4]), "/" + fields[5].rstrip("\n")[len(prefix) : -len(_DELETED)]
+        if inode not in objects:
+            try:  # the object's size; map_files is readable only with enough privilege
+                size = os.stat(f"/proc/{pid}/map_files/{fields[0]}").st_size
+            except OSError:
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                size = int(fields[2], 16) + end - start  # at least what this mapping reaches
+            objects[inode] = [name, size, 0, 0]
+        objects[inode][3] += 1
+
+
 def _scan_held(directory: Path) -> list[_Held]:
-    """Unlinked objects of ``directory``'s file system that this user's live processes hold by descriptor."""
+    """Unlinked objects of ``directory``'s file system that this user's live processes hold open or mapped."""
     try:
         device = os.stat(directory).st_dev
         pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
@@ -203,46 +242,38 @@ def _scan_held(directory: Path) -> list[_Held]:
     prefix, uid = str(directory).rstrip("/") + "/", os.geteuid()
     found: list[_Held] = []
     for pid in pids:
+        objects: dict[int, list] = {}  # inode -> [name, size, descriptors, mappings]
         try:
             if os.stat(f"/proc/{pid}").st_uid != uid:
                 continue
-            fds = os.listdir(f"/proc/{pid}/fd")
+            _held_by_fds(pid, prefix, device, objects)
+            _held_by_maps(pid, prefix, device, objects)
         except OSError:
-            continue  # exited meanwhile, or not ours to read
-        objects: dict[int, list] = {}  # inode -> [name, size, descriptors]
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if not (target.startswith(prefix) and target.endswith(_DELETED)):
-                    continue
-                st = os.stat(f"/proc/{pid}/fd/{fd}")  # the object itself, through the descriptor
-            except OSError:
-                continue  # closed meanwhile
-            if st.st_dev != device or st.st_nlink != 0 or not stat.S_ISREG(st.st_mode):
-                continue  # another mount's /dev/shm, or a name was given to it again
-            entry = objects.setdefault(st.st_ino, ["/" + target[len(prefix) : -len(_DELETED)], st.st_size, 0])
-            entry[2] += 1
+            if not objects:
+                continue  # exited meanwhile, or not ours to read
         if objects:
             command = _command(pid)
-            found.extend(_Held(name, size, pid, command, n, inode) for inode, (name, size, n) in objects.items())
+            found.extend(_Held(name, size, pid, command, fds, maps, inode) for inode, (name, size, fds, maps) in objects.items())
     return found
 
 
 def held_objects() -> "pd.DataFrame":
-    """List shared memory objects whose name is gone but that this user's processes still hold open.
+    """List shared memory objects whose name is gone but that this user's processes still hold or map.
 
     A :class:`shmalloc.Pool` keeps such objects as spares, and the objects of
-    consumed segments stay while something holds them: ``ls /dev/shm`` and
-    :func:`segments` do not show them, but they take space (``df``). Found
-    through ``/proc/<pid>/fd`` of this user's live processes (Linux).
+    consumed segments stay while arrays of ``copy=False`` results map them:
+    ``ls /dev/shm`` and :func:`segments` do not show them, but they take
+    space (``df``). Found through ``/proc/<pid>/fd`` and ``/proc/<pid>/maps``
+    of this user's live processes (Linux).
 
     Returns
     -------
     pandas.DataFrame
         One row per object and holding process, largest first, with columns
         ``name`` (the name the object had), ``size`` (bytes), ``pid`` and
-        ``command`` of the holder, ``fds`` (its descriptors of the object)
-        and ``inode`` (the same inode under several pids is one object).
+        ``command`` of the holder, ``fds`` and ``maps`` (its descriptors and
+        mappings of the object) and ``inode`` (the same inode under several
+        pids is one object).
         Empty where there is no /proc.
     """
     import pandas as pd
@@ -255,6 +286,7 @@ def held_objects() -> "pd.DataFrame":
             "pid": pd.Series([h.pid for h in found], dtype="int64"),
             "command": pd.Series([h.command for h in found], dtype=object),
             "fds": pd.Series([h.fds for h in found], dtype="int64"),
+            "maps": pd.Series([h.maps for h in found], dtype="int64"),
             "inode": pd.Series([h.inode for h in found], dtype="int64"),
         },
         columns=HELD_COLUMNS,

@@ -110,6 +110,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
                 "size": int(row.size),
                 "command": row.command,
                 "fds": int(row.fds),
+                "maps": int(row.maps),
                 "inode": int(row.inode),
                 "linked": False,
             }
@@ -133,11 +134,11 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
             f" {held['inode'].nunique()} object(s), {human_size(total)}\n"
         )
         width = max(len("NAME"), *(len(n) for n in held["name"]))
-        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'PID':>7}  {'FDS':>4}  COMMAND\n")
+        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'PID':>7}  {'FDS':>4}  {'MAPS':>4}  COMMAND\n")
         for row in held.itertuples(index=False):
             command = " ".join(row.command.split())  # a -c script spans lines
             command = command if len(command) <= 60 else command[:57] + "..."
-            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {row.pid:>7}  {row.fds:>4}  {command}\n")
+            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {row.pid:>7}  {row.fds:>4}  {row.maps:>4}  {command}\n")
     return 0
 
 
