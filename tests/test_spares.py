@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import shmalloc
+import shmalloc._pool as pool_module
 from shmalloc import _cleanup, _segment, _spares
 from shmalloc._cli import main
 
@@ -288,3 +289,24 @@ def test_pool_dropped_while_its_spares_are_held_closes_later():
         assert not spares.closed
     _wait_for(lambda: spares.closed and not spares.free, "the pool was never closed")
     _wait_for(lambda: worker.exitcode is not None, "its worker did not exit")
+
+
+def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
+    """A KeyboardInterrupt while waiting for the workers to unmap released spares leaves no stray answer: the next call is right."""
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        pool.map(ones, [4 * MB] * 2)
+        pool.map(ones, [4 * MB] * 2)  # the workers now map the two spares
+        real_wait = pool_module.connection.wait
+
+        def interrupted(*args, **kwargs):
+            if sys._getframe(1).f_code.co_name == "_unmap_released":  # not the call's own waits
+                monkeypatch.setattr(pool_module.connection, "wait", real_wait)
+                raise KeyboardInterrupt
+            return real_wait(*args, **kwargs)
+
+        monkeypatch.setattr(pool_module.connection, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pool.map(ones, [MB // 2])  # releases both 4 MB spares, then waits for the workers
+        assert pool._spares.free == []
+        got = pool.map(ones, [MB, 2 * MB, 3 * MB])
+        assert [a.size for a in got] == [MB, 2 * MB, 3 * MB] and all((a == 1).all() for a in got)

@@ -477,13 +477,23 @@ class Pool:
                 except OSError:
                     continue  # gone: its mappings went with it
                 asked.append(worker)
-        for worker in asked:
-            try:
-                connection.wait([worker.conn, worker.process.sentinel])
-                if worker.conn.poll():
-                    worker.conn.recv()  # ("unmapped",)
-            except (EOFError, OSError):
-                pass  # it died: so did its mappings
+        try:
+            while asked:
+                worker = asked[0]
+                try:
+                    connection.wait([worker.conn, worker.process.sentinel])
+                    if worker.conn.poll():
+                        worker.conn.recv()  # ("unmapped",)
+                except (EOFError, OSError):
+                    pass  # it died: so did its mappings
+                asked.pop(0)
+        except BaseException:
+            # Interrupted (Ctrl-C): an answer left in a pipe would be taken for a result by
+            # the next call. Stop the workers that still owe one; the next call replaces them.
+            for worker in asked:
+                worker.process.kill()
+                worker.process.join()
+            raise
 
     def __enter__(self) -> "Pool":
         return self
