@@ -255,8 +255,9 @@ def test_ls_shows_spares_held_in_this_process_and_in_a_child(capsys):
     finally:
         child.stdin.close()
         assert child.wait(timeout=60) == 0
+    _segment.wait_for_releases()
     gone = shmalloc.held_objects()
-    assert not ((gone["pid"] == os.getpid()) | (gone["pid"] == child.pid)).any()
+    assert not gone["inode"].isin(mine).any() and not (gone["pid"] == child.pid).any()
 
 
 def test_held_objects_lists_the_object_under_a_copy_false_result():
