@@ -419,3 +419,176 @@ def test_pickled_reference_does_not_grow_with_the_data():
     small = ShmArray.zeros(128)
     big = ShmArray.zeros(8 << 20)
     assert abs(len(pickle.dumps(big)) - len(pickle.dumps(small))) < 16
+
+
+# ---- ShmArrays returned by workers: the parent takes the name over ----
+
+
+def _make_shmarray(i: int) -> ShmArray:
+    """Worker: a fresh 800 kB ShmArray, owned by the worker until it is handed over."""
+    return ShmArray.from_array(np.arange(100_000, dtype=np.float64) * i)
+
+
+def _make_nested(i: int) -> dict:
+    """Worker: a container with a ShmArray, a view of it and a large plain array (the container goes through shm)."""
+    a = ShmArray.from_array(np.arange(100_000, dtype=np.int64) + i)
+    return {"array": a, "view": a[10:20], "plain": np.full(50_000, i)}
+
+
+def _first(a: ShmArray) -> float:
+    return float(a[0])
+
+
+def _check_received(arrays: list, n: int) -> list[str]:
+    """The arrays arrived intact, owned here, writable, and a worker sees a write made here."""
+    names = []
+    for i, a in enumerate(arrays):
+        assert type(a) is ShmArray and a.owner and a.flags.writeable
+        np.testing.assert_array_equal(a, np.arange(100_000, dtype=np.float64) * i)
+        a[0] = -1.0 - i
+        names.append(a.name)
+        assert _exists(a.name)
+    assert shmalloc.map(_first, arrays, processes=2, start_method="fork") == [-1.0 - i for i in range(n)]
+    return names
+
+
+def _gone_after_collect(names: list[str]) -> bool:
+    gc.collect()
+    return not any(_exists(name) for name in names)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_map_hands_returned_shmarrays_over_to_the_parent(method):
+    """ShmArrays returned through map arrive intact, owned by the parent, and are unlinked when it drops them."""
+    arrays = shmalloc.map(_make_shmarray, range(5), processes=2, start_method=method)
+    names = _check_received(arrays, 5)
+    del arrays
+    assert _gone_after_collect(names)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 4])
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pool_hands_returned_shmarrays_over_at_any_chunksize(method, chunksize):
+    """ShmArrays returned through Pool.map (any chunksize) arrive intact; nothing is left after close and release."""
+    with shmalloc.Pool(2, method) as pool:
+        for _ in range(2):
+            arrays = pool.map(_make_shmarray, range(6), chunksize=chunksize)
+            names = _check_received(arrays, 6)
+            del arrays
+            assert _gone_after_collect(names)
+        kept = pool.map(_make_shmarray, range(3), chunksize=chunksize)
+    names = _check_received(kept, 3)
+    del kept
+    assert _gone_after_collect(names)
+
+
+def test_containers_of_shmarrays_and_views_are_handed_over():
+    """A container holding a ShmArray, a view of it and a large array comes back whole, sharing one segment."""
+    with shmalloc.Pool(2) as pool:
+        got = pool.map(_make_nested, range(4), chunksize=2)
+    got += shmalloc.map(_make_nested, range(4, 6), processes=2, start_method="spawn")
+    names = []
+    for i, d in enumerate(got):
+        np.testing.assert_array_equal(d["array"], np.arange(100_000) + i)
+        np.testing.assert_array_equal(d["plain"], np.full(50_000, i))
+        assert d["view"].name == d["array"].name and d["array"].owner
+        d["array"][10] = -5
+        assert d["view"][0] == -5  # the same memory
+        names.append(d["array"].name)
+    del got, d
+    assert _gone_after_collect(names)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_executor_hands_returned_shmarrays_over(method):
+    """ShmArrays returned through the executor arrive intact and owned by the parent; nothing is left after shutdown."""
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+        arrays = [f.result(timeout=60) for f in [pool.submit(_make_shmarray, i) for i in range(4)]]
+    names = _check_received(arrays, 4)
+    del arrays
+    assert _gone_after_collect(names)
+
+
+def _shmarray_or_fail(i: int) -> ShmArray:
+    if i == 5:  # last of its chunk: the parent stops workers that have finished their arrays
+        time.sleep(0.2)  # let the other worker's arrays arrive first, or not: nothing may be left either way
+        raise KeyError("item five")
+    return _make_shmarray(i)
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_shmarrays_of_a_failed_call_leave_nothing(chunksize):
+    """When a call fails, the ShmArrays other items returned (read or not) leave nothing in /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(KeyError):
+        shmalloc.map(_shmarray_or_fail, range(8), processes=2, start_method="fork", chunksize=chunksize)
+    with shmalloc.Pool(2) as pool:
+        with pytest.raises(KeyError):
+            pool.map(_shmarray_or_fail, range(8), chunksize=chunksize)
+    gc.collect()
+    assert not _new_names_of_dead_or_this_process(before)
+
+
+def _new_names_of_dead_or_this_process(before: set[str]) -> list[str]:
+    """Segments made since ``before`` by this process or by processes that are gone (a concurrent run's are alive)."""
+    new = {"/" + n for n in set(os.listdir("/dev/shm")) - before}
+    return [
+        n for n in new
+        if _names.creator_pid(n) is not None
+        and (_names.creator_pid(n) == os.getpid() or not os.path.exists(f"/proc/{_names.creator_pid(n)}"))
+    ]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_returned_shmarrays_are_named_for_the_receiver(method):
+    """Names of ShmArrays made in workers carry the receiver's pid: cleanup tools see them alive after the worker is gone."""
+    arrays = shmalloc.map(_make_shmarray, range(3), processes=2, start_method=method)
+    with shmalloc.Pool(1, method) as pool:
+        arrays += pool.map(_make_shmarray, range(2))
+    with shmalloc.ProcessPoolExecutor(1, mp_context=mp.get_context(method)) as pool:
+        arrays.append(pool.submit(_make_shmarray, 1).result(timeout=60))
+    assert not mp.active_children()  # every worker is gone
+    names = [a.name for a in arrays]
+    assert all(_names.creator_pid(name) == os.getpid() for name in names)
+    listed = shmalloc.segments()
+    alive = dict(zip(listed["name"], listed["alive"]))
+    assert all(alive[name] for name in names)
+    del arrays
+    assert _gone_after_collect(names)
+
+
+_kept_in_worker: list = []
+
+
+def _make_and_keep(i: int) -> str:
+    """Worker: make a ShmArray and keep it (not returned); report its name."""
+    _kept_in_worker.append(ShmArray.zeros(1000))
+    return _kept_in_worker[-1].name
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_shmarrays_a_worker_keeps_are_gone_when_it_exits(method):
+    """ShmArrays a worker made and kept are unlinked when the worker exits (map's end, Pool.close)."""
+    names = shmalloc.map(_make_and_keep, range(4), processes=2, start_method=method)
+    pool = shmalloc.Pool(2, method)
+    names += pool.map(_make_and_keep, range(4))
+    assert all(_exists(name) for name in names[4:])
+    pool.close()
+    assert not any(_exists(name) for name in names)
+
+
+def test_shmarray_passed_to_a_worker_stays_owned_by_its_creator():
+    """An argument ShmArray returned by the worker stays the parent's: same segment, still owned, not unlinked by the worker."""
+    a = ShmArray.from_array(np.arange(100_000.0))
+    back = shmalloc.map(copy.copy, [a], start_method="spawn")  # copy.copy of a ShmArray is plain: a control
+    assert type(back[0]) is np.ndarray
+    with shmalloc.Pool(1, "spawn") as pool:
+        same = pool.map(_identity, [a])[0]
+    assert same.name == a.name and a.owner and _exists(a.name)
+    same[5] = -1
+    assert a[5] == -1
+    a.unlink()
+
+
+def _identity(x):
+    return x

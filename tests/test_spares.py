@@ -40,6 +40,14 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # exited and reaped
+    return True
+
+
 def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -283,13 +291,13 @@ def test_pool_dropped_while_its_spares_are_held_closes_later():
     """A pool finalized in a thread that holds its spares' lock (a GC inside a locked section) closes later instead of deadlocking."""
     pool = shmalloc.Pool(1, start_method="fork")
     pool.map(full, [1])
-    spares, worker = pool._spares, pool._workers[0].process
+    spares, worker_pid = pool._spares, pool._workers[0].process.pid
     with spares.held():
         del pool
         gc.collect()  # Pool.__del__ runs here
         assert not spares.closed
     _wait_for(lambda: spares.closed and not spares.free, "the pool was never closed")
-    _wait_for(lambda: worker.exitcode is not None, "its worker did not exit")
+    _wait_for(lambda: not _alive(worker_pid), "its worker was not stopped and reaped")
 
 
 def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):

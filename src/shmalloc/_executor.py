@@ -11,18 +11,47 @@ after the workers are gone.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 import warnings
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from . import _names
-from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, receive, ship
+from . import _answer, _names, _shmarray
+from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, rebuild_error, receive, remote_error, ship
+
+_LABEL = "shmalloc.ProcessPoolExecutor"
+# In a worker: the handover of the last answer, completed at the next task (by then the
+# answer has been sent). Until then the worker keeps the ShmArrays alive.
+_unsent: _shmarray.Handover | None = None
 
 
-def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, args: tuple, kwargs: dict) -> Shipped:
-    """Runs in a worker: call ``fn`` and make its result ready for the parent."""
-    return ship(fn(*args, **kwargs), name, limit)
+def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict) -> bytes:
+    """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._answer`).
+
+    The answer is pickled here, so that rebuilding it happens in
+    :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
+    broken pool) and fn's exceptions are described safely. ``receiver``:
+    the parent's pid.
+    """
+    global _unsent
+    _complete_unsent()
+    _shmarray.name_for_receiver(receiver)
+    message, handover = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
+    if handover is not None and handover.names:
+        # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
+        # names; the answer has been sent by then (before the worker read its stop message).
+        handover.keep_at_exit()
+        _unsent = handover
+    return message
+
+
+def _complete_unsent() -> None:
+    """In a worker: the last answer has been sent (a new task came, or the worker exits)."""
+    global _unsent
+    if _unsent is not None:
+        _unsent.complete()
+        _unsent = None
 
 
 class _Future(cf.Future):
@@ -73,6 +102,12 @@ class ProcessPoolExecutor(cf.Executor):
     Every segment made for the pool is gone once :meth:`shutdown` (with
     ``wait=True``, as the ``with`` statement does) returns.
 
+    An exception raised by ``fn`` is re-raised with a note giving the
+    worker's traceback (a :class:`shmalloc.WorkerError` if it cannot be
+    rebuilt); an error while rebuilding a result here fails that future
+    only, with a note saying so. A :class:`shmalloc.ShmArray` that ``fn``
+    makes and returns is taken over by this process.
+
     Examples
     --------
     >>> import numpy as np, shmalloc
@@ -110,7 +145,7 @@ class ProcessPoolExecutor(cf.Executor):
             self._names.add(name)
         future = _Future()
         try:
-            task = self._pool.submit(_call_and_ship, fn, name, self._limit, args, kwargs)
+            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs)
         except BaseException:
             self._forget(name)
             raise
@@ -132,12 +167,20 @@ class ProcessPoolExecutor(cf.Executor):
                 settled = not isinstance(error, BrokenProcessPool)
                 future.set_exception(error)
                 return
-            shipped: Shipped = task.result()
+            header, stream = _answer.read_header(task.result())
             try:
-                value = receive(shipped, name, self._copy)
-            except BaseException as exc:
-                future.set_exception(exc)
-                return
+                try:
+                    payload = _answer.read_payload(stream)
+                    if header.kind == _answer.ERROR:
+                        future.set_exception(remote_error(None, payload, _LABEL))
+                        return
+                    shipped: Shipped = payload
+                    value = receive(shipped, name, self._copy)
+                except Exception as exc:
+                    future.set_exception(rebuild_error(None, exc, _LABEL))
+                    return
+            finally:
+                _answer.forget(header.names)
             if shipped.fell_back:
                 self._warn_fallback()
             if not future.cancelled():

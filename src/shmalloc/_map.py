@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _names
+from . import _answer, _names, _shmarray
 from ._api import allocate_from_shm, copy2shm, unlink
 from ._errors import ShmError
 from ._handle import ShmObj
@@ -42,13 +41,14 @@ class WorkerError(RuntimeError):
 
     Attributes
     ----------
-    index : int
-        Position of the failing item in the input.
+    index : int or None
+        Position of the failing item in the input (None for a task of
+        :class:`shmalloc.ProcessPoolExecutor`).
     remote_traceback : str
         The traceback text from the worker ("" if there is none).
     """
 
-    def __init__(self, message: str, index: int, remote_traceback: str = "") -> None:
+    def __init__(self, message: str, index: int | None, remote_traceback: str = "") -> None:
         super().__init__(message)
         self.index = index
         self.remote_traceback = remote_traceback
@@ -143,6 +143,8 @@ def _is_pandas(obj: Any) -> bool:
 
 def _nbytes(obj: Any, limit: int) -> int:
     """Roughly how many bytes ``obj`` holds; counting may stop once ``limit`` is reached."""
+    if isinstance(obj, _shmarray.ShmArray) and obj.shared:
+        return 256  # pickled by reference (name and layout)
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, (bytes, bytearray, str, memoryview)):
@@ -205,47 +207,106 @@ def _seed_item(seed: np.random.SeedSequence, index: int) -> None:
     random.seed(int.from_bytes(state.tobytes(), "little"))
 
 
-def _worker(conn: Connection, options: _Options) -> None:
-    """Worker main loop: receive a chunk of (index, item, name), answer one message per item."""
+def _worker(conn: Connection, options: _Options, receiver: int) -> None:
+    """Worker main loop: receive (chunk of (index, item, name), last), answer one message per item.
+
+    ``last``: no more chunks will come; exit right after answering (the exit
+    overlaps with the parent's reading of the results). ``receiver``: the
+    parent's pid.
+    """
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        for index, item, name in task:
-            if options.items is not None:
-                item = options.items[index]
-            message = _run_one(options, index, item, name)
-            try:
-                conn.send(message)
-            except Exception as exc:  # a small result that cannot be pickled: pickling fails before sending
-                conn.send(("error", index, *_describe(exc)))
-
-
-def _run_one(options: _Options, index: int, item: Any, name: str) -> tuple:
+    _shmarray.name_for_receiver(receiver)
     try:
-        if options.seed is not None:
-            _seed_item(options.seed, index)
-        result = options.func(item)
-        return ("ok", index, ship(result, name, options.limit))
-    except BaseException as exc:  # report everything; the parent decides
-        return ("error", index, *_describe(exc))
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):
+                return
+            if task is None:
+                return
+            entries, last = task
+            for index, item, name in entries:
+                if options.items is not None:
+                    item = options.items[index]
+                message, handover = _answer.answer(index, lambda: _run_one(options, index, item, name))
+                conn.send_bytes(message)
+                if handover is not None:
+                    handover.complete()
+            if last:
+                return
+    finally:
+        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
 
-def _describe(exc: BaseException) -> tuple[bytes | None, str, str]:
-    text = "".join(traceback.format_exception(exc))
-    message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
-    payload = None
+def _run_one(options: _Options, index: int, item: Any, name: str) -> Shipped:
+    if options.seed is not None:
+        _seed_item(options.seed, index)
+    return ship(options.func(item), name, options.limit)
+
+
+def exit_text(code: int | None) -> str:
+    """How a process ended, from its exit code (``-N``: killed by signal N), e.g. "was killed by signal SIGKILL (9)".
+
+    Signals without a name (real-time ones, numbers unknown here) are named by number.
+    """
+    if code is None:
+        return "has not exited"
+    if code >= 0:
+        return f"exited with code {code}"
+    number = -code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        low, high = getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1)
+        name = f"SIGRTMIN+{number - low}" if low < number <= high else ""
+    return f"was killed by signal {name} ({number})" if name else f"was killed by signal {number}"
+
+
+def remote_error(index: int | None, described: tuple[bytes | None, str, str], where: str) -> Exception:
+    """The exception to raise in the parent for an item that failed in a worker (see :func:`_answer.describe`).
+
+    The worker's own exception where it can be rebuilt, with a note naming
+    the item (None: the executor's task) and giving the worker's traceback;
+    else a :class:`WorkerError`.
+    """
+    payload, message, text = described
+    subject = "the task" if index is None else f"item {index}"
+    exc: BaseException | None = None
+    if payload is not None:
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            exc = None
     if isinstance(exc, Exception):
         try:
-            payload = pickle.dumps(exc, protocol=5)
+            exc.add_note(f"{where}: raised by func for {subject}; the worker's traceback:\n{text.rstrip()}")
+            if index is not None:
+                try:
+                    exc.shmalloc_index = index
+                except AttributeError:
+                    pass
+            return exc
         except Exception:
-            payload = None
-    return payload, message, text
+            pass  # e.g. a __notes__ that is not a list: report it as a WorkerError
+    return WorkerError(f"{subject} failed in a worker: {message}\n\n{text}", index, text)
+
+
+def rebuild_error(index: int | None, exc: Exception, where: str) -> Exception:
+    """Name item ``index`` (None: the executor's task) on ``exc``, raised in the parent while rebuilding its result."""
+    subject = "the task" if index is None else f"item {index}"
+    try:
+        exc.add_note(f"{where}: raised in the parent while rebuilding the result of {subject}")
+    except Exception:  # an exception that takes no notes: wrap it
+        wrapped = WorkerError(f"{subject}: rebuilding its result in the parent failed: {exc!r}", index)
+        wrapped.__cause__ = exc
+        return wrapped
+    if index is not None:
+        try:
+            exc.shmalloc_index = index
+        except AttributeError:
+            pass
+    return exc
 
 
 # ----------------------------------------------------------------------------
@@ -343,11 +404,16 @@ def map(
     Notes
     -----
     Every segment made for the call is gone when ``map`` returns or raises,
-    also after a killed worker or a KeyboardInterrupt. When ``map`` raises,
-    its workers are stopped and reaped first; when it returns, they have
-    delivered everything and exit on their own (multiprocessing reaps them
-    at the next process start or at exit), so that the results are not
-    delayed by their exit.
+    also after a killed worker or a KeyboardInterrupt. Its workers are
+    reaped before ``map`` returns or raises: no descriptor or zombie of
+    theirs is left. (A worker's last task tells it to exit once answered, so
+    its exit overlaps with the reading of the results.)
+
+    A :class:`shmalloc.ShmArray` that ``func`` makes and returns (also
+    inside a container) arrives as a ShmArray over the same memory, and the
+    parent takes over its name: it is unlinked when the parent's last
+    reference dies. An error while rebuilding a result in the parent is
+    raised as it is, with a note naming the item.
 
     Each call starts its workers, and each result lands in a fresh segment
     whose pages the kernel must fault in (about as costly as copying them).
@@ -464,7 +530,7 @@ class _Run:
         self.workers.append(_Worker(process, parent_end))
 
     def _new_process(self, parent_end: Connection, child_end: Connection) -> multiprocessing.process.BaseProcess:
-        return self.ctx.Process(target=_worker, args=(child_end, self.options), daemon=True)
+        return self.ctx.Process(target=_worker, args=(child_end, self.options, os.getpid()), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):
@@ -478,7 +544,7 @@ class _Run:
             task.append((index, None if inherit else self.items[index], self.names[index]))
         worker.pending = list(chunk)
         try:
-            worker.conn.send(task)
+            worker.conn.send((task, self.next_chunk >= len(self.chunks)))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
 
@@ -500,86 +566,97 @@ class _Run:
             try:
                 if not worker.conn.poll():
                     break
-                message = worker.conn.recv()
-            except (EOFError, OSError):
+                data = worker.conn.recv_bytes()
+            except (EOFError, OSError):  # only the connection itself: rebuilding the answer comes below
                 return False
-            self._handle(worker, message)  # its errors (e.g. ShmError) are the caller's, not a dead pipe
+            self._handle(worker, data)  # its errors (e.g. ShmError) are the item's, not a dead pipe
         return True
 
     def _buried(self, worker: _Worker) -> None:
-        """A worker ended: an error if it still owed results, else replace it."""
-        worker.process.join(_TERMINATE_GRACE)
+        """A worker ended: an error if it still owed results, else reap it and replace it if needed."""
+        process = worker.process
+        exited = bool(wait([process.sentinel], _TERMINATE_GRACE))
+        if not exited:  # it closed its pipe but lives on: of no use any more
+            process.kill()
+        process.join()
         if worker.pending:
-            index, code = worker.pending[0], worker.process.exitcode
-            if code is None:
-                how = "closed its pipe"
-            elif code < 0:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            else:
-                how = f"exited with code {code}"
-            raise WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
+            index, code = worker.pending[0], process.exitcode
+            how = exit_text(code) if exited else "closed its pipe"
+            raise WorkerDiedError(f"the worker (pid {process.pid}) working on item {index} {how}", index, code)
         self.workers.remove(worker)
         worker.conn.close()
+        process.close()  # its sentinel's descriptors
         if self.next_chunk < len(self.chunks):
             self._start_worker()
             self._dispatch(self.workers[-1])
 
-    def _handle(self, worker: _Worker, message: tuple) -> None:
-        kind, index = message[0], message[1]
-        if kind == "error":
-            self._raise_remote(index, *message[2:])
-        name = self.names[index]
-        shipped: Shipped = message[2]
-        self.results[index] = receive(shipped, name, self.copy)
-        del self.names[index]
+    def _handle(self, worker: _Worker, data: bytes) -> None:
+        """Take one answer of ``worker``: a result, or the item's error (raised)."""
+        header, stream = _answer.read_header(data)
+        index = header.index
+        try:
+            try:
+                payload = _answer.read_payload(stream)
+            except Exception as exc:
+                raise rebuild_error(index, exc, self.LABEL) from None
+            if header.kind == _answer.ERROR:
+                raise remote_error(index, payload, self.LABEL)
+            shipped: Shipped = payload
+            try:
+                self.results[index] = self._receive(index, shipped)
+            except Exception as exc:
+                raise rebuild_error(index, exc, self.LABEL) from None
+        finally:
+            _answer.forget(header.names)  # those not taken over while rebuilding
         self.fallbacks += shipped.fell_back
         worker.pending.remove(index)
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)
 
-    def _raise_remote(self, index: int, payload: bytes | None, message: str, text: str) -> None:
-        exc: BaseException | None = None
-        if payload is not None:
-            try:
-                exc = pickle.loads(payload)
-            except Exception:
-                exc = None
-        if not isinstance(exc, Exception):
-            raise WorkerError(f"item {index} failed in a worker: {message}\n\n{text}", index, text)
-        exc.add_note(f"shmalloc.map: raised by func for item {index}; the worker's traceback:\n{text.rstrip()}")
+    #: How error notes name the call.
+    LABEL = "shmalloc.map"
+
+    def _receive(self, index: int, shipped: Shipped) -> Any:
+        value = receive(shipped, self.names[index], self.copy)
+        del self.names[index]
+        return value
+
+    def _discard_unread(self, worker: _Worker) -> None:
+        """Read what a stopped worker left in its pipe, to unlink the ShmArrays handed over there."""
         try:
-            exc.shmalloc_index = index
-        except AttributeError:
-            pass
-        raise exc
+            while worker.conn.poll():
+                _answer.forget(_answer.read_header(worker.conn.recv_bytes())[0].names)
+        except Exception:
+            pass  # a closed or garbled pipe: nothing more to read
 
     def _stop(self, graceful: bool) -> None:
-        """Tell idle workers to exit (graceful), or terminate and reap every worker."""
+        """Tell idle workers to exit and reap them (graceful), or terminate and reap every worker.
+
+        Either way no descriptor of theirs stays open and no zombie is left.
+        """
+        workers, self.workers = self.workers, []
         if graceful:
-            # Every result is in and every segment consumed: the workers exit on their own, and
-            # multiprocessing reaps them later (at the next process start, or at exit). Waiting
-            # for them to tear down their address spaces would only delay the results.
-            for worker in self.workers:
+            # Every result is in: tell them all first, so that they tear down at the same time.
+            # (map's workers mostly exited already: their last chunk told them to.)
+            for worker in workers:
                 try:
                     worker.conn.send(None)
                 except OSError:
                     pass
-                worker.conn.close()
-            self.workers = []
-            return
-        for worker in self.workers:
-            if worker.process.exitcode is None:
-                worker.process.terminate()
-        for worker in self.workers:
+        else:
+            for worker in workers:
+                if worker.process.exitcode is None:
+                    worker.process.terminate()
+        for worker in workers:
             process = worker.process
-            process.join(_TERMINATE_GRACE)
-            if process.exitcode is None:
+            if not wait([process.sentinel], _TERMINATE_GRACE):
                 process.kill()
-                process.join()
+            process.join()
+            if not graceful:
+                self._discard_unread(worker)
             worker.conn.close()
             process.close()
-        self.workers = []
 
 
 def _progress_bar(total: int):

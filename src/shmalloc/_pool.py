@@ -29,13 +29,14 @@ import os
 import pickle
 import secrets
 import signal
+import threading
 import weakref
 from multiprocessing import connection, reduction
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _names, _segment, codecs
+from . import _answer, _names, _segment, _shmarray, codecs
 from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
@@ -44,7 +45,6 @@ from ._map import (
     PIPE_LIMIT,
     Shipped,
     _Box,
-    _describe,
     _is_pandas,
     _nbytes,
     _Options,
@@ -145,47 +145,55 @@ class _Mappings:
             pass  # the next refill uses pwrite
 
 
-def _pool_worker(conn: Any) -> None:
-    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item."""
+def _pool_worker(conn: Any, receiver: int) -> None:
+    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item.
+
+    ``receiver``: the parent's pid.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    _shmarray.name_for_receiver(receiver)
     mappings = _Mappings()
-    while True:
-        try:
-            task = conn.recv()
-            if task is None:
-                return
-            options, entries, drops = task
-            mappings.drop(drops)
-            if not entries:  # only unmapping was asked: say it is done (then the space is free)
-                conn.send(("unmapped",))
-                continue
-            fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
-        except (EOFError, OSError):
-            return
-        for index, item, name, sid in entries:
-            fd = fds.pop(index, -1)
+    try:
+        while True:
             try:
+                task = conn.recv()
+                if task is None:
+                    return
+                options, entries, drops = task
+                mappings.drop(drops)
+                if not entries:  # only unmapping was asked: say it is done (then the space is free)
+                    conn.send_bytes(_answer.unmapped())
+                    continue
+                fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
+            except (EOFError, OSError):
+                return
+            for index, item, name, sid in entries:
+                fd = fds.pop(index, -1)
                 try:
-                    if options.seed is not None:
-                        _seed_item(options.seed, index)
-                    result = options.func(item)
+                    shipped: list[Shipped] = []
+
+                    def produce() -> Shipped:
+                        if options.seed is not None:
+                            _seed_item(options.seed, index)
+                        result = options.func(item)
+                        if fd >= 0:
+                            shipped.append(ship_into(result, fd, options.limit, mappings.get(sid)))
+                        else:
+                            shipped.append(ship(result, name, options.limit))
+                        return shipped[0]
+
+                    message, handover = _answer.answer(index, produce)
+                    conn.send_bytes(message)
+                    if handover is not None:
+                        handover.complete()
+                    # Off the result's path: map what was just written, for the next refill.
+                    if fd >= 0 and handover is not None and shipped[0].handle is not None:
+                        mappings.remember(sid, fd, shipped[0].handle.size)
+                finally:
                     if fd >= 0:
-                        shipped = ship_into(result, fd, options.limit, mappings.get(sid))
-                    else:
-                        shipped = ship(result, name, options.limit)
-                    message = ("ok", index, shipped)
-                except BaseException as exc:  # report everything; the parent decides
-                    shipped, message = None, ("error", index, *_describe(exc))
-                try:
-                    conn.send(message)
-                except Exception as exc:  # a small result that cannot be pickled
-                    conn.send(("error", index, *_describe(exc)))
-                # Off the result's path: map what was just written, for the next refill.
-                if fd >= 0 and shipped is not None and shipped.handle is not None:
-                    mappings.remember(sid, fd, shipped.handle.size)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+                        os.close(fd)
+    finally:
+        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
 
 # ----------------------------------------------------------------------------
@@ -205,6 +213,8 @@ def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple
 
 class _PoolRun(_Run):
     """One :meth:`Pool.map` call on the pool's persistent workers."""
+
+    LABEL = "shmalloc.Pool.map"
 
     def __init__(self, pool: "Pool", items: list, options: _Options, chunksize: int, copy: bool, progress: bool):
         super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
@@ -248,9 +258,19 @@ class _PoolRun(_Run):
         self._warn_fallbacks()
         return self.results
 
+    def _start_worker(self) -> None:
+        if self.pool._terminating:
+            raise RuntimeError("Pool.terminate() was called while this map was running")
+        super()._start_worker()
+
+    def _buried(self, worker: _Worker) -> None:
+        if self.pool._terminating:
+            raise RuntimeError("Pool.terminate() was called while this map was running")
+        super()._buried(worker)
+
     def _new_process(self, parent_end: Any, child_end: Any) -> multiprocessing.process.BaseProcess:
         _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        return self.ctx.Process(target=_pool_worker, args=(child_end,), daemon=True)
+        return self.ctx.Process(target=_pool_worker, args=(child_end, os.getpid()), daemon=True)
 
     def _dispatch(self, worker: _Worker) -> None:
         if self.next_chunk >= len(self.chunks):
@@ -279,18 +299,6 @@ class _PoolRun(_Run):
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
         except OSError:
             pass  # the worker is gone: _step sees its sentinel and names the item
-
-    def _handle(self, worker: _Worker, message: tuple) -> None:
-        kind, index = message[0], message[1]
-        if kind == "error":
-            self._raise_remote(index, *message[2:])
-        shipped: Shipped = message[2]
-        self.results[index] = self._receive(index, shipped)
-        self.fallbacks += shipped.fell_back
-        worker.pending.remove(index)
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
 
     def _receive(self, index: int, shipped: Shipped) -> Any:
         handle = shipped.handle
@@ -369,8 +377,13 @@ class Pool:
     forked while they were alive (the child's copy-on-write view would see
     the new data). Functions and items are pickled to the workers, so
     ``func`` must be picklable (a module-level function) under every start
-    method; :func:`shmalloc.map` takes lambdas under fork. A pool is used
-    from one thread at a time.
+    method; :func:`shmalloc.map` takes lambdas under fork.
+
+    A pool may be shared by threads: their :meth:`map` calls run one after
+    the other (as :class:`multiprocessing.pool.Pool` users expect), and
+    :meth:`close` waits for a running call. :meth:`terminate` stops the
+    workers at once; a call running in another thread then raises
+    :class:`RuntimeError` saying so.
 
     Examples
     --------
@@ -402,6 +415,11 @@ class Pool:
         self._workers: list[_Worker] = []
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
+        # One call at a time: a run owns the workers, their pipes and the spares it hands out.
+        # Taken before the spares' own lock (which their other users take alone).
+        self._lock = threading.Lock()
+        self._terminating = False  # set by terminate(), read by a run in another thread
+        self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
         with self._spares.held():
             _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
 
@@ -437,29 +455,59 @@ class Pool:
             except Exception as exc:
                 raise TypeError(f"Pool.map pickles func to its running workers (use a module-level function): {exc}") from exc
         options = _Options(options.func, None, options.seed, options.limit)
-        if not items:
-            return []
-        with self._spares.held():  # spares come back from other threads only between calls
-            return _PoolRun(self, items, options, chunksize, copy, progress).run()
+        self._refuse_reentry("map")
+        with self._lock:
+            if self._closed:
+                raise ValueError("the pool is closed")
+            if not items:
+                return []
+            self._runner = threading.get_ident()
+            try:
+                with self._spares.held():  # spares come back from other threads only between calls
+                    return _PoolRun(self, items, options, chunksize, copy, progress).run()
+            finally:
+                self._runner = None
+                if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
+                    self._shut(graceful=False)
 
     def close(self) -> None:
-        """Stop the workers (without waiting for them to exit) and release the spares."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._spares.held():
-            run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-            run._stop(graceful=True)
-            self._workers = []
-            self._spares.close()
+        """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        self._refuse_reentry("close")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._shut(graceful=True)
 
     def terminate(self) -> None:
-        """Kill the workers, wait for them, and release the spares."""
+        """Kill the workers at once, reap them, release the spares.
+
+        Also while a :meth:`map` runs, in another thread or in this one (a
+        signal handler): that call then raises RuntimeError.
+        """
+        self._terminating = True
+        for worker in list(self._workers):  # a copy: a running map may change the list
+            try:
+                worker.process.terminate()
+            except (ValueError, AttributeError):
+                pass  # closed or not yet started by the running map: it stops on _terminating
+        if self._runner == threading.get_ident():
+            self._closed = True  # the interrupted call raises when it resumes, and then cleans up
+            return
+        with self._lock:
+            self._closed = True
+            self._shut(graceful=False)
+
+    def _refuse_reentry(self, what: str) -> None:
+        # The lock is not reentrant: waiting for it in the thread that holds it would hang.
+        if self._runner == threading.get_ident():
+            raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
+
+    def _shut(self, graceful: bool) -> None:
         with self._spares.held():
             run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-            run._stop(graceful=False)
+            run._stop(graceful=graceful)
             self._workers = []
-            self._closed = True
             self._spares.close()
 
     def _unmap_released(self) -> None:
@@ -482,8 +530,10 @@ class Pool:
                 worker = asked[0]
                 try:
                     connection.wait([worker.conn, worker.process.sentinel])
-                    if worker.conn.poll():
-                        worker.conn.recv()  # ("unmapped",)
+                    if worker.conn.poll() and not _answer.read_unmapped(worker.conn.recv_bytes()):
+                        # Out of step: a later call would read the rest as results. Replace it.
+                        worker.process.kill()
+                        worker.process.join()
                 except (EOFError, OSError):
                     pass  # it died: so did its mappings
                 asked.pop(0)

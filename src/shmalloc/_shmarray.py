@@ -51,8 +51,19 @@ class _Ownership:
 _owned: "weakref.WeakKeyDictionary[_segment.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
 
 
+# In a worker of shmalloc: the pid of the process its results go to. New names carry it, because
+# that process takes over the arrays returned to it, and cleanup tools judge a name by its pid.
+_receiver_pid: int | None = None
+
+
+def name_for_receiver(pid: int) -> None:
+    """In a worker: new ShmArrays get names carrying ``pid``, the process that receives its results."""
+    global _receiver_pid
+    _receiver_pid = pid
+
+
 def _new_segment(nbytes: int) -> _segment.SharedMapping:
-    name = _names.generate()
+    name = _names.generate(_receiver_pid)
     mapping = _space.retry_on_enospc(_segment.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
     with _lock:
         _owned[mapping] = _Ownership(mapping)
@@ -123,6 +134,96 @@ def _rebuild(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np
         raise ValueError(f"{name}: damaged ShmArray reference: {exc}") from None
 
 
+def _adopt(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]) -> "ShmArray":
+    """Unpickle a ShmArray handed over as a result: this process becomes the owner of its name."""
+    array = _rebuild(name, size, inode, shape, dtype, offset, strides)
+    mapping = _mapping_of(array)
+    with _lock:
+        ownership = _owned.get(mapping)
+        if ownership is None or ownership.pid != os.getpid():
+            _owned[mapping] = _Ownership(mapping)
+    return array
+
+
+# The handover that ShmArrays pickled by this thread join (None: pickled by reference, the owner stays).
+_handing_over = threading.local()
+
+
+class Handover:
+    """While active (``with``), ShmArrays this process owns and pickles pass their name's ownership on.
+
+    For a worker returning results: whoever unpickles such an array owns its
+    name from then on. The worker keeps its duty to unlink until
+    :meth:`complete` (call it once the pickle has been delivered); a
+    handover dropped without :meth:`complete` changes nothing here.
+    """
+
+    def __init__(self) -> None:
+        self.mappings: dict[str, _segment.SharedMapping] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The names handed over so far."""
+        return list(self.mappings)
+
+    def __enter__(self) -> "Handover":
+        self._outer = getattr(_handing_over, "current", None)
+        _handing_over.current = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _handing_over.current = self._outer
+
+    def _join(self, mapping: _segment.SharedMapping) -> bool:
+        """Take ``mapping`` into the handover if this process owns its name."""
+        ownership = _owned.get(mapping)
+        if ownership is None or ownership.pid != os.getpid() or not ownership.finalizer.alive:
+            return False
+        self.mappings[mapping.name] = mapping
+        return True
+
+    def keep_at_exit(self) -> None:
+        """Leave the names handed over alone at interpreter exit (the receiver has them by then)."""
+        with _lock:
+            for mapping in self.mappings.values():
+                ownership = _owned.get(mapping)
+                if ownership is not None:
+                    ownership.finalizer.atexit = False
+
+    def complete(self) -> None:
+        """The receiver has the pickle: give up the duty to unlink the names handed over."""
+        with _lock:
+            for mapping in self.mappings.values():
+                ownership = _owned.pop(mapping, None)
+                if ownership is not None:
+                    ownership.finalizer.detach()
+        self.mappings = {}
+
+
+def unlink_unless_owned(name: str) -> None:
+    """Unlink ``name`` unless this process owns it (a handed-over name nobody took over)."""
+    with _lock:
+        mapping = _mappings.get(name)
+        ownership = _owned.get(mapping) if mapping is not None else None
+        if ownership is not None and ownership.pid == os.getpid():
+            return
+    try:
+        _segment.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_owned() -> None:
+    """Unlink every name this process owns: for a worker about to leave through ``os._exit``.
+
+    (``os._exit`` skips the finalisers that would unlink them; the arrays stay valid where mapped.)
+    """
+    with _lock:
+        owned = [o for o in _owned.values() if o.pid == os.getpid()]
+    for ownership in owned:
+        ownership.finalizer()
+
+
 def _demote(result: Any) -> Any:
     """Turn ShmArrays whose memory is not shared (copies, results) into plain ndarrays."""
     if isinstance(result, ShmArray) and _mapping_of(result) is None:
@@ -158,6 +259,13 @@ class ShmArray(np.ndarray):
     :class:`~shmalloc.ShmError` (ENOENT). If the creator crashes, the name
     stays in ``/dev/shm`` as ``/shmalloc_<pid>_<random>`` for
     :func:`shmalloc.gc` (``python -m shmalloc gc``) to remove.
+
+    A ShmArray made in a worker of :func:`shmalloc.map`, :class:`shmalloc.Pool`
+    or :class:`shmalloc.ProcessPoolExecutor` and returned as (part of) a
+    result is handed over: the receiving process becomes its owner, the
+    worker gives up its duty once the result is sent. (Passed anywhere else,
+    including to a worker as an argument, the creator stays the owner.) The
+    names of arrays made in such workers carry the receiving process's pid.
 
     Results that do not live in the shared memory, such as those of
     arithmetic (``a + 1``), reductions or :meth:`copy`, are plain
@@ -347,8 +455,9 @@ class ShmArray(np.ndarray):
         if mapping is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
         offset = self.__array_interface__["data"][0] - mapping.address
+        handover = getattr(_handing_over, "current", None)
         return (
-            _rebuild,
+            _adopt if handover is not None and handover._join(mapping) else _rebuild,
             (mapping.name, mapping.size, mapping.inode, self.shape, self.dtype, offset, self.strides),
         )
 

@@ -1,0 +1,296 @@
+"""How map, Pool and the executor report what happens to an item: exits, signals, errors while describing or rebuilding."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import shmalloc
+
+START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+TWO_METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
+RTSIG = signal.SIGRTMIN + 2  # a signal without a name in signal.Signals
+
+
+# Module-level functions and classes: spawn and forkserver workers import them by name.
+
+
+def own_pid(_: int) -> int:
+    return os.getpid()
+
+
+def kill_self_by_rt_signal_on_two(i: int) -> int:
+    if i == 2:
+        os.kill(os.getpid(), RTSIG)
+    return i
+
+
+def _explode_outside(pid: int, kind: str):
+    """Rebuilds a result: fine in the worker ``pid`` made it in, raises ``kind`` anywhere else."""
+    if os.getpid() != pid:
+        raise {"OSError": OSError, "ValueError": ValueError}[kind](f"cannot rebuild here (made in {pid})")
+    return "rebuilt"
+
+
+class ExplodesInParent:
+    """A result whose unpickling raises in any process but the worker that made it."""
+
+    def __init__(self, kind: str, big: bool = False) -> None:
+        self.kind = kind
+        self.big = big
+
+    def __reduce__(self):
+        return (_explode_outside, (os.getpid(), self.kind))
+
+
+def explode_in_parent_on_three(i: int, kind: str = "OSError"):
+    if i == 3:
+        return ExplodesInParent(kind)
+    return np.full(30_000, i)
+
+
+def explode_oserror(i: int):
+    return explode_in_parent_on_three(i, "OSError")
+
+
+def explode_valueerror(i: int):
+    return explode_in_parent_on_three(i, "ValueError")
+
+
+def explode_in_big_result(i: int):
+    """A large result (through shared memory) holding a part that cannot be rebuilt in the parent."""
+    if i == 3:
+        return [np.full(30_000, i), ExplodesInParent("OSError")]
+    return np.full(30_000, i)
+
+
+class StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+class StrAndReprRaise(StrRaises):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr either")
+
+
+class ReduceRaises(Exception):
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle me")
+
+
+class NotesRaise(Exception):
+    """traceback formatting reads __notes__: this makes it raise."""
+
+    @property
+    def __notes__(self):
+        raise RuntimeError("no notes")
+
+
+def _refuse_unpickling():
+    raise RuntimeError("cannot unpickle me here")
+
+
+class UnpicklingRaises(Exception):
+    def __reduce__(self):
+        return (_refuse_unpickling, ())
+
+
+FAILURES = {
+    "str raises": StrRaises,
+    "str and repr raise": StrAndReprRaise,
+    "reduce raises": ReduceRaises,
+    "notes raise": NotesRaise,
+    "unpickling raises": UnpicklingRaises,
+}
+
+
+def fail_undescribably(arg: tuple[str, int]):
+    kind, i = arg
+    if i == 2:
+        raise FAILURES[kind]("item two")
+    return i
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _is_zombie_or_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return True  # a zombie or a live process: either way not gone
+    except FileNotFoundError:
+        return False
+
+
+# ---- 1. nothing left behind ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_map_returns_with_no_descriptor_open_and_no_zombie(method):
+    """After map returns, the parent has as many descriptors as before and its workers are reaped."""
+    shmalloc.map(abs, [1], start_method=method)  # starts a forkserver or resource tracker once
+    before = _fds()
+    pids = shmalloc.map(own_pid, range(200), processes=2, start_method=method)
+    assert _fds() == before
+    assert len(set(pids)) >= 1
+    for pid in set(pids):
+        assert not _is_zombie_or_alive(pid), f"worker {pid} was not reaped"
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_map_that_raises_leaves_no_descriptor_and_no_zombie(method):
+    """After map raises for an item, the parent has as many descriptors as before and no worker left."""
+    shmalloc.map(abs, [1], start_method=method)
+    before = _fds()
+    with pytest.raises(shmalloc.WorkerDiedError):
+        shmalloc.map(kill_self_by_rt_signal_on_two, range(20), processes=2, start_method=method)
+    assert _fds() == before
+    assert not mp.active_children()
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_pool_close_leaves_no_descriptor_and_no_zombie(method):
+    """After Pool.close the parent has as many descriptors as before and the workers are reaped."""
+    shmalloc.map(abs, [1], start_method=method)
+    before = _fds()
+    pool = shmalloc.Pool(2, method)
+    pids = pool.map(own_pid, range(20))
+    pool.close()
+    assert _fds() == before
+    for pid in set(pids):
+        assert not _is_zombie_or_alive(pid), f"worker {pid} was not reaped"
+
+
+# ---- 2. signals without a name --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_map_worker_killed_by_a_realtime_signal_names_item_and_signal(method):
+    """A worker killed by SIGRTMIN+2 gives WorkerDiedError naming the item and the signal number."""
+    with pytest.raises(shmalloc.WorkerDiedError, match=rf"item 2 was killed by signal SIGRTMIN\+2 \({RTSIG}\)") as info:
+        shmalloc.map(kill_self_by_rt_signal_on_two, range(5), processes=2, start_method=method)
+    assert info.value.index == 2 and info.value.exitcode == -RTSIG
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_pool_worker_killed_by_a_realtime_signal_names_item_and_signal(method):
+    """A Pool worker killed by SIGRTMIN+2 gives WorkerDiedError naming the item and signal; the pool still works."""
+    with shmalloc.Pool(2, method) as pool:
+        with pytest.raises(shmalloc.WorkerDiedError, match=rf"item 2 was killed by signal SIGRTMIN\+2 \({RTSIG}\)") as info:
+            pool.map(kill_self_by_rt_signal_on_two, range(5))
+        assert info.value.exitcode == -RTSIG
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+
+
+def test_exit_text_names_every_kind_of_end():
+    """Exit codes become text: code, named signal, real-time signal, and a number no signal has."""
+    from shmalloc._map import exit_text
+
+    assert exit_text(3) == "exited with code 3"
+    assert exit_text(-signal.SIGKILL) == f"was killed by signal SIGKILL ({int(signal.SIGKILL)})"
+    assert exit_text(-RTSIG) == f"was killed by signal SIGRTMIN+2 ({RTSIG})"
+    assert exit_text(-1000) == "was killed by signal 1000"
+
+
+# ---- 5. errors while rebuilding a result in the parent ------------------------------------------
+
+
+@pytest.mark.parametrize("func, kind", [(explode_oserror, OSError), (explode_valueerror, ValueError)])
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_map_rebuild_error_is_the_items_error(method, func, kind):
+    """An error while rebuilding a result in the parent is raised as it is, naming the item (not a dead worker)."""
+    with pytest.raises(kind, match="cannot rebuild here") as info:
+        shmalloc.map(func, range(6), processes=2, start_method=method)
+    assert not isinstance(info.value, shmalloc.WorkerError)
+    assert info.value.shmalloc_index == 3
+    assert any("item 3" in note for note in info.value.__notes__)
+    assert not mp.active_children()
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_pool_rebuild_error_is_the_items_error_and_the_pool_still_works(method, chunksize):
+    """A Pool result that cannot be rebuilt in the parent raises the real error naming the item; the pool works on."""
+    with shmalloc.Pool(2, method) as pool:
+        for func, kind in [(explode_oserror, OSError), (explode_valueerror, ValueError), (explode_in_big_result, OSError)]:
+            with pytest.raises(kind, match="cannot rebuild here") as info:
+                pool.map(func, range(8), chunksize=chunksize)
+            assert info.value.shmalloc_index == 3
+            got = pool.map(explode_oserror, [0, 1, 2, 4])
+            for value, i in zip(got, [0, 1, 2, 4]):
+                np.testing.assert_array_equal(value, np.full(30_000, i))
+
+
+def test_map_rebuild_error_of_a_large_result_leaves_nothing():
+    """A large result whose rebuilding fails in the parent raises the real error, and its segment is gone."""
+    with pytest.raises(OSError, match="cannot rebuild here") as info:
+        shmalloc.map(explode_in_big_result, range(6), processes=2, start_method="fork")
+    assert info.value.shmalloc_index == 3
+
+
+def test_executor_rebuild_error_is_the_tasks_error_not_a_broken_pool():
+    """In the executor, a result that cannot be rebuilt fails its future with the real error; the pool works on."""
+    with shmalloc.ProcessPoolExecutor(2) as pool:
+        with pytest.raises(OSError, match="cannot rebuild here"):
+            pool.submit(explode_oserror, 3).result(timeout=60)
+        assert pool.submit(abs, -5).result(timeout=60) == 5
+
+
+# ---- 6. exceptions that cannot be described ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(FAILURES))
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_map_reports_an_undescribable_exception_as_the_items_error(method, kind):
+    """An exception whose str, repr, pickling, notes or unpickling fails is still the item's error, not a dead worker."""
+    with pytest.raises(Exception) as info:
+        shmalloc.map(fail_undescribably, [(kind, i) for i in range(5)], processes=2, start_method=method)
+    assert not isinstance(info.value, shmalloc.WorkerDiedError)
+    error = info.value
+    if isinstance(error, shmalloc.WorkerError):
+        assert error.index == 2 and FAILURES[kind].__name__ in str(error)
+    else:
+        assert type(error) is FAILURES[kind] and error.shmalloc_index == 2
+
+
+@pytest.mark.parametrize("kind", list(FAILURES))
+def test_pool_reports_an_undescribable_exception_as_the_items_error(kind):
+    """Under Pool an undescribable exception is the item's error, and the pool still works."""
+    with shmalloc.Pool(2) as pool:
+        with pytest.raises(Exception) as info:
+            pool.map(fail_undescribably, [(kind, i) for i in range(5)])
+        assert not isinstance(info.value, shmalloc.WorkerDiedError)
+        assert getattr(info.value, "index", getattr(info.value, "shmalloc_index", None)) == 2
+        assert pool.map(fail_undescribably, [(kind, 1)]) == [1]
+
+
+@pytest.mark.parametrize("kind", list(FAILURES))
+def test_executor_reports_an_undescribable_exception_as_the_tasks_error(kind):
+    """In the executor an undescribable exception fails its future (not a broken pool); the pool works on."""
+    with shmalloc.ProcessPoolExecutor(2) as pool:
+        with pytest.raises(Exception) as info:
+            pool.submit(fail_undescribably, (kind, 2)).result(timeout=60)
+        assert not isinstance(info.value, cf.process.BrokenProcessPool)
+        assert type(info.value) in (FAILURES[kind], shmalloc.WorkerError)
+        assert pool.submit(fail_undescribably, (kind, 1)).result(timeout=60) == 1
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_executor_shutdown_leaves_no_descriptor_and_no_zombie(method):
+    """After the executor's shutdown the parent has as many descriptors as before and its workers are reaped."""
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+        pool.submit(abs, 1).result(timeout=60)  # starts what a start method starts once
+    before = _fds()
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as pool:
+        pids = [pool.submit(own_pid, i).result(timeout=60) for i in range(6)]
+    assert _fds() == before
+    for pid in set(pids):
+        assert not _is_zombie_or_alive(pid), f"worker {pid} was not reaped"
