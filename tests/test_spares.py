@@ -319,3 +319,79 @@ def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
         assert pool._spares.free == []
         got = pool.map(ones, [MB, 2 * MB, 3 * MB])
         assert [a.size for a in got] == [MB, 2 * MB, 3 * MB] and all((a == 1).all() for a in got)
+
+
+def test_copy_false_results_come_back_at_once_and_start_no_thread():
+    """Taking back the objects of freed copy=False results starts no thread (a later fork sees none of ours) and is done when the last array is freed."""
+    before = set(threading.enumerate())
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        kept = pool.map(full, range(4), copy=False)
+        assert len(pool._spares.lent) == 4
+        del kept
+        gc.collect()
+        assert pool._spares.lent == [] and len(pool._spares.free) == 4  # no waiting: the finalizers took them back
+        assert set(threading.enumerate()) <= before
+        again = pool.map(full, [5, 6], copy=False)
+        with shmalloc.Pool(1, start_method="fork") as other:  # forks while objects are lent
+            assert [float(a[0]) for a in other.map(full, [7], copy=False)] == [7.0]
+        assert [float(a[0]) for a in again] == [5.0, 6.0]
+        assert set(threading.enumerate()) <= before
+
+
+def test_results_freed_while_the_lock_is_held_come_back_when_it_is_released():
+    """An object freed while its pool's lock is held (here by this very thread) is taken back as the lock is released, not at a later call."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        kept = pool.map(full, range(3), copy=False)
+        with pool._spares.held():
+            del kept
+            gc.collect()  # the finalizers cannot take the lock: they queue
+            assert len(pool._spares.lent) == 3
+        assert pool._spares.lent == [] and len(pool._spares.free) == 3
+
+
+def _free_in_thread(results: list) -> None:
+    del results[:]
+    gc.collect()
+
+
+def test_results_freed_in_another_thread_during_a_call_come_back_at_its_end():
+    """Objects freed by another thread while a call holds the pool come back when that call ends, and the call's results are right."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        kept = pool.map(full, range(3), copy=False)
+        freer = threading.Thread(target=_free_in_thread, args=(kept,))
+        with pool._spares.held():  # as a running call does
+            del kept
+            freer.start()
+            freer.join(60)
+            assert not freer.is_alive() and len(pool._spares.lent) == 3
+        assert pool._spares.lent == [] and len(pool._spares.free) == 3
+        assert [float(a[0]) for a in pool.map(full, range(3), copy=False)] == [0.0, 1.0, 2.0]
+
+
+def test_terminate_and_map_where_this_thread_holds_the_spares_do_not_hang():
+    """terminate() (as from a signal handler) in a thread that holds the spares' lock stops the pool when the lock is released; map() there is refused instead of hanging."""
+    pool = shmalloc.Pool(2, start_method="fork")
+    kept = pool.map(full, range(2), copy=False)
+    pids = [worker.process.pid for worker in pool._workers]
+    outcome: dict = {}
+
+    def interrupted_take_back() -> None:
+        with pool._spares.held():  # where a finalizer takes back freed results' objects
+            try:
+                pool.map(full, [1])
+            except RuntimeError as exc:
+                outcome["map"] = str(exc)
+            pool.terminate()  # what a signal handler arriving here would call
+            outcome["terminated"] = pool._closed
+        outcome["workers"] = pool._workers
+
+    runner = threading.Thread(target=interrupted_take_back, daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "terminate or map waited for the lock this thread holds"
+    assert "works on the pool's spares" in outcome["map"] and outcome["terminated"] and outcome["workers"] == []
+    _wait_for(lambda: not any(_alive(pid) for pid in pids), "the workers were not stopped and reaped")
+    assert [float(a[0]) for a in kept] == [0.0, 1.0]  # results stay readable
+    del kept
+    gc.collect()
+    assert pool._spares.closed and pool._spares.free == []

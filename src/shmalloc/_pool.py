@@ -494,14 +494,31 @@ class Pool:
         if self._runner == threading.get_ident():
             self._closed = True  # the interrupted call raises when it resumes, and then cleans up
             return
+        if self._spares.held_here():
+            # A signal handler interrupted this thread's own work on the spares (taking back
+            # freed results' objects): finish the shutdown once that releases them.
+            self._closed = True
+            self._spares.when_free(self._shut_unless_busy)
+            return
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
 
+    def _shut_unless_busy(self) -> None:
+        # After terminate() from a signal handler: a call of this pool that holds the lock
+        # (maybe on this thread) sees _terminating and shuts the pool when it ends.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shut(graceful=False)
+            finally:
+                self._lock.release()
+
     def _refuse_reentry(self, what: str) -> None:
-        # The lock is not reentrant: waiting for it in the thread that holds it would hang.
-        if self._runner == threading.get_ident():
-            raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
+        # The locks are not reentrant: waiting for one in the thread that holds it would hang.
+        if self._runner == threading.get_ident() or self._spares.held_here():
+            if self._runner == threading.get_ident():
+                raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
+            raise RuntimeError(f"Pool.{what}() called while this thread works on the pool's spares (from a signal handler or finalizer?)")
 
     def _shut(self, graceful: bool) -> None:
         with self._spares.held():
@@ -557,7 +574,7 @@ class Pool:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
-                self._spares.when_free(self.close)  # this thread may hold the spares' lock
+                self._spares.when_free(self.close)  # this thread may hold the spares' lock: then it closes the pool on release
             except Exception:
                 pass
 

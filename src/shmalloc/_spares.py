@@ -11,23 +11,28 @@ So spares are bounded:
   number of bytes. Other programs always keep the rest.
 
 The budget is applied at the end of every call, whenever the objects of
-freed ``copy=False`` results come back (an array finalizer queues them and
-the *keeper* thread takes them back: finalizers run at any bytecode and may
-not touch the lists), and when a write of this process finds /dev/shm full
+freed ``copy=False`` results come back, and when a write of this process finds /dev/shm full
 (:mod:`._space`), which then releases every free spare. Releasing a spare
 closes the parent's descriptor and has the workers unmap it at once (they
 keep refill mappings), so that its space really is free when that returns.
+
+No thread of ours does any of this: a library must not make its user's
+process multi-threaded and then fork it (Python 3.12 warns; the child may
+deadlock), and pools fork workers at any call. An array's finalizer, which
+runs at any bytecode in any thread, queues the object it frees and takes it
+back at once if the spares' lock is free; if not, whoever holds the lock
+takes it back when releasing the lock (see :meth:`Spares.held`).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import os
-import queue
 import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,7 +86,9 @@ class Spares:
     """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results.
 
     Every change happens under :meth:`held` (the pool holds it for a whole
-    call), except at a fork, when no other thread runs.
+    call), except at a fork, when no other thread of ours runs. What
+    finalizers hand in while the lock is taken waits in a queue that the
+    holder works off right after releasing it.
 
     Parameters
     ----------
@@ -105,6 +112,10 @@ class Spares:
         self.closed = False
         self._unmap = weakref.WeakMethod(unmap) if hasattr(unmap, "__self__") else (lambda: unmap)
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread holding the lock
+        # Objects of freed copy=False results (Spare) and deferred actions (callables), queued
+        # by finalizers; deque.append and popleft are atomic, so safe at any bytecode.
+        self._queued: collections.deque[Spare | Callable[[], None]] = collections.deque()
         _all_spares.add(self)
         _space.register(self)
 
@@ -113,20 +124,58 @@ class Spares:
     @contextmanager
     def held(self) -> Iterator[None]:
         """Hold the spares (and the workers' pipes) for a call, or for stopping the workers."""
-        with self._lock:
+        if self.held_here():
+            # The lock is not reentrant: a signal handler (or finalizer) would wait for itself.
+            raise RuntimeError("the pool is in use by this very thread (called from a signal handler or finalizer?)")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        try:
             yield
+        finally:
+            self._unlock()
+
+    def held_here(self) -> bool:
+        """Whether this thread holds the lock (then it was interrupted inside, e.g. by a signal handler)."""
+        return self._holder == threading.get_ident()
+
+    def _unlock(self) -> None:
+        """Release the lock, then work off what finalizers queued while it was taken.
+
+        A finalizer queues first and then tries the lock; the holder looks at the queue
+        after releasing it. So whatever is queued is worked off by one or the other, at
+        once, and never waits for a later call.
+        """
+        self._holder = None
+        self._lock.release()
+        while self._queued and self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
+            pool_refs: list = []
+            try:
+                actions = self._settle_queued(pool_refs)
+            finally:
+                self._holder = None
+                self._lock.release()
+            del pool_refs  # outside the lock: were it the pool's last reference, its close takes it
+            for action in actions:
+                try:
+                    action()
+                except Exception:  # a finalizer's action: nobody to report to
+                    pass
 
     def when_free(self, action: Callable[[], None]) -> None:
-        """Run ``action`` (which takes the lock) now, or on the keeper thread if the lock is taken.
+        """Run ``action`` (which takes the lock) now, or when the lock's holder releases it.
 
         For a pool's finalizer: it may run in a thread that holds this lock (garbage
         collection inside a locked section), where taking it again would deadlock.
         """
+        self._queued.append(action)
+        self._work_off()
+
+    def _work_off(self) -> None:
+        # Called from finalizers: never wait for the lock (this thread may hold it).
         if self._lock.acquire(blocking=False):
-            self._lock.release()
-            action()
-        else:
-            _keeper.later(action)
+            self._holder = threading.get_ident()
+            self._unlock()
 
     # -- moving spares
 
@@ -174,9 +223,15 @@ class Spares:
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         self.lent.append(spare)
-        _keeper.start()  # here, in ordinary code: the arrays' finalizers only queue work for it
         for array, address in zip(arrays, spare.addresses):
-            weakref.finalize(array, _keeper.array_freed, self, spare, address).atexit = False
+            weakref.finalize(array, self._array_freed, spare, address).atexit = False
+
+    def _array_freed(self, spare: Spare, address: int) -> None:
+        """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
+        spare.unfreed.discard(address)
+        if not spare.unfreed:
+            self._queued.append(spare)
+            self._work_off()
 
     # -- the budget
 
@@ -225,28 +280,37 @@ class Spares:
                 pool_refs.append(unmap)
                 unmap()
 
-    def settle(self, returned: Sequence[Spare]) -> None:
-        """Take back lent spares whose arrays were all finalized, then apply the budget (the keeper calls this)."""
-        pool_refs: list = []
-        with self._lock:
-            if self.closed:
-                return
-            for spare in returned:
-                if spare in self.lent and not spare.unfreed:  # not retired by a fork, nor released by close
-                    self.lent.remove(spare)
-                    self.give(spare)
-            released = self.trim()
+    def _settle_queued(self, pool_refs: list) -> list[Callable[[], None]]:
+        """Under the lock: take back the queued spares, apply the budget; return the queued actions.
+
+        Runs in finalizers too, at any bytecode: nothing here waits for another lock
+        (released spares are closed on this thread, not handed to the releaser).
+        """
+        actions, returned = [], False
+        while self._queued:
+            job = self._queued.popleft()
+            if isinstance(job, Spare):
+                # Not retired by a fork, nor released by close, since its last array was freed.
+                if not self.closed and job in self.lent and not job.unfreed:
+                    self.lent.remove(job)
+                    self.give(job)
+                    returned = True
+            else:
+                actions.append(job)
+        if returned:
+            self.trim()
             self._unmap_released(pool_refs)
-            if released:
-                _segment.wait_for_releases()
-        del pool_refs
+        return actions
 
     def give_back_space(self) -> int:
         """Release every free spare (a write found /dev/shm full); return their bytes. 0 if the pool is busy."""
-        if not self._lock.acquire(timeout=_BUSY_WAIT):
+        if self.held_here() or not self._lock.acquire(timeout=_BUSY_WAIT):
             return 0
+        self._holder = threading.get_ident()
         pool_refs: list = []
         try:
+            # Freed copy=False results' objects too; queued actions wait for _unlock (they take the lock).
+            self._queued.extend(self._settle_queued(pool_refs))
             if self.closed:
                 return 0
             self.reclaim()
@@ -258,7 +322,7 @@ class Spares:
             _segment.wait_for_releases()  # the retired ones, closed on the background thread
             return given
         finally:
-            self._lock.release()
+            self._unlock()
             del pool_refs
 
     def close(self) -> None:
@@ -282,6 +346,8 @@ class Spares:
         # The child's copies of the descriptors: the parent's spares are not the child's to use
         # (a worker started in the middle of a run would otherwise pin the ones handed out).
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._holder = None
+        self._queued = collections.deque()  # objects of the parent's results, actions on the parent's pool
         for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
             try:
                 os.close(spare.fd)
@@ -290,76 +356,6 @@ class Spares:
         self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
 
 
-class _Keeper:
-    """One daemon thread that takes back the objects of freed ``copy=False`` results.
-
-    An array's finalizer runs at any bytecode, in any thread, maybe while that
-    thread holds a pool's lock; so it only puts the object on a queue that is
-    safe to use there (:class:`queue.SimpleQueue`), and this thread settles it.
-    It also runs actions that must wait for a lock (:meth:`Spares.when_free`).
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue | None = None
-        self._start_lock = threading.Lock()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork_in_child)
-
-    def start(self) -> None:
-        """Start the thread if it does not run (called from ordinary code, never from a finalizer)."""
-        if self._queue is not None:
-            return
-        with self._start_lock:
-            if self._queue is None:
-                jobs: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(jobs,), name="shmalloc-spares", daemon=True).start()
-                self._queue = jobs
-
-    def array_freed(self, spares: Spares, spare: Spare, address: int) -> None:
-        """Finalizer of an array that owns a mapping of a lent spare."""
-        spare.unfreed.discard(address)
-        jobs = self._queue
-        if not spare.unfreed and jobs is not None:
-            jobs.put((spares, spare))
-
-    def later(self, action: Callable[[], None]) -> None:
-        """Run ``action`` on the thread (a pool's finalizer calls this, in a thread holding that pool's lock)."""
-        self.start()  # no thread yet: a pool whose results never were lent
-        self._queue.put((None, action))
-
-    def _run(self, jobs: queue.SimpleQueue) -> None:
-        while True:
-            batch = [jobs.get()]
-            while not jobs.empty():  # settle together what was freed together
-                batch.append(jobs.get())
-            self._do(batch)
-
-    @staticmethod
-    def _do(batch: list[tuple[Any, Any]]) -> None:
-        by_pool: dict[Spares, list[Spare]] = {}
-        actions = []
-        for spares, job in batch:
-            if spares is None:
-                actions.append(job)
-            else:
-                by_pool.setdefault(spares, []).append(job)
-        for spares, returned in by_pool.items():
-            try:
-                spares.settle(returned)
-            except Exception:  # never let the thread die: later frees still need it
-                pass
-        for action in actions:
-            try:
-                action()
-            except Exception:
-                pass
-
-    def _after_fork_in_child(self) -> None:
-        self._start_lock = threading.Lock()
-        self._queue = None  # the thread does not exist here; the child's spares are gone anyway
-
-
-_keeper = _Keeper()
 _all_spares: "weakref.WeakSet[Spares]" = weakref.WeakSet()
 
 
