@@ -299,6 +299,49 @@ def test_negative_older_than_raises():
 
 # ---- an unrestricted gc, in a private /dev/shm ----
 
+
+def run_in_private_shm(script: str, *args: str) -> dict:
+    """Run ``script`` in its own mount namespace over a fresh 16 MB /dev/shm; return its last line as JSON."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private /dev/shm")
+    command = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" -c "$@"']
+    proc = subprocess.run(command + [sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot mount a private /dev/shm: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+_YOUNG_ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, shmalloc
+    code = "import numpy as np, shmalloc; print(shmalloc.copy2shm(np.arange(1000)).name)"
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    report = {"name": name, "listed_dead": not shmalloc.segments().set_index("name").loc[name, "alive"]}
+    report["plain"] = list(shmalloc.gc()["name"])
+    report["none"] = list(shmalloc.gc(older_than=None)["name"])
+    report["after_plain"] = os.path.exists("/dev/shm" + name)
+    report["forced"] = list(shmalloc.gc(older_than=0)["name"])
+    report["after_forced"] = os.path.exists("/dev/shm" + name)
+    print(json.dumps(report))
+    """
+)
+
+
+def test_plain_gc_keeps_a_young_orphan():
+    """gc() with no argument keeps a young segment whose creator exited (a handle in flight); older_than=0 removes it."""
+    report = run_in_private_shm(_YOUNG_ORPHAN_SCRIPT)
+    assert report["listed_dead"]
+    assert report["plain"] == [] and report["none"] == [] and report["after_plain"]
+    assert report["forced"] == [report["name"]] and not report["after_forced"]
+
+
+def test_default_age_is_ten_minutes():
+    """The default that gc() and collect() apply is ten minutes, and a bool is not an age."""
+    assert _cleanup.DEFAULT_OLDER_THAN == 600.0
+    with pytest.raises(TypeError):
+        shmalloc.gc(older_than=True, dry_run=True)
+
 _PRIVATE_SCRIPT = textwrap.dedent(
     """
     import json, os, subprocess, sys, numpy as np, shmalloc
@@ -308,7 +351,7 @@ _PRIVATE_SCRIPT = textwrap.dedent(
     foreign = shmalloc.copy2shm(np.arange(10), name=f"/other_{dead.pid}_0123456789ab")
     other_user = shmalloc.copy2shm(np.arange(10), name=f"/shmalloc_{dead.pid}_ba9876543210")
     os.chown("/dev/shm" + other_user.name, 65534, 65534)
-    removed = list(shmalloc.gc()["name"])
+    removed = list(shmalloc.gc(older_than=0)["name"])
     left = sorted("/" + n for n in os.listdir("/dev/shm"))
     print(json.dumps({"removed": removed, "left": left, "orphan": orphan.name, "mine": mine.name,
                       "foreign": foreign.name, "other_user": other_user.name}))
@@ -317,7 +360,7 @@ _PRIVATE_SCRIPT = textwrap.dedent(
 
 
 def test_unrestricted_gc_in_private_shm():
-    """In a private /dev/shm, a plain gc() removes exactly the dead creator's segment of this user."""
+    """In a private /dev/shm, gc(older_than=0) removes exactly the dead creator's segment of this user."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a private /dev/shm")
     command = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" -c "$1"']

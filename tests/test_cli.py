@@ -5,6 +5,8 @@ import json
 import os
 import re
 import secrets
+import shutil
+import textwrap
 import subprocess
 import sys
 import time
@@ -67,10 +69,13 @@ def test_ls_empty(monkeypatch, capsys, tmp_path):
 
 
 def test_gc_dry_run_then_gc_in_process(orphan, capsys):
-    """`gc --dry-run` only reports; `gc` removes the orphan; each prints one summary line and exits 0."""
+    """`gc --dry-run` lists the orphan (name, size, age, creator) and removes nothing; `gc` removes it; both exit 0."""
     assert main(["gc", "--dry-run", "--older-than", "7000d"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and re.match(r"would remove [1-9]\d* segment\(s\), .*; kept \d+", out)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "AGE", "CREATOR"]
+    assert re.match(r"would remove [1-9]\d* segment\(s\), .*; kept \d+", lines[-1])
+    row = next(line.split() for line in lines if line.startswith(orphan.name))
+    assert row[-1] == orphan.name.split("_")[1] and row[-2].endswith("d") and row[2] == "KiB"
     assert (SHM / orphan.name[1:]).exists()
     assert main(["gc", "--older-than", "7000d"]) == 0
     out = capsys.readouterr().out
@@ -128,12 +133,13 @@ def test_help_lists_every_command(capsys):
 
 
 def test_ls_and_gc_as_module(orphan):
-    """`python -m shmalloc ls --json` sees the orphan; `gc --older-than` removes it; exit statuses are 0."""
+    """`python -m shmalloc ls --json` sees the orphan; `gc --dry-run` lists it; `gc --older-than` removes it; exit statuses are 0."""
     listing = run_cli("ls", "--json")
     assert listing.returncode == 0, listing.stderr
     assert orphan.name in {row["name"] for row in json.loads(listing.stdout)}
     dry = run_cli("gc", "--dry-run", "--older-than", "7000d")
-    assert dry.returncode == 0 and dry.stdout.startswith("would remove")
+    assert dry.returncode == 0 and dry.stdout.splitlines()[-1].startswith("would remove")
+    assert any(line.startswith(orphan.name) for line in dry.stdout.splitlines())
     assert (SHM / orphan.name[1:]).exists()
     done = run_cli("gc", "--older-than", "7000d")
     assert done.returncode == 0 and done.stdout.startswith("removed")
@@ -145,3 +151,54 @@ def test_usage_error_as_module():
     proc = run_cli("gc", "--older-than", "soon")
     assert proc.returncode == 2
     assert "not a duration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- the default of gc, in a private /dev/shm (a forced gc must not touch other programs' segments) ----
+
+_DEFAULT_GC_SCRIPT = textwrap.dedent(
+    """
+    import io, json, os, subprocess, sys
+    from shmalloc._cli import run_gc
+    code = "import numpy as np, shmalloc; print(shmalloc.copy2shm(np.arange(1000, dtype=np.int32)).name)"
+    names = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+             for _ in range(2)]
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "shmalloc", *a], capture_output=True, text=True, timeout=120)
+    exists = lambda: [os.path.exists("/dev/shm" + n) for n in names]
+    report = {"names": names}
+    plain = cli("gc")
+    report["plain"] = [plain.returncode, plain.stdout, exists()]
+    out = io.StringIO()
+    report["plain_in_process"] = [run_gc(out=out), out.getvalue(), exists()]
+    dry = cli("gc", "--dry-run", "--older-than", "0")
+    report["dry"] = [dry.returncode, dry.stdout, exists()]
+    forced = cli("gc", "--older-than", "0")
+    report["forced"] = [forced.returncode, forced.stdout, exists()]
+    print(json.dumps(report))
+    """
+)
+
+
+def test_plain_gc_keeps_young_orphans_and_older_than_0_forces():
+    """`gc` keeps young segments of exited creators; `--dry-run` lists each with size, age and creator; `--older-than 0` removes them."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private /dev/shm")
+    command = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" -c "$1"']
+    proc = subprocess.run(command + [sys.executable, _DEFAULT_GC_SCRIPT], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot mount a private /dev/shm: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    names = report["names"]
+    for key in ("plain", "plain_in_process"):
+        status, out, exist = report[key]
+        assert status == 0 and exist == [True, True], report[key]
+        assert out.startswith("removed 0 segment(s)") and "too young: 2" in out, out
+    status, out, exist = report["dry"]
+    assert status == 0 and exist == [True, True], report["dry"]
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "AGE", "CREATOR"] and lines[-1].startswith("would remove 2 segment(s)")
+    for name in names:
+        row = next(line.split() for line in lines if line.startswith(name))
+        assert row[1:3] == ["8.0", "KiB"] and row[3].endswith("s") and row[4] == name.split("_")[1], row
+    status, out, exist = report["forced"]
+    assert status == 0 and out.startswith("removed 2 segment(s)") and exist == [False, False], report["forced"]

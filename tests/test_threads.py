@@ -120,6 +120,7 @@ def test_terminate_from_another_thread_stops_the_running_map_cleanly():
     assert not mp.active_children()
 
 
+@pytest.mark.allow_fork_with_threads  # the test's own threads run while workers start
 def test_threads_submitting_and_shutting_down_the_executor():
     """Threads submit to one executor while one shuts it down: each accepted task's result is right, the rest refused clearly."""
     pool = shmalloc.ProcessPoolExecutor(2)

@@ -7,7 +7,7 @@ array([0, 1, 2, 3, 4])
 """
 from ._api import allocate_from_shm, copy2shm, unlink
 from . import _accessor  # registers .shm on pandas objects
-from ._cleanup import gc, segments
+from ._cleanup import gc, held_objects, segments
 from ._errors import CorruptHandleError, ShmError, ShmFileExistsError, ShmFileNotFoundError, ShmPermissionError
 from ._executor import ProcessPoolExecutor
 from ._handle import ShmObj
@@ -20,5 +20,5 @@ __all__ = [
     "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError",
     "CorruptHandleError",
     "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
-    "ShmArray", "segments", "gc",
+    "ShmArray", "segments", "held_objects", "gc",
 ]

@@ -24,6 +24,8 @@ from . import _names, _shmarray
 
 OK = "ok"
 ERROR = "error"
+# A Pool worker's reply to a task with no item: it unmapped the spares it was told to drop.
+UNMAPPED = "unmapped"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,23 @@ def read_payload(stream: io.BytesIO) -> Any:
     return pickle.load(stream)
 
 
+def unmapped() -> bytes:
+    """In a Pool worker: the reply to a task that only asked it to unmap released spares."""
+    return _dumps((UNMAPPED, -1, ()))
+
+
+def read_unmapped(data: bytes) -> bool:
+    """In the parent: whether ``data`` is a worker's :func:`unmapped` reply (False: the pipe is out of step)."""
+    try:
+        header, _ = read_header(data)
+    except Exception:
+        return False
+    if header.kind != UNMAPPED:
+        forget(header.names)
+        return False
+    return True
+
+
 def forget(names: tuple[str, ...]) -> None:
     """In the parent: unlink the handed-over names that this process did not take over."""
     for name in names:
@@ -112,4 +131,4 @@ def forget(names: tuple[str, ...]) -> None:
             _shmarray.unlink_unless_owned(name)
 
 
-__all__ = ["Header", "answer", "describe", "read_header", "read_payload", "forget", "OK", "ERROR"]
+__all__ = ["Header", "answer", "describe", "read_header", "read_payload", "forget", "unmapped", "read_unmapped", "OK", "ERROR", "UNMAPPED"]

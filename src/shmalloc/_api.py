@@ -6,7 +6,7 @@ import secrets
 import sys
 from typing import Any
 
-from . import _names, _segment, codecs
+from . import _names, _segment, _space, codecs
 from ._errors import CorruptHandleError
 from ._handle import ShmObj
 
@@ -57,7 +57,7 @@ def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: boo
     encoded = codecs.encode(x)
     token = secrets.token_bytes(_segment.TOKEN_BYTES)
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
-    size = _segment.create(name, token, recipe, encoded.buffers, overwrite)
+    size = _space.retry_on_enospc(_segment.create, name, token, recipe, encoded.buffers, overwrite)
     return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
 
 

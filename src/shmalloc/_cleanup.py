@@ -30,6 +30,12 @@ SHM_DIR = Path("/dev/shm")
 # /proc gives a process's start time in clock ticks since boot, and the boot
 # time in whole seconds: allow for that rounding before calling a pid reused.
 _START_SLACK = 2.0
+#: Segments younger than this (seconds) are kept by default: a handle may be in flight for that long.
+#: A producer may hand a segment on and exit before its consumer opens it (a worker of
+#: concurrent.futures or of a job queue does exactly that), and the consumer may be busy with
+#: earlier results for minutes; ten minutes covers queues that deep, while a real leftover
+#: of a crash is still collected within the hour.
+DEFAULT_OLDER_THAN = 600.0
 COLUMNS = ["name", "pid", "alive", "size", "age", "created"]
 
 
@@ -160,9 +166,138 @@ def segments() -> "pd.DataFrame":
     return _frame(_scan(SHM_DIR))
 
 
+# ---------------------------------------------------------------------------
+# Objects held open after their name was removed: a Pool's spares, the objects
+# under copy=False results. `ls /dev/shm` does not show them, `df` counts them.
+
+
+HELD_COLUMNS = ["name", "size", "pid", "command", "fds", "maps", "inode"]
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class _Held:
+    name: str
+    size: int
+    pid: int
+    command: str
+    fds: int
+    maps: int
+    inode: int
+
+
+def _command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+
+
+def _held_by_fds(pid: int, prefix: str, device: int, objects: dict[int, list]) -> None:
+    """Add the unlinked objects that process ``pid`` holds by descriptor: inode -> [name, size, fds, maps]."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if not (target.startswith(prefix) and target.endswith(_DELETED)):
+                continue
+            st = os.stat(f"/proc/{pid}/fd/{fd}")  # the object itself, through the descriptor
+        except OSError:
+            continue  # closed meanwhile
+        if st.st_dev != device or st.st_nlink != 0 or not stat.S_ISREG(st.st_mode):
+            continue  # another mount's /dev/shm, or a name was given to it again
+        entry = objects.setdefault(st.st_ino, ["/" + target[len(prefix) : -len(_DELETED)], st.st_size, 0, 0])
+        entry[2] += 1
+
+
+def _held_by_maps(pid: int, prefix: str, device: int, objects: dict[int, list]) -> None:
+    """Add the unlinked objects that process ``pid`` maps (arrays of ``copy=False`` results, workers' refills)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        lines = [line for line in maps if line.rstrip("\n").endswith(_DELETED) and prefix in line]
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith(prefix):
+            continue
+        major, minor = (int(part, 16) for part in fields[3].split(":"))
+        if os.makedev(major, minor) != device:
+            continue
+        inode, name = int(fields[4]), "/" + fields[5].rstrip("\n")[len(prefix) : -len(_DELETED)]
+        if inode not in objects:
+            try:  # the object's size; map_files is readable only with enough privilege
+                size = os.stat(f"/proc/{pid}/map_files/{fields[0]}").st_size
+            except OSError:
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                size = int(fields[2], 16) + end - start  # at least what this mapping reaches
+            objects[inode] = [name, size, 0, 0]
+        objects[inode][3] += 1
+
+
+def _scan_held(directory: Path) -> list[_Held]:
+    """Unlinked objects of ``directory``'s file system that this user's live processes hold open or mapped."""
+    try:
+        device = os.stat(directory).st_dev
+        pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    except OSError:
+        return []  # no /dev/shm or no /proc (macOS)
+    prefix, uid = str(directory).rstrip("/") + "/", os.geteuid()
+    found: list[_Held] = []
+    for pid in pids:
+        objects: dict[int, list] = {}  # inode -> [name, size, descriptors, mappings]
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            _held_by_fds(pid, prefix, device, objects)
+            _held_by_maps(pid, prefix, device, objects)
+        except OSError:
+            if not objects:
+                continue  # exited meanwhile, or not ours to read
+        if objects:
+            command = _command(pid)
+            found.extend(_Held(name, size, pid, command, fds, maps, inode) for inode, (name, size, fds, maps) in objects.items())
+    return found
+
+
+def held_objects() -> "pd.DataFrame":
+    """List shared memory objects whose name is gone but that this user's processes still hold or map.
+
+    A :class:`shmalloc.Pool` keeps such objects as spares, and the objects of
+    consumed segments stay while arrays of ``copy=False`` results map them:
+    ``ls /dev/shm`` and :func:`segments` do not show them, but they take
+    space (``df``). Found through ``/proc/<pid>/fd`` and ``/proc/<pid>/maps``
+    of this user's live processes (Linux).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per object and holding process, largest first, with columns
+        ``name`` (the name the object had), ``size`` (bytes), ``pid`` and
+        ``command`` of the holder, ``fds`` and ``maps`` (its descriptors and
+        mappings of the object) and ``inode`` (the same inode under several
+        pids is one object).
+        Empty where there is no /proc.
+    """
+    import pandas as pd
+
+    found = sorted(_scan_held(SHM_DIR), key=lambda h: (-h.size, h.pid, h.inode))
+    return pd.DataFrame(
+        {
+            "name": pd.Series([h.name for h in found], dtype=object),
+            "size": pd.Series([h.size for h in found], dtype="int64"),
+            "pid": pd.Series([h.pid for h in found], dtype="int64"),
+            "command": pd.Series([h.command for h in found], dtype=object),
+            "fds": pd.Series([h.fds for h in found], dtype="int64"),
+            "maps": pd.Series([h.maps for h in found], dtype="int64"),
+            "inode": pd.Series([h.inode for h in found], dtype="int64"),
+        },
+        columns=HELD_COLUMNS,
+    )
+
+
 def _parse_age(value: float | str | None) -> float:
     if value is None:
-        return 0.0
+        return DEFAULT_OLDER_THAN
+    if isinstance(value, bool):
+        raise TypeError("older_than must be a number of seconds or a duration string, not bool")
     seconds = parse_duration(value) if isinstance(value, str) else float(value)
     if seconds != seconds or seconds < 0:
         raise ValueError(f"older_than must be a non-negative number of seconds, not {value!r}")
@@ -195,7 +330,7 @@ class GcResult:
     failed: dict[str, ShmError]
 
 
-def collect(older_than: float | str | None = None, dry_run: bool = False) -> GcResult:
+def collect(older_than: float | str | None = DEFAULT_OLDER_THAN, dry_run: bool = False) -> GcResult:
     """Do the work of :func:`gc` and report everything (used by the command line)."""
     min_age = _parse_age(older_than)
     removed, kept, failed = [], [], {}
@@ -214,23 +349,24 @@ def collect(older_than: float | str | None = None, dry_run: bool = False) -> GcR
     return GcResult(_frame(removed), _frame(kept), failed)
 
 
-def gc(older_than: float | str | None = None, dry_run: bool = False) -> "pd.DataFrame":
-    """Remove this user's shmalloc segments whose creating process is dead.
+def gc(older_than: float | str | None = DEFAULT_OLDER_THAN, dry_run: bool = False) -> "pd.DataFrame":
+    """Remove this user's shmalloc segments whose creating process is dead and that are not young.
 
     Never touches names shmalloc did not generate, segments of other users,
     or segments whose creator still runs (it may yet hand them on).
 
     A process may hand a segment on and exit before the receiver consumes it
-    (a pool worker returning a result does exactly that): such a segment
-    looks orphaned for that moment. Where other programs use shmalloc while
-    this runs, pass ``older_than`` (a minute is plenty) so that handles in
-    flight are spared.
+    (a worker of ``concurrent.futures`` returning a result does exactly
+    that): such a segment looks orphaned until it is consumed. So by default
+    segments younger than ten minutes are kept; ``older_than=0`` removes
+    every orphan, which is safe only when nothing else uses shmalloc.
 
     Parameters
     ----------
-    older_than : float or str, optional
+    older_than : float or str, default 600 (ten minutes)
         Only remove segments at least this old: seconds, or a string such as
-        ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. Default: any age.
+        ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``. ``0``: any age. None: the
+        default.
     dry_run : bool, default False
         Only report what would be removed.
 
@@ -247,6 +383,12 @@ def gc(older_than: float | str | None = None, dry_run: bool = False) -> "pd.Data
         removed all the same).
     ValueError
         For a negative or malformed ``older_than``.
+
+    Examples
+    --------
+    >>> import shmalloc
+    >>> list(shmalloc.gc(dry_run=True).columns)  # what a plain gc would remove
+    ['name', 'pid', 'alive', 'size', 'age', 'created']
     """
     result = collect(older_than, dry_run)
     if result.failed:

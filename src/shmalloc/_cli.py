@@ -20,19 +20,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke test)")
     bench.add_argument("--repeat", type=int, default=5, help="repeats per measurement; medians are reported")
 
-    ls = commands.add_parser("ls", help="list this user's shmalloc segments in /dev/shm")
-    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ls = commands.add_parser(
+        "ls",
+        help="list this user's shmalloc segments in /dev/shm, and objects held open after unlink",
+        description="List this user's shmalloc segments in /dev/shm, then the shared memory objects whose name"
+        " is gone but that this user's processes hold open (a Pool's spares, objects under copy=False results):"
+        " df counts them, ls /dev/shm does not show them.",
+    )
+    ls.add_argument(
+        "--json", action="store_true", help="print a JSON list instead of a table (held objects have \"linked\": false)"
+    )
 
     gc = commands.add_parser(
         "gc",
-        help="remove shmalloc segments whose creating process is dead",
-        description="Remove this user's shmalloc segments whose creating process is dead. Never touches other"
-        " names, other users' segments, or segments whose creator runs. While programs use shmalloc, pass"
-        " --older-than 1m to spare handles in flight.",
+        help="remove shmalloc segments whose creating process is dead (and at least 10 minutes old)",
+        description="Remove this user's shmalloc segments whose creating process is dead and that are at least"
+        " 10 minutes old. Younger ones may be handles in flight: a producer may exit before its consumer opens"
+        " its result. Never touches other names, other users' segments, or segments whose creator runs.",
     )
-    gc.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     gc.add_argument(
-        "--older-than", metavar="AGE", default=None, type=_duration, help="only segments at least this old: 90, 90s, 15m, 2h, 1d"
+        "--dry-run", action="store_true", help="only list what would be removed: name, size, age and creator pid"
+    )
+    gc.add_argument(
+        "--older-than",
+        metavar="AGE",
+        default=None,
+        type=_duration,
+        help="only segments at least this old: 90, 90s, 15m, 2h, 1d (default 10m; 0 removes every orphan,"
+        " safe only when nothing else uses shmalloc)",
     )
 
     args = parser.parse_args(argv)
@@ -69,12 +84,12 @@ def _human_age(seconds: float) -> str:
 
 
 def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
-    """Print this user's shmalloc segments; return 0."""
-    from ._cleanup import segments
+    """Print this user's shmalloc segments, then the objects held open after unlink; return 0."""
+    from ._cleanup import held_objects, segments
     from ._handle import human_size
 
     out = out or sys.stdout
-    frame = segments()
+    frame, held = segments(), held_objects()
     if as_json:
         rows = [
             {
@@ -84,30 +99,65 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
                 "size": int(row.size),
                 "age": float(row.age),
                 "created": row.created.isoformat(),
+                "linked": True,
             }
             for row in frame.itertuples(index=False)
+        ]
+        rows += [
+            {
+                "name": row.name,
+                "pid": int(row.pid),
+                "size": int(row.size),
+                "command": row.command,
+                "fds": int(row.fds),
+                "maps": int(row.maps),
+                "inode": int(row.inode),
+                "linked": False,
+            }
+            for row in held.itertuples(index=False)
         ]
         json.dump(rows, out, indent=1)
         out.write("\n")
         return 0
     if frame.empty:
         out.write("no shmalloc segments\n")
-        return 0
-    width = max(len("NAME"), *(len(n) for n in frame["name"]))
-    out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'PID':>7}  ALIVE\n")
-    for row in frame.itertuples(index=False):
-        alive = "yes" if row.alive else "no"
-        out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}  {alive}\n")
+    else:
+        width = max(len("NAME"), *(len(n) for n in frame["name"]))
+        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'PID':>7}  ALIVE\n")
+        for row in frame.itertuples(index=False):
+            alive = "yes" if row.alive else "no"
+            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}  {alive}\n")
+    if not held.empty:
+        total = int(held.drop_duplicates("inode")["size"].sum())
+        out.write(
+            f"\nheld open after unlink (df counts them, /dev/shm does not list them):"
+            f" {held['inode'].nunique()} object(s), {human_size(total)}\n"
+        )
+        width = max(len("NAME"), *(len(n) for n in held["name"]))
+        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'PID':>7}  {'FDS':>4}  {'MAPS':>4}  COMMAND\n")
+        for row in held.itertuples(index=False):
+            command = " ".join(row.command.split())  # a -c script spans lines
+            command = command if len(command) <= 60 else command[:57] + "..."
+            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {row.pid:>7}  {row.fds:>4}  {row.maps:>4}  {command}\n")
     return 0
 
 
 def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO | None = None) -> int:
-    """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed."""
+    """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed.
+
+    ``older_than`` None: the default age (:data:`shmalloc._cleanup.DEFAULT_OLDER_THAN`). With
+    ``dry_run`` each segment that would be removed is listed before the summary.
+    """
     from ._cleanup import collect
     from ._handle import human_size
 
     out = out or sys.stdout
     result = collect(older_than=older_than, dry_run=dry_run)
+    if dry_run and not result.removed.empty:
+        width = max(len("NAME"), *(len(n) for n in result.removed["name"]))
+        out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'CREATOR':>7}\n")
+        for row in result.removed.itertuples(index=False):
+            out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}\n")
     verb = "would remove" if dry_run else "removed"
     alive = int(result.kept["alive"].sum())
     young = len(result.kept) - alive

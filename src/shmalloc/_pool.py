@@ -10,11 +10,13 @@ into pages that already exist: with pwrite the first time, then through a
 shared mapping of the spare that the worker keeps, which is a plain memcpy
 (about 2.5 times faster than pwrite here). Spares only grow, so such a
 mapping never reaches past the end of its object; when the parent releases a
-spare, the workers that map it unmap it at their next task.
+spare between calls, it tells the idle workers that map it to unmap it and
+waits for their answer (a task with no item), so that its space is free.
 
-A spare has no name, so nothing of it is ever in /dev/shm, and it is gone
-with the parent's descriptor (at :meth:`Pool.close`, or when the process
-dies). An object lent to a ``copy=False`` result becomes a spare only when
+A spare has no name, so nothing of it is in /dev/shm's listing (``df``
+counts it), and it is gone with the parent's descriptor and the workers'
+mappings (at :meth:`Pool.close`, or when the process dies). How many the
+pool keeps, and how they give way to other writes: :mod:`._spares`. An object lent to a ``copy=False`` result becomes a spare only when
 every array mapping it has been freed; a fork while it is lent retires it
 for good, because a forked child keeps reading the object's pages through
 its copy-on-write mapping.
@@ -22,7 +24,6 @@ its copy-on-write mapping.
 from __future__ import annotations
 
 import errno
-import itertools
 import multiprocessing
 import os
 import pickle
@@ -30,8 +31,7 @@ import secrets
 import signal
 import threading
 import weakref
-from dataclasses import dataclass, field
-from multiprocessing import reduction
+from multiprocessing import connection, reduction
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -40,6 +40,7 @@ from . import _answer, _names, _segment, _shmarray, codecs
 from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
+from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 from ._map import (
     PIPE_LIMIT,
     Shipped,
@@ -66,122 +67,15 @@ WORKER_MAPPINGS = 8
 
 
 # ----------------------------------------------------------------------------
-# Spares of one pool
+# Forks of the parent
 
 
-@dataclass(eq=False)
-class _Spare:
-    """A recycled object: held by the parent's descriptor; the workers that may map it."""
-
-    fd: int
-    size: int  # bytes of the object (it only grows)
-    sid: int = field(default_factory=lambda: next(_sids))
-    mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
-    addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
-
-
-_sids = itertools.count(1)
-
-
-class _Spares:
-    """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results."""
-
-    def __init__(self) -> None:
-        self.free: list[_Spare] = []
-        self.lent: list[_Spare] = []
-        self.retired: list[_Spare] = []  # lent across a fork: never reused
-        self.handed: set[_Spare] = set()  # taken for a task, not yet back
-        self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
-        _all_spares.add(self)
-
-    def release(self, spare: _Spare) -> None:
-        """Close the parent's descriptor; tell the workers that map it to unmap it (their next task)."""
-        self.handed.discard(spare)
-        for pid in spare.mappers:
-            self.dropped.setdefault(pid, []).append(spare.sid)
-        _segment.release_fd(spare.fd, spare.size)
-
-    def reclaim(self) -> None:
-        """Release the retired; make spares of lent objects whose arrays are all gone."""
-        for spare in self.retired:
-            self.release(spare)
-        self.retired = []
-        still = []
-        for spare in self.lent:
-            (still if _segment.any_adopted(spare.addresses) else self.free).append(spare)
-        self.lent = still
-
-    def take(self, pid: int) -> _Spare | None:
-        """A free spare for worker ``pid``: the largest it maps already, else the largest; None if none."""
-        if not self.free:
-            return None
-        best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
-        spare = self.free.pop(best)
-        self.handed.add(spare)
-        return spare
-
-    def give(self, spare: _Spare) -> None:
-        self.handed.discard(spare)
-        spare.addresses = []
-        self.free.append(spare)
-
-    def lend(self, spare: _Spare, addresses: list[int]) -> None:
-        self.handed.discard(spare)
-        spare.addresses = addresses
-        self.lent.append(spare)
-
-    def trim(self, budget: int) -> None:
-        """Keep free spares (largest first) up to ``budget`` bytes; release the others."""
-        self.reclaim()
-        self.free.sort(key=lambda spare: -spare.size)
-        kept, total = [], 0
-        for spare in self.free:
-            if total + spare.size <= budget:
-                kept.append(spare)
-                total += spare.size
-            else:
-                self.release(spare)
-        self.free = kept
-
-    def close(self) -> None:
-        """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
-        for spare in self.free + self.retired + self.lent:
-            _segment.release_fd(spare.fd, spare.size)
-        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
-
-    def _before_fork(self) -> None:
-        # A child inherits the arrays' copy-on-write mappings: a later write into the
-        # object would show through its untouched pages. Never reuse these objects;
-        # those whose arrays are all freed already are safe to keep.
-        for spare in self.lent:
-            (self.retired if _segment.any_adopted(spare.addresses) else self.free).append(spare)
-        self.lent = []
-
-    def _in_child(self) -> None:
-        # The child's copies of the descriptors: the parent's spares are not the child's to use
-        # (a worker started in the middle of a run would otherwise pin the ones handed out).
-        for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
-            try:
-                os.close(spare.fd)
-            except OSError:
-                pass
-        self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
-
-
-_all_spares: "weakref.WeakSet[_Spares]" = weakref.WeakSet()
 # The parent's ends of every pool's pipes: a forked child must not keep them open, or a
 # worker would never see EOF when the parent dies (its sibling holds its pipe).
 _parent_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _before_fork() -> None:
-    for spares in list(_all_spares):
-        spares._before_fork()
-
-
 def _in_child() -> None:
-    for spares in list(_all_spares):
-        spares._in_child()
     for conn in list(_parent_ends):
         try:
             conn.close()
@@ -191,7 +85,7 @@ def _in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+    os.register_at_fork(after_in_child=_in_child)
 
 
 # ----------------------------------------------------------------------------
@@ -267,6 +161,9 @@ def _pool_worker(conn: Any, receiver: int) -> None:
                     return
                 options, entries, drops = task
                 mappings.drop(drops)
+                if not entries:  # only unmapping was asked: say it is done (then the space is free)
+                    conn.send_bytes(_answer.unmapped())
+                    continue
                 fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
             except (EOFError, OSError):
                 return
@@ -303,15 +200,15 @@ def _pool_worker(conn: Any, receiver: int) -> None:
 # The parent
 
 
-def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[int]]:
-    """Rebuild the object in ``segment``; also return the addresses of its arrays' mappings."""
+def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+    """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
     if not isinstance(handle.token, bytes):
         raise CorruptHandleError(f"{segment.name}: damaged token")
     recipe = segment.read_recipe(handle.token)
     check_handle_matches(handle, recipe)
     buffers = segment.arrays(copy or not _segment.ZERO_COPY)
-    addresses = [] if copy else [b.__array_interface__["data"][0] for b in buffers if b.nbytes]
-    return codecs.decode(recipe["attributes"], buffers), addresses
+    owners = [] if copy or not _segment.ZERO_COPY else [b for b in buffers if b.nbytes]
+    return codecs.decode(recipe["attributes"], buffers), owners
 
 
 class _PoolRun(_Run):
@@ -323,7 +220,7 @@ class _PoolRun(_Run):
         super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
         self.pool = pool
         self.workers = pool._workers
-        self.spares: dict[int, _Spare] = {}  # index -> spare handed out with it
+        self.spares: dict[int, Spare] = {}  # index -> spare handed out with it
         self.consumed_bytes = 0
 
     def run(self) -> list[Any]:
@@ -357,7 +254,7 @@ class _PoolRun(_Run):
             self.spares.clear()
             if self.bar is not None:
                 self.bar.close()
-        pool._spares.trim(self.consumed_bytes + self.consumed_bytes // 4)  # slack: objects only grow
+        pool._spares.end_call(self.consumed_bytes)
         self._warn_fallbacks()
         return self.results
 
@@ -415,7 +312,7 @@ class _PoolRun(_Run):
         if spare is not None:
             try:
                 with _segment.HeldSegment(spare.fd, SPARE, handle.size) as segment:
-                    value, addresses = _consume(segment, handle, self.copy)
+                    value, owners = _consume(segment, handle, self.copy)
             except BaseException:
                 self.pool._spares.release(spare)
                 raise
@@ -426,12 +323,12 @@ class _PoolRun(_Run):
                 raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
             del self.names[index]
             with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
-                value, addresses = _consume(segment, handle, self.copy)
+                value, owners = _consume(segment, handle, self.copy)
                 fd = _segment.reopen_writable(segment) if self.pool._recycle else -1
-            spare = _Spare(fd, handle.size) if fd >= 0 else None
+            spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
-        if spare is not None and addresses:
-            self.pool._spares.lend(spare, addresses)
+        if spare is not None and owners:
+            self.pool._spares.lend(spare, owners)
         elif spare is not None:
             self.pool._spares.give(spare)
         return value.value if shipped.boxed else value
@@ -453,15 +350,28 @@ class Pool:
         Keep the shared memory objects of consumed results as spares for the
         next results, whose pages then need no faulting in. Between calls the
         pool keeps free spares of at most 1.25 times the bytes its last call
-        returned (objects of ``copy=False`` results join them once those
-        results are freed), and each worker keeps a mapping of the spares it
-        filled, so that refilling them is a plain memory copy. False: every result gets a fresh object, freed
+        returned, and within ``spare_limit`` (objects of ``copy=False``
+        results join them once those results are freed), and each worker
+        keeps a mapping of the spares it filled, so that refilling them is a
+        plain memory copy. False: every result gets a fresh object, freed
         with it.
+    spare_limit : float or int, default 0.25
+        How much of /dev/shm free spares may take. A float between 0.0 and
+        1.0: that share of the space free in /dev/shm, counting the spares'
+        own space as free (so by default the spares never take more than a
+        quarter of what other programs leave, and never more than a quarter
+        of /dev/shm). An int: that many bytes. 0 keeps no spare between
+        calls.
 
     Notes
     -----
-    Spares have no name (nothing of them appears in /dev/shm) and are freed
-    by :meth:`close`, or at the latest when this process ends. A
+    Spares have no name (nothing of them appears in /dev/shm, but ``df``
+    counts them; ``python -m shmalloc ls`` shows them with the process that
+    holds them) and are freed by :meth:`close`, or at the latest when this
+    process ends. The budget is applied at the end of every call and
+    whenever the objects of freed ``copy=False`` results come back; when a
+    write of this process (``copy2shm``, ``ShmArray``) finds /dev/shm full,
+    every free spare is released and the write is tried once more. A
     ``copy=False`` result never shares pages with a later result: its object
     is reused only after all its arrays are freed, and never if the process
     forked while they were alive (the child's copy-on-write view would see
@@ -490,24 +400,28 @@ class Pool:
         *,
         pipe_limit: int = PIPE_LIMIT,
         recycle: bool = True,
+        spare_limit: float | int = DEFAULT_LIMIT,
     ) -> None:
         if processes is not None:
             check_count("processes", processes, 1)
         check_count("pipe_limit", pipe_limit, 0)
         if not isinstance(recycle, bool):
             raise TypeError("recycle must be bool")
+        check_limit(spare_limit)
         self._ctx = start_context(start_method)
         self._processes = processes or usable_cpus()
         self._limit = pipe_limit
         self._recycle = recycle
-        self._spares = _Spares()
         self._workers: list[_Worker] = []
+        self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
         # One call at a time: a run owns the workers, their pipes and the spares it hands out.
+        # Taken before the spares' own lock (which their other users take alone).
         self._lock = threading.Lock()
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
-        _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
+        with self._spares.held():
+            _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
 
     def map(
         self,
@@ -549,7 +463,8 @@ class Pool:
                 return []
             self._runner = threading.get_ident()
             try:
-                return _PoolRun(self, items, options, chunksize, copy, progress).run()
+                with self._spares.held():  # spares come back from other threads only between calls
+                    return _PoolRun(self, items, options, chunksize, copy, progress).run()
             finally:
                 self._runner = None
                 if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
@@ -579,20 +494,73 @@ class Pool:
         if self._runner == threading.get_ident():
             self._closed = True  # the interrupted call raises when it resumes, and then cleans up
             return
+        if self._spares.held_here():
+            # A signal handler interrupted this thread's own work on the spares (taking back
+            # freed results' objects): finish the shutdown once that releases them.
+            self._closed = True
+            self._spares.when_free(self._shut_unless_busy)
+            return
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
 
+    def _shut_unless_busy(self) -> None:
+        # After terminate() from a signal handler: a call of this pool that holds the lock
+        # (maybe on this thread) sees _terminating and shuts the pool when it ends.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shut(graceful=False)
+            finally:
+                self._lock.release()
+
     def _refuse_reentry(self, what: str) -> None:
-        # The lock is not reentrant: waiting for it in the thread that holds it would hang.
-        if self._runner == threading.get_ident():
-            raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
+        # The locks are not reentrant: waiting for one in the thread that holds it would hang.
+        if self._runner == threading.get_ident() or self._spares.held_here():
+            if self._runner == threading.get_ident():
+                raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
+            raise RuntimeError(f"Pool.{what}() called while this thread works on the pool's spares (from a signal handler or finalizer?)")
 
     def _shut(self, graceful: bool) -> None:
-        run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-        run._stop(graceful=graceful)
-        self._workers = []
-        self._spares.close()
+        with self._spares.held():
+            run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
+            run._stop(graceful=graceful)
+            self._workers = []
+            self._spares.close()
+
+    def _unmap_released(self) -> None:
+        """Have the idle workers unmap the spares released since their last task; return once they have.
+
+        Only then is the space of those spares free. Called with the spares held, between calls
+        (or at the end of one, when every worker has answered every item), so the pipes are idle.
+        """
+        asked = []
+        for worker in self._workers:
+            drops = self._spares.dropped.pop(worker.process.pid, None)
+            if drops and worker.process.exitcode is None:
+                try:
+                    worker.conn.send((None, [], drops))
+                except OSError:
+                    continue  # gone: its mappings went with it
+                asked.append(worker)
+        try:
+            while asked:
+                worker = asked[0]
+                try:
+                    connection.wait([worker.conn, worker.process.sentinel])
+                    if worker.conn.poll() and not _answer.read_unmapped(worker.conn.recv_bytes()):
+                        # Out of step: a later call would read the rest as results. Replace it.
+                        worker.process.kill()
+                        worker.process.join()
+                except (EOFError, OSError):
+                    pass  # it died: so did its mappings
+                asked.pop(0)
+        except BaseException:
+            # Interrupted (Ctrl-C): an answer left in a pipe would be taken for a result by
+            # the next call. Stop the workers that still owe one; the next call replaces them.
+            for worker in asked:
+                worker.process.kill()
+                worker.process.join()
+            raise
 
     def __enter__(self) -> "Pool":
         return self
@@ -606,7 +574,7 @@ class Pool:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             try:
-                self.close()
+                self._spares.when_free(self.close)  # this thread may hold the spares' lock: then it closes the pool on release
             except Exception:
                 pass
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import _names, _segment
+from . import _names, _segment, _space
 from ._errors import ShmError
 from ._handle import human_size
 
@@ -64,7 +64,7 @@ def name_for_receiver(pid: int) -> None:
 
 def _new_segment(nbytes: int) -> _segment.SharedMapping:
     name = _names.generate(_receiver_pid)
-    mapping = _segment.create_shared(name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
+    mapping = _space.retry_on_enospc(_segment.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
     with _lock:
         _owned[mapping] = _Ownership(mapping)
         _mappings[name] = mapping

@@ -1,0 +1,373 @@
+"""Spares of a Pool: recycled shared memory objects, held by descriptor, within a budget of /dev/shm.
+
+A spare is an unlinked object: nothing of it is in /dev/shm's listing, yet
+its pages take space there until its last descriptor and mapping are gone.
+So spares are bounded:
+
+- by the last call: free spares of at most 1.25 times the bytes it returned
+  (objects only grow: the slack keeps a slightly larger one);
+- by the space left: at most ``limit`` (by default a quarter) of what is
+  free in /dev/shm, counting the free spares' own space as free, or a fixed
+  number of bytes. Other programs always keep the rest.
+
+The budget is applied at the end of every call, whenever the objects of
+freed ``copy=False`` results come back, and when a write of this process finds /dev/shm full
+(:mod:`._space`), which then releases every free spare. Releasing a spare
+closes the parent's descriptor and has the workers unmap it at once (they
+keep refill mappings), so that its space really is free when that returns.
+
+No thread of ours does any of this: a library must not make its user's
+process multi-threaded and then fork it (Python 3.12 warns; the child may
+deadlock), and pools fork workers at any call. An array's finalizer, which
+runs at any bytecode in any thread, queues the object it frees and takes it
+back at once if the spares' lock is free; if not, whoever holds the lock
+takes it back when releasing the lock (see :meth:`Spares.held`).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import _segment, _space
+from ._cleanup import SHM_DIR
+
+#: Default share of /dev/shm's free space that the free spares of a pool may take.
+DEFAULT_LIMIT = 0.25
+#: Free spares may exceed the bytes of the last call by this share (objects only grow).
+SLACK = 0.25
+# How long a write that found /dev/shm full waits for a pool busy in another thread.
+_BUSY_WAIT = 1.0
+
+
+def check_limit(limit: object) -> int | float:
+    """``limit`` if it is a share of /dev/shm (float in [0, 1]) or a number of bytes (int >= 0); else raise."""
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise TypeError(f"spare_limit must be a float share of /dev/shm or an int of bytes, not {type(limit).__name__}")
+    if isinstance(limit, float) and not 0.0 <= limit <= 1.0:
+        raise ValueError(f"spare_limit as a share of /dev/shm must be between 0.0 and 1.0, not {limit!r}")
+    if isinstance(limit, int) and limit < 0:
+        raise ValueError(f"spare_limit in bytes must be >= 0, not {limit}")
+    return limit
+
+
+def shm_free_bytes() -> int | None:
+    """Bytes free in /dev/shm for this user, or None where it cannot be measured (no /dev/shm)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass(eq=False)
+class Spare:
+    """A recycled object: held by the parent's descriptor; the workers that may map it."""
+
+    fd: int
+    size: int  # bytes of the object (it only grows)
+    sid: int = field(default_factory=lambda: next(_sids))
+    mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
+    addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
+    unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
+
+
+_sids = itertools.count(1)
+
+
+class Spares:
+    """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results.
+
+    Every change happens under :meth:`held` (the pool holds it for a whole
+    call), except at a fork, when no other thread of ours runs. What
+    finalizers hand in while the lock is taken waits in a queue that the
+    holder works off right after releasing it.
+
+    Parameters
+    ----------
+    limit : float or int
+        Share of /dev/shm's free space (float), or bytes (int), that free
+        spares may take (see :func:`check_limit`).
+    unmap : callable
+        Called under the lock with no argument after spares were released
+        outside a call: has the idle workers unmap them, and returns once
+        they have. Held weakly (a bound method of the pool).
+    """
+
+    def __init__(self, limit: int | float, unmap: Callable[[], None]) -> None:
+        self.limit = check_limit(limit)
+        self.free: list[Spare] = []
+        self.lent: list[Spare] = []
+        self.retired: list[Spare] = []  # lent across a fork: never reused
+        self.handed: set[Spare] = set()  # taken for a task, not yet back
+        self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
+        self.call_bytes = 0  # bytes the last call returned
+        self.closed = False
+        self._unmap = weakref.WeakMethod(unmap) if hasattr(unmap, "__self__") else (lambda: unmap)
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread holding the lock
+        # Objects of freed copy=False results (Spare) and deferred actions (callables), queued
+        # by finalizers; deque.append and popleft are atomic, so safe at any bytecode.
+        self._queued: collections.deque[Spare | Callable[[], None]] = collections.deque()
+        _all_spares.add(self)
+        _space.register(self)
+
+    # -- locking
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the spares (and the workers' pipes) for a call, or for stopping the workers."""
+        if self.held_here():
+            # The lock is not reentrant: a signal handler (or finalizer) would wait for itself.
+            raise RuntimeError("the pool is in use by this very thread (called from a signal handler or finalizer?)")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    def held_here(self) -> bool:
+        """Whether this thread holds the lock (then it was interrupted inside, e.g. by a signal handler)."""
+        return self._holder == threading.get_ident()
+
+    def _unlock(self) -> None:
+        """Release the lock, then work off what finalizers queued while it was taken.
+
+        A finalizer queues first and then tries the lock; the holder looks at the queue
+        after releasing it. So whatever is queued is worked off by one or the other, at
+        once, and never waits for a later call.
+        """
+        self._holder = None
+        self._lock.release()
+        while self._queued and self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
+            pool_refs: list = []
+            try:
+                actions = self._settle_queued(pool_refs)
+            finally:
+                self._holder = None
+                self._lock.release()
+            del pool_refs  # outside the lock: were it the pool's last reference, its close takes it
+            for action in actions:
+                try:
+                    action()
+                except Exception:  # a finalizer's action: nobody to report to
+                    pass
+
+    def when_free(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (which takes the lock) now, or when the lock's holder releases it.
+
+        For a pool's finalizer: it may run in a thread that holds this lock (garbage
+        collection inside a locked section), where taking it again would deadlock.
+        """
+        self._queued.append(action)
+        self._work_off()
+
+    def _work_off(self) -> None:
+        # Called from finalizers: never wait for the lock (this thread may hold it).
+        if self._lock.acquire(blocking=False):
+            self._holder = threading.get_ident()
+            self._unlock()
+
+    # -- moving spares
+
+    def release(self, spare: Spare, now: bool = False) -> None:
+        """Close the parent's descriptor; tell the workers that map it to unmap it (their next task).
+
+        ``now``: close it on this thread (the budget wants the space free when it returns);
+        else a large object is closed on the background thread.
+        """
+        self.handed.discard(spare)
+        for pid in spare.mappers:
+            self.dropped.setdefault(pid, []).append(spare.sid)
+        if now:
+            os.close(spare.fd)
+        else:
+            _segment.release_fd(spare.fd, spare.size)
+
+    def reclaim(self) -> None:
+        """Release the retired; make spares of lent objects whose arrays are all gone."""
+        for spare in self.retired:
+            self.release(spare)
+        self.retired = []
+        still = []
+        for spare in self.lent:
+            (still if spare.unfreed and _segment.any_adopted(spare.addresses) else self.free).append(spare)
+        self.lent = still
+
+    def take(self, pid: int) -> Spare | None:
+        """A free spare for worker ``pid``: the largest it maps already, else the largest; None if none."""
+        if not self.free:
+            return None
+        best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
+        spare = self.free.pop(best)
+        self.handed.add(spare)
+        return spare
+
+    def give(self, spare: Spare) -> None:
+        self.handed.discard(spare)
+        spare.addresses, spare.unfreed = [], set()
+        self.free.append(spare)
+
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray]) -> None:
+        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed."""
+        self.handed.discard(spare)
+        spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
+        spare.unfreed = set(spare.addresses)
+        self.lent.append(spare)
+        for array, address in zip(arrays, spare.addresses):
+            weakref.finalize(array, self._array_freed, spare, address).atexit = False
+
+    def _array_freed(self, spare: Spare, address: int) -> None:
+        """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
+        spare.unfreed.discard(address)
+        if not spare.unfreed:
+            self._queued.append(spare)
+            self._work_off()
+
+    # -- the budget
+
+    def budget(self) -> int:
+        """Bytes of free spares to keep: within the last call's bytes, and ``limit`` of /dev/shm."""
+        budget = int(self.call_bytes * (1 + SLACK))
+        if isinstance(self.limit, int):
+            return min(budget, self.limit)
+        free = shm_free_bytes()
+        if free is None:
+            return budget  # nothing to measure (macOS): the last call bounds them
+        return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
+
+    def trim(self) -> bool:
+        """Keep free spares (largest first) within :meth:`budget`; release the others; whether any was."""
+        budget = self.budget()
+        self.free.sort(key=lambda spare: -spare.size)
+        kept, total = [], 0
+        for spare in self.free:
+            if total + spare.size <= budget:
+                kept.append(spare)
+                total += spare.size
+            else:
+                self.release(spare, now=True)
+        released = len(kept) < len(self.free)
+        self.free = kept
+        return released
+
+    def end_call(self, call_bytes: int) -> None:
+        """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
+        self.call_bytes = call_bytes
+        self.reclaim()
+        released = self.trim()
+        self._unmap_released([])
+        if released:
+            # The call's consumed segments may still be closing on the background thread,
+            # and a released spare made from one is free only once that is done too.
+            _segment.wait_for_releases()
+
+    def _unmap_released(self, pool_refs: list) -> None:
+        # The pool's strong reference goes into ``pool_refs``, which the caller drops after
+        # releasing the lock: were it the last one, the pool's close would take the lock.
+        if self.dropped:
+            unmap = self._unmap()
+            if unmap is not None:
+                pool_refs.append(unmap)
+                unmap()
+
+    def _settle_queued(self, pool_refs: list) -> list[Callable[[], None]]:
+        """Under the lock: take back the queued spares, apply the budget; return the queued actions.
+
+        Runs in finalizers too, at any bytecode: nothing here waits for another lock
+        (released spares are closed on this thread, not handed to the releaser).
+        """
+        actions, returned = [], False
+        while self._queued:
+            job = self._queued.popleft()
+            if isinstance(job, Spare):
+                # Not retired by a fork, nor released by close, since its last array was freed.
+                if not self.closed and job in self.lent and not job.unfreed:
+                    self.lent.remove(job)
+                    self.give(job)
+                    returned = True
+            else:
+                actions.append(job)
+        if returned:
+            self.trim()
+            self._unmap_released(pool_refs)
+        return actions
+
+    def give_back_space(self) -> int:
+        """Release every free spare (a write found /dev/shm full); return their bytes. 0 if the pool is busy."""
+        if self.held_here() or not self._lock.acquire(timeout=_BUSY_WAIT):
+            return 0
+        self._holder = threading.get_ident()
+        pool_refs: list = []
+        try:
+            # Freed copy=False results' objects too; queued actions wait for _unlock (they take the lock).
+            self._queued.extend(self._settle_queued(pool_refs))
+            if self.closed:
+                return 0
+            self.reclaim()
+            given = sum(spare.size for spare in self.free)
+            for spare in self.free:
+                self.release(spare, now=True)
+            self.free = []
+            self._unmap_released(pool_refs)
+            _segment.wait_for_releases()  # the retired ones, closed on the background thread
+            return given
+        finally:
+            self._unlock()
+            del pool_refs
+
+    def close(self) -> None:
+        """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
+        self.closed = True
+        for spare in self.free + self.retired + self.lent:
+            _segment.release_fd(spare.fd, spare.size)
+        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
+
+    # -- fork
+
+    def _before_fork(self) -> None:
+        # A child inherits the arrays' copy-on-write mappings: a later write into the
+        # object would show through its untouched pages. Never reuse these objects;
+        # those whose arrays are all freed already are safe to keep.
+        for spare in self.lent:
+            (self.retired if _segment.any_adopted(spare.addresses) else self.free).append(spare)
+        self.lent = []
+
+    def _in_child(self) -> None:
+        # The child's copies of the descriptors: the parent's spares are not the child's to use
+        # (a worker started in the middle of a run would otherwise pin the ones handed out).
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._holder = None
+        self._queued = collections.deque()  # objects of the parent's results, actions on the parent's pool
+        for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
+            try:
+                os.close(spare.fd)
+            except OSError:
+                pass
+        self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
+
+
+_all_spares: "weakref.WeakSet[Spares]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for spares in list(_all_spares):
+        spares._before_fork()
+
+
+def _in_child() -> None:
+    for spares in list(_all_spares):
+        spares._in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
