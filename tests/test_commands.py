@@ -98,7 +98,7 @@ def test_demo_as_subprocess():
     table = lines[header + 1 : header + 4]
     assert [re.split(r"\s{2,}", row)[0] for row in table] == [label for label, _ in _demo.METHODS]
     assert table[0].endswith(" 1.0x") and all(re.search(r" \d+\.\d\d +\d+\.\dx$", row) for row in table)
-    assert any(line.startswith("All results equal") for line in lines)
+    assert any(line.startswith("All results are equal") for line in lines)
     assert lines[-1] == "Segments left in /dev/shm by this demo: 0"
 
 

@@ -104,6 +104,45 @@ def shmalloc_pid(name: str) -> int:
     return int(name.split("_")[1])
 
 
+def intro(rows: int, rounds: int = ROUNDS) -> str:
+    """The demo's first lines: what it does."""
+    return (
+        f"{WORKERS} worker processes each build a data frame of {rows:,} rows (time, station, temperature, ok,"
+        f" count);\nthis process gets both frames back by pickling and through shared memory, {rounds} rounds each."
+    )
+
+
+def _check_same(expected: list[pd.DataFrame], got: list[pd.DataFrame], thorough: bool, what: str) -> None:
+    """Raise AssertionError unless each frame of ``got`` equals its counterpart in ``expected``."""
+    for a, b in zip(expected, got, strict=True):
+        if a is b:
+            continue
+        if thorough:
+            pd.testing.assert_frame_equal(a, b, check_exact=True)
+        elif not (a.dtypes.equals(b.dtypes) and a.equals(b)):
+            raise AssertionError(f"{what}: a result differs from the first one")
+
+
+def _measure(pools: list[ProcessPoolExecutor], rounds: int, say: Callable[..., None]) -> tuple[list[list[float]], list[pd.DataFrame]]:
+    """Time every method ``rounds`` times, interleaved, checking every result; return the times and the first results."""
+    seconds: list[list[float]] = [[] for _ in METHODS]
+    first: list[pd.DataFrame] = []
+    for round_ in range(1, rounds + 1):
+        say(f"Round {round_}/{rounds}:", end="")
+        for index, (label, short) in enumerate(METHODS):  # interleaved: a change of load hits every method alike
+            elapsed, frames = _collect(pools, index)
+            seconds[index].append(elapsed)
+            first = first or frames
+            # Thoroughly once; later rounds by DataFrame.equals (values and dtypes), which is much faster.
+            _check_same(first, frames, thorough=round_ == 1, what=f"{label}, round {round_}")
+            if index == 2:
+                frames[0].loc[0, "temperature"] = -99.0  # zero-copy results are writable (copy-on-write)
+            say(f"  {short} {elapsed:.2f} s", end="")
+            del frames  # free this round's results before the next method runs
+        say()
+    return seconds, first
+
+
 def run_demo(rows: int = DEFAULT_ROWS, rounds: int = ROUNDS, out: TextIO | None = None) -> int:
     """Return frames from worker processes by pickling and through shared memory; print the comparison.
 
@@ -117,51 +156,28 @@ def run_demo(rows: int = DEFAULT_ROWS, rounds: int = ROUNDS, out: TextIO | None 
     # Margin for file time stamps, which the kernel takes from a clock that may lag time.time().
     since = time.time() - 1.0
     before = set(shmalloc.segments()["name"])
-    method = "fork" if "fork" in mp.get_all_start_methods() else None
-    say(f"{WORKERS} worker processes each build a data frame of {rows:,} rows (time, station, temperature,"
-        f" ok, count);\nthis process gets both frames back by pickling and through shared memory,"
-        f" {rounds} rounds each.\n")
+    say(intro(rows, rounds) + "\n")
     say("Starting the workers and building their frames (not timed) ...", end=" ")
     started = time.perf_counter()
     # One single-worker pool per result, so that each result is built once, untimed, in its own process,
     # and every method (pickling included) finds its workers running.
-    pools = [ProcessPoolExecutor(1, mp_context=mp.get_context(method), initializer=_build, initargs=(rows,))
-             for _ in range(WORKERS)]
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_build, initargs=(rows,)) for _ in range(WORKERS)]
     try:
         worker_pids = {pool.submit(os.getpid).result() for pool in pools}  # returns once the frame is built
         say(f"done in {time.perf_counter() - started:.1f} s.")
-        seconds: list[list[float]] = [[] for _ in METHODS]
-        reference: list[pd.DataFrame] = []
-        for round_ in range(1, rounds + 1):
-            say(f"Round {round_}/{rounds}:", end="")
-            for index in range(len(METHODS)):  # interleaved, so that a load change hits every method alike
-                elapsed, frames = _collect(pools, index)
-                seconds[index].append(elapsed)
-                reference = reference or frames
-                # Every result is checked, thoroughly once, then by DataFrame.equals (dtypes and values).
-                for expected, got in zip(reference, frames):
-                    if got is expected:
-                        continue
-                    if round_ == 1:
-                        pd.testing.assert_frame_equal(expected, got, check_exact=True)
-                    elif not (got.dtypes.equals(expected.dtypes) and got.equals(expected)):
-                        raise AssertionError(f"{METHODS[index][0]} returned a different frame in round {round_}")
-                if index == 2:
-                    frames[0].loc[0, "temperature"] = -99.0  # zero-copy results are writable (copy-on-write)
-                say(f"  {METHODS[index][1]} {elapsed:.2f} s", end="")
-                del frames
-            say()
+        seconds, first = _measure(pools, rounds, say)
     finally:
         for pool in pools:
             pool.shutdown()
-    size = sum(int(df.memory_usage(index=True, deep=False).sum()) for df in reference)
+    size = sum(int(df.memory_usage(index=True, deep=False).sum()) for df in first)
     medians = [statistics.median(s) for s in seconds]
     say(f"\nResults: {size / 1e6:,.0f} MB in all. Medians of {rounds} rounds:\n")
     say(f"{'method':<46}{'seconds':>9}{'vs. pickling':>14}")
     for (label, _), median in zip(METHODS, medians):
         say(f"{label:<46}{median:>9.2f}{medians[0] / median:>13.1f}x")
-    say("\nAll results equal (round 1: pandas.testing.assert_frame_equal, check_exact=True;"
-        " later rounds: DataFrame.equals).")
+    say("\nAll results are equal: pandas.testing.assert_frame_equal(check_exact=True) in round 1,"
+        "\nDataFrame.equals in later rounds.")
     leftovers = _lasting_leftovers(before, worker_pids | {os.getpid()}, since)
     say(f"Segments left in /dev/shm by this demo: {len(leftovers)}")
     if leftovers:
