@@ -92,14 +92,14 @@ def _lasting_leftovers(before: set[str], pids: set[int], since: float, settle: f
     whose name carries none of ``pids`` may be another program's handle in flight, consumed a moment later."""
     leftovers = leftover_segments(before, pids, since)
     deadline = time.monotonic() + settle
-    while any(shmalloc_pid(name) not in pids for name in leftovers) and time.monotonic() < deadline:
+    while any(_creator_pid(name) not in pids for name in leftovers) and time.monotonic() < deadline:
         time.sleep(0.05)
         still = set(leftover_segments(before, pids, since))
         leftovers = [name for name in leftovers if name in still]
     return leftovers
 
 
-def shmalloc_pid(name: str) -> int:
+def _creator_pid(name: str) -> int:
     """The creator pid in a generated name ``/shmalloc_<pid>_<random>``."""
     return int(name.split("_")[1])
 
