@@ -1,4 +1,5 @@
-"""The documentation stays true: the notebook and the quick start run, the site builds without warnings."""
+"""The documentation stays true: the notebook and the quick start run, the site builds without warnings,
+the README shows what the demo prints."""
 from __future__ import annotations
 
 import re
@@ -53,3 +54,21 @@ def test_docs_build_without_warnings(tmp_path):
     api = (tmp_path / "html" / "api.html").read_text()
     for name in ("copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmArray", "ShmArray.from_array", "ShmError", "CorruptHandleError"):
         assert f'id="shmalloc.{name}"' in api, f"{name} missing from the API reference"
+
+
+def test_readme_shows_what_the_demo_prints():
+    """The README's sample of the demo's output has the demo's current first lines, table rows and last line."""
+    from shmalloc import _demo
+
+    readme = (DOCS.parent / "README.md").read_text()
+    sample = re.search(r"it prints:\n\n```text\n(.*?)```", readme, re.S)
+    assert sample, "README.md lacks the demo's output after 'it prints:'"
+    lines = sample.group(1).splitlines()
+    assert "\n".join(lines[:2]) == _demo.intro(_demo.DEFAULT_ROWS)
+    labels = [label for label, _ in _demo.METHODS]
+    rows = [line for line in lines if line.startswith(tuple(labels))]
+    assert [re.split(r"\s{2,}", row)[0] for row in rows] == labels
+    assert [line.split(":")[0] for line in lines if line.startswith("Round ")] == [
+        f"Round {i}/{_demo.ROUNDS}" for i in range(1, _demo.ROUNDS + 1)
+    ]
+    assert lines[-1] == "Segments left in /dev/shm by this demo: 0"

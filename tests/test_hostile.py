@@ -221,6 +221,19 @@ def check_attributes(data, original, handle: shmalloc.ShmObj, drop: bool, copy: 
         assert isinstance(outcome, shmalloc.CorruptHandleError), f"damaged attributes gave {outcome!r}"
 
 
+@pytest.mark.parametrize(
+    "path, replacement",
+    [(("dtype",), None), (("buffer",), False), (("shape", 0), 3.0), (("shape",), [3]), (("order",), np.str_("C"))],
+)
+def test_attribute_of_another_type_that_compares_equal_is_refused(path, replacement):
+    """An attribute replaced by a value of another type that == calls equal (dtype('f8') == None) is refused."""
+    original = np.array([1.5, np.nan, -0.0])
+    with fresh(original) as handle:
+        damaged = mutate(handle.attributes, list(path), replacement, False)
+        outcome = consume(dataclasses.replace(handle, attributes=damaged), original, handle.name)
+    assert isinstance(outcome, shmalloc.CorruptHandleError)
+
+
 def _pickled_equal(a, b) -> bool:
     try:
         return pickle.dumps(a, protocol=5) == pickle.dumps(b, protocol=5)

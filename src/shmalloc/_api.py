@@ -133,9 +133,21 @@ def _same(a: Any, b: Any) -> bool:
     except Exception:
         return False
     try:
-        return bool(a == b)
+        return _equal_same_types(a, b)
     except Exception:
         return False
+
+
+def _equal_same_types(a: Any, b: Any) -> bool:
+    # == alone would accept a value of another type that compares equal: np.dtype("f8") == None,
+    # 0 == False, 3 == 3.0. Each item must be of the same type as its counterpart.
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal_same_types(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_same_types(x, y) for x, y in zip(a, b))
+    return bool(a == b)
 
 
 def _canonical(x: Any) -> bytes:

@@ -1,19 +1,39 @@
-"""Command line: ``python -m shmalloc {demo,bench,ls,gc}``."""
+"""Command line: ``shmalloc`` or ``python -m shmalloc``, with the commands demo, bench, ls and gc."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence, TextIO
 
+from . import __version__
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m shmalloc", description=__doc__)
+DESCRIPTION = (
+    "Move numpy arrays and pandas data frames between processes through POSIX shared memory."
+    " Run '%(prog)s COMMAND --help' for a command's options."
+)
+
+
+def module_prog() -> str:
+    """How a user runs the command line as a module: ``python -m shmalloc`` (with their interpreter's name)."""
+    return f"{os.path.basename(sys.executable) or 'python'} -m shmalloc"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "shmalloc") -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    ``prog`` is the command shown in usage and help: ``shmalloc`` for the console
+    script, :func:`module_prog` for ``python -m shmalloc``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"shmalloc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="move a data frame between processes and compare with pickling")
-    demo.add_argument("--rows", type=float, default=1e7, help="rows of the demo frame (default 1e7)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--rows", type=_rows, default=None, help="rows of each worker's frame, e.g. 1e6 (default: 5e6)")
+    size.add_argument("--large", action="store_true", help="1e7 rows a frame, as in bettermc's benchmark (takes about twice as long)")
 
     bench = commands.add_parser("bench", help="measure shmalloc against its peers")
     bench.add_argument("sections", nargs="*", help="sections to run (default: all): core, pandas, map")
@@ -56,15 +76,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gc":
         return run_gc(older_than=args.older_than, dry_run=args.dry_run)
     if args.command == "demo":
-        from ._demo import run_demo
+        from ._demo import DEFAULT_ROWS, LARGE_ROWS, run_demo
 
-        return run_demo(int(args.rows))
+        return run_demo(LARGE_ROWS if args.large else args.rows or DEFAULT_ROWS)
     if args.command == "bench":
         from .bench import run
 
         return run(args.sections, quick=args.quick, repeat=args.repeat)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _rows(text: str) -> int:
+    try:
+        rows = float(text)
+    except ValueError:
+        rows = float("nan")
+    if not (1 <= rows <= 1e9) or rows != int(rows):
+        raise argparse.ArgumentTypeError(f"not a number of rows from 1 to 1e9: {text!r}")
+    return int(rows)
 
 
 def _duration(text: str) -> float:
