@@ -281,12 +281,7 @@ def remote_error(index: int | None, described: tuple[bytes | None, str, str], wh
     if isinstance(exc, Exception):
         try:
             exc.add_note(f"{where}: raised by func for {subject}; the worker's traceback:\n{text.rstrip()}")
-            if index is not None:
-                try:
-                    exc.shmalloc_index = index
-                except AttributeError:
-                    pass
-            return exc
+            return _with_index(exc, index)
         except Exception:
             pass  # e.g. a __notes__ that is not a list: report it as a WorkerError
     return WorkerError(f"{subject} failed in a worker: {message}\n\n{text}", index, text)
@@ -301,9 +296,14 @@ def rebuild_error(index: int | None, exc: Exception, where: str) -> Exception:
         wrapped = WorkerError(f"{subject}: rebuilding its result in the parent failed: {exc!r}", index)
         wrapped.__cause__ = exc
         return wrapped
+    return _with_index(exc, index)
+
+
+def _with_index(exc: Exception, index: int | None) -> Exception:
+    """``exc``, carrying the failing item's index as ``shmalloc_index`` where it takes attributes."""
     if index is not None:
         try:
-            exc.shmalloc_index = index
+            exc.shmalloc_index = index  # type: ignore[attr-defined]
         except AttributeError:
             pass
     return exc
