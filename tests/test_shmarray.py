@@ -90,11 +90,12 @@ def test_full_dev_shm_gives_enospc_and_leaves_nothing():
     """Asking for more than /dev/shm holds raises ShmError ENOSPC up front (never SIGBUS later)."""
     st = os.statvfs("/dev/shm")
     too_big = st.f_blocks * st.f_frsize + (1 << 30)
-    before = set(os.listdir("/dev/shm"))
+    mine = f"shmalloc_{os.getpid()}_"  # this process's names: other programs may use /dev/shm meanwhile
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(mine)}
     with pytest.raises(ShmError) as info:
         ShmArray.empty(too_big, np.uint8)
     assert info.value.errno in (28, 12)  # ENOSPC (or ENOMEM where the kernel says so)
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert {n for n in os.listdir("/dev/shm") if n.startswith(mine)} - before == set()
 
 
 # ---- numpy behaviour ----
