@@ -554,3 +554,16 @@ def test_generated_names_are_unpredictable():
     generated = {_names.generate() for _ in range(10_000)}
     assert len(generated) == 10_000
     assert all(_names.creator_pid(n) == os.getpid() for n in generated)
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [(np.uint8, (0, 2**70)), (np.float64, (0, 2**62)), (np.uint8, (0,) * 65), (np.int32, (0, 2**40, 2**40))],
+)
+def test_empty_buffer_shapes_numpy_refuses_are_a_damaged_table(dtype, shape):
+    """An empty buffer whose shape numpy cannot make is refused as a damaged buffer table, not a bare ValueError."""
+    layout = _segment.BufferLayout(0, np.dtype(dtype), shape, False)
+    with pytest.raises(shmalloc.CorruptHandleError, match="damaged buffer table entry"):
+        _segment._checked_layouts("/shmtest_layout", [layout], 0)
+    fine = _segment.BufferLayout(0, np.dtype(dtype), (0, 3), False)
+    assert _segment._checked_layouts("/shmtest_layout", [fine], 0) == [fine]

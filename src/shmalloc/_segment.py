@@ -453,6 +453,7 @@ def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferL
             and isinstance(layout.shape, tuple)
             and all(type(n) is int and n >= 0 for n in layout.shape)
             and type(layout.fortran) is bool
+            and _numpy_can_make(layout)
         ):
             raise CorruptHandleError(f"{name}: damaged buffer table entry")
         if layout.offset % PAGE or layout.offset < end or layout.offset + layout.nbytes > data_size:
@@ -461,6 +462,15 @@ def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferL
     if end != data_size:
         raise CorruptHandleError(f"{name}: buffer table does not cover the segment")
     return layouts
+
+
+def _numpy_can_make(layout: BufferLayout) -> bool:
+    """Whether numpy accepts the layout's shape: at most 64 dimensions, and a size that fits in
+    ``intp`` counting the non-zero dimensions (numpy checks those even for an empty array)."""
+    extent = layout.dtype.itemsize
+    for n in layout.shape:
+        extent *= n or 1
+    return len(layout.shape) <= 64 and extent <= np.iinfo(np.intp).max
 
 
 def _empty(layout: BufferLayout) -> np.ndarray:
