@@ -385,7 +385,9 @@ int shmalloc_handler_init(void)
             }
         }
     }
+    int saved_errno = errno;  /* releasing the GIL may touch errno; the caller reads it */
     PyGILState_Release(gil);
+    errno = saved_errno;
     return rc;
 }
 
@@ -449,7 +451,9 @@ done:
         Py_DECREF(array);  /* it does not own the mapping: nothing is freed */
         errno = saved;
     }
+    int saved_errno = errno;  /* releasing the GIL may touch errno; the caller reads it */
     PyGILState_Release(gil);
+    errno = saved_errno;
     return rc;
 }
 
