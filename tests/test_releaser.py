@@ -3,7 +3,9 @@ shmalloc is alive when the process forks."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -155,3 +157,80 @@ def test_wait_for_releases_returns_once_all_are_closed():
     _fork_and_report(lambda: "")
     _segment.wait_for_releases()  # must not hang: the fork took over the queue
     assert _held_consumed_objects() == ""
+
+
+# A signal handler forks while the main thread is inside _Releaser.close_later (starting the
+# releaser thread); the child carries on where the main thread was. The placeholder names the
+# line of Thread.start() where the signal arrives.
+_FORK_IN_HANDLER_DURING_START = textwrap.dedent(
+    """
+    import inspect, os, signal, sys, threading
+    import numpy as np
+    import shmalloc
+    from shmalloc import _segment
+
+    _segment.STOP_TIMEOUT = 3600.0  # a fork that waits for it fails the test's deadline
+    child = []
+    thread_at_fork = []
+
+    def handler(*args):
+        thread = _segment._releaser._thread
+        thread_at_fork.append(thread is not None and thread.is_alive())
+        pid = os.fork()
+        if pid == 0:
+            child.append(1)
+            return
+        os.waitpid(pid, 0)
+
+    signal.signal(signal.SIGUSR1, handler)
+    src, first = inspect.getsourcelines(threading.Thread.start)
+    line = first + next(k for k, text in enumerate(src) if LINE in text)
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not threading.Thread.start.__code__ or frame.f_locals["self"].name != "shmalloc-release":
+            return None
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return local
+        return local
+
+    handle = shmalloc.copy2shm(np.ones(3_000_000))  # large: consuming it hands the descriptor to the releaser
+    sys.settrace(tracer)
+    try:
+        result = repr(bool((shmalloc.allocate_from_shm(handle) == 1).all()))
+        _segment.wait_for_releases()  # every queued close runs (no descriptor stranded)
+    except BaseException as exc:
+        result = repr(exc)
+    sys.settrace(None)
+    result += f" fired={bool(fired)} alive_at_fork={thread_at_fork}"
+    if child:
+        with open(sys.argv[1], "w") as out:
+            out.write(result)
+        os._exit(0)
+    print(result)
+    """
+)
+
+
+def _run_fork_in_handler_during_start(tmp_path, line: str) -> tuple[str, str]:
+    report = tmp_path / "child.txt"
+    script = _FORK_IN_HANDLER_DURING_START.replace("LINE", repr(line))
+    proc = subprocess.run([sys.executable, "-c", script, str(report)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip(), report.read_text()
+
+
+def test_child_of_a_fork_in_a_signal_handler_during_close_later_consumes_normally(tmp_path):
+    """The child of a fork made by a signal handler while the releaser thread was being started finishes its allocate_from_shm."""
+    parent, child = _run_fork_in_handler_during_start(tmp_path, "self._started.wait()")
+    assert parent.startswith("True fired=True") and child.startswith("True fired=True"), (parent, child)
+
+
+def test_fork_in_a_signal_handler_before_the_releaser_thread_exists_does_not_wait_for_it(tmp_path):
+    """A fork made by a signal handler inside Thread.start() before the OS thread exists goes ahead, and both sides then consume normally."""
+    parent, child = _run_fork_in_handler_during_start(tmp_path, "_limbo[self] = self")
+    # Not alive at the fork: the old code waited STOP_TIMEOUT (here an hour) for it.
+    assert parent == child == "True fired=True alive_at_fork=[False]", (parent, child)

@@ -593,3 +593,101 @@ def test_shmarray_passed_to_a_worker_stays_owned_by_its_creator():
 
 def _identity(x):
     return x
+
+
+def _names_under(pid: int) -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")}
+
+
+def _made_then_wait(i):
+    import os
+    import time
+
+    import shmalloc
+
+    if i == 0:
+        kept = shmalloc.ShmArray.zeros(1000)  # noqa: F841 (held while the item runs)
+        time.sleep(60)  # still working when item 1 fails; the parent terminates this worker
+        return None
+    deadline = time.monotonic() + 30
+    mine = f"shmalloc_{os.getppid()}_"
+    while not any(n.startswith(mine) for n in os.listdir("/dev/shm")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise ValueError("item 1 fails once item 0 made its ShmArray")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_shmarray_of_a_terminated_map_worker_is_not_left_under_the_parents_pid(method):
+    """A ShmArray made by a map worker that is terminated before answering does not stay in /dev/shm as a live process's name."""
+    before = _names_under(os.getpid())
+    try:
+        with pytest.raises(ValueError, match="item 1 fails"):
+            shmalloc.map(_made_then_wait, [0, 1], processes=2, start_method=method)
+        shmalloc.gc(older_than=0)
+        left = _names_under(os.getpid()) - before
+        assert not left, f"left in /dev/shm under this live process's pid: {left}"
+    finally:
+        for name in _names_under(os.getpid()) - before:
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass
+
+
+def _make_and_wait(_):
+    import time
+
+    import shmalloc
+
+    kept = shmalloc.ShmArray.zeros(1000)  # noqa: F841 (held while the item runs)
+    time.sleep(60)  # the parent terminates the pool meanwhile
+
+
+def test_shmarray_of_a_pool_worker_stopped_by_terminate_is_unlinked():
+    """Pool.terminate() while a worker holds a ShmArray it made leaves no name under this process's pid."""
+    before = _names_under(os.getpid())
+    try:
+        pool = shmalloc.Pool(1, start_method="fork")
+        with cf.ThreadPoolExecutor(1) as runner:
+            running = runner.submit(pool.map, _make_and_wait, [0])
+            deadline = time.monotonic() + 30
+            while not _names_under(os.getpid()) - before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _names_under(os.getpid()) - before, "the worker made no ShmArray"
+            pool.terminate()
+            with pytest.raises(RuntimeError, match="terminate"):
+                running.result(timeout=60)
+        left = _names_under(os.getpid()) - before
+        assert not left, f"left in /dev/shm under this live process's pid: {left}"
+    finally:
+        for name in _names_under(os.getpid()) - before:
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass
+
+
+def test_a_name_is_among_the_owned_ones_while_its_object_is_created(monkeypatch):
+    """A SIGTERM handler running while a ShmArray's object is being created finds its name among the owned ones, and a failed creation removes it."""
+    from shmalloc import _segment, _shmarray
+
+    seen = []
+    real = _segment.create_shared
+
+    def watched(name, size):
+        seen.append(name in _shmarray._owned_names)
+        return real(name, size)
+
+    monkeypatch.setattr(_segment, "create_shared", watched)
+    with ShmArray.zeros(10) as a:
+        assert seen == [True] and a.name in _shmarray._owned_names
+    assert a.name not in _shmarray._owned_names  # unlinked: no longer owned
+
+    def failing(name, size):
+        raise ShmError(28, "full", name)
+
+    monkeypatch.setattr(_segment, "create_shared", failing)
+    before = set(_shmarray._owned_names)
+    with pytest.raises(ShmError):
+        ShmArray.zeros(10)
+    assert _shmarray._owned_names == before

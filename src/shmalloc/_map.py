@@ -217,6 +217,9 @@ def _worker(conn: Connection, options: _Options, receiver: int) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _shmarray.name_for_receiver(receiver)
+    # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
+    # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
+    signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
     try:
         while True:
             try:

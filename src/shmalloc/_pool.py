@@ -152,6 +152,9 @@ def _pool_worker(conn: Any, receiver: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     _shmarray.name_for_receiver(receiver)
+    # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
+    # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
+    signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
     mappings = _Mappings()
     try:
         while True:

@@ -65,6 +65,10 @@ def copy_threads() -> int:
 RELEASE_LATER_BYTES = 16 << 20
 # How long a fork waits for the thread to finish the close it is in (~1 s per 8 GB).
 STOP_TIMEOUT = 60.0
+# How long a fork made by a signal handler inside close_later's Thread.start() waits for
+# a thread that is not alive yet: if the OS thread exists it runs at once (we release the
+# lock and the GIL); if the handler came before the OS thread was created, it never will.
+START_GRACE = 1.0
 
 
 class _Releaser:
@@ -84,7 +88,10 @@ class _Releaser:
         self._queue: collections.deque[int] = collections.deque()
         self._closing = 0  # descriptors the thread took and is closing
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._stop = False  # a fork is under way: the thread exits and no new one starts
+        # True only while the lock's holder is inside Thread.start() of self._thread; seen
+        # by _before_fork only when that holder is the forking thread (a signal handler).
+        self._starting = False
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(
                 before=self._before_fork,
@@ -96,9 +103,13 @@ class _Releaser:
         """Close ``fd`` on the background thread."""
         with self._changed:
             self._queue.append(fd)
-            if self._thread is None:
+            if self._thread is None and not self._stop:  # _stop: _before_fork closes the queue
+                self._starting = True  # before _thread is set: see _before_fork
                 self._thread = threading.Thread(target=self._run, name="shmalloc-release", daemon=True)
-                self._thread.start()
+                try:
+                    self._thread.start()
+                finally:
+                    self._starting = False
             self._changed.notify_all()
 
     def wait(self) -> None:
@@ -125,6 +136,11 @@ class _Releaser:
                     self._closing -= 1
                     self._changed.notify_all()
 
+    def _close_queued(self) -> None:
+        while self._queue:
+            lib.shmalloc_close(self._queue.popleft())
+        self._changed.notify_all()  # for wait()
+
     def _before_fork(self) -> None:
         self._changed.acquire()  # held across the fork: released in both after-fork hooks
         thread = self._thread
@@ -133,22 +149,35 @@ class _Releaser:
             self._changed.notify_all()
             # wait() releases the lock however often this thread holds it (a signal handler
             # may fork inside close_later), so the thread can finish its close and exit.
-            if self._changed.wait_for(lambda: self._thread is None, timeout=STOP_TIMEOUT):
+            if not thread.is_alive() and self._starting:
+                # This thread is inside thread.start() (the fork comes from a signal handler):
+                # the OS thread may not exist yet, and cannot come to exist before the fork.
+                self._changed.wait_for(lambda: self._thread is None, timeout=START_GRACE)
+            if self._thread is not None and (thread.is_alive() or not self._starting):
+                self._changed.wait_for(lambda: self._thread is None, timeout=STOP_TIMEOUT)
+            if self._thread is None:
                 thread.join()
                 wait_until_gone([thread.native_id])
-            # else: a close that takes minutes; fork with the thread alive rather than hang
-        while self._queue:  # rather here than pinning the objects' pages in the child
-            lib.shmalloc_close(self._queue.popleft())
-        self._changed.notify_all()  # for wait()
+            # else: never started (its start() resumes after the fork, in parent and child
+            # alike), or a close that takes minutes: fork with it rather than hang
+        self._close_queued()  # rather here than pinning the objects' pages in the child
 
     def _after_fork_in_parent(self) -> None:
         self._stop = False
+        self._close_queued()  # queued by a signal handler during the fork, if any
         self._changed.release()
 
     def _after_fork_in_child(self) -> None:
-        # No thread of the parent exists here; the held lock may count them as owners.
-        self._changed = threading.Condition(threading.RLock())
-        self._thread, self._stop, self._closing = None, False, 0
+        # The same Condition: a close_later or wait() that the forking signal handler
+        # interrupted carries on with it. Its RLock is owned by this (the forking) thread
+        # only, as _before_fork acquired it: release that acquisition, keep the caller's.
+        self._stop, self._closing = False, 0
+        if not self._starting:
+            self._thread = None  # no thread of the parent exists here
+        # else: this thread is inside start() of self._thread, which runs here once start()
+        # resumes (the OS thread did not exist at the fork).
+        self._close_queued()
+        self._changed.release()
 
 
 _releaser = _Releaser()

@@ -14,6 +14,7 @@ import errno
 import html
 import operator
 import os
+import signal
 import threading
 import weakref
 from typing import Any, Iterable
@@ -38,6 +39,15 @@ def _owner_unlink(name: str, pid: int) -> None:
         _segment.unlink(name)
     except FileNotFoundError:
         pass  # unlinked already, by unlink() or by a cleanup tool
+    _owned_names.discard(name)
+
+
+# The names this process owns, in a plain set that a signal handler reads without a lock
+# (see unlink_owned_and_die). A new name enters before its object is created, so a handler
+# that runs in between still removes it.
+_owned_names: set[str] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_owned_names.clear)  # a forked child owns none of them
 
 
 class _Ownership:
@@ -64,7 +74,12 @@ def name_for_receiver(pid: int) -> None:
 
 def _new_segment(nbytes: int) -> _segment.SharedMapping:
     name = _names.generate(_receiver_pid)
-    mapping = _space.retry_on_enospc(_segment.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
+    _owned_names.add(name)
+    try:
+        mapping = _space.retry_on_enospc(_segment.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
+    except BaseException:
+        _owned_names.discard(name)  # create_shared left nothing
+        raise
     with _lock:
         _owned[mapping] = _Ownership(mapping)
         _mappings[name] = mapping
@@ -141,6 +156,7 @@ def _adopt(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.d
     with _lock:
         ownership = _owned.get(mapping)
         if ownership is None or ownership.pid != os.getpid():
+            _owned_names.add(mapping.name)
             _owned[mapping] = _Ownership(mapping)
     return array
 
@@ -197,6 +213,7 @@ class Handover:
                 ownership = _owned.pop(mapping, None)
                 if ownership is not None:
                     ownership.finalizer.detach()
+                    _owned_names.discard(mapping.name)
         self.mappings = {}
 
 
@@ -222,6 +239,26 @@ def unlink_owned() -> None:
         owned = [o for o in _owned.values() if o.pid == os.getpid()]
     for ownership in owned:
         ownership.finalizer()
+
+
+def unlink_owned_and_die(signum: int, frame: Any) -> None:
+    """A signal handler for workers: unlink every name this process owns, then die of ``signum``.
+
+    For SIGTERM, which would otherwise end a worker without its finalisers and
+    leave names carrying the receiver's pid in ``/dev/shm``. It may run at any
+    bytecode, so it takes no lock and only reads a snapshot of the owned names
+    (a name being created is in it already; unlinking one not yet created, or
+    gone, is harmless). The process then ends as it would have without the
+    handler, so its parent sees the same exit status.
+    """
+    for name in tuple(_owned_names):  # one C call: no other thread changes the set meanwhile
+        try:
+            _segment.unlink(name)
+        except Exception:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # only if the signal did not end the process
 
 
 def _demote(result: Any) -> Any:
