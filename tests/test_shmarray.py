@@ -691,3 +691,37 @@ def test_a_name_is_among_the_owned_ones_while_its_object_is_created(monkeypatch)
     with pytest.raises(ShmError):
         ShmArray.zeros(10)
     assert _shmarray._owned_names == before
+
+
+def _keep_a_shmarray(_):
+    import os
+
+    import shmalloc
+
+    global _kept_in_worker
+    _kept_in_worker = shmalloc.ShmArray.zeros(1000)  # owned by this worker, named for the parent
+    return os.getpid(), _kept_in_worker.name
+
+
+def test_shmarray_kept_by_a_terminated_executor_worker_is_unlinked():
+    """An executor worker terminated (SIGTERM, as a broken pool does) unlinks the ShmArray names it owns."""
+    before = _names_under(os.getpid())
+    try:
+        pool = shmalloc.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
+        try:
+            pid, name = pool.submit(_keep_a_shmarray, 0).result(timeout=60)
+            assert os.path.exists("/dev/shm" + name)
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while os.path.exists("/dev/shm" + name) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not os.path.exists("/dev/shm" + name), "the terminated worker left its ShmArray's name"
+        finally:
+            pool.shutdown(wait=True)
+        assert _names_under(os.getpid()) - before == set()
+    finally:
+        for name in _names_under(os.getpid()) - before:
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass

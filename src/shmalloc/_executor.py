@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import signal
 import threading
 import warnings
 from concurrent.futures.process import BrokenProcessPool
@@ -36,6 +37,10 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
     the parent's pid.
     """
     global _unsent
+    if signal.getsignal(signal.SIGTERM) is not _shmarray.unlink_owned_and_die:
+        # A broken pool terminates its workers (SIGTERM): unlink the ShmArrays' names this
+        # worker owns (they carry the parent's pid) before dying of it, as map's workers do.
+        signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
     _complete_unsent()
     _shmarray.name_for_receiver(receiver)
     message, handover = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
