@@ -40,7 +40,7 @@ from . import _answer, _names, _segment, _shmarray, codecs
 from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
-from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
+from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit, fork_stamp
 from ._map import (
     PIPE_LIMIT,
     Shipped,
@@ -303,6 +303,7 @@ class _PoolRun(_Run):
     def _receive(self, index: int, shipped: Shipped) -> Any:
         handle = shipped.handle
         spare = self.spares.pop(index, None)
+        stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
         if handle is None:
             if spare is not None:
                 self.pool._spares.give(spare)
@@ -328,7 +329,7 @@ class _PoolRun(_Run):
             spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
         if spare is not None and owners:
-            self.pool._spares.lend(spare, owners)
+            self.pool._spares.lend(spare, owners, stamp)
         elif spare is not None:
             self.pool._spares.give(spare)
         return value.value if shipped.boxed else value
