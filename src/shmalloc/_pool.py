@@ -417,8 +417,10 @@ class Pool:
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
         # One call at a time: a run owns the workers, their pipes and the spares it hands out.
-        # Taken before the spares' own lock (which their other users take alone).
-        self._lock = threading.Lock()
+        # Taken before the spares' own lock (which their other users take alone). Reentrant:
+        # terminate() from a signal handler that interrupted this thread holding it must not
+        # wait for itself; the interrupted map or close then finds the pool shut.
+        self._lock = threading.RLock()
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
         with self._spares.held():
@@ -465,6 +467,8 @@ class Pool:
             self._runner = threading.get_ident()
             try:
                 with self._spares.held():  # spares come back from other threads only between calls
+                    if self._closed:  # by a signal handler of this thread, before _runner was set
+                        raise ValueError("the pool was closed while this map was starting")
                     return _PoolRun(self, items, options, chunksize, copy, progress).run()
             finally:
                 self._runner = None
