@@ -368,3 +368,47 @@ def test_growing_and_shrinking_results_through_recycled_objects():
             for copy in (True, False):
                 (got,) = pool.map(ramp, [n], copy=copy)
                 np.testing.assert_array_equal(got, ramp(n))
+
+
+def test_close_in_a_forked_child_leaves_the_parents_workers_alone():
+    """A forked child that closes the Pool it inherited does not kill the parent's workers, and the parent's next call works."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        worker_pid = pool._workers[0].process.pid
+        child = os.fork()
+        if child == 0:
+            try:
+                pool.close()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        # WNOWAIT: look without reaping (the pool must still reap its worker itself)
+        ended = os.waitid(os.P_PID, worker_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert ended is None, f"the parent's worker was killed by the child's close(): {ended}"
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+
+
+def test_forked_child_leaving_a_with_block_or_dropping_the_pool_leaves_the_parents_workers_alone():
+    """A forked child whose with block ends, or that drops the Pool, neither stops the parent's workers nor may map on them."""
+    pool = shmalloc.Pool(1, start_method="fork")
+    try:
+        worker_pid = pool._workers[0].process.pid
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                with pool:
+                    try:
+                        pool.map(abs, [1])
+                    except RuntimeError as exc:
+                        code = 0 if "forked child" in str(exc) else 2
+                pool.__del__()  # what the garbage collector calls
+                pool.terminate()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "map in the child was not refused with a RuntimeError"
+        ended = os.waitid(os.P_PID, worker_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert ended is None, f"the parent's worker was stopped by the child: {ended}"
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+    finally:
+        pool.close()

@@ -416,6 +416,7 @@ class Pool:
         self._workers: list[_Worker] = []
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
+        self._pid = os.getpid()  # the workers and spares are this process's: a forked child's close leaves them
         # One call at a time: a run owns the workers, their pipes and the spares it hands out.
         # Taken before the spares' own lock (which their other users take alone). Reentrant:
         # terminate() from a signal handler that interrupted this thread holding it must not
@@ -448,6 +449,7 @@ class Pool:
         list
             ``[func(item) for item in iterable]``.
         """
+        self._refuse_other_process("map")
         if self._closed:
             raise ValueError("the pool is closed")
         ctx_method = self._ctx.get_start_method()
@@ -477,6 +479,9 @@ class Pool:
 
     def close(self) -> None:
         """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        if os.getpid() != self._pid:
+            self._forget()
+            return
         self._refuse_reentry("close")
         with self._lock:
             if self._closed:
@@ -490,6 +495,9 @@ class Pool:
         Also while a :meth:`map` runs, in another thread or in this one (a
         signal handler): that call then raises RuntimeError.
         """
+        if os.getpid() != self._pid:
+            self._forget()
+            return
         self._terminating = True
         for worker in list(self._workers):  # a copy: a running map may change the list
             try:
@@ -508,6 +516,20 @@ class Pool:
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
+
+    def _forget(self) -> None:
+        # In a forked child: the workers are the parent's (no signal, join or message to them;
+        # their pipes' ends were closed at the fork) and so are the spares (closed at the fork too).
+        # Only drop them; the pool's locks may have been held by a thread that the child lacks.
+        self._closed = True
+        self._workers = []
+
+    def _refuse_other_process(self, what: str) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"Pool.{what}() called in a forked child (pid {os.getpid()}) of the process that made the pool"
+                f" (pid {self._pid}): its workers are that process's; make a new Pool here"
+            )
 
     def _shut_unless_busy(self) -> None:
         # After terminate() from a signal handler: a call of this pool that holds the lock
@@ -577,6 +599,9 @@ class Pool:
             self.terminate()
 
     def __del__(self) -> None:
+        if getattr(self, "_pid", None) not in (None, os.getpid()):
+            self._forget()  # a forked child's copy: the parent's workers are not its to stop
+            return
         if not getattr(self, "_closed", True):
             try:
                 self._spares.when_free(self.close)  # this thread may hold the spares' lock: then it closes the pool on release
