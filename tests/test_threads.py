@@ -83,7 +83,7 @@ def test_close_from_another_thread_waits_for_the_running_map():
     thread = threading.Thread(target=run)
     thread.start()
     started.wait()
-    _wait_until(lambda: pool._lock.locked())  # the map holds the pool (the outcome is right either way)
+    _wait_until(lambda: pool._runner is not None)  # the map holds the pool (the outcome is right either way)
     pool.close()
     thread.join()
     assert results == [[i * i for i in range(20)]] or not results
@@ -108,7 +108,7 @@ def test_terminate_from_another_thread_stops_the_running_map_cleanly():
     thread = threading.Thread(target=run)
     thread.start()
     started.wait()
-    _wait_until(lambda: pool._lock.locked())
+    _wait_until(lambda: pool._runner is not None)
     pool.terminate()
     thread.join()
     assert len(outcome) == 1
