@@ -368,3 +368,84 @@ def test_growing_and_shrinking_results_through_recycled_objects():
             for copy in (True, False):
                 (got,) = pool.map(ramp, [n], copy=copy)
                 np.testing.assert_array_equal(got, ramp(n))
+
+
+def test_close_in_a_forked_child_leaves_the_parents_workers_alone():
+    """A forked child that closes the Pool it inherited does not kill the parent's workers, and the parent's next call works."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        worker_pid = pool._workers[0].process.pid
+        child = os.fork()
+        if child == 0:
+            try:
+                pool.close()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        # WNOWAIT: look without reaping (the pool must still reap its worker itself)
+        ended = os.waitid(os.P_PID, worker_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert ended is None, f"the parent's worker was killed by the child's close(): {ended}"
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+
+
+def test_forked_child_leaving_a_with_block_or_dropping_the_pool_leaves_the_parents_workers_alone():
+    """A forked child whose with block ends, or that drops the Pool, neither stops the parent's workers nor may map on them."""
+    pool = shmalloc.Pool(1, start_method="fork")
+    try:
+        worker_pid = pool._workers[0].process.pid
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                with pool:
+                    try:
+                        pool.map(abs, [1])
+                    except RuntimeError as exc:
+                        code = 0 if "forked child" in str(exc) else 2
+                pool.__del__()  # what the garbage collector calls
+                pool.terminate()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "map in the child was not refused with a RuntimeError"
+        ended = os.waitid(os.P_PID, worker_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert ended is None, f"the parent's worker was stopped by the child: {ended}"
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+    finally:
+        pool.close()
+
+
+def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object(monkeypatch):
+    """A child forked after a copy=False result's arrays were mapped but before its object was lent keeps seeing that result."""
+    ctx = mp.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    consume = pool_module._consume
+    forked: list[int] = []
+
+    def consume_then_fork(segment, handle, copy):
+        value, owners = consume(segment, handle, copy)
+        if not forked:
+            pid = os.fork()
+            if pid == 0:  # the child reads the result it inherited once the parent reused its spares
+                try:
+                    child_end.recv()
+                    child_end.send(float(value.sum()) if isinstance(value, np.ndarray) else -1.0)
+                finally:
+                    os._exit(0)
+            forked.append(pid)
+        return value, owners
+
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(full, [1], copy=True)  # the next call gets a spare
+        monkeypatch.setattr(pool_module, "_consume", consume_then_fork)
+        (result,) = pool.map(full, [7], copy=False)
+        monkeypatch.setattr(pool_module, "_consume", consume)
+        try:
+            assert forked
+            del result
+            gc.collect()
+            np.testing.assert_array_equal(pool.map(full, [9], copy=False)[0], full(9))
+            parent_end.send("read")
+            assert parent_end.poll(30) and parent_end.recv() == 7.0 * N
+        finally:
+            os.kill(forked[0], signal.SIGKILL)  # it answered already, or waits for a message that never comes
+            os.waitpid(forked[0], 0)

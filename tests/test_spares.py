@@ -396,3 +396,79 @@ def test_terminate_and_map_where_this_thread_holds_the_spares_do_not_hang():
     del kept
     gc.collect()
     assert pool._spares.closed and pool._spares.free == []
+
+
+# A fork by another thread lands while Pool.map's thread is inside Spares.reclaim (between two
+# bytecodes): a trace function makes that thread switch happen at one chosen line. Run in a
+# separate interpreter: the bug closes and reuses descriptor numbers.
+_FORK_DURING_RECLAIM = textwrap.dedent(
+    """
+    import inspect, os, sys, tempfile, threading
+    import numpy as np
+    import shmalloc
+    from shmalloc import _spares
+
+    def make(i):
+        return np.full(200_000, float(i))
+
+    src, first = inspect.getsourcelines(_spares.Spares.reclaim)
+    line = first + next(k for k, text in enumerate(src) if "self.lent = still" in text)
+    go, done = threading.Event(), threading.Event()
+
+    def forker():
+        go.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        done.set()
+
+    threading.Thread(target=forker, daemon=True).start()
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not _spares.Spares.reclaim.__code__:
+            return None
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not fired and frame.f_locals["still"]:
+                fired.append(1)
+                go.set()
+                done.wait()
+            return local
+        return local
+
+    with shmalloc.Pool(2, start_method="fork", pipe_limit=0) as pool:
+        first_results = pool.map(make, [1, 2], copy=False)
+        sys.settrace(tracer)
+        second_results = pool.map(make, [3, 4], copy=False)
+        sys.settrace(None)
+        assert fired
+        closed = []
+        for spare in pool._spares.lent:
+            try:
+                os.fstat(spare.fd)
+            except OSError:
+                closed.append(spare.fd)
+        user_files, keep = [], []
+        for number in closed:  # the user's files take the freed descriptor numbers
+            f = tempfile.TemporaryFile()
+            while f.fileno() != number:
+                keep.append(f)
+                f = tempfile.TemporaryFile()
+            f.write(b"user data " * 100)
+            f.flush()
+            user_files.append(f)
+        del first_results
+        pool.map(make, [5, 6], copy=True)
+        for f in user_files:
+            f.seek(0)
+            assert f.read(10) == b"user data ", "a Pool result was written into the user's file"
+        print("ok")
+    """
+)
+
+
+def test_fork_by_another_thread_during_reclaim_never_writes_into_other_files():
+    """A fork in another thread while a Pool call reclaims spares never makes a later call write into a descriptor the pool closed."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_DURING_RECLAIM], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -4,6 +4,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -80,7 +83,7 @@ def test_close_from_another_thread_waits_for_the_running_map():
     thread = threading.Thread(target=run)
     thread.start()
     started.wait()
-    _wait_until(lambda: pool._lock.locked())  # the map holds the pool (the outcome is right either way)
+    _wait_until(lambda: pool._runner is not None)  # the map holds the pool (the outcome is right either way)
     pool.close()
     thread.join()
     assert results == [[i * i for i in range(20)]] or not results
@@ -105,7 +108,7 @@ def test_terminate_from_another_thread_stops_the_running_map_cleanly():
     thread = threading.Thread(target=run)
     thread.start()
     started.wait()
-    _wait_until(lambda: pool._lock.locked())
+    _wait_until(lambda: pool._runner is not None)
     pool.terminate()
     thread.join()
     assert len(outcome) == 1
@@ -178,3 +181,53 @@ def test_terminate_from_a_signal_handler_during_map_ends_it_cleanly():
         pool.map(abs, [1])
     pool.close()
     assert not mp.active_children()
+
+
+# A signal arrives while this thread holds Pool._lock but has not yet set Pool._runner (in map)
+# or taken the spares (in close); its handler calls terminate(). A trace function sends the
+# signal at that line.
+_TERMINATE_IN_HANDLER = textwrap.dedent(
+    """
+    import inspect, os, signal, sys
+    import shmalloc
+    from shmalloc import _pool
+
+    which = sys.argv[1]
+    pool = shmalloc.Pool(1, start_method="fork")
+    signal.signal(signal.SIGUSR1, lambda *args: pool.terminate())
+    func = getattr(_pool.Pool, which)
+    src, first = inspect.getsourcelines(func)
+    marker = "self._shut(graceful=True)" if which == "close" else "self._runner = threading.get_ident()"
+    line = first + next(k for k, text in enumerate(src) if marker in text)
+    fired = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not func.__code__:
+            return None
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        pool.close() if which == "close" else pool.map(abs, [1, 2])
+    except (RuntimeError, ValueError):
+        pass  # refused or ended by the terminate: fine, as long as it returns
+    sys.settrace(None)
+    pool.terminate()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("which", ["close", "map"])
+def test_terminate_from_signal_handler_while_this_thread_holds_the_pool_lock_returns(which):
+    """Pool.terminate() called by a signal handler that interrupts map() or close() of the same pool returns instead of hanging."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TERMINATE_IN_HANDLER, which], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("terminate() from the signal handler hung")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

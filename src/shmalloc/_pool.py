@@ -40,7 +40,7 @@ from . import _answer, _names, _segment, _shmarray, codecs
 from ._api import check_handle_matches
 from ._errors import CorruptHandleError, ShmError
 from ._handle import ShmObj
-from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
+from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit, fork_stamp
 from ._map import (
     PIPE_LIMIT,
     Shipped,
@@ -306,6 +306,7 @@ class _PoolRun(_Run):
     def _receive(self, index: int, shipped: Shipped) -> Any:
         handle = shipped.handle
         spare = self.spares.pop(index, None)
+        stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
         if handle is None:
             if spare is not None:
                 self.pool._spares.give(spare)
@@ -331,7 +332,7 @@ class _PoolRun(_Run):
             spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
         if spare is not None and owners:
-            self.pool._spares.lend(spare, owners)
+            self.pool._spares.lend(spare, owners, stamp)
         elif spare is not None:
             self.pool._spares.give(spare)
         return value.value if shipped.boxed else value
@@ -418,9 +419,12 @@ class Pool:
         self._workers: list[_Worker] = []
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
+        self._pid = os.getpid()  # the workers and spares are this process's: a forked child's close leaves them
         # One call at a time: a run owns the workers, their pipes and the spares it hands out.
-        # Taken before the spares' own lock (which their other users take alone).
-        self._lock = threading.Lock()
+        # Taken before the spares' own lock (which their other users take alone). Reentrant:
+        # terminate() from a signal handler that interrupted this thread holding it must not
+        # wait for itself; the interrupted map or close then finds the pool shut.
+        self._lock = threading.RLock()
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
         with self._spares.held():
@@ -448,6 +452,7 @@ class Pool:
         list
             ``[func(item) for item in iterable]``.
         """
+        self._refuse_other_process("map")
         if self._closed:
             raise ValueError("the pool is closed")
         ctx_method = self._ctx.get_start_method()
@@ -467,6 +472,8 @@ class Pool:
             self._runner = threading.get_ident()
             try:
                 with self._spares.held():  # spares come back from other threads only between calls
+                    if self._closed:  # by a signal handler of this thread, before _runner was set
+                        raise ValueError("the pool was closed while this map was starting")
                     return _PoolRun(self, items, options, chunksize, copy, progress).run()
             finally:
                 self._runner = None
@@ -475,6 +482,9 @@ class Pool:
 
     def close(self) -> None:
         """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        if os.getpid() != self._pid:
+            self._forget()
+            return
         self._refuse_reentry("close")
         with self._lock:
             if self._closed:
@@ -488,6 +498,9 @@ class Pool:
         Also while a :meth:`map` runs, in another thread or in this one (a
         signal handler): that call then raises RuntimeError.
         """
+        if os.getpid() != self._pid:
+            self._forget()
+            return
         self._terminating = True
         for worker in list(self._workers):  # a copy: a running map may change the list
             try:
@@ -506,6 +519,20 @@ class Pool:
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
+
+    def _forget(self) -> None:
+        # In a forked child: the workers are the parent's (no signal, join or message to them;
+        # their pipes' ends were closed at the fork) and so are the spares (closed at the fork too).
+        # Only drop them; the pool's locks may have been held by a thread that the child lacks.
+        self._closed = True
+        self._workers = []
+
+    def _refuse_other_process(self, what: str) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"Pool.{what}() called in a forked child (pid {os.getpid()}) of the process that made the pool"
+                f" (pid {self._pid}): its workers are that process's; make a new Pool here"
+            )
 
     def _shut_unless_busy(self) -> None:
         # After terminate() from a signal handler: a call of this pool that holds the lock
@@ -575,6 +602,9 @@ class Pool:
             self.terminate()
 
     def __del__(self) -> None:
+        if getattr(self, "_pid", None) not in (None, os.getpid()):
+            self._forget()  # a forked child's copy: the parent's workers are not its to stop
+            return
         if not getattr(self, "_closed", True):
             try:
                 self._spares.when_free(self.close)  # this thread may hold the spares' lock: then it closes the pool on release

@@ -77,18 +77,42 @@ class Spare:
     mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
+    stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
 
 
 _sids = itertools.count(1)
+
+
+# Forks of this process. The at-fork hooks only count (a fork may come from any thread, or a
+# signal handler, while another thread moves spares: the hooks must change no list).
+_fork_numbers = itertools.count(1)  # next() is atomic: two forking threads never get the same number
+_last_fork = 0  # the number of the latest fork begun
+_forks_under_way: list[int] = []  # one entry per fork begun and not yet returned in this process
+
+
+def fork_stamp() -> int | None:
+    """A mark to take before mapping an object: :func:`forked_since` tells whether a fork came after.
+
+    None if a fork is under way (its child may get what is mapped from now on).
+    """
+    last = _last_fork  # read before looking for a fork under way: one begun in between shows there
+    return None if _forks_under_way else last
+
+
+def forked_since(stamp: int | None) -> bool:
+    """Whether this process may have forked since ``stamp`` was taken by :func:`fork_stamp`."""
+    return stamp is None or _last_fork != stamp
 
 
 class Spares:
     """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results.
 
     Every change happens under :meth:`held` (the pool holds it for a whole
-    call), except at a fork, when no other thread of ours runs. What
-    finalizers hand in while the lock is taken waits in a queue that the
-    holder works off right after releasing it.
+    call). What finalizers hand in while the lock is taken waits in a queue
+    that the holder works off right after releasing it. A fork (by any
+    thread, at any bytecode) changes nothing here: a lent object whose
+    arrays lived across a fork is released instead of reused when it comes
+    back (see :func:`forked_since`).
 
     Parameters
     ----------
@@ -105,7 +129,6 @@ class Spares:
         self.limit = check_limit(limit)
         self.free: list[Spare] = []
         self.lent: list[Spare] = []
-        self.retired: list[Spare] = []  # lent across a fork: never reused
         self.handed: set[Spare] = set()  # taken for a task, not yet back
         self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
         self.call_bytes = 0  # bytes the last call returned
@@ -194,13 +217,17 @@ class Spares:
             _segment.release_fd(spare.fd, spare.size)
 
     def reclaim(self) -> None:
-        """Release the retired; make spares of lent objects whose arrays are all gone."""
-        for spare in self.retired:
-            self.release(spare)
-        self.retired = []
+        """Make spares of lent objects whose arrays are all gone; release those lent across a fork."""
         still = []
         for spare in self.lent:
-            (still if spare.unfreed and _segment.any_adopted(spare.addresses) else self.free).append(spare)
+            if forked_since(spare.stamp):
+                # A forked child may read the object through its copy-on-write view of the
+                # arrays: never write it again. Their mappings keep it while they live.
+                self.release(spare)
+            elif spare.unfreed and _segment.any_adopted(spare.addresses):
+                still.append(spare)
+            else:
+                self.give(spare)
         self.lent = still
 
     def take(self, pid: int) -> Spare | None:
@@ -213,15 +240,25 @@ class Spares:
         return spare
 
     def give(self, spare: Spare) -> None:
+        """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
-        spare.addresses, spare.unfreed = [], set()
+        spare.addresses, spare.unfreed, spare.stamp = [], set(), None
         self.free.append(spare)
 
-    def lend(self, spare: Spare, arrays: Sequence[np.ndarray]) -> None:
-        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed."""
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None) -> None:
+        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed.
+
+        ``stamp``: :func:`fork_stamp` taken before the arrays were made. If the process
+        forked since, the spare is released at once (a child may read the arrays).
+        """
         self.handed.discard(spare)
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
+        spare.stamp = stamp
+        if forked_since(stamp):
+            self.release(spare)
+            return
+        # A fork from here on changes _last_fork, which reclaim and the finalizer path look at.
         self.lent.append(spare)
         for array, address in zip(arrays, spare.addresses):
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
@@ -290,11 +327,14 @@ class Spares:
         while self._queued:
             job = self._queued.popleft()
             if isinstance(job, Spare):
-                # Not retired by a fork, nor released by close, since its last array was freed.
+                # Not released by reclaim or close since its last array was freed.
                 if not self.closed and job in self.lent and not job.unfreed:
                     self.lent.remove(job)
-                    self.give(job)
-                    returned = True
+                    if forked_since(job.stamp):
+                        self.release(job, now=True)  # on this thread: no waiting for the releaser's lock
+                    else:
+                        self.give(job)
+                        returned = True
             else:
                 actions.append(job)
         if returned:
@@ -319,7 +359,7 @@ class Spares:
                 self.release(spare, now=True)
             self.free = []
             self._unmap_released(pool_refs)
-            _segment.wait_for_releases()  # the retired ones, closed on the background thread
+            _segment.wait_for_releases()  # those lent across a fork, closed on the background thread
             return given
         finally:
             self._unlock()
@@ -328,19 +368,11 @@ class Spares:
     def close(self) -> None:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
-        for spare in self.free + self.retired + self.lent:
+        for spare in self.free + self.lent:
             _segment.release_fd(spare.fd, spare.size)
-        self.free, self.retired, self.lent, self.dropped = [], [], [], {}
+        self.free, self.lent, self.dropped = [], [], {}
 
     # -- fork
-
-    def _before_fork(self) -> None:
-        # A child inherits the arrays' copy-on-write mappings: a later write into the
-        # object would show through its untouched pages. Never reuse these objects;
-        # those whose arrays are all freed already are safe to keep.
-        for spare in self.lent:
-            (self.retired if _segment.any_adopted(spare.addresses) else self.free).append(spare)
-        self.lent = []
 
     def _in_child(self) -> None:
         # The child's copies of the descriptors: the parent's spares are not the child's to use
@@ -348,26 +380,33 @@ class Spares:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._holder = None
         self._queued = collections.deque()  # objects of the parent's results, actions on the parent's pool
-        for spare in [*self.free, *self.retired, *self.lent, *self.handed]:
+        for spare in [*self.free, *self.lent, *self.handed]:
             try:
                 os.close(spare.fd)
             except OSError:
                 pass
-        self.free, self.retired, self.lent, self.handed, self.dropped = [], [], [], set(), {}
+        self.free, self.lent, self.handed, self.dropped = [], [], set(), {}
 
 
 _all_spares: "weakref.WeakSet[Spares]" = weakref.WeakSet()
 
 
 def _before_fork() -> None:
-    for spares in list(_all_spares):
-        spares._before_fork()
+    global _last_fork
+    # Under way first: a fork_stamp() that read the old number then sees this fork begun.
+    _forks_under_way.append(0)  # list.append and pop are atomic
+    _last_fork = next(_fork_numbers)
+
+
+def _after_fork_in_parent() -> None:
+    _forks_under_way.pop()
 
 
 def _in_child() -> None:
+    _forks_under_way.clear()  # the parent's forks under way are not the child's
     for spares in list(_all_spares):
         spares._in_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_in_child)
