@@ -535,8 +535,9 @@ class Pool:
             )
 
     def _shut_unless_busy(self) -> None:
-        # After terminate() from a signal handler: a call of this pool that holds the lock
-        # (maybe on this thread) sees _terminating and shuts the pool when it ends.
+        # After terminate() from a signal handler: the pool's lock is reentrant, so on the thread
+        # that holds it this shuts the pool at once; a call holding it in another thread sees
+        # _terminating and shuts the pool when it ends.
         if self._lock.acquire(blocking=False):
             try:
                 self._shut(graceful=False)
@@ -544,7 +545,8 @@ class Pool:
                 self._lock.release()
 
     def _refuse_reentry(self, what: str) -> None:
-        # The locks are not reentrant: waiting for one in the thread that holds it would hang.
+        # On the thread running a call, map or close would run inside that call; on the thread
+        # holding the spares' lock (not reentrant), they would wait for it forever.
         if self._runner == threading.get_ident() or self._spares.held_here():
             if self._runner == threading.get_ident():
                 raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
