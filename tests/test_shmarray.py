@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import copy
 import gc
 import multiprocessing as mp
@@ -599,6 +600,24 @@ def _names_under(pid: int) -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")}
 
 
+@contextlib.contextmanager
+def _new_names_of_this_pid():
+    """Yield a function listing the names made under this process's pid since entry; remove them at exit."""
+    before = _names_under(os.getpid())
+
+    def new() -> set[str]:
+        return _names_under(os.getpid()) - before
+
+    try:
+        yield new
+    finally:
+        for name in new():
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass
+
+
 def _made_then_wait(i):
     import os
     import time
@@ -619,19 +638,11 @@ def _made_then_wait(i):
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_shmarray_of_a_terminated_map_worker_is_not_left_under_the_parents_pid(method):
     """A ShmArray made by a map worker that is terminated before answering does not stay in /dev/shm as a live process's name."""
-    before = _names_under(os.getpid())
-    try:
+    with _new_names_of_this_pid() as new_names:
         with pytest.raises(ValueError, match="item 1 fails"):
             shmalloc.map(_made_then_wait, [0, 1], processes=2, start_method=method)
         shmalloc.gc(older_than=0)
-        left = _names_under(os.getpid()) - before
-        assert not left, f"left in /dev/shm under this live process's pid: {left}"
-    finally:
-        for name in _names_under(os.getpid()) - before:
-            try:
-                os.unlink("/dev/shm/" + name)
-            except FileNotFoundError:
-                pass
+        assert not new_names(), f"left in /dev/shm under this live process's pid: {new_names()}"
 
 
 def _make_and_wait(_):
@@ -645,26 +656,18 @@ def _make_and_wait(_):
 
 def test_shmarray_of_a_pool_worker_stopped_by_terminate_is_unlinked():
     """Pool.terminate() while a worker holds a ShmArray it made leaves no name under this process's pid."""
-    before = _names_under(os.getpid())
-    try:
+    with _new_names_of_this_pid() as new_names:
         pool = shmalloc.Pool(1, start_method="fork")
         with cf.ThreadPoolExecutor(1) as runner:
             running = runner.submit(pool.map, _make_and_wait, [0])
             deadline = time.monotonic() + 30
-            while not _names_under(os.getpid()) - before and time.monotonic() < deadline:
+            while not new_names() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert _names_under(os.getpid()) - before, "the worker made no ShmArray"
+            assert new_names(), "the worker made no ShmArray"
             pool.terminate()
             with pytest.raises(RuntimeError, match="terminate"):
                 running.result(timeout=60)
-        left = _names_under(os.getpid()) - before
-        assert not left, f"left in /dev/shm under this live process's pid: {left}"
-    finally:
-        for name in _names_under(os.getpid()) - before:
-            try:
-                os.unlink("/dev/shm/" + name)
-            except FileNotFoundError:
-                pass
+        assert not new_names(), f"left in /dev/shm under this live process's pid: {new_names()}"
 
 
 def test_a_name_is_among_the_owned_ones_while_its_object_is_created(monkeypatch):
@@ -705,8 +708,7 @@ def _keep_a_shmarray(_):
 
 def test_shmarray_kept_by_a_terminated_executor_worker_is_unlinked():
     """An executor worker terminated (SIGTERM, as a broken pool does) unlinks the ShmArray names it owns."""
-    before = _names_under(os.getpid())
-    try:
+    with _new_names_of_this_pid() as new_names:
         pool = shmalloc.ProcessPoolExecutor(1, mp_context=mp.get_context("fork"))
         try:
             pid, name = pool.submit(_keep_a_shmarray, 0).result(timeout=60)
@@ -718,10 +720,4 @@ def test_shmarray_kept_by_a_terminated_executor_worker_is_unlinked():
             assert not os.path.exists("/dev/shm" + name), "the terminated worker left its ShmArray's name"
         finally:
             pool.shutdown(wait=True)
-        assert _names_under(os.getpid()) - before == set()
-    finally:
-        for name in _names_under(os.getpid()) - before:
-            try:
-                os.unlink("/dev/shm/" + name)
-            except FileNotFoundError:
-                pass
+        assert new_names() == set()
