@@ -108,6 +108,11 @@ class _Releaser:
                 self._thread = threading.Thread(target=self._run, name="shmalloc-release", daemon=True)
                 try:
                     self._thread.start()
+                except RuntimeError:
+                    # A fork made by a signal handler inside start() may leave this Thread
+                    # unstartable in the child (Python 3.13: "thread already started").
+                    self._thread = None
+                    self._close_queued()  # here, then: slower, never lost
                 finally:
                     self._starting = False
             self._changed.notify_all()
