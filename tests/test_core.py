@@ -551,6 +551,28 @@ def _adoption_lines() -> list[tuple[str, int]]:
     return lines
 
 
+def _interrupting_tracer(function: str, event: str, where: int):
+    """A trace function that raises KeyboardInterrupt in adoption function ``function`` at its
+    line ``where`` (event "line") or before its instruction at offset ``where`` (event "opcode")."""
+    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
+
+    def tracer(frame, ev, arg):
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = event == "opcode"
+
+        def local(frame, ev, arg):
+            position = frame.f_lineno if event == "line" else frame.f_lasti
+            if ev == event and position == where:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    return tracer
+
+
 @pytest.mark.parametrize("function, line", _adoption_lines(), ids=lambda v: str(v))
 def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice(function, line):
     """An interrupt at any line of the adoption (as Ctrl-C may arrive after any C call) leaks no
@@ -561,21 +583,7 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
     obj = shmalloc.copy2shm([x, x + 1, x + 2])  # three buffers: the interrupt may fall between them
     before = _segment.live_mappings()
     failures_before = _segment.unmap_failures()[0]
-    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
-
-    def tracer(frame, event, arg):
-        if frame.f_code is not code:
-            return None
-
-        def local(frame, event, arg):
-            if event == "line" and frame.f_lineno == line:
-                sys.settrace(None)
-                raise KeyboardInterrupt
-            return local
-
-        return local
-
-    sys.settrace(tracer)
+    sys.settrace(_interrupting_tracer(function, "line", line))
     try:
         result = shmalloc.allocate_from_shm(obj, copy=False)  # the line may not run: then no interrupt
     except KeyboardInterrupt:
@@ -639,22 +647,7 @@ def test_interrupt_at_any_instruction_while_adopting_never_unmaps_twice(monkeypa
     before = _segment.live_mappings()
     checked = _CheckedUnmaps(obj.name)
     monkeypatch.setattr(_segment, "lib", checked)
-    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
-
-    def tracer(frame, event, arg):
-        if frame.f_code is not code:
-            return None
-        frame.f_trace_opcodes = True
-
-        def local(frame, event, arg):
-            if event == "opcode" and frame.f_lasti == offset:
-                sys.settrace(None)
-                raise KeyboardInterrupt
-            return local
-
-        return local
-
-    sys.settrace(tracer)
+    sys.settrace(_interrupting_tracer(function, "opcode", offset))
     try:
         result = shmalloc.allocate_from_shm(obj, copy=False)  # the instruction may not run: then no interrupt
     except KeyboardInterrupt:
