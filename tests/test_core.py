@@ -551,6 +551,16 @@ def _adoption_lines() -> list[tuple[str, int]]:
     return lines
 
 
+def _check_interrupted_adoption(result, obj, x, before: int) -> None:
+    """Interrupted (``result`` None): no mapping of the segment is left; else the three parts are right."""
+    if result is None:
+        assert _segment.live_mappings() == before
+        assert obj.name.lstrip("/") not in _mapped_names()
+    else:
+        for i, part in enumerate(result):
+            assert np.array_equal(part, x + i)
+
+
 def _interrupting_tracer(function: str, event: str, where: int):
     """A trace function that raises KeyboardInterrupt in adoption function ``function`` at its
     line ``where`` (event "line") or before its instruction at offset ``where`` (event "opcode")."""
@@ -595,12 +605,7 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
     fresh[:] = 1.0
     assert get_handler_name(fresh) == "default_allocator"
     assert _segment.unmap_failures()[0] == failures_before
-    if result is None:
-        assert _segment.live_mappings() == before
-        assert obj.name.lstrip("/") not in _mapped_names()
-    else:
-        for i, part in enumerate(result):
-            assert np.array_equal(part, x + i)
+    _check_interrupted_adoption(result, obj, x, before)
 
 
 def _adoption_instructions() -> list[tuple[str, int]]:
@@ -656,12 +661,7 @@ def test_interrupt_at_any_instruction_while_adopting_never_unmaps_twice(monkeypa
         sys.settrace(None)
     monkeypatch.undo()
     assert not checked.violations
-    if result is None:
-        assert _segment.live_mappings() == before
-        assert obj.name.lstrip("/") not in _mapped_names()
-    else:
-        for i, part in enumerate(result):
-            assert np.array_equal(part, x + i)
+    _check_interrupted_adoption(result, obj, x, before)
 
 
 # ---- error messages ----
