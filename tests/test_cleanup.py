@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import shmalloc
-from shmalloc import _cleanup
+from shmalloc.tools import _cleanup
 
 SHM = Path("/dev/shm")
 ANCIENT = time.time() - 20 * 365 * 86400

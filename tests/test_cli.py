@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import shmalloc
-from shmalloc import _cleanup
-from shmalloc._cli import main
+from shmalloc.tools import _cleanup
+from shmalloc.tools._cli import main
 
 SHM = Path("/dev/shm")
 ANCIENT = time.time() - 20 * 365 * 86400
@@ -158,7 +158,7 @@ def test_usage_error_as_module():
 _DEFAULT_GC_SCRIPT = textwrap.dedent(
     """
     import io, json, os, subprocess, sys
-    from shmalloc._cli import run_gc
+    from shmalloc.tools._cli import run_gc
     code = "import numpy as np, shmalloc; print(shmalloc.copy2shm(np.arange(1000, dtype=np.int32)).name)"
     names = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
              for _ in range(2)]

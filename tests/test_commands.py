@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import shmalloc
-from shmalloc import _demo
-from shmalloc._cli import main
+from shmalloc.tools import _demo
+from shmalloc.tools._cli import main
 
 SHM = Path("/dev/shm")
 MODULE_PROG = f"{os.path.basename(sys.executable)} -m shmalloc"
@@ -126,7 +126,7 @@ def test_demo_counts_what_its_workers_leave():
         """
         import io, json, os, secrets, subprocess, sys
         import numpy as np, shmalloc
-        from shmalloc import _demo
+        from shmalloc.tools import _demo
 
         real_copy2shm = shmalloc.copy2shm
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -161,7 +161,7 @@ def test_leftovers_spare_other_live_programs():
         """
         import json, os, subprocess, sys, time
         import shmalloc
-        from shmalloc._demo import leftover_segments
+        from shmalloc.tools._demo import leftover_segments
 
         since = time.time() - 1.0
         before = set(shmalloc.segments()["name"])

@@ -58,7 +58,7 @@ def test_docs_build_without_warnings(tmp_path):
 
 def test_readme_shows_what_the_demo_prints():
     """The README's sample of the demo's output has the demo's current first lines, table rows and last line."""
-    from shmalloc import _demo
+    from shmalloc.tools import _demo
 
     readme = (DOCS.parent / "README.md").read_text()
     sample = re.search(r"it prints:\n\n```text\n(.*?)```", readme, re.S)

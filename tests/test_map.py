@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-import shmalloc._map as map_module
+import shmalloc.parallel._map as map_module
 from numpy._core.multiarray import get_handler_name
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]

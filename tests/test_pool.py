@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-import shmalloc._pool as pool_module
+import shmalloc.parallel._pool as pool_module
 from shmalloc import _segment
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]

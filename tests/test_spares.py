@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 
 import shmalloc
-import shmalloc._pool as pool_module
-from shmalloc import _cleanup, _segment, _spares
-from shmalloc._cli import main
+import shmalloc.parallel._pool as pool_module
+from shmalloc import _segment
+from shmalloc.parallel import _spares
+from shmalloc.tools import _cleanup
+from shmalloc.tools._cli import main
 
 MB = 1 << 20
 
@@ -406,7 +408,7 @@ _FORK_DURING_RECLAIM = textwrap.dedent(
     import inspect, os, sys, tempfile, threading
     import numpy as np
     import shmalloc
-    from shmalloc import _spares
+    from shmalloc.parallel import _spares
 
     def make(i):
         return np.full(200_000, float(i))

@@ -190,7 +190,7 @@ _TERMINATE_IN_HANDLER = textwrap.dedent(
     """
     import inspect, os, signal, sys
     import shmalloc
-    from shmalloc import _pool
+    from shmalloc.parallel import _pool
 
     which = sys.argv[1]
     pool = shmalloc.Pool(1, start_method="fork")

@@ -7,12 +7,21 @@ array([0, 1, 2, 3, 4])
 """
 from ._api import allocate_from_shm, copy2shm, unlink
 from . import _accessor  # registers .shm on pandas objects
-from ._cleanup import gc, held_objects, segments
-from ._errors import CorruptHandleError, ShmError, ShmFileExistsError, ShmFileNotFoundError, ShmPermissionError
-from ._executor import ProcessPoolExecutor
+from .tools._cleanup import gc, held_objects, segments
+from .errors import (
+    CorruptHandleError,
+    ShmError,
+    ShmFallbackWarning,
+    ShmFileExistsError,
+    ShmFileNotFoundError,
+    ShmPermissionError,
+    WorkerDiedError,
+    WorkerError,
+)
+from .parallel._executor import ProcessPoolExecutor
 from ._handle import ShmObj
-from ._map import ShmFallbackWarning, WorkerDiedError, WorkerError, item_seed, map
-from ._pool import Pool
+from .parallel._map import item_seed, map
+from .parallel._pool import Pool
 from ._shmarray import ShmArray
 
 __version__ = "0.1.0"

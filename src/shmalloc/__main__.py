@@ -1,7 +1,7 @@
 """``python -m shmalloc``: the command line (see :mod:`shmalloc._cli`)."""
 import sys
 
-from ._cli import main, module_prog
+from .tools._cli import main, module_prog
 
 if __name__ == "__main__":
     sys.exit(main(prog=module_prog()))

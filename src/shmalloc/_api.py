@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from . import _names, _segment, _space, codecs
-from ._errors import CorruptHandleError
+from .errors import CorruptHandleError
 from ._handle import ShmObj
 
 

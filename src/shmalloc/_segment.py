@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from numpy._core.multiarray import get_handler_name
 
-from ._errors import NO_SUCH_SEGMENT, CorruptHandleError, ShmError
+from .errors import NO_SUCH_SEGMENT, CorruptHandleError, ShmError
 from ._threads import wait_until_gone
 
 try:

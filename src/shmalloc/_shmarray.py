@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import _names, _segment, _space
-from ._errors import ShmError
+from .errors import ShmError
 from ._handle import human_size
 
 # One mapping per segment and process: arrays unpickled twice share it, and

@@ -12,7 +12,7 @@ import errno
 import weakref
 from typing import Any, Callable, Protocol, TypeVar
 
-from ._errors import ShmError
+from .errors import ShmError
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from pandas.arrays import (
     TimedeltaArray,
 )
 
-from .._errors import CorruptHandleError
+from ..errors import CorruptHandleError
 from . import pickled
 
 try:

@@ -25,59 +25,16 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _answer, _names, _shmarray
-from ._api import allocate_from_shm, copy2shm, unlink
-from ._errors import ShmError
-from ._handle import ShmObj
+from .. import _names, _shmarray
+from . import _protocol as _answer
+from .._api import allocate_from_shm, copy2shm, unlink
+from ..errors import ShmError, ShmFallbackWarning, WorkerDiedError, WorkerError
+from .._handle import ShmObj
 
 #: Results whose data take fewer bytes than this go through the pipe.
 PIPE_LIMIT = 64 * 1024
 # Seconds a worker gets to exit after SIGTERM before SIGKILL.
 _TERMINATE_GRACE = 2.0
-
-
-class WorkerError(RuntimeError):
-    """An item failed in a worker and its exception could not be re-raised as it was.
-
-    Attributes
-    ----------
-    index : int or None
-        Position of the failing item in the input (None for a task of
-        :class:`shmalloc.ProcessPoolExecutor`).
-    remote_traceback : str
-        The traceback text from the worker ("" if there is none).
-    """
-
-    def __init__(self, message: str, index: int | None, remote_traceback: str = "") -> None:
-        super().__init__(message)
-        self.index = index
-        self.remote_traceback = remote_traceback
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.index, self.remote_traceback))
-
-
-class WorkerDiedError(WorkerError):
-    """A worker process ended (killed, crashed, ``os._exit``) while it was working on an item.
-
-    Attributes
-    ----------
-    index : int
-        The item the worker was working on.
-    exitcode : int or None
-        The worker's exit code; ``-N`` if it was killed by signal ``N``.
-    """
-
-    def __init__(self, message: str, index: int, exitcode: int | None = None) -> None:
-        super().__init__(message, index)
-        self.exitcode = exitcode
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.index, self.exitcode))
-
-
-class ShmFallbackWarning(RuntimeWarning):
-    """Results did not fit into /dev/shm and came back through the pipe instead."""
 
 
 # ----------------------------------------------------------------------------
@@ -675,4 +632,4 @@ def _progress_bar(total: int):
     return Bar(total=total)
 
 
-__all__ = ["map", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning"]
+__all__ = ["map", "item_seed"]

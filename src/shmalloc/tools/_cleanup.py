@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import _names, _segment
-from ._errors import ShmError
+from .. import _names, _segment
+from ..errors import ShmError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -36,10 +36,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _answer, _names, _segment, _shmarray, codecs
-from ._api import check_handle_matches
-from ._errors import CorruptHandleError, ShmError
-from ._handle import ShmObj
+from .. import _names, _segment, _shmarray, codecs
+from . import _protocol as _answer
+from .._api import check_handle_matches
+from ..errors import CorruptHandleError, ShmError
+from .._handle import ShmObj
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit, fork_stamp
 from ._map import (
     PIPE_LIMIT,

@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pandas as pd
 
-from .. import allocate_from_shm, copy2shm, unlink
+from ... import allocate_from_shm, copy2shm, unlink
 from . import median_time, print_table
 
 

@@ -36,8 +36,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import _segment, _space
-from ._cleanup import SHM_DIR
+from .. import _segment, _space
+from ..tools._cleanup import SHM_DIR
 
 #: Default share of /dev/shm's free space that the free spares of a pool may take.
 DEFAULT_LIMIT = 0.25

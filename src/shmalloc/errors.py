@@ -63,3 +63,47 @@ NO_SUCH_SEGMENT = "no such segment: it was already consumed (a handle can be con
 
 class CorruptHandleError(ValueError):
     """A handle does not describe the shared memory object it names (damaged or forged)."""
+
+
+class WorkerError(RuntimeError):
+    """An item failed in a worker and its exception could not be re-raised as it was.
+
+    Attributes
+    ----------
+    index : int or None
+        Position of the failing item in the input (None for a task of
+        :class:`shmalloc.ProcessPoolExecutor`).
+    remote_traceback : str
+        The traceback text from the worker ("" if there is none).
+    """
+
+    def __init__(self, message: str, index: int | None, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.index = index
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.index, self.remote_traceback))
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process ended (killed, crashed, ``os._exit``) while it was working on an item.
+
+    Attributes
+    ----------
+    index : int
+        The item the worker was working on.
+    exitcode : int or None
+        The worker's exit code; ``-N`` if it was killed by signal ``N``.
+    """
+
+    def __init__(self, message: str, index: int, exitcode: int | None = None) -> None:
+        super().__init__(message, index)
+        self.exitcode = exitcode
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.index, self.exitcode))
+
+
+class ShmFallbackWarning(RuntimeWarning):
+    """Results did not fit into /dev/shm and came back through the pipe instead."""

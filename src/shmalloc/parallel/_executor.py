@@ -18,9 +18,11 @@ import warnings
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from . import _answer, _names, _shmarray
-from ._threads import native_ids, wait_until_gone
-from ._map import PIPE_LIMIT, ShmFallbackWarning, Shipped, discard, rebuild_error, receive, remote_error, ship
+from .. import _names, _shmarray
+from . import _protocol as _answer
+from .._threads import native_ids, wait_until_gone
+from ..errors import ShmFallbackWarning
+from ._map import PIPE_LIMIT, Shipped, discard, rebuild_error, receive, remote_error, ship
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
 # In a worker: the handover of the last answer, completed at the next task (by then the

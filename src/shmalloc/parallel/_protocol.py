@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-from . import _names, _shmarray
+from .. import _names, _shmarray
 
 OK = "ok"
 ERROR = "error"
