@@ -192,7 +192,7 @@ def test_pool_worker_killed_by_a_realtime_signal_names_item_and_signal(method):
 
 def test_exit_text_names_every_kind_of_end():
     """Exit codes become text: code, named signal, real-time signal, and a number no signal has."""
-    from shmalloc.parallel._map import exit_text
+    from shmalloc.parallel._failures import exit_text
 
     assert exit_text(3) == "exited with code 3"
     assert exit_text(-signal.SIGKILL) == f"was killed by signal SIGKILL ({int(signal.SIGKILL)})"

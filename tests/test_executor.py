@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-import shmalloc.parallel._map as map_module
+import shmalloc.parallel._protocol as protocol_module
 from numpy._core.multiarray import get_handler_name
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
@@ -116,7 +116,7 @@ def test_enospc_falls_back_to_the_pipe_with_one_warning(monkeypatch):
     def full(x, name=None, **kwargs):
         raise shmalloc.ShmError(errno.ENOSPC, None, name)
 
-    monkeypatch.setattr(map_module, "copy2shm", full)  # forked workers inherit it
+    monkeypatch.setattr(protocol_module, "copy2shm", full)  # forked workers inherit it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-import shmalloc.parallel._map as map_module
+import shmalloc.parallel._protocol as protocol_module
 from numpy._core.multiarray import get_handler_name
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
@@ -163,13 +163,13 @@ def test_mixed_small_and_large_results_keep_their_types(copy):
 
 def test_large_results_travel_through_shared_memory(monkeypatch):
     """A large result is shipped as a handle, a small one by value (checked in the worker's code path)."""
-    assert map_module.ship(np.zeros(10), "/unused").handle is None
-    shipped = map_module.ship(np.zeros(100_000), shmalloc._names.generate())
+    assert protocol_module.ship(np.zeros(10), "/unused").handle is None
+    shipped = protocol_module.ship(np.zeros(100_000), shmalloc._names.generate())
     assert shipped.handle is not None and not shipped.fell_back
-    _assert_equal(map_module.receive(shipped, shipped.handle.name, copy=True), np.zeros(100_000))
-    boxed = map_module.ship([np.zeros(100_000), 1], shmalloc._names.generate())
+    _assert_equal(protocol_module.receive(shipped, shipped.handle.name, copy=True), np.zeros(100_000))
+    boxed = protocol_module.ship([np.zeros(100_000), 1], shmalloc._names.generate())
     assert boxed.boxed
-    _assert_equal(map_module.receive(boxed, boxed.handle.name, copy=False), [np.zeros(100_000), 1])
+    _assert_equal(protocol_module.receive(boxed, boxed.handle.name, copy=False), [np.zeros(100_000), 1])
 
 
 def test_lambdas_and_closures_under_fork():
@@ -226,14 +226,14 @@ def test_os_exit_in_worker_names_the_item():
 
 def test_worker_killed_after_writing_its_segment_leaves_nothing(monkeypatch):
     """A worker that dies right after creating its result's segment: the parent unlinks that segment."""
-    real = map_module.copy2shm
+    real = protocol_module.copy2shm
 
     def copy_then_die(x, name=None, **kwargs):
         real(x, name=name, **kwargs)
         assert os.path.exists("/dev/shm" + name)
         os._exit(1)
 
-    monkeypatch.setattr(map_module, "copy2shm", copy_then_die)  # inherited by forked workers
+    monkeypatch.setattr(protocol_module, "copy2shm", copy_then_die)  # inherited by forked workers
     with pytest.raises(shmalloc.WorkerDiedError):
         shmalloc.map(make_array, range(4), processes=2, start_method="fork")
     # The autouse fixture fails the test if a segment is left.
@@ -245,7 +245,7 @@ def test_simulated_enospc_falls_back_to_the_pipe_with_one_warning(monkeypatch):
     def full(x, name=None, **kwargs):
         raise shmalloc.ShmError(errno.ENOSPC, None, name)
 
-    monkeypatch.setattr(map_module, "copy2shm", full)
+    monkeypatch.setattr(protocol_module, "copy2shm", full)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = shmalloc.map(make_frame, range(4), processes=2, start_method="fork")

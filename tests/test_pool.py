@@ -18,7 +18,9 @@ import pandas as pd
 import pytest
 
 import shmalloc
-import shmalloc.parallel._pool as pool_module
+import shmalloc.parallel._call as call_module
+import shmalloc.parallel._protocol as protocol_module
+import shmalloc.parallel._recycling as recycling_module
 from shmalloc import _segment
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
@@ -72,13 +74,13 @@ def _fds() -> set[str]:
 def _count_fresh_names(monkeypatch) -> list[str]:
     """Record the fresh segment names the parent hands out (recycled objects need none)."""
     made: list[str] = []
-    generate = pool_module._names.generate
+    generate = call_module._names.generate
 
     def counting(*args):
         made.append(generate(*args))
         return made[-1]
 
-    monkeypatch.setattr(pool_module._names, "generate", counting)
+    monkeypatch.setattr(call_module._names, "generate", counting)
     return made
 
 
@@ -222,7 +224,7 @@ def test_simulated_enospc_falls_back_to_the_pipe(monkeypatch):
     fill = _segment.fill
 
     def no_space(fd, name, *args):
-        if name != pool_module.SPARE:  # fresh segments (copy2shm) still fill
+        if name != protocol_module.SPARE:  # fresh segments (copy2shm) still fill
             return fill(fd, name, *args)
         raise shmalloc.ShmError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
@@ -418,7 +420,7 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
     """A child forked after a copy=False result's arrays were mapped but before its object was lent keeps seeing that result."""
     ctx = mp.get_context("fork")
     parent_end, child_end = ctx.Pipe()
-    consume = pool_module._consume
+    consume = recycling_module._consume
     forked: list[int] = []
 
     def consume_then_fork(segment, handle, copy):
@@ -436,9 +438,9 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
 
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [1], copy=True)  # the next call gets a spare
-        monkeypatch.setattr(pool_module, "_consume", consume_then_fork)
+        monkeypatch.setattr(recycling_module, "_consume", consume_then_fork)
         (result,) = pool.map(full, [7], copy=False)
-        monkeypatch.setattr(pool_module, "_consume", consume)
+        monkeypatch.setattr(recycling_module, "_consume", consume)
         try:
             assert forked
             del result

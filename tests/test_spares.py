@@ -392,7 +392,7 @@ def test_terminate_and_map_where_this_thread_holds_the_spares_do_not_hang():
     runner.start()
     runner.join(60)
     assert not runner.is_alive(), "terminate or map waited for the lock this thread holds"
-    assert "works on the pool's spares" in outcome["map"] and outcome["terminated"] and outcome["workers"] == []
+    assert "works on the pool's spares" in outcome["map"] and outcome["terminated"] and len(outcome["workers"]) == 0
     _wait_for(lambda: not any(_alive(pid) for pid in pids), "the workers were not stopped and reaped")
     assert [float(a[0]) for a in kept] == [0.0, 1.0]  # results stay readable
     del kept

@@ -20,7 +20,8 @@ from .errors import (
 )
 from .parallel._executor import ProcessPoolExecutor
 from ._handle import ShmObj
-from .parallel._map import item_seed, map
+from .parallel._map import map
+from .parallel._options import item_seed
 from .parallel._pool import Pool
 from ._shmarray import ShmArray
 

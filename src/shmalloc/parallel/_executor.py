@@ -1,7 +1,7 @@
 """shmalloc.ProcessPoolExecutor: a concurrent.futures executor whose results travel through shared memory.
 
 It wraps the standard ProcessPoolExecutor (persistent workers, BrokenProcessPool
-when a worker dies) and adds the transport of :mod:`shmalloc._map`: each task
+when a worker dies) and adds the transport of :mod:`._protocol`: each task
 gets a segment name chosen here, a large result is placed under it in the
 worker and consumed here as soon as the task is done, whether or not anybody
 asks for the result. Names left unconsumed (failed or cancelled tasks, a
@@ -19,10 +19,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from .. import _names, _shmarray
-from . import _protocol as _answer
+from . import _protocol
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
-from ._map import PIPE_LIMIT, Shipped, discard, rebuild_error, receive, remote_error, ship
+from ._failures import rebuild_error, remote_error
+from ._options import PIPE_LIMIT, check_copy, check_count
+from ._protocol import Shipped, discard, receive, ship
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
 # In a worker: the handover of the last answer, completed at the next task (by then the
@@ -31,7 +33,7 @@ _unsent: _shmarray.Handover | None = None
 
 
 def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict) -> bytes:
-    """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._answer`).
+    """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._protocol`).
 
     The answer is pickled here, so that rebuilding it happens in
     :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
@@ -45,7 +47,7 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
         signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
     _complete_unsent()
     _shmarray.name_for_receiver(receiver)
-    message, handover = _answer.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
+    message, handover = _protocol.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
         # names; the answer has been sent by then (before the worker read its stop message).
@@ -135,10 +137,8 @@ class ProcessPoolExecutor(cf.Executor):
         pipe_limit: int = PIPE_LIMIT,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(copy, bool):
-            raise TypeError("copy must be bool")
-        if not isinstance(pipe_limit, int) or isinstance(pipe_limit, bool) or pipe_limit < 0:
-            raise ValueError(f"pipe_limit must be a non-negative int, not {pipe_limit!r}")
+        check_copy(copy)
+        check_count("pipe_limit", pipe_limit, 0)
         self._pool = cf.ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, **kwargs)
         self._copy = copy
         self._limit = pipe_limit
@@ -175,11 +175,11 @@ class ProcessPoolExecutor(cf.Executor):
                 settled = not isinstance(error, BrokenProcessPool)
                 future.set_exception(error)
                 return
-            header, stream = _answer.read_header(task.result())
+            header, stream = _protocol.read_header(task.result())
             try:
                 try:
-                    payload = _answer.read_payload(stream)
-                    if header.kind == _answer.ERROR:
+                    payload = _protocol.read_payload(stream)
+                    if header.kind == _protocol.ERROR:
                         future.set_exception(remote_error(None, payload, _LABEL))
                         return
                     shipped: Shipped = payload
@@ -188,7 +188,7 @@ class ProcessPoolExecutor(cf.Executor):
                     future.set_exception(rebuild_error(None, exc, _LABEL))
                     return
             finally:
-                _answer.forget(header.names)
+                _protocol.forget(header.names)
             if shipped.fell_back:
                 self._warn_fallback()
             if not future.cancelled():

@@ -23,320 +23,22 @@ its copy-on-write mapping.
 """
 from __future__ import annotations
 
-import errno
-import multiprocessing
 import os
-import pickle
-import secrets
-import signal
 import threading
-import weakref
-from multiprocessing import connection, reduction
+from multiprocessing import connection
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .. import _names, _segment, _shmarray, codecs
-from . import _protocol as _answer
-from .._api import check_handle_matches
-from ..errors import CorruptHandleError, ShmError
-from .._handle import ShmObj
-from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit, fork_stamp
-from ._map import (
-    PIPE_LIMIT,
-    Shipped,
-    _Box,
-    _is_pandas,
-    _nbytes,
-    _Options,
-    _prepare,
-    _progress_bar,
-    _Run,
-    _seed_item,
-    _Worker,
-    check_count,
-    discard,
-    ship,
-    start_context,
-    usable_cpus,
-)
+from . import _protocol
+from ._call import Call
+from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context, usable_cpus
+from ._recycling import SpareResults
+from ._spares import DEFAULT_LIMIT, Spares, check_limit
+from ._workers import Workers
 
-#: The label of spares in error messages (they have no name).
-SPARE = _segment.SPARE_LABEL
-#: Refill mappings a worker keeps at most (the oldest is dropped first).
-WORKER_MAPPINGS = 8
-
-
-# ----------------------------------------------------------------------------
-# Forks of the parent
-
-
-# The parent's ends of every pool's pipes: a forked child must not keep them open, or a
-# worker would never see EOF when the parent dies (its sibling holds its pipe).
-_parent_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def _in_child() -> None:
-    for conn in list(_parent_ends):
-        try:
-            conn.close()
-        except OSError:
-            pass
-    _parent_ends.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_in_child)
-
-
-# ----------------------------------------------------------------------------
-# Workers
-
-
-def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.RefillMapping | None = None) -> Shipped:
-    """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
-
-    Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
-    it. A full /dev/shm (ENOSPC) sends the value through the pipe instead.
-    """
-    if _nbytes(result, limit) < limit:
-        return Shipped(value=result)
-    whole = isinstance(result, np.ndarray) or _is_pandas(result)
-    encoded = codecs.encode(result if whole else _Box(result))
-    token = secrets.token_bytes(_segment.TOKEN_BYTES)
-    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
-    try:
-        size = mapping.fill(fd, SPARE, token, recipe, encoded.buffers) if mapping is not None else None
-        if size is None:
-            size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
-    except ShmError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        return Shipped(value=result, fell_back=True)
-    handle = ShmObj(SPARE, encoded.type, encoded.length, size, encoded.attributes, True, token)
-    return Shipped(handle=handle, boxed=not whole)
-
-
-class _Mappings:
-    """A worker's refill mappings, by spare id, oldest first."""
-
-    def __init__(self) -> None:
-        self.maps: dict[int, _segment.RefillMapping] = {}
-
-    def get(self, sid: int) -> _segment.RefillMapping | None:
-        return self.maps.get(sid)
-
-    def drop(self, sids: Iterable[int]) -> None:
-        for sid in sids:
-            mapping = self.maps.pop(sid, None)
-            if mapping is not None:
-                mapping.close()
-
-    def remember(self, sid: int, fd: int, length: int) -> None:
-        """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
-        current = self.maps.get(sid)
-        if current is not None and current.length >= length:
-            return
-        self.drop([sid])
-        while len(self.maps) >= WORKER_MAPPINGS:
-            self.drop([next(iter(self.maps))])
-        try:
-            self.maps[sid] = _segment.RefillMapping(fd, length)
-        except (OSError, ValueError):
-            pass  # the next refill uses pwrite
-
-
-def _pool_worker(conn: Any, receiver: int) -> None:
-    """Worker main loop: receive (options, chunk, drops) and the chunk's spares; answer one message per item.
-
-    ``receiver``: the parent's pid.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
-    _shmarray.name_for_receiver(receiver)
-    # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
-    # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
-    signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
-    mappings = _Mappings()
-    try:
-        while True:
-            try:
-                task = conn.recv()
-                if task is None:
-                    return
-                options, entries, drops = task
-                mappings.drop(drops)
-                if not entries:  # only unmapping was asked: say it is done (then the space is free)
-                    conn.send_bytes(_answer.unmapped())
-                    continue
-                fds = {index: reduction.recv_handle(conn) for index, _, _, sid in entries if sid is not None}
-            except (EOFError, OSError):
-                return
-            for index, item, name, sid in entries:
-                fd = fds.pop(index, -1)
-                try:
-                    shipped: list[Shipped] = []
-
-                    def produce() -> Shipped:
-                        if options.seed is not None:
-                            _seed_item(options.seed, index)
-                        result = options.func(item)
-                        if fd >= 0:
-                            shipped.append(ship_into(result, fd, options.limit, mappings.get(sid)))
-                        else:
-                            shipped.append(ship(result, name, options.limit))
-                        return shipped[0]
-
-                    message, handover = _answer.answer(index, produce)
-                    conn.send_bytes(message)
-                    if handover is not None:
-                        handover.complete()
-                    # Off the result's path: map what was just written, for the next refill.
-                    if fd >= 0 and handover is not None and shipped[0].handle is not None:
-                        mappings.remember(sid, fd, shipped[0].handle.size)
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
-    finally:
-        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
-
-
-# ----------------------------------------------------------------------------
-# The parent
-
-
-def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
-    """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
-    if not isinstance(handle.token, bytes):
-        raise CorruptHandleError(f"{segment.name}: damaged token")
-    recipe = segment.read_recipe(handle.token)
-    check_handle_matches(handle, recipe)
-    buffers = segment.arrays(copy or not _segment.ZERO_COPY)
-    owners = [] if copy or not _segment.ZERO_COPY else [b for b in buffers if b.nbytes]
-    return codecs.decode(recipe["attributes"], buffers), owners
-
-
-class _PoolRun(_Run):
-    """One :meth:`Pool.map` call on the pool's persistent workers."""
-
-    LABEL = "shmalloc.Pool.map"
-
-    def __init__(self, pool: "Pool", items: list, options: _Options, chunksize: int, copy: bool, progress: bool):
-        super().__init__(pool._ctx, items, options, pool._processes, chunksize, copy, progress)
-        self.pool = pool
-        self.workers = pool._workers
-        self.spares: dict[int, Spare] = {}  # index -> spare handed out with it
-        self.consumed_bytes = 0
-
-    def run(self) -> list[Any]:
-        pool = self.pool
-        pool._spares.reclaim()
-        try:
-            for worker in [w for w in self.workers if w.process.exitcode is not None]:
-                self.workers.remove(worker)  # died while idle: costs nothing, is replaced below
-                pool._spares.dropped.pop(worker.process.pid, None)
-                worker.conn.close()
-                worker.process.close()
-            while len(self.workers) < self.nproc:
-                self._start_worker()
-            if self.progress:
-                self.bar = _progress_bar(len(self.items))
-            for worker in list(self.workers):
-                self._dispatch(worker)
-            while self.done < len(self.items):
-                self._step()
-        except BaseException:
-            self._stop(graceful=False)  # also stops workers still writing into spares
-            pool._spares.dropped.clear()  # their mappings died with them
-            raise
-        finally:
-            pool._workers = self.workers
-            for name in self.names.values():
-                discard(name)
-            self.names.clear()
-            for spare in self.spares.values():  # handed out, not used: still good spares
-                pool._spares.give(spare)
-            self.spares.clear()
-            if self.bar is not None:
-                self.bar.close()
-        pool._spares.end_call(self.consumed_bytes)
-        self._warn_fallbacks()
-        return self.results
-
-    def _start_worker(self) -> None:
-        if self.pool._terminating:
-            raise RuntimeError("Pool.terminate() was called while this map was running")
-        super()._start_worker()
-
-    def _buried(self, worker: _Worker) -> None:
-        if self.pool._terminating:
-            raise RuntimeError("Pool.terminate() was called while this map was running")
-        super()._buried(worker)
-
-    def _new_process(self, parent_end: Any, child_end: Any) -> multiprocessing.process.BaseProcess:
-        _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        return self.ctx.Process(target=_pool_worker, args=(child_end, os.getpid()), daemon=True)
-
-    def _dispatch(self, worker: _Worker) -> None:
-        if self.next_chunk >= len(self.chunks):
-            return
-        chunk = self.chunks[self.next_chunk]
-        self.next_chunk += 1
-        entries, fds = [], []
-        pid = worker.process.pid
-        for index in chunk:
-            spare = self.pool._spares.take(pid) if self.pool._recycle else None
-            if spare is None:
-                self.names[index] = _names.generate()
-                entries.append((index, self.items[index], self.names[index], None))
-            else:
-                self.spares[index] = spare
-                spare.mappers.add(pid)  # the worker maps it after filling it
-                fds.append(spare.fd)
-                entries.append((index, self.items[index], None, spare.sid))
-        worker.pending = list(chunk)
-        drops = self.pool._spares.dropped.pop(pid, [])
-        try:
-            worker.conn.send((self.options, entries, drops))
-            for fd in fds:
-                reduction.send_handle(worker.conn, fd, worker.process.pid)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
-        except OSError:
-            pass  # the worker is gone: _step sees its sentinel and names the item
-
-    def _receive(self, index: int, shipped: Shipped) -> Any:
-        handle = shipped.handle
-        spare = self.spares.pop(index, None)
-        stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
-        if handle is None:
-            if spare is not None:
-                self.pool._spares.give(spare)
-            else:
-                del self.names[index]
-            return shipped.value
-        if spare is not None:
-            try:
-                with _segment.HeldSegment(spare.fd, SPARE, handle.size) as segment:
-                    value, owners = _consume(segment, handle, self.copy)
-            except BaseException:
-                self.pool._spares.release(spare)
-                raise
-            spare.size = max(spare.size, handle.size)
-        else:
-            name = self.names[index]
-            if handle.name != name:
-                raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
-            del self.names[index]
-            with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
-                value, owners = _consume(segment, handle, self.copy)
-                fd = _segment.reopen_writable(segment) if self.pool._recycle else -1
-            spare = Spare(fd, handle.size) if fd >= 0 else None
-        self.consumed_bytes += handle.size
-        if spare is not None and owners:
-            self.pool._spares.lend(spare, owners, stamp)
-        elif spare is not None:
-            self.pool._spares.give(spare)
-        return value.value if shipped.boxed else value
+#: How error notes name the call.
+LABEL = "shmalloc.Pool.map"
 
 
 class Pool:
@@ -417,7 +119,7 @@ class Pool:
         self._processes = processes or usable_cpus()
         self._limit = pipe_limit
         self._recycle = recycle
-        self._workers: list[_Worker] = []
+        self._workers = Workers(self._ctx, persistent=True)
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
         self._pid = os.getpid()  # the workers and spares are this process's: a forked child's close leaves them
@@ -429,7 +131,12 @@ class Pool:
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
         with self._spares.held():
-            _PoolRun(self, [], _Options(abs, None, None, pipe_limit), 1, True, False).run()  # start the workers
+            try:
+                while len(self._workers) < self._processes:
+                    self._workers.start()
+            except BaseException:
+                self._workers.stop(graceful=False)
+                raise
 
     def map(
         self,
@@ -456,14 +163,10 @@ class Pool:
         self._refuse_other_process("map")
         if self._closed:
             raise ValueError("the pool is closed")
-        ctx_method = self._ctx.get_start_method()
-        _, items, options = _prepare(func, iterable, None, copy, ctx_method, chunksize, seed, self._limit)
-        if ctx_method == "fork":
-            try:
-                pickle.dumps(func)
-            except Exception as exc:
-                raise TypeError(f"Pool.map pickles func to its running workers (use a module-level function): {exc}") from exc
-        options = _Options(options.func, None, options.seed, options.limit)
+        items, options = prepare(
+            func, iterable, copy=copy, chunksize=chunksize, seed=seed, pipe_limit=self._limit, inherit=False
+        )
+        check_picklable(func, "Pool.map pickles func to its running workers (use a module-level function)")
         self._refuse_reentry("map")
         with self._lock:
             if self._closed:
@@ -475,11 +178,27 @@ class Pool:
                 with self._spares.held():  # spares come back from other threads only between calls
                     if self._closed:  # by a signal handler of this thread, before _runner was set
                         raise ValueError("the pool was closed while this map was starting")
-                    return _PoolRun(self, items, options, chunksize, copy, progress).run()
+                    call = Call(
+                        self._workers,
+                        items,
+                        options,
+                        nproc=self._processes,
+                        chunksize=chunksize,
+                        results=SpareResults(copy, self._spares, self._recycle),
+                        progress=progress,
+                        label=LABEL,
+                        send_options=True,
+                        persistent=True,
+                        interrupted=self._interrupted,
+                    )
+                    return call.run()
             finally:
                 self._runner = None
                 if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
                     self._shut(graceful=False)
+
+    def _interrupted(self) -> str | None:
+        return "Pool.terminate() was called while this map was running" if self._terminating else None
 
     def close(self) -> None:
         """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
@@ -526,7 +245,7 @@ class Pool:
         # their pipes' ends were closed at the fork) and so are the spares (closed at the fork too).
         # Only drop them; the pool's locks may have been held by a thread that the child lacks.
         self._closed = True
-        self._workers = []
+        self._workers = Workers(self._ctx, persistent=True)
 
     def _refuse_other_process(self, what: str) -> None:
         if os.getpid() != self._pid:
@@ -555,9 +274,7 @@ class Pool:
 
     def _shut(self, graceful: bool) -> None:
         with self._spares.held():
-            run = _PoolRun(self, [], _Options(abs, None, None, self._limit), 1, True, False)
-            run._stop(graceful=graceful)
-            self._workers = []
+            self._workers.stop(graceful=graceful)
             self._spares.close()
 
     def _unmap_released(self) -> None:
@@ -571,7 +288,7 @@ class Pool:
             drops = self._spares.dropped.pop(worker.process.pid, None)
             if drops and worker.process.exitcode is None:
                 try:
-                    worker.conn.send((None, [], drops))
+                    worker.conn.send(_protocol.Unmap(tuple(drops)))
                 except OSError:
                     continue  # gone: its mappings went with it
                 asked.append(worker)
@@ -580,7 +297,7 @@ class Pool:
                 worker = asked[0]
                 try:
                     connection.wait([worker.conn, worker.process.sentinel])
-                    if worker.conn.poll() and not _answer.read_unmapped(worker.conn.recv_bytes()):
+                    if worker.conn.poll() and not _protocol.read_unmapped(worker.conn.recv_bytes()):
                         # Out of step: a later call would read the rest as results. Replace it.
                         worker.process.kill()
                         worker.process.join()

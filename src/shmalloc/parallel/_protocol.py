@@ -1,9 +1,24 @@
-"""A worker's answer for one item, as bytes on the pipe: a header the parent can always read, then the payload.
+"""What travels between the parent and its workers: named messages, and the transport of one result.
 
-The header (kind, index, handed-over names) holds only builtins, so the
-parent learns which item an answer is for even when rebuilding the payload
-fails: that failure is then the item's error, and the pipe stays in step
-(each answer is one message, read with ``recv_bytes``).
+How an item and its result travel (map, Pool and the executor alike)::
+
+    parent                                    worker
+    ------                                    ------
+    Task(entries=[Entry(index, item, name | spare id)], ...)
+      + one descriptor per spare (SCM_RIGHTS)  ->  func(item)
+                                                   ship(): small -> Shipped(value)
+                                                           large -> written under ``name`` or into the spare
+                                                                    -> Shipped(handle)
+                   <-  answer bytes: Header(kind, index, handed-over names) + payload
+    read_header(); read_payload(); receive()  (consumes the segment, or keeps the spare)
+
+A Pool also sends ``Unmap(drops)`` between calls (answered by an UNMAPPED
+header) and :data:`STOP`.
+
+Each answer is one message (``send_bytes``): a header the parent can always
+read, then the payload. The header holds only builtins, so the parent learns
+which item an answer is for even when rebuilding the payload fails: that
+failure is then the item's error, and the pipe stays in step.
 
 A ShmArray made by the worker and returned as (part of) a result hands the
 duty to unlink its name over to the parent: the header lists such names,
@@ -13,14 +28,75 @@ run aborted with the answer unread).
 """
 from __future__ import annotations
 
+import errno
 import io
 import pickle
+import secrets
 import traceback
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-from .. import _names, _shmarray
+import numpy as np
+
+from .. import _names, _segment, _shmarray, codecs
+from .._api import allocate_from_shm, copy2shm, unlink
+from .._handle import ShmObj
+from ..errors import ShmError
+from ._options import PIPE_LIMIT, Options
+
+#: The label of spares in error messages (they have no name).
+SPARE = _segment.SPARE_LABEL
+
+
+# ----------------------------------------------------------------------------
+# Parent -> worker
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of a task: where its result goes if it is large."""
+
+    index: int
+    item: Any  # None when the worker inherited the items
+    name: str | None  # the segment name for a large result; None: into the spare sent along
+    spare: int | None = None  # the id of the spare whose descriptor follows the task
+
+
+@dataclass(frozen=True)
+class Task:
+    """Items for a worker to run, in order, answering each."""
+
+    entries: list[Entry]
+    options: Options | None = None  # None: the options the worker was started with
+    last: bool = False  # no more tasks will come: exit right after answering
+    drops: tuple[int, ...] = ()  # spares released: unmap them first
+
+
+@dataclass(frozen=True)
+class Unmap:
+    """Unmap these released spares and answer UNMAPPED (then their space is free)."""
+
+    drops: tuple[int, ...]
+
+
+#: Exit now.
+STOP = None
+
+
+def send_descriptor(conn: Any, fd: int, pid: int) -> None:
+    """Send a spare's descriptor to worker ``pid`` after its task (SCM_RIGHTS)."""
+    reduction.send_handle(conn, fd, pid)
+
+
+def receive_descriptor(conn: Any) -> int:
+    """In a worker: the descriptor of a spare that follows the task."""
+    return reduction.recv_handle(conn)
+
+
+# ----------------------------------------------------------------------------
+# Worker -> parent
 
 OK = "ok"
 ERROR = "error"
@@ -131,4 +207,114 @@ def forget(names: tuple[str, ...]) -> None:
             _shmarray.unlink_unless_owned(name)
 
 
-__all__ = ["Header", "answer", "describe", "read_header", "read_payload", "forget", "unmapped", "read_unmapped", "OK", "ERROR", "UNMAPPED"]
+# ----------------------------------------------------------------------------
+# The transport of one result
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A result on its way to the parent: the value itself, or a handle to it in shared memory."""
+
+    value: Any = None
+    handle: ShmObj | None = None
+    boxed: bool = False  # the handle holds a _Box around the value
+    fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
+
+
+@dataclass
+class _Box:
+    """Keeps containers and scalars as they are: copy2shm would turn a list of numbers into an array."""
+
+    value: Any
+
+
+def ship(result: Any, name: str, limit: int = PIPE_LIMIT) -> Shipped:
+    """In a worker: make ``result`` ready for the parent, in shared memory under ``name`` if large.
+
+    A full /dev/shm (ENOSPC) sends the value through the pipe instead; then
+    nothing is left under ``name``.
+    """
+    return _ship(result, limit, lambda obj: copy2shm(obj, name=name))
+
+
+def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.RefillMapping | None = None) -> Shipped:
+    """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
+
+    Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
+    it. A full /dev/shm (ENOSPC) sends the value through the pipe instead.
+    """
+    return _ship(result, limit, lambda obj: _write_spare(obj, fd, mapping))
+
+
+def _ship(result: Any, limit: int, write: Callable[[Any], ShmObj]) -> Shipped:
+    if _nbytes(result, limit) < limit:
+        return Shipped(value=result)
+    whole = isinstance(result, np.ndarray) or _is_pandas(result)
+    try:
+        handle = write(result if whole else _Box(result))
+    except ShmError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return Shipped(value=result, fell_back=True)
+    return Shipped(handle=handle, boxed=not whole)
+
+
+def receive(shipped: Shipped, name: str, copy: bool) -> Any:
+    """In the parent: rebuild the result a worker shipped (consuming its segment)."""
+    if shipped.handle is None:
+        return shipped.value
+    if shipped.handle.name != name:
+        raise ShmError(errno.EINVAL, f"a worker answered with segment {shipped.handle.name!r}", name)
+    value = allocate_from_shm(shipped.handle, copy=copy)
+    return value.value if shipped.boxed else value
+
+
+def discard(name: str) -> None:
+    """Unlink ``name`` if it exists: a result nobody will consume."""
+    try:
+        unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def _is_pandas(obj: Any) -> bool:
+    return type(obj).__module__.split(".", 1)[0] == "pandas" and hasattr(obj, "memory_usage")
+
+
+def _nbytes(obj: Any, limit: int) -> int:
+    """Roughly how many bytes ``obj`` holds; counting may stop once ``limit`` is reached."""
+    if isinstance(obj, _shmarray.ShmArray) and obj.shared:
+        return 256  # pickled by reference (name and layout)
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (bytes, bytearray, str, memoryview)):
+        return len(obj)
+    if obj is None or isinstance(obj, (bool, int, float, complex, np.generic)):
+        return 32
+    if _is_pandas(obj):
+        usage = obj.memory_usage(deep=False)
+        return int(usage.sum()) if hasattr(usage, "sum") else int(usage)
+    if isinstance(obj, (list, tuple, set, frozenset, dict)):
+        total = 64
+        for part in obj.items() if isinstance(obj, dict) else obj:
+            total += _nbytes(part, limit - total)
+            if total >= limit:
+                break
+        return total
+    # Anything else: measure its pickle; out-of-band buffers are counted, not copied.
+    sizes: list[int] = []
+    try:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=lambda b: sizes.append(b.raw().nbytes))
+    except Exception:
+        return limit  # let copy2shm report what cannot be pickled
+    return len(stream) + sum(sizes)
+
+
+def _write_spare(obj: Any, fd: int, mapping: _segment.RefillMapping | None) -> ShmObj:
+    encoded = codecs.encode(obj)
+    token = secrets.token_bytes(_segment.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    size = mapping.fill(fd, SPARE, token, recipe, encoded.buffers) if mapping is not None else None
+    if size is None:
+        size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
+    return ShmObj(SPARE, encoded.type, encoded.length, size, encoded.attributes, True, token)

@@ -1,0 +1,250 @@
+"""One parallel call in the parent: hand out chunks of items, collect the answers, clean up whatever happens.
+
+Used by :func:`shmalloc.map` (workers started for the call, told to exit
+with their last task) and by :meth:`shmalloc.Pool.map` (the pool's
+persistent workers, and spares to write results into): the difference is
+in the :class:`Workers` given and in the *destinations* of the results
+(:class:`NamedResults` here; the Pool's spares in :mod:`._recycling`).
+
+Whatever goes wrong, the call stops its workers and unlinks each name it
+handed out and did not consume, so nothing is left in /dev/shm.
+"""
+from __future__ import annotations
+
+import pickle
+import warnings
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+from .. import _names
+from ..errors import ShmFallbackWarning, WorkerDiedError
+from . import _protocol
+from ._failures import exit_text, rebuild_error, remote_error
+from ._options import Options
+from ._workers import Worker, Workers
+
+
+class NamedResults:
+    """Destinations of results: a fresh segment name per item, consumed (or unlinked) by the parent."""
+
+    def __init__(self, copy: bool) -> None:
+        self.copy = copy
+        self.names: dict[int, str] = {}  # handed out, not yet consumed
+
+    def begin(self, gone_pids: list[int]) -> None:
+        """A call starts; ``gone_pids``: workers that ended between calls."""
+
+    def entry(self, index: int, item: Any, pid: int) -> tuple[_protocol.Entry, int | None]:
+        """The entry for item ``index`` sent to worker ``pid``, and the descriptor to send along (or None)."""
+        name = self.names[index] = _names.generate()
+        return _protocol.Entry(index, item, name), None
+
+    def drops_for(self, pid: int) -> tuple[int, ...]:
+        """The spares worker ``pid`` must unmap before its next task."""
+        return ()
+
+    def receive(self, index: int, shipped: _protocol.Shipped) -> Any:
+        """Rebuild item ``index``'s result (consuming its segment)."""
+        value = _protocol.receive(shipped, self.names[index], self.copy)
+        del self.names[index]
+        return value
+
+    def release_unused(self) -> None:
+        """Unlink every name handed out and not consumed."""
+        for name in self.names.values():
+            _protocol.discard(name)
+        self.names.clear()
+
+    def aborted(self) -> None:
+        """The call failed and its workers were stopped."""
+
+    def finished(self) -> None:
+        """The call returned every result."""
+
+
+class Call:
+    """One call: run ``options.func`` over ``items`` on ``workers`` and return the results in order.
+
+    Parameters
+    ----------
+    workers : Workers
+        Started up to ``nproc`` here; stopped at the end unless ``persistent``.
+    send_options : Options or None
+        Sent with every task (None: the workers were started with them).
+    persistent : bool
+        The workers outlive the call (a Pool's): no task is marked last.
+    interrupted : callable
+        Returns a reason (str) to stop at once, e.g. the pool was terminated.
+    label : str
+        How error notes name the call.
+    """
+
+    def __init__(
+        self,
+        workers: Workers,
+        items: list[Any],
+        options: Options,
+        *,
+        nproc: int,
+        chunksize: int,
+        results: NamedResults,
+        progress: bool,
+        label: str,
+        send_options: bool,
+        persistent: bool,
+        interrupted: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.workers, self.items, self.options = workers, items, options
+        self.nproc = nproc
+        self.chunks = [range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)]
+        self.next_chunk = 0
+        self.values: list[Any] = [None] * len(items)
+        self.done = 0
+        self.results = results
+        self.progress = progress
+        self.label = label
+        self.send_options = send_options
+        self.persistent = persistent
+        self.interrupted = interrupted
+        self.fallbacks = 0
+        self.bar: Any = None
+
+    def run(self) -> list[Any]:
+        self.results.begin(self.workers.forget_exited())
+        try:
+            while len(self.workers) < self.nproc:
+                self._start_worker()
+            if self.progress:  # after forking: tqdm may start a monitor thread
+                self.bar = _progress_bar(len(self.items))
+            for worker in list(self.workers):
+                self._dispatch(worker)
+            while self.done < len(self.items):
+                self._step()
+            if not self.persistent:
+                self.workers.stop(graceful=True)
+        except BaseException:
+            self.workers.stop(graceful=False)  # also stops workers still writing results
+            self.results.aborted()
+            raise
+        finally:
+            self.results.release_unused()
+            if self.bar is not None:
+                self.bar.close()
+        self.results.finished()
+        if self.fallbacks:  # one warning per call
+            warnings.warn(
+                f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
+                ShmFallbackWarning,
+                stacklevel=3,
+            )
+        return self.values
+
+    def _check_interrupted(self) -> None:
+        reason = self.interrupted()
+        if reason is not None:
+            raise RuntimeError(reason)
+
+    def _start_worker(self) -> Worker:
+        self._check_interrupted()
+        return self.workers.start()
+
+    def _dispatch(self, worker: Worker) -> None:
+        if self.next_chunk >= len(self.chunks):
+            return
+        chunk = self.chunks[self.next_chunk]
+        self.next_chunk += 1
+        pid = worker.process.pid
+        entries, fds = [], []
+        for index in chunk:
+            item = None if self.options.items is not None else self.items[index]
+            entry, fd = self.results.entry(index, item, pid)
+            entries.append(entry)
+            if fd is not None:
+                fds.append(fd)
+        worker.pending = list(chunk)
+        task = _protocol.Task(
+            entries,
+            options=self.options if self.send_options else None,
+            last=not self.persistent and self.next_chunk >= len(self.chunks),
+            drops=self.results.drops_for(pid),
+        )
+        try:
+            worker.conn.send(task)
+            for fd in fds:
+                _protocol.send_descriptor(worker.conn, fd, pid)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
+        except OSError:
+            pass  # the worker is gone: _step sees its sentinel and names the item
+
+    def _step(self) -> None:
+        busy = [w for w in self.workers if w.pending]
+        ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in self.workers]))
+        for worker in list(self.workers):
+            exited = worker.process.sentinel in ready
+            if worker.conn in ready or exited:
+                # Read what a worker sent before it ended: its last results are good.
+                if not self._drain(worker) or exited:
+                    self._buried(worker)
+                elif not worker.pending:
+                    self._dispatch(worker)
+
+    def _drain(self, worker: Worker) -> bool:
+        """Handle every message waiting from ``worker``; False if its pipe is closed."""
+        while worker.pending:
+            try:
+                if not worker.conn.poll():
+                    break
+                data = worker.conn.recv_bytes()
+            except (EOFError, OSError):  # only the connection itself: rebuilding the answer comes below
+                return False
+            self._handle(worker, data)  # its errors (e.g. ShmError) are the item's, not a dead pipe
+        return True
+
+    def _buried(self, worker: Worker) -> None:
+        """A worker ended: an error if it still owed results, else replace it if chunks remain."""
+        self._check_interrupted()
+        exited, code = self.workers.bury(worker)
+        if worker.pending:
+            index = worker.pending[0]
+            how = exit_text(code) if exited else "closed its pipe"
+            raise WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
+        if self.next_chunk < len(self.chunks):
+            self._dispatch(self._start_worker())
+
+    def _handle(self, worker: Worker, data: bytes) -> None:
+        """Take one answer of ``worker``: a result, or the item's error (raised)."""
+        header, stream = _protocol.read_header(data)
+        index = header.index
+        try:
+            try:
+                payload = _protocol.read_payload(stream)
+            except Exception as exc:
+                raise rebuild_error(index, exc, self.label) from None
+            if header.kind == _protocol.ERROR:
+                raise remote_error(index, payload, self.label)
+            shipped: _protocol.Shipped = payload
+            try:
+                self.values[index] = self.results.receive(index, shipped)
+            except Exception as exc:
+                raise rebuild_error(index, exc, self.label) from None
+        finally:
+            _protocol.forget(header.names)  # those not taken over while rebuilding
+        self.fallbacks += shipped.fell_back
+        worker.pending.remove(index)
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _progress_bar(total: int) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("progress=True needs tqdm (pip install tqdm); no progress bar shown", stacklevel=4)
+        return None
+
+    class Bar(tqdm):
+        monitor_interval = 0  # no monitor thread: a Pool may fork a replacement worker while the bar lives
+
+    return Bar(total=total)

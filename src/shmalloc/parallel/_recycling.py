@@ -1,0 +1,106 @@
+"""A Pool's results written into spares: recycled objects whose pages are already faulted in.
+
+Each item gets a free spare if there is one (its descriptor travels with
+the task), else a fresh name as in :func:`shmalloc.map`. A consumed
+object becomes a spare again: at once if the result was copied out, once
+every array mapping it is freed for a ``copy=False`` result (see
+:mod:`._spares`).
+"""
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import numpy as np
+
+from .. import _segment, codecs
+from .._api import check_handle_matches
+from .._handle import ShmObj
+from ..errors import CorruptHandleError, ShmError
+from . import _protocol
+from ._call import NamedResults
+from ._spares import Spare, Spares, fork_stamp
+
+
+def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+    """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
+    if not isinstance(handle.token, bytes):
+        raise CorruptHandleError(f"{segment.name}: damaged token")
+    recipe = segment.read_recipe(handle.token)
+    check_handle_matches(handle, recipe)
+    buffers = segment.arrays(copy or not _segment.ZERO_COPY)
+    owners = [] if copy or not _segment.ZERO_COPY else [b for b in buffers if b.nbytes]
+    return codecs.decode(recipe["attributes"], buffers), owners
+
+
+class SpareResults(NamedResults):
+    """Destinations of a Pool's results: spares where there are, fresh names otherwise."""
+
+    def __init__(self, copy: bool, spares: Spares, recycle: bool) -> None:
+        super().__init__(copy)
+        self.spares = spares
+        self.recycle = recycle
+        self.lent: dict[int, Spare] = {}  # index -> spare handed out with it
+        self.consumed_bytes = 0
+
+    def begin(self, gone_pids: list[int]) -> None:
+        self.spares.reclaim()
+        for pid in gone_pids:  # their mappings died with them
+            self.spares.dropped.pop(pid, None)
+
+    def entry(self, index: int, item: Any, pid: int) -> tuple[_protocol.Entry, int | None]:
+        spare = self.spares.take(pid) if self.recycle else None
+        if spare is None:
+            return super().entry(index, item, pid)
+        self.lent[index] = spare
+        spare.mappers.add(pid)  # the worker maps it after filling it
+        return _protocol.Entry(index, item, None, spare.sid), spare.fd
+
+    def drops_for(self, pid: int) -> tuple[int, ...]:
+        return tuple(self.spares.dropped.pop(pid, ()))
+
+    def receive(self, index: int, shipped: _protocol.Shipped) -> Any:
+        handle = shipped.handle
+        spare = self.lent.pop(index, None)
+        stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
+        if handle is None:
+            if spare is not None:
+                self.spares.give(spare)
+            else:
+                del self.names[index]
+            return shipped.value
+        if spare is not None:
+            try:
+                with _segment.HeldSegment(spare.fd, _protocol.SPARE, handle.size) as segment:
+                    value, owners = _consume(segment, handle, self.copy)
+            except BaseException:
+                self.spares.release(spare)
+                raise
+            spare.size = max(spare.size, handle.size)
+        else:
+            name = self.names[index]
+            if handle.name != name:
+                raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
+            del self.names[index]
+            with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
+                value, owners = _consume(segment, handle, self.copy)
+                fd = _segment.reopen_writable(segment) if self.recycle else -1
+            spare = Spare(fd, handle.size) if fd >= 0 else None
+        self.consumed_bytes += handle.size
+        if spare is not None and owners:
+            self.spares.lend(spare, owners, stamp)
+        elif spare is not None:
+            self.spares.give(spare)
+        return value.value if shipped.boxed else value
+
+    def release_unused(self) -> None:
+        super().release_unused()
+        for spare in self.lent.values():  # handed out, not used: still good spares
+            self.spares.give(spare)
+        self.lent.clear()
+
+    def aborted(self) -> None:
+        self.spares.dropped.clear()  # the stopped workers' mappings died with them
+
+    def finished(self) -> None:
+        self.spares.end_call(self.consumed_bytes)

@@ -1,0 +1,268 @@
+"""Worker processes: their main loop, and their lifecycle as the parent sees it (start, replace, stop, reap).
+
+One loop serves :func:`shmalloc.map` and :class:`shmalloc.Pool`: it answers
+each :class:`~._protocol.Task` entry with one message, placing a large
+result under the entry's name or into the spare whose descriptor follows
+the task, and keeps a shared mapping of the spares it filled (refilling
+through it is a plain memory copy, ~2.5x faster than pwrite here).
+
+Workers are plain processes, each with its own duplex pipe; the parent waits
+on the pipes and on the process sentinels together, so a worker that dies is
+noticed at once (``multiprocessing.Pool`` waits forever in that case).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Iterable, Iterator
+
+from .. import _segment, _shmarray
+from . import _protocol
+from ._options import Options, seed_item
+
+# Seconds a worker gets to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 2.0
+#: Refill mappings a worker keeps at most (the oldest is dropped first).
+WORKER_MAPPINGS = 8
+
+
+# ----------------------------------------------------------------------------
+# In the worker
+
+
+class _RefillMappings:
+    """A worker's refill mappings, by spare id, oldest first."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, _segment.RefillMapping] = {}
+
+    def get(self, sid: int | None) -> _segment.RefillMapping | None:
+        return None if sid is None else self.maps.get(sid)
+
+    def drop(self, sids: Iterable[int]) -> None:
+        for sid in sids:
+            mapping = self.maps.pop(sid, None)
+            if mapping is not None:
+                mapping.close()
+
+    def remember(self, sid: int, fd: int, length: int) -> None:
+        """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
+        current = self.maps.get(sid)
+        if current is not None and current.length >= length:
+            return
+        self.drop([sid])
+        while len(self.maps) >= WORKER_MAPPINGS:
+            self.drop([next(iter(self.maps))])
+        try:
+            self.maps[sid] = _segment.RefillMapping(fd, length)
+        except (OSError, ValueError):
+            pass  # the next refill uses pwrite
+
+
+def worker_main(conn: Connection, receiver: int, inherited: Options | None) -> None:
+    """A worker's main loop: answer every entry of every task, until STOP, EOF or a task marked last.
+
+    ``receiver``: the parent's pid. ``inherited``: the options of a map whose
+    workers were made for it (under fork they hold the items and any func);
+    a task's own options take precedence.
+    """
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _shmarray.name_for_receiver(receiver)
+    # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
+    # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
+    signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
+    mappings = _RefillMappings()
+    try:
+        while True:
+            try:
+                task = conn.recv()
+                if task is _protocol.STOP:
+                    return
+                mappings.drop(task.drops)
+                if isinstance(task, _protocol.Unmap):  # say it is done: then the space is free
+                    conn.send_bytes(_protocol.unmapped())
+                    continue
+                fds = {entry.index: _protocol.receive_descriptor(conn) for entry in task.entries if entry.spare is not None}
+            except (EOFError, OSError):
+                return
+            options = task.options or inherited
+            for entry in task.entries:
+                _answer_entry(conn, options, entry, fds.pop(entry.index, -1), mappings)
+            if task.last:
+                return
+    finally:
+        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
+
+
+def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd: int, mappings: _RefillMappings) -> None:
+    """Run one entry and send its answer; ``fd``: its spare's descriptor (closed here), or -1."""
+    try:
+        shipped: list[_protocol.Shipped] = []
+
+        def produce() -> _protocol.Shipped:
+            if options.seed is not None:
+                seed_item(options.seed, entry.index)
+            item = options.items[entry.index] if options.items is not None else entry.item
+            result = options.func(item)
+            if fd >= 0:
+                shipped.append(_protocol.ship_into(result, fd, options.limit, mappings.get(entry.spare)))
+            else:
+                shipped.append(_protocol.ship(result, entry.name, options.limit))
+            return shipped[0]
+
+        message, handover = _protocol.answer(entry.index, produce)
+        conn.send_bytes(message)
+        if handover is not None:
+            handover.complete()
+        # Off the result's path: map what was just written, for the next refill.
+        if fd >= 0 and handover is not None and shipped[0].handle is not None:
+            mappings.remember(entry.spare, fd, shipped[0].handle.size)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------
+# In the parent
+
+
+@dataclass
+class Worker:
+    """A worker process as the parent sees it."""
+
+    process: Any
+    conn: Connection
+    pending: list[int] = field(default_factory=list)  # indices sent, not yet answered
+
+
+# The parent's ends of the pipes of persistent workers: a forked child must not keep them
+# open, or a worker would never see EOF when the parent dies (its sibling holds its pipe).
+_parent_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _close_parent_ends_in_child() -> None:
+    for conn in list(_parent_ends):
+        try:
+            conn.close()
+        except OSError:
+            pass
+    _parent_ends.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_parent_ends_in_child)
+
+
+class Workers:
+    """The worker processes of a map call or of a Pool: one lifecycle for both.
+
+    Parameters
+    ----------
+    ctx : multiprocessing context
+        How workers start.
+    inherited : Options, optional
+        Given to every worker at its start (a map call's options).
+    persistent : bool
+        The workers outlive a call (a Pool's): a process forked later by the
+        parent must not hold their pipes.
+    """
+
+    def __init__(self, ctx: Any, inherited: Options | None = None, persistent: bool = False) -> None:
+        self.ctx = ctx
+        self.inherited = inherited
+        self.persistent = persistent
+        self.running: list[Worker] = []
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(self.running)
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def __getitem__(self, i: int) -> Worker:
+        return self.running[i]
+
+    def start(self) -> Worker:
+        """Start one more worker; return it."""
+        parent_end, child_end = self.ctx.Pipe(duplex=True)
+        if self.persistent:
+            _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
+        process = self.ctx.Process(target=worker_main, args=(child_end, os.getpid(), self.inherited), daemon=True)
+        try:
+            process.start()
+        finally:
+            child_end.close()  # so that the parent sees EOF when the worker is gone
+        worker = Worker(process, parent_end)
+        self.running.append(worker)
+        return worker
+
+    def forget_exited(self) -> list[int]:
+        """Reap the workers that ended while idle (they cost nothing, are replaced later); return their pids."""
+        gone = [w for w in self.running if w.process.exitcode is not None]
+        pids = [w.process.pid for w in gone]
+        for worker in gone:
+            self.running.remove(worker)
+            worker.conn.close()
+            worker.process.close()
+        return pids
+
+    def bury(self, worker: Worker) -> tuple[bool, int | None]:
+        """Wait for a worker that closed its pipe or exited (kill it if it lives on), and reap it.
+
+        Returns whether it exited by itself and its exit code. If it owed no
+        results it is removed; otherwise it stays in the list for :meth:`stop`.
+        """
+        process = worker.process
+        exited = bool(wait([process.sentinel], TERMINATE_GRACE))
+        if not exited:  # it closed its pipe but lives on: of no use any more
+            process.kill()
+        process.join()
+        code = process.exitcode
+        if not worker.pending:
+            self.running.remove(worker)
+            worker.conn.close()
+            process.close()  # its sentinel's descriptors
+        return exited, code
+
+    def stop(self, graceful: bool) -> None:
+        """Tell every worker to exit and reap them (graceful), or terminate and reap them.
+
+        Either way no descriptor of theirs stays open and no zombie is left;
+        what a terminated worker left in its pipe is read, to unlink the
+        ShmArrays handed over there.
+        """
+        workers, self.running = self.running, []
+        if graceful:
+            # Every result is in: tell them all first, so that they tear down at the same time.
+            # (map's workers mostly exited already: their last task told them to.)
+            for worker in workers:
+                try:
+                    worker.conn.send(_protocol.STOP)
+                except OSError:
+                    pass
+        else:
+            for worker in workers:
+                if worker.process.exitcode is None:
+                    worker.process.terminate()
+        for worker in workers:
+            process = worker.process
+            if not wait([process.sentinel], TERMINATE_GRACE):
+                process.kill()
+            process.join()
+            if not graceful:
+                _discard_unread(worker)
+            worker.conn.close()
+            process.close()
+
+
+def _discard_unread(worker: Worker) -> None:
+    """Read what a stopped worker left in its pipe, to unlink the ShmArrays handed over there."""
+    try:
+        while worker.conn.poll():
+            _protocol.forget(_protocol.read_header(worker.conn.recv_bytes())[0].names)
+    except Exception:
+        pass  # a closed or garbled pipe: nothing more to read
