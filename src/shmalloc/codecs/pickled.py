@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _registry
+from .ndarray import is_fortran
+
 # Buffers smaller than this stay in the pickle stream: a page each would waste more than it saves.
 INLINE_LIMIT = 1024
 # A stream longer than this (object columns, say) goes to shared memory too, keeping the handle small.
@@ -34,11 +37,10 @@ class _Pickler(pickle.Pickler):
         # The root came here because no other codec took it: never hand it back (endless recursion).
         if obj is self._root or not _routed(obj):
             return NotImplemented
-        from . import encode_into
-
         parts: list[np.ndarray] = []
-        attributes = encode_into(obj, parts)[2]
-        layouts = [(part.dtype, part.shape, "F" if _is_fortran(part) else "C") for part in parts]
+        attributes = _registry.encode_into(obj, parts)[2]
+        # Codecs append C- or Fortran-contiguous parts, so each goes out as one flat view, no copy.
+        layouts = [(part.dtype, part.shape, "F" if is_fortran(part) else "C") for part in parts]
         raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]
         return _rebuild, (attributes, layouts, *raw)
 
@@ -51,30 +53,22 @@ def _routed(obj: Any) -> bool:
     module = type(obj).__module__
     if not module.startswith("pandas"):
         return False
-    from . import pandas as pandas_codec
-
-    return pandas_codec.accepts(obj)
-
-
-def _is_fortran(part: np.ndarray) -> bool:
-    return bool(part.flags.f_contiguous and not part.flags.c_contiguous)
+    return _registry.codec_for(obj).__name__ != __name__  # the pandas codec takes it
 
 
 def _as_bytes(part: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a contiguous array (datetime arrays do not export the buffer protocol)."""
-    return part.ravel(order="F" if _is_fortran(part) else "C").view(np.uint8)
+    return part.ravel(order="F" if is_fortran(part) else "C").view(np.uint8)
 
 
 def _rebuild(attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], str]], *raw: Any) -> Any:
-    from . import decode
-
     parts = []
     for (dtype, shape, order), data in zip(layouts, raw, strict=True):
         flat = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
         if not flat.flags.writeable:  # small buffers come back in band as bytes
             flat = flat.copy()
         parts.append(flat.view(dtype).reshape(shape, order=order))
-    return decode(attributes, parts)
+    return _registry.decode(attributes, parts)
 
 
 def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
