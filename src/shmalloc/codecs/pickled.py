@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,8 +40,9 @@ class _Pickler(pickle.Pickler):
         parts: list[np.ndarray] = []
         attributes = _registry.encode_into(obj, parts)[2]
         # Codecs append C- or Fortran-contiguous parts, so each goes out as one flat view, no copy.
-        layouts = [(part.dtype, part.shape, "F" if is_fortran(part) else "C") for part in parts]
-        raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]
+        layouts = [(part.dtype, part.shape, _order(part)) for part in parts]
+        # numpy's stubs declare the buffer protocol of ndarray from Python 3.12 on only
+        raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]  # type: ignore[arg-type]
         return _rebuild, (attributes, layouts, *raw)
 
 
@@ -56,12 +57,18 @@ def _routed(obj: Any) -> bool:
     return _registry.codec_for(obj).__name__ != __name__  # the pandas codec takes it
 
 
+def _order(part: np.ndarray) -> Literal["C", "F"]:
+    return "F" if is_fortran(part) else "C"
+
+
 def _as_bytes(part: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a contiguous array (datetime arrays do not export the buffer protocol)."""
-    return part.ravel(order="F" if is_fortran(part) else "C").view(np.uint8)
+    return part.ravel(order=_order(part)).view(np.uint8)
 
 
-def _rebuild(attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], str]], *raw: Any) -> Any:
+def _rebuild(
+    attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], Literal["C", "F"]]], *raw: Any
+) -> Any:
     parts = []
     for (dtype, shape, order), data in zip(layouts, raw, strict=True):
         flat = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
@@ -83,10 +90,11 @@ def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any
 
     file = io.BytesIO()
     _Pickler(file, obj, out_of_band).dump(obj)
-    stream = file.getvalue()
+    pickled = file.getvalue()
     out_of_band_buffers = list(range(first, len(buffers)))
-    if len(stream) > STREAM_LIMIT:
-        buffers.append(np.frombuffer(stream, np.uint8))
+    stream: bytes | int = pickled
+    if len(pickled) > STREAM_LIMIT:
+        buffers.append(np.frombuffer(pickled, np.uint8))
         stream = len(buffers) - 1
     try:
         length = len(obj)

@@ -135,7 +135,7 @@ def _methods() -> dict[str, Callable[[], list]]:
 
 
 def _check(frames: list) -> None:
-    assert len(frames) == WORKERS
+    assert _frame is not None and len(frames) == WORKERS
     for frame in frames:
         pd.testing.assert_frame_equal(frame, _frame, check_column_type=False, check_index_type=False)
 

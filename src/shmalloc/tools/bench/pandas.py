@@ -71,9 +71,11 @@ def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
         make()
 
     for copy in (True, False):
-        allocate[copy] = median_time(
-            lambda copy=copy: results.append(allocate_from_shm(handles.pop(), copy=copy)), repeat, setup
-        )
+
+        def allocate_one(copy: bool = copy) -> None:  # bound now: median_time calls it within this iteration
+            results.append(allocate_from_shm(handles.pop(), copy=copy))
+
+        allocate[copy] = median_time(allocate_one, repeat, setup)
     results.clear()
     pickle_total = dumps + loads
     return [

@@ -57,6 +57,8 @@ def _serve(conn: Connection) -> None:
         if command == "make":
             frame = workloads.frame(argument)
             conn.send("ready")
+        elif frame is None:
+            raise RuntimeError(f"asked to send by {argument!r} before any frame was made")
         elif argument == "pickle":
             conn.send_bytes(pickle.dumps(frame, protocol=5))
         else:

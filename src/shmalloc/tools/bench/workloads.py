@@ -74,7 +74,7 @@ def pandas_frames(rows: int) -> dict[str, pd.DataFrame]:
     base = frame(rows, rng)
     distinct = max(rows // STRING_REPEATS, 1)
     words = pd.Series([f"value-{i:07d}" for i in range(distinct)], dtype="str")
-    categories = pd.Categorical.from_codes(rng.integers(0, CATEGORIES, rows), categories=[f"c{i}" for i in range(CATEGORIES)])
+    categories = pd.Categorical.from_codes(rng.integers(0, CATEGORIES, rows), pd.Index([f"c{i}" for i in range(CATEGORIES)]))
     return {
         "x, y, z": base,
         "+ category": base.assign(c=categories),
