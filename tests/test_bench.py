@@ -109,3 +109,23 @@ def test_random_bytes_are_uint8_and_reproducible():
     """The core section's array is the same uint8 data for the same size."""
     a, b = workloads.random_bytes(4096), workloads.random_bytes(4096)
     assert a.dtype == np.uint8 and a.size == 4096 and np.array_equal(a, b)
+
+
+def test_bench_command_prints_the_core_and_pandas_tables(capsys):
+    """`shmalloc bench --quick core pandas` prints each section's markdown tables, with the workloads' names and sizes."""
+    from shmalloc.tools._cli import main
+
+    assert main(["bench", "--quick", "--repeat", "1", "core", "pandas"]) == 0
+    out = capsys.readouterr().out
+    headings = [line for line in out.splitlines() if line.startswith("### ")]
+    assert headings == [
+        "### Filling and reading one array of 4 MB (median of 1)",
+        "### allocate_from_shm(copy=False): time to a usable array",
+        "### pandas: 1e+06 rows, seconds (median of 1)",
+    ]
+    first_cells = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert first_cells == [
+        "method", "copy2shm", "raw pwrite", "allocate_from_shm(copy=True)", "mmap + numpy copy",
+        "size", "1 MiB", "100 MiB",
+        "frame", "x, y, z", "+ category", "+ str (3e+04 distinct x 30)",
+    ]
