@@ -6,9 +6,9 @@ import os
 import re
 import secrets
 import shutil
-import textwrap
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -133,7 +133,8 @@ def test_help_lists_every_command(capsys):
 
 
 def test_ls_and_gc_as_module(orphan):
-    """`python -m shmalloc ls --json` sees the orphan; `gc --dry-run` lists it; `gc --older-than` removes it; exit statuses are 0."""
+    """`python -m shmalloc ls --json` sees the orphan; `gc --dry-run` lists it; `gc --older-than` removes it;
+    exit statuses are 0."""
     listing = run_cli("ls", "--json")
     assert listing.returncode == 0, listing.stderr
     assert orphan.name in {row["name"] for row in json.loads(listing.stdout)}
@@ -179,7 +180,8 @@ _DEFAULT_GC_SCRIPT = textwrap.dedent(
 
 
 def test_plain_gc_keeps_young_orphans_and_older_than_0_forces():
-    """`gc` keeps young segments of exited creators; `--dry-run` lists each with size, age and creator; `--older-than 0` removes them."""
+    """`gc` keeps young segments of exited creators; `--dry-run` lists each with size, age and creator;
+    `--older-than 0` removes them."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a private /dev/shm")
     command = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" -c "$1"']

@@ -166,7 +166,11 @@ def test_leftovers_spare_other_live_programs():
         since = time.time() - 1.0
         before = set(shmalloc.segments()["name"])
         child = subprocess.Popen(
-            [sys.executable, "-c", "import numpy, shmalloc, sys; print(shmalloc.copy2shm(numpy.arange(3)).name, flush=True); sys.stdin.read()"],
+            [
+                sys.executable,
+                "-c",
+                "import numpy, shmalloc, sys; print(shmalloc.copy2shm(numpy.arange(3)).name, flush=True); sys.stdin.read()",
+            ],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         name = child.stdout.readline().strip()

@@ -52,7 +52,10 @@ def test_docs_build_without_warnings(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     api = (tmp_path / "html" / "api.html").read_text()
-    for name in ("copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmArray", "ShmArray.from_array", "ShmError", "CorruptHandleError"):
+    documented = (
+        "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmArray", "ShmArray.from_array", "ShmError", "CorruptHandleError"
+    )
+    for name in documented:
         assert f'id="shmalloc.{name}"' in api, f"{name} missing from the API reference"
 
 

@@ -5,9 +5,10 @@
 >>> shmalloc.allocate_from_shm(handle)            # in another, once
 array([0, 1, 2, 3, 4])
 """
+from . import _accessor  # noqa: F401  (imported to register .shm on pandas objects)
 from ._api import allocate_from_shm, copy2shm, unlink
-from . import _accessor  # registers .shm on pandas objects
-from .tools._cleanup import gc, held_objects, segments
+from ._handle import ShmObj
+from ._shmarray import ShmArray
 from .errors import (
     CorruptHandleError,
     ShmError,
@@ -19,16 +20,15 @@ from .errors import (
     WorkerError,
 )
 from .parallel._executor import ProcessPoolExecutor
-from ._handle import ShmObj
 from .parallel._map import map
 from .parallel._options import item_seed
 from .parallel._pool import Pool
-from ._shmarray import ShmArray
+from .tools._cleanup import gc, held_objects, segments
 
 __version__ = "0.1.0"
 __all__ = [
-    "copy2shm", "allocate_from_shm", "unlink", "ShmObj", "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError",
-    "CorruptHandleError",
+    "copy2shm", "allocate_from_shm", "unlink", "ShmObj",
+    "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError", "CorruptHandleError",
     "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
     "ShmArray", "segments", "held_objects", "gc",
 ]

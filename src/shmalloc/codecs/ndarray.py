@@ -18,8 +18,13 @@ def accepts(obj: Any) -> bool:
     return type(obj) in _NAMES and not obj.dtype.hasobject
 
 
-def _is_fortran(x: np.ndarray) -> bool:
-    """Whether x is laid out column-major (its first axis varies fastest)."""
+def is_fortran(x: np.ndarray) -> bool:
+    """Whether ``x`` is laid out column-major (its first axis varies fastest).
+
+    For a contiguous array: whether it is Fortran- and not C-contiguous. For
+    any other, whether its strides are closer to Fortran's than to C's, so
+    that a contiguous copy in that order keeps the layout.
+    """
     if x.ndim < 2:
         return False
     if x.flags.c_contiguous or x.flags.f_contiguous:
@@ -28,7 +33,7 @@ def _is_fortran(x: np.ndarray) -> bool:
 
 
 def encode(x: np.ndarray, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
-    fortran = _is_fortran(x)
+    fortran = is_fortran(x)
     data = x.view(np.ndarray)
     if not (data.flags.c_contiguous or data.flags.f_contiguous):
         data = np.asfortranarray(data) if fortran else np.ascontiguousarray(data)

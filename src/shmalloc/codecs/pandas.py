@@ -41,6 +41,9 @@ try:
 except ImportError:  # strings are then factorised only, Arrow columns cannot occur
     pa = None
 
+# The lines marked "type: ignore" use pandas' internals (_values, _data, _pa_array, _simple_new, ...) or
+# attributes and arguments that pandas-stubs does not declare.
+
 # Arrays this small stay in the attributes: a page of shared memory each would waste more than it saves.
 INLINE_LIMIT = 64
 
@@ -54,7 +57,7 @@ def accepts(obj: Any) -> bool:
     if cls in _KINDS:
         return True
     ours = cls.__module__.split(".")[0] == "pandas"
-    return ours and (isinstance(obj, pd.Index) or isinstance(obj, ExtensionArray) and _known_array(obj))
+    return ours and (isinstance(obj, pd.Index) or (isinstance(obj, ExtensionArray) and _known_array(obj)))
 
 
 def _known_array(values: ExtensionArray) -> bool:
@@ -118,7 +121,7 @@ def _set_meta(obj: pd.DataFrame | pd.Series, spec: dict[str, Any], buffers: list
     if spec["attrs"] is not None:
         obj.attrs = pickled.decode(spec["attrs"], buffers)
     if not spec["dup"]:
-        obj.flags.allows_duplicate_labels = False
+        obj.flags.allows_duplicate_labels = False  # type: ignore[union-attr]
 
 
 def _enc_frame(df: pd.DataFrame, buffers: list[np.ndarray]) -> dict[str, Any]:
@@ -173,21 +176,22 @@ def _enc_index(idx: pd.Index, buffers: list[np.ndarray]) -> dict[str, Any]:
             "levels": [_enc_index(level, buffers) for level in idx.levels],
             "codes": [_enc_values(np.asarray(c), buffers) for c in idx.codes],
             "names": list(idx.names),
-            "sortorder": idx.sortorder,
+            "sortorder": idx.sortorder,  # type: ignore[attr-defined]
         }
-    spec = {"k": "index", "values": _enc_values(idx._values, buffers), "name": idx.name}
-    if getattr(idx, "freq", None) is not None and not isinstance(idx, pd.PeriodIndex):
-        spec["freq"] = idx.freq
+    spec = {"k": "index", "values": _enc_values(idx._values, buffers), "name": idx.name}  # type: ignore[attr-defined]
+    freq = getattr(idx, "freq", None)
+    if freq is not None and not isinstance(idx, pd.PeriodIndex):
+        spec["freq"] = freq
     return spec
 
 
 def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
     kind = spec["k"]
     if kind == "range":
-        return pd.RangeIndex(*spec["range"], name=spec["name"])
+        return pd.RangeIndex(*spec["range"], name=spec["name"])  # type: ignore[misc]
     if kind == "multi":
         return pd.MultiIndex(
-            levels=[_dec_index(s, buffers) for s in spec["levels"]],
+            levels=[_dec_index(s, buffers) for s in spec["levels"]],  # type: ignore[misc]
             codes=[_dec_values(s, buffers) for s in spec["codes"]],
             names=spec["names"],
             sortorder=spec["sortorder"],
@@ -239,19 +243,19 @@ def _enc_values(values: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
     if isinstance(values, (DatetimeArray, TimedeltaArray)):
         return {"k": "dt", "values": _enc_numpy(values._ndarray, buffers), "dtype": values.dtype}
     if isinstance(values, PeriodArray):
-        return {"k": "period", "values": _enc_numpy(values.asi8, buffers), "dtype": values.dtype}
+        return {"k": "period", "values": _enc_numpy(values.asi8, buffers), "dtype": values.dtype}  # type: ignore[attr-defined]
     if isinstance(values, IntervalArray):
         return {
             "k": "interval",
-            "left": _enc_values(values.left._values, buffers),
-            "right": _enc_values(values.right._values, buffers),
+            "left": _enc_values(values.left._values, buffers),  # type: ignore[attr-defined]
+            "right": _enc_values(values.right._values, buffers),  # type: ignore[attr-defined]
             "dtype": values.dtype,
         }
     if isinstance(values, _MASKED):
         return {
             "k": "masked",
-            "data": _enc_numpy(values._data, buffers),
-            "mask": _enc_numpy(values._mask, buffers),
+            "data": _enc_numpy(values._data, buffers),  # type: ignore[union-attr]
+            "mask": _enc_numpy(values._mask, buffers),  # type: ignore[union-attr]
             "dtype": values.dtype,
         }
     if isinstance(values, SparseArray):
@@ -269,12 +273,12 @@ def _enc_values(values: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
             spec["dtype"] = values.dtype
             return spec
     elif isinstance(values, ArrowStringArray):
-        spec = _enc_strings_arrow(values._pa_array.combine_chunks(), buffers)
-        spec["dtype"], spec["arrow_type"] = values.dtype, values._pa_array.type
+        spec = _enc_strings_arrow(values._pa_array.combine_chunks(), buffers)  # type: ignore[attr-defined]
+        spec["dtype"], spec["arrow_type"] = values.dtype, values._pa_array.type  # type: ignore[attr-defined]
         return spec
     elif isinstance(values, ArrowExtensionArray):
         # pickle protocol 5 hands pyarrow's buffers out of band, and they go to shared memory
-        return {"k": "arrow", "attributes": _encode_any(values._pa_array, buffers), "dtype": values.dtype}
+        return {"k": "arrow", "attributes": _encode_any(values._pa_array, buffers), "dtype": values.dtype}  # type: ignore[attr-defined]
     elif isinstance(values, NumpyExtensionArray):
         return {"k": "numpy-ea", "values": _enc_values(values._ndarray, buffers)}
     return {"k": "any", "attributes": _encode_any(values, buffers)}
@@ -295,7 +299,7 @@ def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     if kind == "dt":
         values, dtype = _dec_numpy(spec["values"], buffers), spec["dtype"]
         cls = TimedeltaArray if values.dtype.kind == "m" else DatetimeArray
-        return cls._simple_new(values, dtype=dtype)
+        return cls._simple_new(values, dtype=dtype)  # type: ignore[union-attr]
     if kind == "period":
         return PeriodArray(_dec_numpy(spec["values"], buffers), dtype=spec["dtype"], copy=False)
     if kind == "interval":
@@ -309,10 +313,10 @@ def _dec_values(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
 
         if "blocks" in spec:
             blocs, blengths = (_dec_numpy(s, buffers) for s in spec["blocks"])
-            index = BlockIndex(spec["length"], blocs, blengths)
+            index = BlockIndex(spec["length"], blocs, blengths)  # type: ignore[call-arg]
         else:
-            index = IntIndex(spec["length"], _dec_numpy(spec["indices"], buffers))
-        return SparseArray._simple_new(_dec_numpy(spec["values"], buffers), index, spec["dtype"])
+            index = IntIndex(spec["length"], _dec_numpy(spec["indices"], buffers))  # type: ignore[call-arg, assignment]
+        return SparseArray._simple_new(_dec_numpy(spec["values"], buffers), index, spec["dtype"])  # type: ignore[attr-defined]
     if kind == "strings":
         return _dec_strings(spec, buffers)
     if kind == "arrow":
@@ -511,7 +515,7 @@ def _dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     if spec["form"] == "utf8":
         array = _dec_utf8(spec, buffers)
         if to_arrow:
-            return ArrowStringArray(pa.chunked_array([array.cast(spec["arrow_type"])]), dtype=dtype)
+            return ArrowStringArray(pa.chunked_array([array.cast(spec["arrow_type"])]), dtype=dtype)  # type: ignore[call-arg]
         values = array.to_numpy(zero_copy_only=False)
         mask = _validity(spec, buffers, len(values))
     else:
@@ -523,17 +527,17 @@ def _dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
             uniques = _dec_utf8(uniques_spec, buffers)
         mask = _validity(spec, buffers, len(codes))
         # codes of missing values are 0, and all values are missing if there are no unique ones
-        if codes.size and codes.max() >= max(len(uniques), 1) or not len(uniques) and codes.size and mask is None:
+        if (codes.size and codes.max() >= max(len(uniques), 1)) or (not len(uniques) and codes.size and mask is None):
             raise CorruptHandleError("stored string codes out of range")
         if to_arrow:
             indices = pa.array(codes, mask=mask)
             strings = uniques.take(indices).cast(spec["arrow_type"])
-            return ArrowStringArray(pa.chunked_array([strings]), dtype=dtype)
+            return ArrowStringArray(pa.chunked_array([strings]), dtype=dtype)  # type: ignore[call-arg]
         if not isinstance(uniques, np.ndarray):
             uniques = uniques.to_numpy(zero_copy_only=False)
         values = uniques.take(codes) if len(uniques) else np.full(len(codes), None, dtype=object)
     if mask is not None:
         values[mask] = spec["missing"] if dtype is None else dtype.na_value
     if dtype is not None:
-        return StringArray(values, dtype=dtype)
+        return StringArray(values, dtype=dtype)  # type: ignore[call-arg]
     return values

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from . import _registry
+from .ndarray import is_fortran
 
 # Buffers smaller than this stay in the pickle stream: a page each would waste more than it saves.
 INLINE_LIMIT = 1024
@@ -34,12 +37,12 @@ class _Pickler(pickle.Pickler):
         # The root came here because no other codec took it: never hand it back (endless recursion).
         if obj is self._root or not _routed(obj):
             return NotImplemented
-        from . import encode_into
-
         parts: list[np.ndarray] = []
-        attributes = encode_into(obj, parts)[2]
-        layouts = [(part.dtype, part.shape, "F" if _is_fortran(part) else "C") for part in parts]
-        raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]
+        attributes = _registry.encode_into(obj, parts)[2]
+        # Codecs append C- or Fortran-contiguous parts, so each goes out as one flat view, no copy.
+        layouts = [(part.dtype, part.shape, _order(part)) for part in parts]
+        # numpy's stubs declare the buffer protocol of ndarray from Python 3.12 on only
+        raw = [pickle.PickleBuffer(_as_bytes(part)) for part in parts]  # type: ignore[arg-type]
         return _rebuild, (attributes, layouts, *raw)
 
 
@@ -51,30 +54,28 @@ def _routed(obj: Any) -> bool:
     module = type(obj).__module__
     if not module.startswith("pandas"):
         return False
-    from . import pandas as pandas_codec
-
-    return pandas_codec.accepts(obj)
+    return _registry.codec_for(obj).__name__ != __name__  # the pandas codec takes it
 
 
-def _is_fortran(part: np.ndarray) -> bool:
-    return bool(part.flags.f_contiguous and not part.flags.c_contiguous)
+def _order(part: np.ndarray) -> Literal["C", "F"]:
+    return "F" if is_fortran(part) else "C"
 
 
 def _as_bytes(part: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a contiguous array (datetime arrays do not export the buffer protocol)."""
-    return part.ravel(order="F" if _is_fortran(part) else "C").view(np.uint8)
+    return part.ravel(order=_order(part)).view(np.uint8)
 
 
-def _rebuild(attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], str]], *raw: Any) -> Any:
-    from . import decode
-
+def _rebuild(
+    attributes: dict[str, Any], layouts: list[tuple[np.dtype, tuple[int, ...], Literal["C", "F"]]], *raw: Any
+) -> Any:
     parts = []
     for (dtype, shape, order), data in zip(layouts, raw, strict=True):
         flat = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
         if not flat.flags.writeable:  # small buffers come back in band as bytes
             flat = flat.copy()
         parts.append(flat.view(dtype).reshape(shape, order=order))
-    return decode(attributes, parts)
+    return _registry.decode(attributes, parts)
 
 
 def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
@@ -89,10 +90,11 @@ def encode(obj: Any, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any
 
     file = io.BytesIO()
     _Pickler(file, obj, out_of_band).dump(obj)
-    stream = file.getvalue()
+    pickled = file.getvalue()
     out_of_band_buffers = list(range(first, len(buffers)))
-    if len(stream) > STREAM_LIMIT:
-        buffers.append(np.frombuffer(stream, np.uint8))
+    stream: bytes | int = pickled
+    if len(pickled) > STREAM_LIMIT:
+        buffers.append(np.frombuffer(pickled, np.uint8))
         stream = len(buffers) - 1
     try:
         length = len(obj)

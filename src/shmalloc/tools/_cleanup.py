@@ -17,13 +17,11 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pandas as pd  # a hard dependency, loaded by `import shmalloc` anyway (its .shm accessor)
 
 from .. import _names, _segment
 from ..errors import ShmError
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 #: Where Linux shows POSIX shared memory objects as files.
 SHM_DIR = Path("/dev/shm")
@@ -128,8 +126,6 @@ def _scan(directory: Path) -> list[_Entry]:
 
 
 def _frame(entries: list[_Entry]) -> "pd.DataFrame":
-    import pandas as pd  # imported here: it costs ~0.3 s, and `import shmalloc` should not
-
     frame = pd.DataFrame(
         {
             "name": pd.Series([e.name for e in entries], dtype=object),
@@ -276,8 +272,6 @@ def held_objects() -> "pd.DataFrame":
         pids is one object).
         Empty where there is no /proc.
     """
-    import pandas as pd
-
     found = sorted(_scan_held(SHM_DIR), key=lambda h: (-h.size, h.pid, h.inode))
     return pd.DataFrame(
         {

@@ -5,9 +5,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence, TextIO
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .. import __version__
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DESCRIPTION = (
     "Move numpy arrays and pandas data frames between processes through POSIX shared memory."
@@ -33,7 +37,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "shmalloc") -> int:
     demo = commands.add_parser("demo", help="move a data frame between processes and compare with pickling")
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--rows", type=_rows, default=None, help="rows of each worker's frame, e.g. 1e6 (default: 5e6)")
-    size.add_argument("--large", action="store_true", help="1e7 rows a frame, as in bettermc's benchmark (takes about twice as long)")
+    size.add_argument(
+        "--large", action="store_true", help="1e7 rows a frame, as in bettermc's benchmark (takes about twice as long)"
+    )
 
     bench = commands.add_parser("bench", help="measure shmalloc against its peers")
     bench.add_argument("sections", nargs="*", help="sections to run (default: all): core, pandas, map")
@@ -106,6 +112,11 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _records(frame: pd.DataFrame) -> Iterator[Any]:
+    """The rows of ``frame`` as named tuples (typed Any: their fields are the frame's columns)."""
+    return frame.itertuples(index=False)
+
+
 def _human_age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -115,8 +126,8 @@ def _human_age(seconds: float) -> str:
 
 def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
     """Print this user's shmalloc segments, then the objects held open after unlink; return 0."""
-    from ._cleanup import held_objects, segments
     from .._handle import human_size
+    from ._cleanup import held_objects, segments
 
     out = out or sys.stdout
     frame, held = segments(), held_objects()
@@ -131,7 +142,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
                 "created": row.created.isoformat(),
                 "linked": True,
             }
-            for row in frame.itertuples(index=False)
+            for row in _records(frame)
         ]
         rows += [
             {
@@ -144,7 +155,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
                 "inode": int(row.inode),
                 "linked": False,
             }
-            for row in held.itertuples(index=False)
+            for row in _records(held)
         ]
         json.dump(rows, out, indent=1)
         out.write("\n")
@@ -154,7 +165,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
     else:
         width = max(len("NAME"), *(len(n) for n in frame["name"]))
         out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'PID':>7}  ALIVE\n")
-        for row in frame.itertuples(index=False):
+        for row in _records(frame):
             alive = "yes" if row.alive else "no"
             out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}  {alive}\n")
     if not held.empty:
@@ -165,7 +176,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
         )
         width = max(len("NAME"), *(len(n) for n in held["name"]))
         out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'PID':>7}  {'FDS':>4}  {'MAPS':>4}  COMMAND\n")
-        for row in held.itertuples(index=False):
+        for row in _records(held):
             command = " ".join(row.command.split())  # a -c script spans lines
             command = command if len(command) <= 60 else command[:57] + "..."
             out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {row.pid:>7}  {row.fds:>4}  {row.maps:>4}  {command}\n")
@@ -178,15 +189,15 @@ def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO |
     ``older_than`` None: the default age (:data:`shmalloc._cleanup.DEFAULT_OLDER_THAN`). With
     ``dry_run`` each segment that would be removed is listed before the summary.
     """
-    from ._cleanup import collect
     from .._handle import human_size
+    from ._cleanup import collect
 
     out = out or sys.stdout
     result = collect(older_than=older_than, dry_run=dry_run)
     if dry_run and not result.removed.empty:
         width = max(len("NAME"), *(len(n) for n in result.removed["name"]))
         out.write(f"{'NAME':<{width}}  {'SIZE':>10}  {'AGE':>7}  {'CREATOR':>7}\n")
-        for row in result.removed.itertuples(index=False):
+        for row in _records(result.removed):
             out.write(f"{row.name:<{width}}  {human_size(row.size):>10}  {_human_age(row.age):>7}  {row.pid:>7}\n")
     verb = "would remove" if dry_run else "removed"
     alive = int(result.kept["alive"].sum())

@@ -6,8 +6,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -36,7 +37,7 @@ def make_frame(rows: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "time": start + np.cumsum(rng.integers(0, 2 * 10**9, rows)).astype("m8[ns]"),
-            "station": pd.Categorical.from_codes(rng.integers(0, 500, rows), [f"ST{i:04d}" for i in range(500)]),
+            "station": pd.Categorical.from_codes(rng.integers(0, 500, rows), pd.Index([f"ST{i:04d}" for i in range(500)])),
             "temperature": rng.normal(12.0, 8.0, rows),
             "ok": rng.random(rows) > 0.01,
             "count": rng.integers(0, 1000, rows, dtype=np.int32),
@@ -53,6 +54,7 @@ def _build(rows: int) -> None:
 
 
 def _pickled() -> pd.DataFrame:
+    assert _frame is not None  # built by the worker's initializer
     return _frame
 
 
@@ -66,7 +68,7 @@ def _collect(pools: list[ProcessPoolExecutor], method: int) -> tuple[float, list
     args = () if method == 0 else (method == 1,)
     start = time.perf_counter()
     futures = [pool.submit(fn, *args) for pool in pools]
-    results = [f.result() for f in futures]
+    results: list[Any] = [f.result() for f in futures]  # frames, or handles to them
     if method > 0:
         results = [shmalloc.allocate_from_shm(obj) for obj in results]
     return time.perf_counter() - start, results
@@ -123,7 +125,9 @@ def _check_same(expected: list[pd.DataFrame], got: list[pd.DataFrame], thorough:
             raise AssertionError(f"{what}: a result differs from the first one")
 
 
-def _measure(pools: list[ProcessPoolExecutor], rounds: int, say: Callable[..., None]) -> tuple[list[list[float]], list[pd.DataFrame]]:
+def _measure(
+    pools: list[ProcessPoolExecutor], rounds: int, say: Callable[..., None]
+) -> tuple[list[list[float]], list[pd.DataFrame]]:
     """Time every method ``rounds`` times, interleaved, checking every result; return the times and the first results."""
     seconds: list[list[float]] = [[] for _ in METHODS]
     first: list[pd.DataFrame] = []
@@ -174,7 +178,7 @@ def run_demo(rows: int = DEFAULT_ROWS, rounds: int = ROUNDS, out: TextIO | None 
     medians = [statistics.median(s) for s in seconds]
     say(f"\nResults: {size / 1e6:,.0f} MB in all. Medians of {rounds} rounds:\n")
     say(f"{'method':<46}{'seconds':>9}{'vs. pickling':>14}")
-    for (label, _), median in zip(METHODS, medians):
+    for (label, _), median in zip(METHODS, medians, strict=True):  # a median for each method
         say(f"{label:<46}{median:>9.2f}{medians[0] / median:>13.1f}x")
     say("\nAll results are equal: pandas.testing.assert_frame_equal(check_exact=True) in round 1,"
         "\nDataFrame.equals in later rounds.")

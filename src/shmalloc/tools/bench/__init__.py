@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 SECTIONS = ("core", "pandas", "map")
 

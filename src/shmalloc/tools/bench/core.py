@@ -5,12 +5,14 @@ import mmap
 import os
 import secrets
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
 import shmalloc
 
-from . import print_table
+from . import print_table, workloads
 
 
 def _raw_pwrite(x: np.ndarray) -> str:
@@ -18,7 +20,7 @@ def _raw_pwrite(x: np.ndarray) -> str:
     name = f"/shmalloc_{os.getpid()}_{secrets.token_hex(6)}"
     fd = os.open("/dev/shm" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view, offset = memoryview(x).cast("B"), 0
+        view, offset = x.data.cast("B"), 0
         while offset < len(view):
             offset += os.pwrite(fd, view[offset : offset + (1 << 30)], offset)
     finally:
@@ -39,7 +41,10 @@ def _mmap_memcpy(name: str, nbytes: int) -> np.ndarray:
     return out
 
 
-def _timed(func, *args) -> tuple[float, object]:
+_T = TypeVar("_T")
+
+
+def _timed(func: Callable[..., _T], *args: object) -> tuple[float, _T]:
     start = time.perf_counter()
     result = func(*args)
     return time.perf_counter() - start, result
@@ -47,10 +52,10 @@ def _timed(func, *args) -> tuple[float, object]:
 
 def run(quick: bool = False, repeat: int = 5) -> None:
     """Print the core tables: filling and reading segments, zero-copy allocation time by size."""
-    nbytes = (4 << 20) if quick else 390_000_000
-    x = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    fill = {"copy2shm": [], "raw pwrite": []}
-    read = {"allocate_from_shm(copy=True)": [], "mmap + numpy copy": []}
+    (nbytes,) = workloads.CORE_ARRAY_BYTES.pick(quick)
+    x = workloads.random_bytes(nbytes)
+    fill: dict[str, list[float]] = {"copy2shm": [], "raw pwrite": []}
+    read: dict[str, list[float]] = {"allocate_from_shm(copy=True)": [], "mmap + numpy copy": []}
     for _ in range(repeat):  # interleaved, so both see the same machine
         seconds, obj = _timed(shmalloc.copy2shm, x)
         fill["copy2shm"].append(seconds)
@@ -73,7 +78,7 @@ def run(quick: bool = False, repeat: int = 5) -> None:
         rows,
     )
     print()
-    sizes = [1 << 20, 100 << 20] if quick else [1 << 20, 100 << 20, 1 << 30]
+    sizes = workloads.CORE_ZERO_COPY_BYTES.pick(quick)
     rows = []
     for size in sizes:
         times = []

@@ -11,40 +11,22 @@ import gc
 import multiprocessing
 import os
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor as StdExecutor
-from multiprocessing import resource_tracker, shared_memory
-from typing import Callable
+from multiprocessing import resource_tracker
 
-import numpy as np
 import pandas as pd
 
 import shmalloc
-from shmalloc import _names
 
-from . import median_time, print_table
+from . import median_time, peers, print_table, workloads
 
 WORKERS = 2
 _frame: pd.DataFrame | None = None  # inherited by the forked workers
 
 
-def make_frame(rows: int) -> pd.DataFrame:
-    """The benchmark frame: x float64, y bool, z int32."""
-    rng = np.random.default_rng(0)
-    return pd.DataFrame(
-        {"x": rng.random(rows), "y": rng.random(rows) < 0.5, "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32)}
-    )
-
-
-def _peer_name() -> str:
-    """A segment name for the peers, in shmalloc's form with the parent's pid.
-
-    Cleaners that remove segments of dead processes (such as the test suite's
-    leak check in a concurrent run) then leave it alone while the parent lives.
-    """
-    return _names.generate(os.getppid())[1:]
-
-
 def _return_frame(_: int) -> pd.DataFrame:
+    assert _frame is not None  # set before the workers fork
     return _frame
 
 
@@ -77,63 +59,26 @@ def cf_executor() -> list:
         return list(pool.map(_return_frame, range(WORKERS)))
 
 
-def _to_stdlib_shm(_: int) -> tuple[str, list[tuple[str, str, int, int]]]:
-    """In a worker: copy each column into one stdlib SharedMemory block."""
-    columns, offset = [], 0
-    for name in _frame.columns:
-        values = _frame[name].to_numpy()
-        columns.append((name, values.dtype.str, offset, len(values)))
-        offset += -(-values.nbytes // 64) * 64
-    block = shared_memory.SharedMemory(_peer_name(), create=True, size=max(offset, 1))
-    for (name, dtype, start, length), values in zip(columns, (_frame[c].to_numpy() for c in _frame.columns)):
-        np.ndarray(length, dtype, block.buf, start)[:] = values
-    block.close()
-    return block.name, columns
+def _send_stdlib(_: int) -> peers.StdlibAnswer:
+    return peers.send_stdlib(_return_frame(0))
 
 
 def stdlib_shared_memory() -> list:
     """By hand with multiprocessing.shared_memory; columns copied out (zero-copy would crash on close)."""
     with _fork().Pool(WORKERS) as pool:
-        answers = pool.map(_to_stdlib_shm, range(WORKERS))
-    frames = []
-    for block_name, columns in answers:
-        block = shared_memory.SharedMemory(block_name)
-        try:
-            data = {name: np.ndarray(length, dtype, block.buf, start).copy() for name, dtype, start, length in columns}
-        finally:
-            block.close()
-            block.unlink()
-        frames.append(pd.DataFrame(data, copy=False))
-    return frames
+        answers = pool.map(_send_stdlib, range(WORKERS))
+    return [peers.receive_stdlib(answer) for answer in answers]
 
 
-def _to_shared_array(i: int) -> list[tuple[str, str]]:
-    import SharedArray
-
-    names = []
-    for column in _frame.columns:
-        values = _frame[column].to_numpy()
-        name = "shm://" + _peer_name()
-        target = SharedArray.create(name, values.shape, values.dtype)
-        target[:] = values
-        names.append((column, name))
-    return names
+def _send_shared_array(_: int) -> list[tuple[str, str]]:
+    return peers.send_shared_array(_return_frame(0))
 
 
 def shared_array() -> list:
     """SharedArray by hand: workers create and fill arrays, the parent attaches them (zero-copy)."""
-    import SharedArray
-
     with _fork().Pool(WORKERS) as pool:
-        answers = pool.map(_to_shared_array, range(WORKERS))
-    frames = []
-    for names in answers:
-        data = {}
-        for column, name in names:
-            data[column] = SharedArray.attach(name)
-            SharedArray.delete(name)
-        frames.append(pd.DataFrame(data, copy=False))
-    return frames
+        answers = pool.map(_send_shared_array, range(WORKERS))
+    return [peers.receive_shared_array(answer) for answer in answers]
 
 
 def ray_store(rows: int, repeat: int) -> float | None:
@@ -156,7 +101,7 @@ def _ray_child(rows: int, repeat: int) -> float:
 
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        frame = make_frame(rows)
+        frame = workloads.frame(rows)
         ref = ray.put(frame)
 
         @ray.remote
@@ -184,17 +129,13 @@ def _methods() -> dict[str, Callable[[], list]]:
         "concurrent.futures": cf_executor,
         "stdlib SharedMemory by hand, copied out": stdlib_shared_memory,
     }
-    try:
-        import SharedArray  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if peers.SharedArray is not None:
         methods["SharedArray by hand, zero-copy"] = shared_array
     return methods
 
 
 def _check(frames: list) -> None:
-    assert len(frames) == WORKERS
+    assert _frame is not None and len(frames) == WORKERS
     for frame in frames:
         pd.testing.assert_frame_equal(frame, _frame, check_column_type=False, check_index_type=False)
 
@@ -234,7 +175,7 @@ def peak_extra(method: Callable[[], list]) -> float:
 def measure(rows: int, repeat: int) -> dict[str, float]:
     """Median seconds of each method for a frame of ``rows`` rows, interleaved."""
     global _frame
-    _frame = make_frame(rows)
+    _frame = workloads.frame(rows)
     resource_tracker.ensure_running()  # the workers' SharedMemory blocks register with the parent's tracker
     for copy in (False, True):
         _pools[copy] = shmalloc.Pool(WORKERS, start_method="fork")
@@ -253,6 +194,7 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+        peers.remove_leftovers(os.getpid())  # what a failed peer left
     result_bytes = int(_frame.memory_usage(index=False).sum()) * WORKERS
     _frame = None
     medians = {label: statistics.median(t) for label, t in times.items()}
@@ -266,7 +208,7 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
 
 def run(quick: bool = False, repeat: int = 5) -> None:
     """Print the benchmark table (and the goals of issues 4 and 6) for 1e7 and 3e7 rows; small sizes if quick."""
-    sizes = (10**5, 3 * 10**5) if quick else (10**7, 3 * 10**7)
+    sizes = workloads.MAP_ROWS.pick(quick)
     repeat = min(repeat, 2) if quick else repeat
     results = {rows: measure(rows, repeat) for rows in sizes}
     labels = list(results[sizes[0]])
@@ -279,7 +221,7 @@ def run(quick: bool = False, repeat: int = 5) -> None:
             + [results[rows][label] / results[rows]["multiprocessing.Pool"] for rows in sizes]
         )
     print_table(
-        f"map: {WORKERS} forked workers each return a data frame (x float64, y bool, z int32), median of {repeat}",
+        f"map: {WORKERS} forked workers each return a data frame ({workloads.FRAME_COLUMNS}), median of {repeat}",
         header,
         rows_out,
     )

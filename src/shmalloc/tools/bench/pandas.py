@@ -9,37 +9,17 @@ from __future__ import annotations
 import gc
 import pickle
 
-import numpy as np
 import pandas as pd
 
-from ... import allocate_from_shm, copy2shm, unlink
-from . import median_time, print_table
-
-
-def frames(rows: int) -> dict[str, pd.DataFrame]:
-    """The frames measured, by name."""
-    rng = np.random.default_rng(42)
-    base = pd.DataFrame(
-        {
-            "x": rng.random(rows),
-            "y": rng.random(rows) > 0.5,
-            "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32),
-        }
-    )
-    distinct = max(rows // 30, 1)
-    words = pd.Series([f"value-{i:07d}" for i in range(distinct)], dtype="str")
-    return {
-        "x, y, z": base,
-        "+ category": base.assign(c=pd.Categorical.from_codes(rng.integers(0, 100, rows), [f"c{i}" for i in range(100)])),
-        f"+ str ({distinct:.0e} distinct x 30)": base.assign(s=words.take(np.arange(rows) % distinct).to_numpy()),
-    }
+from ... import ShmObj, allocate_from_shm, copy2shm, unlink
+from . import median_time, print_table, workloads
 
 
 def run(quick: bool = False, repeat: int = 5) -> None:
     """Print the table: seconds (medians) and the speed-up over pickle."""
-    rows = 1_000_000 if quick else 30_000_000
+    (rows,) = workloads.PANDAS_ROWS.pick(quick)
     rows_out = []
-    for label, df in frames(rows).items():
+    for label, df in workloads.pandas_frames(rows).items():
         rows_out.append([label, *_measure(df, repeat)])
         del df
         gc.collect()
@@ -61,14 +41,18 @@ def run(quick: bool = False, repeat: int = 5) -> None:
     )
 
 
-def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
+def _pickle_times(df: pd.DataFrame, repeat: int) -> tuple[float, float, float]:
+    """Seconds of pickle.dumps and pickle.loads, and MB of the stream (freed on return)."""
     stream = pickle.dumps(df, protocol=5)
     dumps = median_time(lambda: pickle.dumps(df, protocol=5), repeat)
     loads = median_time(lambda: pickle.loads(stream), repeat)
-    pickled_mb = len(stream) / 1e6
-    del stream
+    return dumps, loads, len(stream) / 1e6
 
-    handles: list = []
+
+def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
+    dumps, loads, pickled_mb = _pickle_times(df, repeat)
+
+    handles: list[ShmObj] = []
     export = median_time(lambda: handles.append(copy2shm(df)), repeat, setup=lambda: _consume(handles))
     _consume(handles)
     size_mb = 0.0
@@ -79,14 +63,19 @@ def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
         handles.append(copy2shm(df))
         size_mb = handles[-1].size / 1e6
 
-    allocate, results = {}, []
+    allocate: dict[bool, float] = {}
+    results: list[pd.DataFrame] = []
 
     def setup() -> None:
         results.clear()  # free the previous result outside the timed part
         make()
 
     for copy in (True, False):
-        allocate[copy] = median_time(lambda: results.append(allocate_from_shm(handles.pop(), copy=copy)), repeat, setup)
+
+        def allocate_one(copy: bool = copy) -> None:  # bound now: median_time calls it within this iteration
+            results.append(allocate_from_shm(handles.pop(), copy=copy))
+
+        allocate[copy] = median_time(allocate_one, repeat, setup)
     results.clear()
     pickle_total = dumps + loads
     return [
@@ -102,7 +91,7 @@ def _measure(df: pd.DataFrame, repeat: int) -> list[object]:
     ]
 
 
-def _consume(handles: list) -> None:
+def _consume(handles: list[ShmObj]) -> None:
     """Remove the objects of handles left over from a previous round."""
     while handles:
         unlink(handles.pop())

@@ -1,0 +1,82 @@
+"""What the benchmarks measure, defined once: the data, its seed, the sizes and the names in the tables.
+
+Every benchmark (``python -m shmalloc bench`` and ``benchmarks/plot_sizes.py``)
+builds its data here, so that a figure of one can be compared with a figure
+of another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+#: One seed for all data: the same size gives the same data in every benchmark and run.
+SEED = 0
+#: bettermc's benchmark frame, the one most tables measure.
+FRAME_COLUMNS = "x float64, y bool, z int32"
+#: Bytes a row of that frame holds (8 + 1 + 4).
+ROW_BYTES = 13
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes a benchmark measures: the full run's, and the smaller ones of ``--quick`` (a smoke test)."""
+
+    full: tuple[int, ...]
+    quick: tuple[int, ...]
+
+    def pick(self, quick: bool) -> tuple[int, ...]:
+        """The sizes of a quick run or of a full one."""
+        return self.quick if quick else self.full
+
+
+#: core: bytes of the one array filled into and read from a segment.
+CORE_ARRAY_BYTES = Sizes(full=(390_000_000,), quick=(4 << 20,))
+#: core: bytes of the arrays that allocate_from_shm(copy=False) maps.
+CORE_ZERO_COPY_BYTES = Sizes(full=(1 << 20, 100 << 20, 1 << 30), quick=(1 << 20, 100 << 20))
+#: pandas: rows of the frames pickled and moved through shared memory.
+PANDAS_ROWS = Sizes(full=(30_000_000,), quick=(1_000_000,))
+#: map: rows of the frame each of the workers returns.
+MAP_ROWS = Sizes(full=(10**7, 3 * 10**7), quick=(10**5, 3 * 10**5))
+#: plot_sizes.py: rows of the frame one worker returns, for the time-against-size plot.
+PLOT_ROWS = (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7)
+#: pandas: each distinct string of the string column repeats this often.
+STRING_REPEATS = 30
+#: pandas: categories of the category column.
+CATEGORIES = 100
+
+
+def random_bytes(nbytes: int) -> np.ndarray:
+    """A uint8 array of ``nbytes`` random values (the core benchmark's array)."""
+    return np.random.default_rng(SEED).integers(0, 255, nbytes, dtype=np.uint8)
+
+
+def frame(rows: int, rng: np.random.Generator | None = None) -> pd.DataFrame:
+    """bettermc's benchmark frame (x float64, y bool, z int32) of ``rows`` rows.
+
+    ``rng`` None: a generator seeded with :data:`SEED`, so the same ``rows``
+    give the same frame.
+    """
+    rng = np.random.default_rng(SEED) if rng is None else rng
+    return pd.DataFrame(
+        {"x": rng.random(rows), "y": rng.random(rows) < 0.5, "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32)}
+    )
+
+
+def pandas_frames(rows: int) -> dict[str, pd.DataFrame]:
+    """The pandas benchmark's frames, by the name its table gives them.
+
+    The benchmark frame; the same with a category column; the same with a
+    string column of ``rows / 30`` distinct values, each repeated 30 times.
+    """
+    rng = np.random.default_rng(SEED)
+    base = frame(rows, rng)
+    distinct = max(rows // STRING_REPEATS, 1)
+    words = pd.Series([f"value-{i:07d}" for i in range(distinct)], dtype="str")
+    categories = pd.Categorical.from_codes(rng.integers(0, CATEGORIES, rows), pd.Index([f"c{i}" for i in range(CATEGORIES)]))
+    return {
+        "x, y, z": base,
+        "+ category": base.assign(c=categories),
+        f"+ str ({distinct:.0e} distinct x {STRING_REPEATS})": base.assign(s=words.take(np.arange(rows) % distinct).to_numpy()),
+    }

@@ -1,0 +1,131 @@
+"""The benchmarks: one definition of each workload, used by ``python -m shmalloc bench`` and by ``benchmarks/``."""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shmalloc.tools import bench
+from shmalloc.tools.bench import peers, sizes, workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")
+
+
+def test_frame_is_the_same_for_the_same_rows():
+    """The benchmark frame is x float64, y bool, z int32 (13 bytes a row), and equal for equal sizes."""
+    frame = workloads.frame(1000)
+    assert list(frame.dtypes.astype(str)) == ["float64", "bool", "int32"]
+    assert int(frame.memory_usage(index=False).sum()) == 1000 * workloads.ROW_BYTES
+    pd.testing.assert_frame_equal(frame, workloads.frame(1000))
+
+
+def test_pandas_frames_extend_the_benchmark_frame():
+    """The pandas section's frames are the benchmark frame, plus a category column, plus a repeated string column."""
+    frames = workloads.pandas_frames(3000)
+    assert list(frames) == ["x, y, z", "+ category", "+ str (1e+02 distinct x 30)"]
+    base = frames["x, y, z"]
+    pd.testing.assert_frame_equal(base, workloads.frame(3000))
+    category = frames["+ category"]["c"]
+    assert category.dtype == "category" and len(category.cat.categories) == workloads.CATEGORIES
+    strings = frames["+ str (1e+02 distinct x 30)"]["s"]
+    assert strings.nunique() == 100 and (strings.value_counts() == workloads.STRING_REPEATS).all()
+    for frame in frames.values():
+        pd.testing.assert_frame_equal(frame[["x", "y", "z"]], base)
+
+
+def test_quick_sizes_are_smaller():
+    """Every benchmark's --quick sizes are at most its full sizes."""
+    for name in ("CORE_ARRAY_BYTES", "CORE_ZERO_COPY_BYTES", "PANDAS_ROWS", "MAP_ROWS"):
+        choice = getattr(workloads, name)
+        assert max(choice.pick(True)) <= max(choice.pick(False)), name
+
+
+def _assigned_and_called(path: Path) -> tuple[set[str], set[str]]:
+    tree = ast.parse(path.read_text())
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    called = {
+        n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+    }
+    return defined, called
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted((ROOT / "src" / "shmalloc" / "tools" / "bench").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py"))],
+    ids=lambda p: p.name,
+)
+def test_only_workloads_makes_data(path):
+    """No benchmark module but workloads.py seeds a generator, or defines a frame builder or a peer of its own."""
+    if path.name == "workloads.py":
+        return
+    defined, called = _assigned_and_called(path)
+    assert "default_rng" not in called, f"{path.name} makes its own data: use shmalloc.tools.bench.workloads"
+    assert not defined & {"make_frame", "frames", "_peer_name", "_to_stdlib", "_to_shared_array"}, path.name
+
+
+def test_unknown_section_is_refused():
+    """A section name that does not exist stops the run with a message naming the sections."""
+    with pytest.raises(SystemExit, match="core, pandas, map"):
+        bench.run(["sizes"])
+
+
+def test_sizes_returns_the_frame_by_every_method_and_leaves_nothing():
+    """One forked worker returns the frame by every method (each checked equal), and no peer object stays in /dev/shm."""
+    results = dict(sizes.run([2000, 4000], repeat=1))
+    assert list(results) == [2000, 4000]
+    expected = set(sizes.methods())
+    assert {"shmalloc, copy=False", "shmalloc, copy=True", sizes.PICKLE, "stdlib SharedMemory, copied out"} <= expected
+    for times in results.values():
+        assert set(times) == expected
+        assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert not list(SHM.glob(f"{peers.PEER_PREFIX}{os.getpid()}_*"))
+
+
+def test_stopping_sizes_early_stops_the_worker():
+    """Leaving the iteration after the first size stops the worker and removes what its peers left."""
+    run = sizes.run([1000, 10**7], repeat=1)
+    rows, _ = next(run)
+    assert rows == 1000
+    leftover = SHM / f"{peers.PEER_PREFIX}{os.getpid()}_{'0' * 12}"
+    leftover.write_bytes(b"x")  # as a worker killed mid-send would leave it
+    run.close()
+    assert not leftover.exists()
+
+
+def test_peer_names_carry_the_parent_and_are_not_shmallocs():
+    """Peer objects carry the benchmark's pid and a prefix of their own, so shmalloc's ls and gc never list them."""
+    name = peers.peer_name(os.getpid())
+    assert name.startswith(f"{peers.PEER_PREFIX}{os.getpid()}_") and not name.startswith("shmalloc_")
+
+
+def test_random_bytes_are_uint8_and_reproducible():
+    """The core section's array is the same uint8 data for the same size."""
+    a, b = workloads.random_bytes(4096), workloads.random_bytes(4096)
+    assert a.dtype == np.uint8 and a.size == 4096 and np.array_equal(a, b)
+
+
+def test_bench_command_prints_the_core_and_pandas_tables(capsys):
+    """`shmalloc bench --quick core pandas` prints each section's markdown tables, with the workloads' names and sizes."""
+    from shmalloc.tools._cli import main
+
+    assert main(["bench", "--quick", "--repeat", "1", "core", "pandas"]) == 0
+    out = capsys.readouterr().out
+    headings = [line for line in out.splitlines() if line.startswith("### ")]
+    assert headings == [
+        "### Filling and reading one array of 4 MB (median of 1)",
+        "### allocate_from_shm(copy=False): time to a usable array",
+        "### pandas: 1e+06 rows, seconds (median of 1)",
+    ]
+    first_cells = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert first_cells == [
+        "method", "copy2shm", "raw pwrite", "allocate_from_shm(copy=True)", "mmap + numpy copy",
+        "size", "1 MiB", "100 MiB",
+        "frame", "x, y, z", "+ category", "+ str (3e+04 distinct x 30)",
+    ]
