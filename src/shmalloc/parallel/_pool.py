@@ -27,7 +27,6 @@ import errno
 import multiprocessing
 import os
 import pickle
-import secrets
 import signal
 import threading
 import weakref
@@ -36,11 +35,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .. import _names, _segment, _shmarray, codecs
+from .. import _names, _shmarray, _transfer
 from . import _protocol as _answer
-from .._api import check_handle_matches
-from ..errors import CorruptHandleError, ShmError
+from ..errors import ShmError
 from .._handle import ShmObj
+from .._shared import SPARE_LABEL, RefillMapping
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit, fork_stamp
 from ._map import (
     PIPE_LIMIT,
@@ -62,7 +61,7 @@ from ._map import (
 )
 
 #: The label of spares in error messages (they have no name).
-SPARE = _segment.SPARE_LABEL
+SPARE = SPARE_LABEL
 #: Refill mappings a worker keeps at most (the oldest is dropped first).
 WORKER_MAPPINGS = 8
 
@@ -93,7 +92,7 @@ if hasattr(os, "register_at_fork"):
 # Workers
 
 
-def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.RefillMapping | None = None) -> Shipped:
+def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: RefillMapping | None = None) -> Shipped:
     """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
 
     Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
@@ -102,18 +101,12 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.R
     if _nbytes(result, limit) < limit:
         return Shipped(value=result)
     whole = isinstance(result, np.ndarray) or _is_pandas(result)
-    encoded = codecs.encode(result if whole else _Box(result))
-    token = secrets.token_bytes(_segment.TOKEN_BYTES)
-    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     try:
-        size = mapping.fill(fd, SPARE, token, recipe, encoded.buffers) if mapping is not None else None
-        if size is None:
-            size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
+        handle = _transfer.write_held(result if whole else _Box(result), fd, mapping)
     except ShmError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         return Shipped(value=result, fell_back=True)
-    handle = ShmObj(SPARE, encoded.type, encoded.length, size, encoded.attributes, True, token)
     return Shipped(handle=handle, boxed=not whole)
 
 
@@ -121,9 +114,9 @@ class _Mappings:
     """A worker's refill mappings, by spare id, oldest first."""
 
     def __init__(self) -> None:
-        self.maps: dict[int, _segment.RefillMapping] = {}
+        self.maps: dict[int, RefillMapping] = {}
 
-    def get(self, sid: int) -> _segment.RefillMapping | None:
+    def get(self, sid: int) -> RefillMapping | None:
         return self.maps.get(sid)
 
     def drop(self, sids: Iterable[int]) -> None:
@@ -141,7 +134,7 @@ class _Mappings:
         while len(self.maps) >= WORKER_MAPPINGS:
             self.drop([next(iter(self.maps))])
         try:
-            self.maps[sid] = _segment.RefillMapping(fd, length)
+            self.maps[sid] = RefillMapping(fd, length)
         except (OSError, ValueError):
             pass  # the next refill uses pwrite
 
@@ -204,15 +197,9 @@ def _pool_worker(conn: Any, receiver: int) -> None:
 # The parent
 
 
-def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+def _consume(segment: _transfer.Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
     """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
-    if not isinstance(handle.token, bytes):
-        raise CorruptHandleError(f"{segment.name}: damaged token")
-    recipe = segment.read_recipe(handle.token)
-    check_handle_matches(handle, recipe)
-    buffers = segment.arrays(copy or not _segment.ZERO_COPY)
-    owners = [] if copy or not _segment.ZERO_COPY else [b for b in buffers if b.nbytes]
-    return codecs.decode(recipe["attributes"], buffers), owners
+    return _transfer.read(segment, handle, copy)
 
 
 class _PoolRun(_Run):
@@ -316,7 +303,7 @@ class _PoolRun(_Run):
             return shipped.value
         if spare is not None:
             try:
-                with _segment.HeldSegment(spare.fd, SPARE, handle.size) as segment:
+                with _transfer.open_held(spare.fd, SPARE, handle.size) as segment:
                     value, owners = _consume(segment, handle, self.copy)
             except BaseException:
                 self.pool._spares.release(spare)
@@ -327,9 +314,9 @@ class _PoolRun(_Run):
             if handle.name != name:
                 raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
             del self.names[index]
-            with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
+            with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
                 value, owners = _consume(segment, handle, self.copy)
-                fd = _segment.reopen_writable(segment) if self.pool._recycle else -1
+                fd = segment.reopen_writable() if self.pool._recycle else -1
             spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
         if spare is not None and owners:

@@ -116,7 +116,7 @@ def _human_age(seconds: float) -> str:
 def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
     """Print this user's shmalloc segments, then the objects held open after unlink; return 0."""
     from ._cleanup import held_objects, segments
-    from .._handle import human_size
+    from .._display import human_size
 
     out = out or sys.stdout
     frame, held = segments(), held_objects()
@@ -179,7 +179,7 @@ def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO |
     ``dry_run`` each segment that would be removed is listed before the summary.
     """
     from ._cleanup import collect
-    from .._handle import human_size
+    from .._display import human_size
 
     out = out or sys.stdout
     result = collect(older_than=older_than, dry_run=dry_run)
