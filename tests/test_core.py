@@ -537,10 +537,20 @@ def test_threaded_copy_keeps_the_last_bytes(n):
     assert np.array_equal(x, y)
 
 
-# The functions of the adoption: mapping, handing parts to arrays, unmapping the rest.
+# The functions of the adoption: mapping, handing parts to arrays, unmapping the rest, and the
+# out-parameters that say what is mapped and owned.
 _ADOPTION = {
-    f"{function.__module__.rsplit('.', 1)[1]}.{function.__name__}": function
-    for function in (_adopt.arrays, _posix.map_private, _adopt._adopt_all, _adopt._adopt_part, _posix.adopt)
+    f"{function.__module__.rsplit('.', 1)[1]}.{function.__qualname__}": function
+    for function in (
+        _adopt.arrays,
+        _posix.MapOut.__init__,
+        _posix.MapOut.address.fget,
+        _posix.MapOut.owned,
+        _posix.map_private,
+        _adopt._adopt_all,
+        _adopt._adopt_part,
+        _posix.adopt,
+    )
 }
 
 
