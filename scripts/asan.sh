@@ -80,7 +80,7 @@ print('sanitized core:', n.__file__)
 if [ "$mode" = selftest ]; then
     # A heap overflow through shmalloc_copy: ASan must stop the process.
     if "$python" -c "
-from shmalloc._segment import ffi, lib
+from shmalloc._native import ffi, lib
 dst = ffi.new('char[]', 16)
 src = ffi.new('char[]', 64)
 lib.shmalloc_copy(dst, src, 64, 1)

@@ -26,7 +26,7 @@ for _name, _value in _QUIET_LIBRARIES.items():
 
 import pytest  # noqa: E402
 
-from shmalloc import _segment  # noqa: E402
+from shmalloc import _posix  # noqa: E402
 
 SHM_DIR = Path("/dev/shm")
 # Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
@@ -118,9 +118,9 @@ def no_fork_with_threads(request):
 @pytest.fixture(autouse=True)
 def no_failed_unmaps(request):
     """Fail the test if an array freed during it could not unmap its mapping (the core counts such failures)."""
-    before, _ = _segment.unmap_failures()
+    before, _ = _posix.unmap_failures()
     yield
-    after, last = _segment.unmap_failures()
+    after, last = _posix.unmap_failures()
     if after != before and not request.node.get_closest_marker("allow_unmap_failures"):
         pytest.fail(f"{after - before} mappings failed to unmap (last errno {last})", pytrace=False)
 

@@ -13,7 +13,7 @@ import pytest
 from numpy._core.multiarray import get_handler_name
 
 import shmalloc
-from shmalloc import _segment
+from shmalloc import _adopt, _format, _posix
 
 # Each stored array fills one page, so that any array the intruding code allocates
 # (np.zeros(512) of float64: one page as well) would fit the mapping.
@@ -155,7 +155,7 @@ def test_a_zero_copy_array_is_the_owner_of_its_own_mapping(dtype, order):
     assert mapping is not None, "the data pointer is not the start of a mapping"
     offset, path = mapping
     assert obj.name in path and path.endswith("(deleted)")
-    assert offset == obj.size - -(-x.nbytes // _segment.PAGE) * _segment.PAGE  # the buffer is the segment's last part
+    assert offset == obj.size - -(-x.nbytes // _posix.PAGE) * _posix.PAGE  # the buffer is the segment's last part
     assert get_handler_name(y) == "shmalloc" and y.flags.owndata and y.base is None
     assert y.flags.writeable and y.flags.aligned
     assert y.flags.f_contiguous if order == "F" else y.flags.c_contiguous
@@ -171,13 +171,13 @@ def test_a_zero_copy_array_is_the_owner_of_its_own_mapping(dtype, order):
 def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
     """shmalloc_adopt refuses what is not a dtype, an output list holding only None, or a shape numpy
     allows (EINVAL), and then registers nothing: the caller still owns the mapping."""
-    from shmalloc._segment import ffi, lib
+    from shmalloc._posix import ffi, lib
 
-    fd = _anonymous_object(_segment.PAGE)
-    address = lib.shmalloc_map(fd, _segment.PAGE, 0, 1, ffi.NULL)
+    fd = _anonymous_object(_posix.PAGE)
+    address = lib.shmalloc_map(fd, _posix.PAGE, 0, 1, ffi.NULL)
     os.close(fd)
     try:
-        before = _segment.live_mappings()
+        before = _posix.live_mappings()
         dtype, out, shape = np.dtype(np.uint8), [None], (16,)
         if bad == "descr":
             dtype = "uint8"
@@ -192,13 +192,13 @@ def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
         dims = ffi.new("intptr_t[]", shape)
         owned = ffi.new("int *")
         rc = lib.shmalloc_adopt(
-            address, _segment.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)), owned
+            address, _posix.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)), owned
         )
         assert rc == -1 and ffi.errno == errno.EINVAL and owned[0] == 0
-        assert _segment.live_mappings() == before and not lib.shmalloc_is_adopted(address)
+        assert _posix.live_mappings() == before and not lib.shmalloc_is_adopted(address)
         assert list(out) in ([None], [None, None], [0])
     finally:
-        lib.shmalloc_unmap(address, _segment.PAGE)
+        lib.shmalloc_unmap(address, _posix.PAGE)
 
 
 def _anonymous_object(size: int) -> int:
@@ -212,19 +212,19 @@ def _anonymous_object(size: int) -> int:
 def test_a_failing_munmap_when_an_array_is_freed_is_counted():
     """When numpy frees an adopted array and munmap fails, the core neither crashes nor stays silent:
     the failure is counted, with its errno, for Python to read."""
-    region = mmap.mmap(-1, 2 * _segment.PAGE)
+    region = mmap.mmap(-1, 2 * _posix.PAGE)
     start = np.frombuffer(region, np.uint8).__array_interface__["data"][0]
-    before, _ = _segment.unmap_failures()
+    before, _ = _posix.unmap_failures()
     # An address one byte into the page: munmap refuses it (EINVAL) and unmaps nothing.
-    layout = _segment.BufferLayout(0, np.dtype(np.uint8), (16,), False)
-    owned = _segment.ffi.new("int *")
-    array = _segment._adopt("/test", _segment.ffi.cast("void *", start + 1), _segment.PAGE, layout, owned)
-    assert owned[0] == 1
+    layout = _format.BufferLayout(0, np.dtype(np.uint8), (16,), False)
+    out = _posix.MapOut(1)
+    array = _adopt._adopt_part("/test", start + 1, _posix.PAGE, layout, out, 0)
+    assert out.owned(0)
     assert get_handler_name(array) == "shmalloc" and array.flags.owndata
     del array
-    count, last = _segment.unmap_failures()
+    count, last = _posix.unmap_failures()
     assert count == before + 1 and last == errno.EINVAL
-    assert not _segment.lib.shmalloc_is_adopted(_segment.ffi.cast("void *", start + 1))
+    assert not _posix.any_adopted([start + 1])
     region.close()
 
 
@@ -232,13 +232,13 @@ def test_an_array_that_does_not_own_its_mapping_is_never_returned(monkeypatch):
     """If the array the core made did not prove to own the mapping, allocate_from_shm raises instead of
     returning it, and the mapping is still unmapped exactly once."""
     obj = shmalloc.copy2shm([np.arange(5000.0), np.arange(7000.0)])
-    before = _segment.live_mappings()
-    failures = _segment.unmap_failures()[0]
-    monkeypatch.setattr(_segment, "get_handler_name", lambda array: "default_allocator")
+    before = _posix.live_mappings()
+    failures = _posix.unmap_failures()[0]
+    monkeypatch.setattr(_adopt, "get_handler_name", lambda array: "default_allocator")
     with pytest.raises(shmalloc.ShmError, match="does not own the mapping"):
         shmalloc.allocate_from_shm(obj, copy=False)
     monkeypatch.undo()
     gc.collect()
-    assert _segment.live_mappings() == before and _segment.unmap_failures()[0] == failures
+    assert _posix.live_mappings() == before and _posix.unmap_failures()[0] == failures
     with open("/proc/self/maps") as maps:
         assert obj.name not in maps.read()

@@ -235,14 +235,14 @@ def test_consumed_meanwhile_is_not_an_error(monkeypatch):
     """A segment consumed between listing and removal (ENOENT) is skipped silently."""
     name = our_name(dead_pid())
     make_segment(name)
-    real_unlink = _cleanup._segment.unlink
+    real_unlink = _cleanup._posix.unlink
 
     def consumed_first(n: str) -> None:
         if n == name:
             real_unlink(n)  # the consumer wins the race
         real_unlink(n)
 
-    monkeypatch.setattr(_cleanup._segment, "unlink", consumed_first)
+    monkeypatch.setattr(_cleanup._posix, "unlink", consumed_first)
     try:
         result = _cleanup.collect(older_than=OLDER_THAN)
         assert not result.failed and name not in set(result.removed["name"])
@@ -256,14 +256,14 @@ def test_failure_is_reported_and_others_still_removed(monkeypatch):
     stuck, loose = our_name(pid), our_name(pid)
     make_segment(stuck)
     make_segment(loose)
-    real_unlink = _cleanup._segment.unlink
+    real_unlink = _cleanup._posix.unlink
 
     def refuse(n: str) -> None:
         if n == stuck:
             raise shmalloc.ShmError(13, None, n)
         real_unlink(n)
 
-    monkeypatch.setattr(_cleanup._segment, "unlink", refuse)
+    monkeypatch.setattr(_cleanup._posix, "unlink", refuse)
     try:
         with pytest.raises(PermissionError) as info:
             shmalloc.gc(older_than=OLDER_THAN)

@@ -97,7 +97,7 @@ def test_gc_failure_exits_1(orphan, monkeypatch, capsys):
     def refuse(name: str) -> None:
         raise shmalloc.ShmError(13, None, name)
 
-    monkeypatch.setattr(_cleanup._segment, "unlink", refuse)
+    monkeypatch.setattr(_cleanup._posix, "unlink", refuse)
     assert main(["gc", "--older-than", "7000d"]) == 1
     out = capsys.readouterr().out
     assert "failed" in out and orphan.name in out and "Permission denied" in out

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from numpy._core.multiarray import get_handler_name
 
 import shmalloc
-from shmalloc import CorruptHandleError, ShmError, ShmObj, _segment
+from shmalloc import CorruptHandleError, ShmError, ShmObj, _adopt, _posix
 
 DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -422,12 +422,12 @@ def test_zero_copy_writes_are_private():
 
 def test_zero_copy_arrays_survive_mapping_pressure():
     """Thousands of zero-copy arrays free their mappings: none left in the registry."""
-    before = _segment.live_mappings()
+    before = _posix.live_mappings()
     for i in range(2000):
         y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.full(1000, i)), copy=False)
         assert y[999] == i
     del y
-    assert _segment.live_mappings() == before
+    assert _posix.live_mappings() == before
 
 
 def test_many_threads_at_once():
@@ -481,8 +481,8 @@ def test_array_longer_than_2_31_elements():
 
 def test_without_the_native_core_on_windows_calls_say_not_supported(monkeypatch):
     """Where the core cannot exist (Windows, emulated), every call says the platform is not supported."""
-    monkeypatch.setattr(_segment, "POSIX_PLATFORM", False)
-    monkeypatch.setattr(_segment, "lib", None)
+    monkeypatch.setattr(_posix, "POSIX_PLATFORM", False)
+    monkeypatch.setattr(_posix, "lib", None)
     monkeypatch.setattr(sys, "platform", "win32")
     for call in (lambda: shmalloc.copy2shm(np.arange(3)), lambda: shmalloc.unlink("/x")):
         with pytest.raises(NotImplementedError, match="not supported on win32"):
@@ -518,7 +518,7 @@ def test_macos_rules(monkeypatch, shm_name):
     import sys
 
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(_segment, "ZERO_COPY", False)
+    monkeypatch.setattr(_posix, "ZERO_COPY", False)
     with pytest.raises(NotImplementedError, match="macOS"):
         shmalloc.copy2shm(np.arange(3), name=shm_name, overwrite=True)
     assert not os.path.exists("/dev/shm" + shm_name)
@@ -537,14 +537,31 @@ def test_threaded_copy_keeps_the_last_bytes(n):
     assert np.array_equal(x, y)
 
 
+# The functions of the adoption: mapping, handing parts to arrays, unmapping the rest, and the
+# out-parameters that say what is mapped and owned.
+_ADOPTION = {
+    f"{function.__module__.rsplit('.', 1)[1]}.{function.__qualname__}": function
+    for function in (
+        _adopt.arrays,
+        _posix.MapOut.__init__,
+        _posix.MapOut.address.fget,
+        _posix.MapOut.owned,
+        _posix.map_private,
+        _adopt._adopt_all,
+        _adopt._adopt_part,
+        _posix.adopt,
+    )
+}
+
+
 def _adoption_lines() -> list[tuple[str, int]]:
     import inspect
 
     lines = []
-    for function in (_segment.OpenSegment.arrays, _segment._adopt_all, _segment._adopt):
+    for label, function in _ADOPTION.items():
         source, first = inspect.getsourcelines(function)
         lines += [
-            (function.__name__, first + i)
+            (label, first + i)
             for i, line in enumerate(source)
             if line.strip() and not line.strip().startswith(("def ", "#", '"""'))
         ]
@@ -554,7 +571,7 @@ def _adoption_lines() -> list[tuple[str, int]]:
 def _check_interrupted_adoption(result, obj, x, before: int) -> None:
     """Interrupted (``result`` None): no mapping of the segment is left; else the three parts are right."""
     if result is None:
-        assert _segment.live_mappings() == before
+        assert _posix.live_mappings() == before
         assert obj.name.lstrip("/") not in _mapped_names()
     else:
         for i, part in enumerate(result):
@@ -564,7 +581,7 @@ def _check_interrupted_adoption(result, obj, x, before: int) -> None:
 def _interrupting_tracer(function: str, event: str, where: int):
     """A trace function that raises KeyboardInterrupt in adoption function ``function`` at its
     line ``where`` (event "line") or before its instruction at offset ``where`` (event "opcode")."""
-    code = {"arrays": _segment.OpenSegment.arrays, "_adopt_all": _segment._adopt_all, "_adopt": _segment._adopt}[function].__code__
+    code = _ADOPTION[function].__code__
 
     def tracer(frame, ev, arg):
         if frame.f_code is not code:
@@ -591,8 +608,8 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
 
     x = np.arange(100_000.0)
     obj = shmalloc.copy2shm([x, x + 1, x + 2])  # three buffers: the interrupt may fall between them
-    before = _segment.live_mappings()
-    failures_before = _segment.unmap_failures()[0]
+    before = _posix.live_mappings()
+    failures_before = _posix.unmap_failures()[0]
     sys.settrace(_interrupting_tracer(function, "line", line))
     try:
         result = shmalloc.allocate_from_shm(obj, copy=False)  # the line may not run: then no interrupt
@@ -604,7 +621,7 @@ def test_interrupt_anywhere_while_adopting_leaks_nothing_and_frees_nothing_twice
     fresh = np.empty(100_000)
     fresh[:] = 1.0
     assert get_handler_name(fresh) == "default_allocator"
-    assert _segment.unmap_failures()[0] == failures_before
+    assert _posix.unmap_failures()[0] == failures_before
     _check_interrupted_adoption(result, obj, x, before)
 
 
@@ -612,8 +629,8 @@ def _adoption_instructions() -> list[tuple[str, int]]:
     import dis
 
     return [
-        (function.__name__, instruction.offset)
-        for function in (_segment.OpenSegment.arrays, _segment._adopt_all, _segment._adopt)
+        (label, instruction.offset)
+        for label, function in _ADOPTION.items()
         for instruction in dis.get_instructions(function)
     ]
 
@@ -629,7 +646,7 @@ class _CheckedUnmaps:
         return getattr(_REAL_CORE, name)
 
     def shmalloc_unmap(self, address, length):
-        start = int(_segment.ffi.cast("uintptr_t", address))
+        start = int(_posix.ffi.cast("uintptr_t", address))
         with open("/proc/self/maps") as maps:
             ranges = [
                 [int(bound, 16) for bound in line.split()[0].split("-")] for line in maps if self.object_name in line
@@ -639,7 +656,7 @@ class _CheckedUnmaps:
         return _REAL_CORE.shmalloc_unmap(address, length)
 
 
-_REAL_CORE = _segment.lib
+_REAL_CORE = _posix.lib
 
 
 @pytest.mark.parametrize("function, offset", _adoption_instructions(), ids=lambda v: str(v))
@@ -649,9 +666,9 @@ def test_interrupt_at_any_instruction_while_adopting_never_unmaps_twice(monkeypa
     that is not mapped (such as a part its array already unmapped, which another thread may reuse)."""
     x = np.arange(3000.0)
     obj = shmalloc.copy2shm([x, x + 1, x + 2])
-    before = _segment.live_mappings()
+    before = _posix.live_mappings()
     checked = _CheckedUnmaps(obj.name)
-    monkeypatch.setattr(_segment, "lib", checked)
+    monkeypatch.setattr(_posix, "lib", checked)
     sys.settrace(_interrupting_tracer(function, "opcode", offset))
     try:
         result = shmalloc.allocate_from_shm(obj, copy=False)  # the instruction may not run: then no interrupt
@@ -700,13 +717,13 @@ class _MapFailsWith:
         return getattr(_REAL_LIB, name)
 
     def _fail(self, *args):
-        _segment.ffi.errno = self.code
-        return _segment.ffi.NULL
+        _posix.ffi.errno = self.code
+        return _posix.ffi.NULL
 
     shmalloc_map = shmalloc_map_shared = shmalloc_map_populated = _fail
 
 
-_REAL_LIB = _segment.lib
+_REAL_LIB = _posix.lib
 
 
 @pytest.mark.parametrize("copy", [True, False], ids=["copy", "zerocopy"])
@@ -715,7 +732,7 @@ def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypat
     mappings shmalloc's arrays hold, and the ways out; the segment is consumed and nothing stays mapped."""
     keep = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(5000)), copy=False)  # one live mapping
     obj = shmalloc.copy2shm(np.arange(10_000))
-    monkeypatch.setattr(_segment, "lib", _MapFailsWith(errno.ENOMEM))
+    monkeypatch.setattr(_posix, "lib", _MapFailsWith(errno.ENOMEM))
     with pytest.raises(ShmError) as info:
         shmalloc.allocate_from_shm(obj, copy=copy)
     monkeypatch.undo()
@@ -723,7 +740,7 @@ def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypat
     with open("/proc/sys/vm/max_map_count") as limit:
         assert f"vm.max_map_count is {limit.read().strip()}" in message
     assert info.value.errno == errno.ENOMEM and obj.name in message
-    assert f"{_segment.live_mappings()} of them owned by zero-copy shmalloc arrays" in message
+    assert f"{_posix.live_mappings()} of them owned by zero-copy shmalloc arrays" in message
     assert "copy=True" in message and "sysctl" in message
     assert not os.path.exists("/dev/shm" + obj.name)
     assert obj.name.lstrip("/") not in _mapped_names()
@@ -733,7 +750,7 @@ def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypat
 def test_other_mmap_failures_keep_their_plain_message(monkeypatch):
     """An mmap failure other than ENOMEM is reported as itself, without the mapping-limit hint."""
     obj = shmalloc.copy2shm(np.arange(10_000))
-    monkeypatch.setattr(_segment, "lib", _MapFailsWith(errno.EACCES))
+    monkeypatch.setattr(_posix, "lib", _MapFailsWith(errno.EACCES))
     with pytest.raises(ShmError) as info:
         shmalloc.allocate_from_shm(obj, copy=False)
     monkeypatch.undo()

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import shmalloc
-from shmalloc import _segment
+from shmalloc import _format, _posix
 
 SHM = Path("/dev/shm")
 FUZZ = settings(
@@ -69,7 +69,7 @@ def exists(name: object) -> bool:
 
 def consume(handle: shmalloc.ShmObj, original, real_name: str, copy: bool | None = None) -> BaseException | None:
     """allocate_from_shm on a (damaged) handle: check the outcome, then remove the real segment if still there."""
-    mapped = _segment.live_mappings()
+    mapped = _posix.live_mappings()
     try:
         result = shmalloc.allocate_from_shm(handle, copy=copy)
     except ALLOWED as exc:
@@ -81,7 +81,7 @@ def consume(handle: shmalloc.ShmObj, original, real_name: str, copy: bool | None
     finally:
         if exists(real_name):
             shmalloc.unlink(real_name)
-    assert _segment.live_mappings() <= mapped, "a mapping stayed behind"
+    assert _posix.live_mappings() <= mapped, "a mapping stayed behind"
     return outcome
 
 
@@ -399,13 +399,13 @@ def test_segment_of_another_user_is_refused(copy):
     handle = shmalloc.copy2shm(x)
     path = SHM / handle.name[1:]
     os.chown(path, 65534, 65534)
-    mapped = _segment.live_mappings()
+    mapped = _posix.live_mappings()
     try:
         with pytest.raises(PermissionError) as info:
             shmalloc.allocate_from_shm(handle, copy=copy)
         assert isinstance(info.value, shmalloc.ShmError) and info.value.errno == errno.EPERM
         assert path.exists(), "another user's segment was unlinked"
-        assert _segment.live_mappings() == mapped
+        assert _posix.live_mappings() == mapped
     finally:
         path.unlink(missing_ok=True)
 
@@ -562,8 +562,8 @@ def test_generated_names_are_unpredictable():
 )
 def test_empty_buffer_shapes_numpy_refuses_are_a_damaged_table(dtype, shape):
     """An empty buffer whose shape numpy cannot make is refused as a damaged buffer table, not a bare ValueError."""
-    layout = _segment.BufferLayout(0, np.dtype(dtype), shape, False)
+    layout = _format.BufferLayout(0, np.dtype(dtype), shape, False)
     with pytest.raises(shmalloc.CorruptHandleError, match="damaged buffer table entry"):
-        _segment._checked_layouts("/shmtest_layout", [layout], 0)
-    fine = _segment.BufferLayout(0, np.dtype(dtype), (0, 3), False)
-    assert _segment._checked_layouts("/shmtest_layout", [fine], 0) == [fine]
+        _format._checked_layouts("/shmtest_layout", [layout], 0)
+    fine = _format.BufferLayout(0, np.dtype(dtype), (0, 3), False)
+    assert _format._checked_layouts("/shmtest_layout", [fine], 0) == [fine]

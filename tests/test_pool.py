@@ -21,7 +21,7 @@ import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
 import shmalloc.parallel._recycling as recycling_module
-from shmalloc import _segment
+from shmalloc import _posix, _releaser
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -67,7 +67,7 @@ def _fds() -> set[str]:
     deadline = time.monotonic() + 10
     while mp.active_children() and time.monotonic() < deadline:  # active_children() also reaps
         time.sleep(0.01)
-    _segment.wait_for_releases()
+    _releaser.wait_for_releases()
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -185,7 +185,7 @@ def test_spares_are_bounded_by_the_last_call():
         assert big >= 8 << 20
         pool.map(sized, [1 << 20])
         kept = sum(spare.size for spare in pool._spares.free)
-        assert kept <= 1.25 * ((1 << 20) + 2 * _segment.PAGE)
+        assert kept <= 1.25 * ((1 << 20) + 2 * _posix.PAGE)
 
 
 def test_recycle_false_makes_fresh_objects(monkeypatch):
@@ -221,17 +221,17 @@ def test_killed_worker_raises_and_the_pool_recovers():
 def test_simulated_enospc_falls_back_to_the_pipe(monkeypatch):
     """A full /dev/shm while filling a recycled object: the result comes through the pipe, with a warning."""
 
-    fill = _segment.fill
+    write = _posix.write
 
     def no_space(fd, name, *args):
         if name != protocol_module.SPARE:  # fresh segments (copy2shm) still fill
-            return fill(fd, name, *args)
+            return write(fd, name, *args)
         raise shmalloc.ShmError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [0])  # a spare now exists; the next worker is forked with the patch
         pool.terminate()
-    monkeypatch.setattr(_segment, "fill", no_space)
+    monkeypatch.setattr(_posix, "write", no_space)
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [0])
         with warnings.catch_warnings(record=True) as caught:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import shmalloc
-from shmalloc import _segment
+from shmalloc import _posix, _releaser
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
-LARGE = _segment.RELEASE_LATER_BYTES  # consumed objects this large are closed by the releaser
+LARGE = _releaser.RELEASE_LATER_BYTES  # consumed objects this large are closed by the releaser
 
 
 def _consume_large(count: int = 1) -> None:
@@ -78,13 +78,13 @@ def test_no_thread_of_shmalloc_is_alive_at_a_fork():
     assert not _releaser_threads()
     _consume_large()
     assert _releaser_threads()
-    _segment.wait_for_releases()
+    _releaser.wait_for_releases()
 
 
 def test_a_child_inherits_no_descriptor_waiting_to_be_closed(monkeypatch):
     """Descriptors queued for the background close when the process forks are closed before the fork
     (even while the releaser is slow in a close): the child holds no consumed object."""
-    real_lib = _segment.lib
+    real_lib = _posix.lib
 
     class SlowClose:  # the background close takes a while, so that more stay queued
         def __getattr__(self, attr):
@@ -95,7 +95,7 @@ def test_a_child_inherits_no_descriptor_waiting_to_be_closed(monkeypatch):
                 time.sleep(0.2)
             return real_lib.shmalloc_close(fd)
 
-    monkeypatch.setattr(_segment, "lib", SlowClose())
+    monkeypatch.setattr(_posix, "lib", SlowClose())
     _consume_large(3)
     report, caught = _fork_and_report(_held_consumed_objects)
     assert report == ""
@@ -128,7 +128,7 @@ def test_forks_while_another_thread_hands_over_descriptors_never_deadlock():
         stop.set()
         consumer.join(60)
     assert not consumer.is_alive() and not errors, errors
-    _segment.wait_for_releases()
+    _releaser.wait_for_releases()
     assert _held_consumed_objects() == ""
 
 
@@ -151,11 +151,11 @@ def test_the_fork_warning_is_seen_where_the_suite_looks_for_it():
 def test_wait_for_releases_returns_once_all_are_closed():
     """wait_for_releases blocks until every queued descriptor is closed, also across a fork."""
     _consume_large(2)
-    _segment.wait_for_releases()
+    _releaser.wait_for_releases()
     assert _held_consumed_objects() == ""
     _consume_large(2)
     _fork_and_report(lambda: "")
-    _segment.wait_for_releases()  # must not hang: the fork took over the queue
+    _releaser.wait_for_releases()  # must not hang: the fork took over the queue
     assert _held_consumed_objects() == ""
 
 
@@ -167,14 +167,14 @@ _FORK_IN_HANDLER_DURING_START = textwrap.dedent(
     import inspect, os, signal, sys, threading
     import numpy as np
     import shmalloc
-    from shmalloc import _segment
+    from shmalloc import _releaser
 
-    _segment.STOP_TIMEOUT = 3600.0  # a fork that waits for it fails the test's deadline
+    _releaser.STOP_TIMEOUT = 3600.0  # a fork that waits for it fails the test's deadline
     child = []
     thread_at_fork = []
 
     def handler(*args):
-        thread = _segment._releaser._thread
+        thread = _releaser._releaser._thread
         thread_at_fork.append(thread is not None and thread.is_alive())
         pid = os.fork()
         if pid == 0:
@@ -201,7 +201,7 @@ _FORK_IN_HANDLER_DURING_START = textwrap.dedent(
     sys.settrace(tracer)
     try:
         result = repr(bool((shmalloc.allocate_from_shm(handle) == 1).all()))
-        _segment.wait_for_releases()  # every queued close runs (no descriptor stranded)
+        _releaser.wait_for_releases()  # every queued close runs (no descriptor stranded)
     except BaseException as exc:
         result = repr(exc)
     sys.settrace(None)

@@ -22,7 +22,7 @@ import pytest
 
 import shmalloc
 import shmalloc.parallel._pool as pool_module
-from shmalloc import _segment
+from shmalloc import _releaser
 from shmalloc.parallel import _spares
 from shmalloc.tools import _cleanup
 from shmalloc.tools._cli import main
@@ -150,7 +150,7 @@ def test_dropped_copy_false_results_come_back_without_another_call():
     """Descriptors of dropped copy=False results beyond the budget are closed without waiting for the next call."""
     with shmalloc.Pool(2, start_method="fork") as pool:
         pool.map(full, range(4), copy=False)  # spares exist: later calls refill them
-        _segment.wait_for_releases()
+        _releaser.wait_for_releases()
         idle = _fd_count()
         kept = [pool.map(full, range(4), copy=False) for _ in range(5)]
         assert len(pool._spares.lent) == 20 and _fd_count() >= idle + 16
@@ -266,7 +266,7 @@ def test_ls_shows_spares_held_in_this_process_and_in_a_child(capsys):
     finally:
         child.stdin.close()
         assert child.wait(timeout=60) == 0
-    _segment.wait_for_releases()
+    _releaser.wait_for_releases()
     gone = shmalloc.held_objects()
     assert not gone["inode"].isin(mine).any() and not (gone["pid"] == child.pid).any()
 

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-from shmalloc import _segment
+from shmalloc import _posix
 
 WORKERS = 8
 ROUND_TRIPS = 300  # per worker: 2400 round trips, 4800 transfers between processes
@@ -174,7 +174,7 @@ def _worker(index: int, inboxes: list, results: multiprocessing.Queue) -> None:
             "index": index,
             "errors": errors[:5],
             "error_count": len(errors),
-            "live_mappings": _segment.live_mappings(),
+            "live_mappings": _posix.live_mappings(),
             "shm_mappings": _shm_mappings(),
             "fds_leaked": _open_fds() - fds_before,
         }
@@ -229,7 +229,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import gc, json, os, sys
     import numpy as np, shmalloc
-    from shmalloc import _segment
+    from shmalloc import _posix
 
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -264,7 +264,7 @@ _RSS_SCRIPT = textwrap.dedent(
         "rss_growth": rss() - base_rss,
         "maps_growth": maps() - base_maps,
         "fds_growth": len(os.listdir("/proc/self/fd")) - base_fds,
-        "live_mappings": _segment.live_mappings(),
+        "live_mappings": _posix.live_mappings(),
         "shm_maps": shm_maps(),
         "moved": int(sys.argv[1]) * x.nbytes * 3 // 2,
     }))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import _api, _segment, codecs
+from . import _api, _format, codecs
 from ._handle import ShmObj
 
 
@@ -84,7 +84,7 @@ class ShmAccessor:
         >>> pd.DataFrame({"x": np.zeros(1024)}).shm.nbytes
         8192
         """
-        return _segment.layout_buffers(codecs.encode(self._obj).buffers)[1]
+        return _format.layout_buffers(codecs.encode(self._obj).buffers)[1]
 
 
 def _register() -> None:

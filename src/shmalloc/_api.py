@@ -1,12 +1,10 @@
 """The public API: copy2shm, allocate_from_shm, unlink."""
 from __future__ import annotations
 
-import pickle
-import secrets
 import sys
 from typing import Any
 
-from . import _names, _segment, _space, codecs
+from . import _names, _posix, _transfer
 from .errors import CorruptHandleError
 from ._handle import ShmObj
 
@@ -53,12 +51,7 @@ def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: boo
     name = _names.generate() if name is None else _names.validate(name)
     if overwrite and sys.platform == "darwin":
         raise NotImplementedError("overwrite=True is not supported on macOS (shm_open cannot replace safely there)")
-    _segment._check_supported()
-    encoded = codecs.encode(x)
-    token = secrets.token_bytes(_segment.TOKEN_BYTES)
-    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
-    size = _space.retry_on_enospc(_segment.create, name, token, recipe, encoded.buffers, overwrite)
-    return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
+    return _transfer.write_named(x, name, overwrite=overwrite, copy=copy)
 
 
 def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
@@ -108,50 +101,9 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
         raise CorruptHandleError(f"{name}: size must be a non-negative int, not {obj.size!r}")
     if not isinstance(obj.token, bytes):
         raise CorruptHandleError(f"{name}: damaged token")
-    with _segment.OpenSegment(name, obj.size) as segment:
-        recipe = segment.read_recipe(obj.token)
-        check_handle_matches(obj, recipe)
-        buffers = segment.arrays(copy or not _segment.ZERO_COPY)
-    return codecs.decode(recipe["attributes"], buffers)
-
-
-def check_handle_matches(obj: ShmObj, recipe: dict[str, Any]) -> None:
-    """Refuse a handle whose fields differ from the segment's own copy of them."""
-    for field in ("type", "length"):
-        if type(getattr(obj, field)) is not type(recipe[field]) or getattr(obj, field) != recipe[field]:
-            raise CorruptHandleError(f"{obj.name}: the handle's {field} ({getattr(obj, field)!r}) does not match the segment")
-    if not _same(obj.attributes, recipe["attributes"]):
-        raise CorruptHandleError(f"{obj.name}: the handle's attributes do not match the segment")
-
-
-def _same(a: Any, b: Any) -> bool:
-    # Pickled bytes compare NaN labels and nested arrays as equal where == would not.
-    # One round trip first: how pickle shares equal strings depends on an object's history.
-    try:
-        if _canonical(a) == _canonical(b):
-            return True
-    except Exception:
-        return False
-    try:
-        return _equal_same_types(a, b)
-    except Exception:
-        return False
-
-
-def _equal_same_types(a: Any, b: Any) -> bool:
-    # == alone would accept a value of another type that compares equal: np.dtype("f8") == None,
-    # 0 == False, 3 == 3.0. Each item must be of the same type as its counterpart.
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal_same_types(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_same_types(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
-def _canonical(x: Any) -> bytes:
-    return pickle.dumps(pickle.loads(pickle.dumps(x, protocol=5)), protocol=5)
+    with _transfer.open_named(name, obj.size) as segment:
+        value, _ = _transfer.read(segment, obj, copy)
+    return value
 
 
 def unlink(obj_or_name: ShmObj | str) -> None:
@@ -168,4 +120,4 @@ def unlink(obj_or_name: ShmObj | str) -> None:
         ENOENT if it does not exist (anymore).
     """
     name = obj_or_name.name if isinstance(obj_or_name, ShmObj) else obj_or_name
-    _segment.unlink(_names.validate(name))
+    _posix.unlink(_names.validate(name))

@@ -1,19 +1,10 @@
 """ShmObj: the small, picklable handle to data placed in shared memory."""
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def human_size(nbytes: int) -> str:
-    """Format a byte count for people: ``'381.5 MiB'``."""
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+from ._display import html_table, human_size
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,4 @@ class ShmObj:
             ("size", human_size(self.size)),
             ("copy", self.copy),
         ]
-        body = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-        )
-        return f"<table><caption>shmalloc.ShmObj</caption>{body}</table>"
+        return html_table("shmalloc.ShmObj", rows)

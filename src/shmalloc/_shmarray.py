@@ -1,6 +1,6 @@
 """ShmArray: a numpy array in a named shared memory object that several processes map at once.
 
-Every ShmArray lies in a :class:`~shmalloc._segment.SharedMapping` reached
+Every ShmArray lies in a :class:`~shmalloc._shared.SharedMapping` reached
 through its ``base`` chain, so the mapping lives as long as any array (or
 plain view) uses it. Pickling sends the segment's name and the array's
 layout, never the data; unpickling maps the same memory (once per process
@@ -21,13 +21,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import _names, _segment, _space
+from . import _names, _posix, _shared, _space
+from ._display import html_table, human_size
 from .errors import ShmError
-from ._handle import human_size
 
 # One mapping per segment and process: arrays unpickled twice share it, and
 # arrays sent back to the creator land in the creator's own mapping.
-_mappings: "weakref.WeakValueDictionary[str, _segment.SharedMapping]" = weakref.WeakValueDictionary()
+_mappings: "weakref.WeakValueDictionary[str, _shared.SharedMapping]" = weakref.WeakValueDictionary()
 _lock = threading.Lock()
 
 
@@ -36,7 +36,7 @@ def _owner_unlink(name: str, pid: int) -> None:
     if os.getpid() != pid:
         return
     try:
-        _segment.unlink(name)
+        _posix.unlink(name)
     except FileNotFoundError:
         pass  # unlinked already, by unlink() or by a cleanup tool
     _owned_names.discard(name)
@@ -53,12 +53,12 @@ if hasattr(os, "register_at_fork"):
 class _Ownership:
     """The creating process's claim on a segment's name."""
 
-    def __init__(self, mapping: _segment.SharedMapping) -> None:
+    def __init__(self, mapping: _shared.SharedMapping) -> None:
         self.pid = os.getpid()
         self.finalizer = weakref.finalize(mapping, _owner_unlink, mapping.name, self.pid)
 
 
-_owned: "weakref.WeakKeyDictionary[_segment.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
+_owned: "weakref.WeakKeyDictionary[_shared.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
 
 
 # In a worker of shmalloc: the pid of the process its results go to. New names carry it, because
@@ -72,11 +72,11 @@ def name_for_receiver(pid: int) -> None:
     _receiver_pid = pid
 
 
-def _new_segment(nbytes: int) -> _segment.SharedMapping:
+def _new_segment(nbytes: int) -> _shared.SharedMapping:
     name = _names.generate(_receiver_pid)
     _owned_names.add(name)
     try:
-        mapping = _space.retry_on_enospc(_segment.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
+        mapping = _space.retry_on_enospc(_shared.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
     except BaseException:
         _owned_names.discard(name)  # create_shared left nothing
         raise
@@ -86,13 +86,13 @@ def _new_segment(nbytes: int) -> _segment.SharedMapping:
     return mapping
 
 
-def _attach(name: str, size: int, inode: int) -> _segment.SharedMapping:
+def _attach(name: str, size: int, inode: int) -> _shared.SharedMapping:
     with _lock:
         mapping = _mappings.get(name)
         if mapping is not None and mapping.size == size and mapping.inode == inode:
             return mapping
     try:
-        mapping = _segment.open_shared(_names.validate(name), size, inode)
+        mapping = _shared.open_shared(_names.validate(name), size, inode)
     except FileNotFoundError:
         raise ShmError(
             errno.ENOENT, "the ShmArray's segment is gone: its creator unlinked it or ended before this process attached", name
@@ -105,12 +105,12 @@ def _attach(name: str, size: int, inode: int) -> _segment.SharedMapping:
         return mapping
 
 
-def _mapping_of(array: np.ndarray) -> _segment.SharedMapping | None:
+def _mapping_of(array: np.ndarray) -> _shared.SharedMapping | None:
     """The shared mapping that ``array``'s memory lies in, found through its base chain."""
     base = array.base
     while isinstance(base, np.ndarray):
         base = base.base
-    return base if isinstance(base, _segment.SharedMapping) else None
+    return base if isinstance(base, _shared.SharedMapping) else None
 
 
 def _check_dtype(dtype: np.dtype) -> None:
@@ -131,7 +131,7 @@ def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     return dims
 
 
-def _view(mapping: _segment.SharedMapping, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: Any) -> "ShmArray":
+def _view(mapping: _shared.SharedMapping, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: Any) -> "ShmArray":
     raw = np.asarray(mapping)  # uint8 over the whole segment; its base is the mapping
     return np.ndarray.__new__(ShmArray, shape, dtype, buffer=raw, offset=offset, strides=strides)
 
@@ -175,7 +175,7 @@ class Handover:
     """
 
     def __init__(self) -> None:
-        self.mappings: dict[str, _segment.SharedMapping] = {}
+        self.mappings: dict[str, _shared.SharedMapping] = {}
 
     @property
     def names(self) -> list[str]:
@@ -190,7 +190,7 @@ class Handover:
     def __exit__(self, *exc: object) -> None:
         _handing_over.current = self._outer
 
-    def _join(self, mapping: _segment.SharedMapping) -> bool:
+    def _join(self, mapping: _shared.SharedMapping) -> bool:
         """Take ``mapping`` into the handover if this process owns its name."""
         ownership = _owned.get(mapping)
         if ownership is None or ownership.pid != os.getpid() or not ownership.finalizer.alive:
@@ -225,7 +225,7 @@ def unlink_unless_owned(name: str) -> None:
         if ownership is not None and ownership.pid == os.getpid():
             return
     try:
-        _segment.unlink(name)
+        _posix.unlink(name)
     except FileNotFoundError:
         pass
 
@@ -253,7 +253,7 @@ def unlink_owned_and_die(signum: int, frame: Any) -> None:
     """
     for name in tuple(_owned_names):  # one C call: no other thread changes the set meanwhile
         try:
-            _segment.unlink(name)
+            _posix.unlink(name)
         except Exception:
             pass
     signal.signal(signum, signal.SIG_DFL)
@@ -516,9 +516,6 @@ class ShmArray(np.ndarray):
             ("dtype", self.dtype),
             ("size", human_size(self.nbytes)),
         ]
-        body = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-        )
         preview = np.array2string(np.asarray(self), threshold=20, edgeitems=3)
-        return f"<table><caption>shmalloc.ShmArray</caption>{body}</table><pre>{html.escape(preview)}</pre>"
+        return f"{html_table('shmalloc.ShmArray', rows)}<pre>{html.escape(preview)}</pre>"
 

@@ -41,15 +41,6 @@ int shmalloc_close(int fd)
     return close(fd);
 }
 
-int shmalloc_truncate(int fd, long long size)
-{
-    int rc;
-    do {
-        rc = ftruncate(fd, (off_t)size);
-    } while (rc < 0 && errno == EINTR);
-    return rc;
-}
-
 int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset)
 {
     const char *p = buf;
@@ -134,11 +125,6 @@ int shmalloc_fallocate(int fd, long long size)
 int shmalloc_unmap(void *addr, size_t len)
 {
     return munmap(addr, len);
-}
-
-size_t shmalloc_page_size(void)
-{
-    return (size_t)sysconf(_SC_PAGESIZE);
 }
 
 /* ---- parallel memcpy: large copies use several cores ---- */

@@ -5,7 +5,6 @@
 int shmalloc_open(const char *name, int flags, unsigned int mode);
 int shmalloc_unlink(const char *name);
 int shmalloc_close(int fd);
-int shmalloc_truncate(int fd, long long size);
 int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset);
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset);
 /* also stores the address (or NULL) in *out unless out is NULL */
@@ -14,7 +13,6 @@ void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable);
 int shmalloc_unmap(void *addr, size_t len);
 int shmalloc_fallocate(int fd, long long size);
 void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads);
-size_t shmalloc_page_size(void);
 
 /* numpy memory handler (NEP 49) */
 int shmalloc_handler_init(void);

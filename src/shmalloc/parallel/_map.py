@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .._posix import usable_cpus
 from ._call import Call, NamedResults
-from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context, usable_cpus
+from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context
 from ._workers import Workers
 
 #: How error notes name the call.

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
 import random
 from dataclasses import dataclass
@@ -22,14 +21,6 @@ class Options:
     items: list[Any] | None  # inherited under fork (map only); otherwise each item travels with its task
     seed: np.random.SeedSequence | None
     limit: int
-
-
-def usable_cpus() -> int:
-    """Number of CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def check_count(label: str, value: Any, minimum: int) -> None:

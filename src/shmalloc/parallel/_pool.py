@@ -31,8 +31,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import _protocol
+from .._posix import usable_cpus
 from ._call import Call
-from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context, usable_cpus
+from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context
 from ._recycling import SpareResults
 from ._spares import DEFAULT_LIMIT, Spares, check_limit
 from ._workers import Workers

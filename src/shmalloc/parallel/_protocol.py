@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import io
 import pickle
-import secrets
 import traceback
 from dataclasses import dataclass
 from multiprocessing import reduction
@@ -40,14 +39,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import _names, _segment, _shmarray, codecs
+from .. import _names, _shmarray, _transfer
 from .._api import allocate_from_shm, copy2shm, unlink
 from .._handle import ShmObj
+from .._shared import SPARE_LABEL, RefillMapping
 from ..errors import ShmError
 from ._options import PIPE_LIMIT, Options
 
 #: The label of spares in error messages (they have no name).
-SPARE = _segment.SPARE_LABEL
+SPARE = SPARE_LABEL
 
 
 # ----------------------------------------------------------------------------
@@ -237,13 +237,13 @@ def ship(result: Any, name: str, limit: int = PIPE_LIMIT) -> Shipped:
     return _ship(result, limit, lambda obj: copy2shm(obj, name=name))
 
 
-def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: _segment.RefillMapping | None = None) -> Shipped:
+def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: RefillMapping | None = None) -> Shipped:
     """In a worker: write a large ``result`` into the spare ``fd`` (a small one goes through the pipe).
 
     Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
     it. A full /dev/shm (ENOSPC) sends the value through the pipe instead.
     """
-    return _ship(result, limit, lambda obj: _write_spare(obj, fd, mapping))
+    return _ship(result, limit, lambda obj: _transfer.write_held(obj, fd, mapping))
 
 
 def _ship(result: Any, limit: int, write: Callable[[Any], ShmObj]) -> Shipped:
@@ -308,13 +308,3 @@ def _nbytes(obj: Any, limit: int) -> int:
     except Exception:
         return limit  # let copy2shm report what cannot be pickled
     return len(stream) + sum(sizes)
-
-
-def _write_spare(obj: Any, fd: int, mapping: _segment.RefillMapping | None) -> ShmObj:
-    encoded = codecs.encode(obj)
-    token = secrets.token_bytes(_segment.TOKEN_BYTES)
-    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
-    size = mapping.fill(fd, SPARE, token, recipe, encoded.buffers) if mapping is not None else None
-    if size is None:
-        size = _segment.fill(fd, SPARE, token, recipe, encoded.buffers)
-    return ShmObj(SPARE, encoded.type, encoded.length, size, encoded.attributes, True, token)

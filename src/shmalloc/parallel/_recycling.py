@@ -13,24 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import _segment, codecs
-from .._api import check_handle_matches
+from .. import _transfer
 from .._handle import ShmObj
-from ..errors import CorruptHandleError, ShmError
+from ..errors import ShmError
 from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
 
 
-def _consume(segment: _segment.OpenSegment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+def _consume(segment: _transfer.Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
     """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
-    if not isinstance(handle.token, bytes):
-        raise CorruptHandleError(f"{segment.name}: damaged token")
-    recipe = segment.read_recipe(handle.token)
-    check_handle_matches(handle, recipe)
-    buffers = segment.arrays(copy or not _segment.ZERO_COPY)
-    owners = [] if copy or not _segment.ZERO_COPY else [b for b in buffers if b.nbytes]
-    return codecs.decode(recipe["attributes"], buffers), owners
+    return _transfer.read(segment, handle, copy)
 
 
 class SpareResults(NamedResults):
@@ -71,7 +64,7 @@ class SpareResults(NamedResults):
             return shipped.value
         if spare is not None:
             try:
-                with _segment.HeldSegment(spare.fd, _protocol.SPARE, handle.size) as segment:
+                with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
                     value, owners = _consume(segment, handle, self.copy)
             except BaseException:
                 self.spares.release(spare)
@@ -82,9 +75,9 @@ class SpareResults(NamedResults):
             if handle.name != name:
                 raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
             del self.names[index]
-            with _segment.OpenSegment(name, handle.size) as segment:  # opens and unlinks the name
+            with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
                 value, owners = _consume(segment, handle, self.copy)
-                fd = _segment.reopen_writable(segment) if self.recycle else -1
+                fd = segment.reopen_writable() if self.recycle else -1
             spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
         if spare is not None and owners:

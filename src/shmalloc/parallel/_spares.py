@@ -36,8 +36,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .. import _segment, _space
-from ..tools._cleanup import SHM_DIR
+from .. import _posix, _releaser, _space
+from .._posix import SHM_DIR
 
 #: Default share of /dev/shm's free space that the free spares of a pool may take.
 DEFAULT_LIMIT = 0.25
@@ -214,7 +214,7 @@ class Spares:
         if now:
             os.close(spare.fd)
         else:
-            _segment.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size)
 
     def reclaim(self) -> None:
         """Make spares of lent objects whose arrays are all gone; release those lent across a fork."""
@@ -224,7 +224,7 @@ class Spares:
                 # A forked child may read the object through its copy-on-write view of the
                 # arrays: never write it again. Their mappings keep it while they live.
                 self.release(spare)
-            elif spare.unfreed and _segment.any_adopted(spare.addresses):
+            elif spare.unfreed and _posix.any_adopted(spare.addresses):
                 still.append(spare)
             else:
                 self.give(spare)
@@ -306,7 +306,7 @@ class Spares:
         if released:
             # The call's consumed segments may still be closing on the background thread,
             # and a released spare made from one is free only once that is done too.
-            _segment.wait_for_releases()
+            _releaser.wait_for_releases()
 
     def _unmap_released(self, pool_refs: list) -> None:
         # The pool's strong reference goes into ``pool_refs``, which the caller drops after
@@ -359,7 +359,7 @@ class Spares:
                 self.release(spare, now=True)
             self.free = []
             self._unmap_released(pool_refs)
-            _segment.wait_for_releases()  # those lent across a fork, closed on the background thread
+            _releaser.wait_for_releases()  # those lent across a fork, closed on the background thread
             return given
         finally:
             self._unlock()
@@ -369,7 +369,7 @@ class Spares:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
         for spare in self.free + self.lent:
-            _segment.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size)
         self.free, self.lent, self.dropped = [], [], {}
 
     # -- fork

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Iterable, Iterator
 
-from .. import _segment, _shmarray
+from .. import _shmarray
+from .._shared import RefillMapping
 from . import _protocol
 from ._options import Options, seed_item
 
@@ -37,9 +38,9 @@ class _RefillMappings:
     """A worker's refill mappings, by spare id, oldest first."""
 
     def __init__(self) -> None:
-        self.maps: dict[int, _segment.RefillMapping] = {}
+        self.maps: dict[int, RefillMapping] = {}
 
-    def get(self, sid: int | None) -> _segment.RefillMapping | None:
+    def get(self, sid: int | None) -> RefillMapping | None:
         return None if sid is None else self.maps.get(sid)
 
     def drop(self, sids: Iterable[int]) -> None:
@@ -57,7 +58,7 @@ class _RefillMappings:
         while len(self.maps) >= WORKER_MAPPINGS:
             self.drop([next(iter(self.maps))])
         try:
-            self.maps[sid] = _segment.RefillMapping(fd, length)
+            self.maps[sid] = RefillMapping(fd, length)
         except (OSError, ValueError):
             pass  # the next refill uses pwrite
 

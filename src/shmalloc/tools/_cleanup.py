@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pandas as pd  # a hard dependency, loaded by `import shmalloc` anyway (its .shm accessor)
 
-from .. import _names, _segment
+from .. import _names, _posix
+from .._posix import SHM_DIR
 from ..errors import ShmError
 
-#: Where Linux shows POSIX shared memory objects as files.
-SHM_DIR = Path("/dev/shm")
 # /proc gives a process's start time in clock ticks since boot, and the boot
 # time in whole seconds: allow for that rounding before calling a pid reused.
 _START_SLACK = 2.0
@@ -334,7 +333,7 @@ def collect(older_than: float | str | None = DEFAULT_OLDER_THAN, dry_run: bool =
             continue
         if not dry_run:
             try:
-                _segment.unlink(entry.name)
+                _posix.unlink(entry.name)
             except ShmError as exc:
                 if exc.errno != errno.ENOENT:  # ENOENT: consumed meanwhile, nothing left to do
                     failed[entry.name] = exc

@@ -126,7 +126,7 @@ def _human_age(seconds: float) -> str:
 
 def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
     """Print this user's shmalloc segments, then the objects held open after unlink; return 0."""
-    from .._handle import human_size
+    from .._display import human_size
     from ._cleanup import held_objects, segments
 
     out = out or sys.stdout
@@ -189,7 +189,7 @@ def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO |
     ``older_than`` None: the default age (:data:`shmalloc._cleanup.DEFAULT_OLDER_THAN`). With
     ``dry_run`` each segment that would be removed is listed before the summary.
     """
-    from .._handle import human_size
+    from .._display import human_size
     from ._cleanup import collect
 
     out = out or sys.stdout

@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 import shmalloc
-from shmalloc import _segment
+from shmalloc import _releaser
 
 from . import peers, workloads
 
@@ -101,7 +101,7 @@ def methods() -> dict[str, Callable[[Connection], pd.DataFrame]]:
 def _settle() -> None:
     """Free the previous result before the next measurement starts."""
     gc.collect()
-    _segment.wait_for_releases()  # shmalloc closes large consumed objects on a background thread
+    _releaser.wait_for_releases()  # shmalloc closes large consumed objects on a background thread
 
 
 def measure(conn: Connection, rows: int, repeat: int) -> dict[str, list[float]]:

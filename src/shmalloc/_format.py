@@ -1,0 +1,188 @@
+"""The segment format: how a segment's bytes are laid out, packed and checked (no system calls).
+
+A segment holds a header, a pickled *recipe* (what the codec needs to rebuild
+the object, and where each buffer lies) and the buffers, each starting on a
+page boundary so that each zero-copy array can own, and unmap, its own part:
+
+    [header | recipe | pad] [buffer 0 | pad] [buffer 1 | pad] ...
+
+Every byte up to the object's size is written (padding included), so no page
+of the object is a hole that a full /dev/shm could refuse to fault in later.
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+import numpy as np
+
+from ._posix import PAGE
+from .errors import CorruptHandleError
+
+if TYPE_CHECKING:
+    from ._handle import ShmObj
+
+MAGIC = b"SHMALLOC"
+VERSION = 1
+TOKEN_BYTES = 16
+HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, token, recipe, data offset, size
+HEADER_SIZE = 64
+MAX_RECIPE = 1 << 30
+#: The keys every recipe has.
+RECIPE_KEYS = frozenset({"type", "length", "attributes", "buffers"})
+
+
+def round_up_to_page(n: int) -> int:
+    """``n`` rounded up to a whole number of pages."""
+    return -(-n // PAGE) * PAGE
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where one buffer lies in the data part of a segment, and how to view it."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=object))
+
+
+def layout_buffers(buffers: Sequence[np.ndarray]) -> tuple[list[BufferLayout], int]:
+    """Place buffers on page boundaries; return their layouts and the data part's size."""
+    layouts, offset = [], 0
+    for buf in buffers:
+        fortran = bool(buf.flags.f_contiguous and not buf.flags.c_contiguous)
+        layouts.append(BufferLayout(offset, buf.dtype, tuple(buf.shape), fortran))
+        offset += round_up_to_page(buf.nbytes)
+    return layouts, offset
+
+
+class Plan(NamedTuple):
+    """A segment to write: its header block (header, recipe, padding), buffer layouts, data offset and size."""
+
+    head: bytearray
+    layouts: list[BufferLayout]
+    data_offset: int
+    size: int
+
+
+def plan_segment(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> Plan:
+    """Lay out a segment holding ``recipe`` (given its buffers' layouts) and ``buffers``."""
+    layouts, data_size = layout_buffers(buffers)
+    recipe_bytes = pickle.dumps(dict(recipe, buffers=layouts), protocol=5)
+    data_offset = round_up_to_page(HEADER_SIZE + len(recipe_bytes))
+    size = data_offset + data_size
+    head = bytearray(data_offset)
+    HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
+    head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
+    return Plan(head, layouts, data_offset, size)
+
+
+def check_header(name: str, header: bytes, token: bytes, size: int) -> tuple[int, int]:
+    """Check a segment's header against the handle's ``token`` and ``size``; return the recipe's length
+    and the data offset."""
+    magic, version, _, stored_token, recipe_len, data_offset, stored_size = HEADER.unpack_from(header)
+    if magic != MAGIC:
+        raise CorruptHandleError(f"{name}: not a shmalloc segment (bad magic {magic!r})")
+    if version != VERSION:
+        raise CorruptHandleError(f"{name}: segment format {version}, this shmalloc reads {VERSION}")
+    if stored_token != token:
+        raise CorruptHandleError(f"{name}: the segment was replaced since the handle was made (token differs)")
+    if (
+        stored_size != size
+        or recipe_len > MAX_RECIPE
+        or data_offset % PAGE
+        or data_offset < HEADER_SIZE + recipe_len
+        or data_offset > stored_size
+    ):
+        raise CorruptHandleError(f"{name}: damaged segment header")
+    return recipe_len, data_offset
+
+
+def load_recipe(name: str, stored: bytes, data_size: int) -> tuple[dict, list[BufferLayout]]:
+    """Unpickle and check a recipe whose buffers fill ``data_size`` bytes; return it and its buffer layouts."""
+    try:
+        recipe = pickle.loads(stored)
+    except Exception as exc:
+        raise CorruptHandleError(f"{name}: damaged recipe ({type(exc).__name__})") from exc
+    if not isinstance(recipe, dict) or not RECIPE_KEYS <= recipe.keys():
+        raise CorruptHandleError(f"{name}: damaged recipe")
+    return recipe, _checked_layouts(name, recipe.get("buffers"), data_size)
+
+
+def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
+    if not isinstance(layouts, list) or not all(isinstance(x, BufferLayout) for x in layouts):
+        raise CorruptHandleError(f"{name}: damaged buffer table")
+    end = 0
+    for layout in layouts:
+        if not (
+            vars(layout).keys() == {"offset", "dtype", "shape", "fortran"}
+            and type(layout.offset) is int
+            and isinstance(layout.dtype, np.dtype)
+            and not layout.dtype.hasobject
+            and isinstance(layout.shape, tuple)
+            and all(type(n) is int and n >= 0 for n in layout.shape)
+            and type(layout.fortran) is bool
+            and _numpy_can_make(layout)
+        ):
+            raise CorruptHandleError(f"{name}: damaged buffer table entry")
+        if layout.offset % PAGE or layout.offset < end or layout.offset + layout.nbytes > data_size:
+            raise CorruptHandleError(f"{name}: buffer table does not fit the segment")
+        end = layout.offset + round_up_to_page(layout.nbytes)
+    if end != data_size:
+        raise CorruptHandleError(f"{name}: buffer table does not cover the segment")
+    return layouts
+
+
+def _numpy_can_make(layout: BufferLayout) -> bool:
+    """Whether numpy accepts the layout's shape: at most 64 dimensions, and a size that fits in
+    ``intp`` counting the non-zero dimensions (numpy checks those even for an empty array)."""
+    extent = layout.dtype.itemsize
+    for n in layout.shape:
+        extent *= n or 1
+    return len(layout.shape) <= 64 and extent <= np.iinfo(np.intp).max
+
+
+def check_handle_matches(obj: "ShmObj", recipe: dict[str, Any]) -> None:
+    """Refuse a handle whose fields differ from the segment's own copy of them."""
+    for field in ("type", "length"):
+        if type(getattr(obj, field)) is not type(recipe[field]) or getattr(obj, field) != recipe[field]:
+            raise CorruptHandleError(f"{obj.name}: the handle's {field} ({getattr(obj, field)!r}) does not match the segment")
+    if not _same(obj.attributes, recipe["attributes"]):
+        raise CorruptHandleError(f"{obj.name}: the handle's attributes do not match the segment")
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Pickled bytes compare NaN labels and nested arrays as equal where == would not.
+    # One round trip first: how pickle shares equal strings depends on an object's history.
+    try:
+        if _canonical(a) == _canonical(b):
+            return True
+    except Exception:
+        return False
+    try:
+        return _equal_same_types(a, b)
+    except Exception:
+        return False
+
+
+def _equal_same_types(a: Any, b: Any) -> bool:
+    # == alone would accept a value of another type that compares equal: np.dtype("f8") == None,
+    # 0 == False, 3 == 3.0. Each item must be of the same type as its counterpart.
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal_same_types(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_same_types(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _canonical(x: Any) -> bytes:
+    return pickle.dumps(pickle.loads(pickle.dumps(x, protocol=5)), protocol=5)

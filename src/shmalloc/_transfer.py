@@ -1,0 +1,185 @@
+"""The one write path and the one read path of every transfer through a segment.
+
+Writing: :func:`write_named` places an object in a new named segment
+(copy2shm, map's workers), :func:`write_held` in a recycled object the
+caller holds open (Pool's workers). Reading: :func:`open_named` (opens and
+unlinks a name) or :func:`open_held` (a descriptor the caller keeps) give a
+:class:`Segment`, and :func:`read` rebuilds the object in it. The layout of
+a segment is :mod:`._format`'s.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _adopt, _format, _posix, _space, codecs
+from ._handle import ShmObj
+from ._shared import SPARE_LABEL, RefillMapping
+from ._releaser import release_fd
+from .errors import CorruptHandleError
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def write_named(obj: Any, name: str, *, overwrite: bool = False, copy: bool = True) -> ShmObj:
+    """Place ``obj`` in a new segment ``name`` (O_EXCL, mode 0600); return its handle.
+
+    ``overwrite`` first removes an object of that name; ``copy`` is the
+    handle's default for reading. A full /dev/shm gives ShmError ENOSPC, after
+    this process's spares were given back and the write tried once more. On
+    any failure the segment is unlinked.
+    """
+    _posix.check_supported()
+    encoded = codecs.encode(obj)
+    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    size = _space.retry_on_enospc(_create, name, token, recipe, encoded.buffers, overwrite)
+    return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
+
+
+def write_held(obj: Any, fd: int, mapping: RefillMapping | None = None) -> ShmObj:
+    """Place ``obj`` at the start of the recycled object ``fd``; return its handle (labelled SPARE_LABEL).
+
+    Through ``mapping`` (a refill mapping of ``fd``) if the segment fits in
+    it, else with pwrite. The object is never shrunk (its warm pages stay
+    for later fills): it may be larger than the handle's size. A full
+    /dev/shm gives ShmError ENOSPC, with no retry: the caller falls back.
+    """
+    _posix.check_supported()
+    encoded = codecs.encode(obj)
+    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    plan = _format.plan_segment(token, recipe, encoded.buffers)
+    if mapping is None or not _fill_through(mapping, fd, plan, encoded.buffers):
+        _fill(fd, SPARE_LABEL, plan, encoded.buffers)
+    return ShmObj(SPARE_LABEL, encoded.type, encoded.length, plan.size, encoded.attributes, True, token)
+
+
+def _create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray], overwrite: bool) -> int:
+    """Create segment ``name`` holding ``recipe`` and ``buffers``; return its size (unlinked on any failure)."""
+    if overwrite:
+        try:
+            _posix.unlink(name)
+        except FileNotFoundError:
+            pass
+    fd = _posix.create(name)
+    try:
+        plan = _format.plan_segment(token, recipe, buffers)
+        _fill(fd, name, plan, buffers)
+        return plan.size
+    except BaseException:
+        _posix.unlink_quietly(name)
+        raise
+    finally:
+        _posix.close(fd)
+
+
+def _fill(fd: int, label: str, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> None:
+    """Write the segment of ``plan`` at the start of ``fd`` with pwrite (the GIL is released), padding included."""
+    _posix.write_bytes(fd, label, plan.head, 0)
+    padding = np.zeros(_posix.PAGE, np.uint8)
+    for buf, layout in zip(buffers, plan.layouts):
+        nbytes = buf.nbytes
+        if nbytes:
+            _posix.write(fd, label, _posix.data_address(buf), nbytes, plan.data_offset + layout.offset)
+        pad = _format.round_up_to_page(nbytes) - nbytes
+        if pad:
+            _posix.write(fd, label, _posix.data_address(padding), pad, plan.data_offset + layout.offset + nbytes)
+
+
+def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> bool:
+    """Like :func:`_fill`, the buffers through ``mapping``; False (nothing written) if the segment does not fit."""
+    address = mapping.address
+    if address is None or plan.size > mapping.length or os.fstat(fd).st_size < plan.size:
+        return False  # never write through the mapping past the end of the object (SIGBUS)
+    _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
+    padding = np.zeros(_posix.PAGE, np.uint8)
+    base = address + plan.data_offset
+    for buf, layout in zip(buffers, plan.layouts):
+        nbytes = buf.nbytes
+        if nbytes:
+            _posix.copy(base + layout.offset, _posix.data_address(buf), nbytes, 1)
+        pad = _format.round_up_to_page(nbytes) - nbytes
+        if pad:
+            _posix.copy(base + layout.offset + nbytes, _posix.data_address(padding), pad, 1)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class Segment:
+    """A segment open for reading: its descriptor, name (or label) and size. A context manager.
+
+    ``owns_fd``: :meth:`close` releases the descriptor; else the caller keeps it (and may recycle it).
+    """
+
+    def __init__(self, fd: int, name: str, size: int, *, owns_fd: bool) -> None:
+        self.fd, self.name, self.size, self.owns_fd = fd, name, size, owns_fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            if self.owns_fd:
+                release_fd(fd, self.size)
+
+    def reopen_writable(self) -> int:
+        """A read-write descriptor of this (unlinked) object, or -1 where that is not possible.
+
+        Through /proc/self/fd (Linux): the same object, whatever its name became.
+        """
+        try:
+            return os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_named(name: str, size: int) -> Segment:
+    """Open segment ``name`` of exactly ``size`` bytes for reading, and unlink the name.
+
+    The name is unlinked right after trying to open it, whatever happens next
+    (not if another user owns the object), so each handle is consumed once.
+    """
+    return Segment(_posix.open_checked(name, size, unlink=True), name, size, owns_fd=True)
+
+
+def open_held(fd: int, label: str, size: int) -> Segment:
+    """A segment at the start of the object the caller holds open as ``fd`` (recycled objects only grow:
+    it holds at least ``size`` bytes). Closing the segment leaves ``fd`` open."""
+    _posix.check_supported()
+    _posix.check_object(fd, label, size, exact=False)
+    return Segment(fd, label, size, owns_fd=False)
+
+
+def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+    """Rebuild the object ``handle`` describes from ``segment``; also return the arrays that own
+    mappings of it (none when copied).
+
+    The header and recipe are checked against the handle before anything is
+    mapped. ``copy`` False maps privately (zero-copy) where the platform
+    allows it, and copies elsewhere.
+    """
+    if not isinstance(handle.token, bytes):
+        raise CorruptHandleError(f"{segment.name}: damaged token")
+    if segment.size < _format.HEADER_SIZE:
+        raise CorruptHandleError(f"{segment.name}: {segment.size} bytes cannot hold a shmalloc segment")
+    header = _posix.read_bytes(segment.fd, segment.name, _format.HEADER.size, 0)
+    recipe_len, data_offset = _format.check_header(segment.name, header, handle.token, segment.size)
+    stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
+    recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
+    _format.check_handle_matches(handle, recipe)
+    zero_copy = not copy and _posix.ZERO_COPY
+    buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
+    owners = [b for b in buffers if b.nbytes] if zero_copy else []
+    return codecs.decode(recipe["attributes"], buffers), owners
