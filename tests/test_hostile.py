@@ -562,8 +562,7 @@ def test_generated_names_are_unpredictable():
 )
 def test_empty_buffer_shapes_numpy_refuses_are_a_damaged_table(dtype, shape):
     """An empty buffer whose shape numpy cannot make is refused as a damaged buffer table, not a bare ValueError."""
-    layout = _format.BufferLayout(0, np.dtype(dtype), shape, False)
     with pytest.raises(shmalloc.CorruptHandleError, match="damaged buffer table entry"):
-        _format._checked_layouts("/shmtest_layout", [layout], 0)
-    fine = _format.BufferLayout(0, np.dtype(dtype), (0, 3), False)
-    assert _format._checked_layouts("/shmtest_layout", [fine], 0) == [fine]
+        _format._checked_layouts("/shmtest_layout", [(0, np.dtype(dtype), shape, False)], 0)
+    fine = (0, np.dtype(dtype), (0, 3), False)
+    assert _format._checked_layouts("/shmtest_layout", [fine], 0) == [_format.BufferLayout(*fine)]

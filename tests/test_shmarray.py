@@ -672,28 +672,28 @@ def test_shmarray_of_a_pool_worker_stopped_by_terminate_is_unlinked():
 
 def test_a_name_is_among_the_owned_ones_while_its_object_is_created(monkeypatch):
     """A SIGTERM handler running while a ShmArray's object is being created finds its name among the owned ones, and a failed creation removes it."""
-    from shmalloc import _shared, _shmarray
+    from shmalloc import _ownership, _shared
 
     seen = []
     real = _shared.create_shared
 
     def watched(name, size):
-        seen.append(name in _shmarray._owned_names)
+        seen.append(name in _ownership._owned_names)
         return real(name, size)
 
     monkeypatch.setattr(_shared, "create_shared", watched)
     with ShmArray.zeros(10) as a:
-        assert seen == [True] and a.name in _shmarray._owned_names
-    assert a.name not in _shmarray._owned_names  # unlinked: no longer owned
+        assert seen == [True] and a.name in _ownership._owned_names
+    assert a.name not in _ownership._owned_names  # unlinked: no longer owned
 
     def failing(name, size):
         raise ShmError(28, "full", name)
 
     monkeypatch.setattr(_shared, "create_shared", failing)
-    before = set(_shmarray._owned_names)
+    before = set(_ownership._owned_names)
     with pytest.raises(ShmError):
         ShmArray.zeros(10)
-    assert _shmarray._owned_names == before
+    assert _ownership._owned_names == before
 
 
 def _keep_a_shmarray(_):

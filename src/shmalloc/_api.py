@@ -5,8 +5,8 @@ import sys
 from typing import Any
 
 from . import _names, _posix, _transfer
-from .errors import CorruptHandleError
 from ._handle import ShmObj
+from .errors import CorruptHandleError
 
 
 def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: bool = True) -> ShmObj:

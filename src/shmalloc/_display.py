@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def human_size(nbytes: int) -> str:

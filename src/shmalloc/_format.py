@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
     from ._handle import ShmObj
 
 MAGIC = b"SHMALLOC"
-VERSION = 1
+# 2: the buffer table holds plain tuples, so that reading a recipe never imports a module of
+# shmalloc by name (format 1 pickled a class of the module that held it then).
+VERSION = 2
 TOKEN_BYTES = 16
 HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, token, recipe, data offset, size
 HEADER_SIZE = 64
@@ -75,7 +78,8 @@ class Plan(NamedTuple):
 def plan_segment(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> Plan:
     """Lay out a segment holding ``recipe`` (given its buffers' layouts) and ``buffers``."""
     layouts, data_size = layout_buffers(buffers)
-    recipe_bytes = pickle.dumps(dict(recipe, buffers=layouts), protocol=5)
+    table = [(layout.offset, layout.dtype, layout.shape, layout.fortran) for layout in layouts]
+    recipe_bytes = pickle.dumps(dict(recipe, buffers=table), protocol=5)
     data_offset = round_up_to_page(HEADER_SIZE + len(recipe_bytes))
     size = data_offset + data_size
     head = bytearray(data_offset)
@@ -84,7 +88,7 @@ def plan_segment(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> P
     return Plan(head, layouts, data_offset, size)
 
 
-def check_header(name: str, header: bytes, token: bytes, size: int) -> tuple[int, int]:
+def check_header(name: str, header: bytes | bytearray, token: bytes, size: int) -> tuple[int, int]:
     """Check a segment's header against the handle's ``token`` and ``size``; return the recipe's length
     and the data offset."""
     magic, version, _, stored_token, recipe_len, data_offset, stored_size = HEADER.unpack_from(header)
@@ -105,7 +109,7 @@ def check_header(name: str, header: bytes, token: bytes, size: int) -> tuple[int
     return recipe_len, data_offset
 
 
-def load_recipe(name: str, stored: bytes, data_size: int) -> tuple[dict, list[BufferLayout]]:
+def load_recipe(name: str, stored: bytes | bytearray, data_size: int) -> tuple[dict, list[BufferLayout]]:
     """Unpickle and check a recipe whose buffers fill ``data_size`` bytes; return it and its buffer layouts."""
     try:
         recipe = pickle.loads(stored)
@@ -116,14 +120,15 @@ def load_recipe(name: str, stored: bytes, data_size: int) -> tuple[dict, list[Bu
     return recipe, _checked_layouts(name, recipe.get("buffers"), data_size)
 
 
-def _checked_layouts(name: str, layouts: object, data_size: int) -> list[BufferLayout]:
-    if not isinstance(layouts, list) or not all(isinstance(x, BufferLayout) for x in layouts):
+def _checked_layouts(name: str, table: object, data_size: int) -> list[BufferLayout]:
+    """The buffer table's entries ``(offset, dtype, shape, fortran)`` as layouts, once each is checked."""
+    if not isinstance(table, list) or not all(type(entry) is tuple and len(entry) == 4 for entry in table):
         raise CorruptHandleError(f"{name}: damaged buffer table")
+    layouts = [BufferLayout(*entry) for entry in table]
     end = 0
     for layout in layouts:
         if not (
-            vars(layout).keys() == {"offset", "dtype", "shape", "fortran"}
-            and type(layout.offset) is int
+            type(layout.offset) is int
             and isinstance(layout.dtype, np.dtype)
             and not layout.dtype.hasobject
             and isinstance(layout.shape, tuple)
@@ -180,7 +185,7 @@ def _equal_same_types(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal_same_types(a[key], b[key]) for key in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_same_types(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal_same_types(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
 
 

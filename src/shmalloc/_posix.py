@@ -12,8 +12,9 @@ import errno
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ def _mapping_limit_hint() -> str:
         with open("/proc/self/maps") as maps:
             in_use = sum(1 for _ in maps)
     except OSError:  # not Linux
-        limit = in_use = "unknown"
+        limit, in_use = "unknown", "unknown"  # type: ignore[assignment]
     return (
         f"this process may have reached the limit on memory mappings (vm.max_map_count is {limit};"
         f" the process has {in_use} mappings, {live_mappings()} of them owned by zero-copy shmalloc arrays,"
@@ -315,7 +316,7 @@ def adopt(
     finaliser, a profile hook) can ever receive the mapping; it marks ``part``
     as owned in ``out`` in that call.
     """
-    made = [None]  # the core puts the array here; it and the dtype stay alive across the call
+    made: list[Any] = [None]  # the core puts the array here; it and the dtype stay alive across the call
     dims = ffi.new("intptr_t[]", shape)
     if lib.shmalloc_adopt(
         ffi.cast("void *", address), span, _pointer_to(dtype), len(shape), dims, fortran, _pointer_to(made), out._owned + part

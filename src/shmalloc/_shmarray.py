@@ -1,6 +1,6 @@
 """ShmArray: a numpy array in a named shared memory object that several processes map at once.
 
-Every ShmArray lies in a :class:`~shmalloc._shared.SharedMapping` reached
+Every ShmArray lies in a :class:`~shmalloc._shared.SharedMapping` (see :mod:`._ownership`) reached
 through its ``base`` chain, so the mapping lives as long as any array (or
 plain view) uses it. Pickling sends the segment's name and the array's
 layout, never the data; unpickling maps the same memory (once per process
@@ -10,107 +10,15 @@ on leaving a ``with`` block, or at interpreter exit.
 """
 from __future__ import annotations
 
-import errno
 import html
 import operator
-import os
-import signal
-import threading
-import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from . import _names, _posix, _shared, _space
+from . import _ownership
 from ._display import html_table, human_size
-from .errors import ShmError
-
-# One mapping per segment and process: arrays unpickled twice share it, and
-# arrays sent back to the creator land in the creator's own mapping.
-_mappings: "weakref.WeakValueDictionary[str, _shared.SharedMapping]" = weakref.WeakValueDictionary()
-_lock = threading.Lock()
-
-
-def _owner_unlink(name: str, pid: int) -> None:
-    """Remove the name if this is still the creating process (a forked child inherits the finalizer)."""
-    if os.getpid() != pid:
-        return
-    try:
-        _posix.unlink(name)
-    except FileNotFoundError:
-        pass  # unlinked already, by unlink() or by a cleanup tool
-    _owned_names.discard(name)
-
-
-# The names this process owns, in a plain set that a signal handler reads without a lock
-# (see unlink_owned_and_die). A new name enters before its object is created, so a handler
-# that runs in between still removes it.
-_owned_names: set[str] = set()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_owned_names.clear)  # a forked child owns none of them
-
-
-class _Ownership:
-    """The creating process's claim on a segment's name."""
-
-    def __init__(self, mapping: _shared.SharedMapping) -> None:
-        self.pid = os.getpid()
-        self.finalizer = weakref.finalize(mapping, _owner_unlink, mapping.name, self.pid)
-
-
-_owned: "weakref.WeakKeyDictionary[_shared.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
-
-
-# In a worker of shmalloc: the pid of the process its results go to. New names carry it, because
-# that process takes over the arrays returned to it, and cleanup tools judge a name by its pid.
-_receiver_pid: int | None = None
-
-
-def name_for_receiver(pid: int) -> None:
-    """In a worker: new ShmArrays get names carrying ``pid``, the process that receives its results."""
-    global _receiver_pid
-    _receiver_pid = pid
-
-
-def _new_segment(nbytes: int) -> _shared.SharedMapping:
-    name = _names.generate(_receiver_pid)
-    _owned_names.add(name)
-    try:
-        mapping = _space.retry_on_enospc(_shared.create_shared, name, max(nbytes, 1))  # mmap and fallocate refuse 0 bytes
-    except BaseException:
-        _owned_names.discard(name)  # create_shared left nothing
-        raise
-    with _lock:
-        _owned[mapping] = _Ownership(mapping)
-        _mappings[name] = mapping
-    return mapping
-
-
-def _attach(name: str, size: int, inode: int) -> _shared.SharedMapping:
-    with _lock:
-        mapping = _mappings.get(name)
-        if mapping is not None and mapping.size == size and mapping.inode == inode:
-            return mapping
-    try:
-        mapping = _shared.open_shared(_names.validate(name), size, inode)
-    except FileNotFoundError:
-        raise ShmError(
-            errno.ENOENT, "the ShmArray's segment is gone: its creator unlinked it or ended before this process attached", name
-        ) from None
-    with _lock:
-        current = _mappings.get(name)  # another thread may have attached meanwhile
-        if current is not None and current.size == size and current.inode == inode:
-            return current
-        _mappings[name] = mapping
-        return mapping
-
-
-def _mapping_of(array: np.ndarray) -> _shared.SharedMapping | None:
-    """The shared mapping that ``array``'s memory lies in, found through its base chain."""
-    base = array.base
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return base if isinstance(base, _shared.SharedMapping) else None
 
 
 def _check_dtype(dtype: np.dtype) -> None:
@@ -120,7 +28,7 @@ def _check_dtype(dtype: np.dtype) -> None:
 
 def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     try:
-        dims = (operator.index(shape),)  # type: ignore[arg-type]
+        dims: tuple[int, ...] = (operator.index(shape),)  # type: ignore[arg-type]
     except TypeError:
         try:
             dims = tuple(operator.index(n) for n in shape)  # type: ignore[union-attr]
@@ -131,139 +39,40 @@ def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     return dims
 
 
-def _view(mapping: _shared.SharedMapping, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: Any) -> "ShmArray":
+def _view(mapping: Any, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: Any) -> "ShmArray":
     raw = np.asarray(mapping)  # uint8 over the whole segment; its base is the mapping
     return np.ndarray.__new__(ShmArray, shape, dtype, buffer=raw, offset=offset, strides=strides)
 
 
-def _rebuild(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]) -> "ShmArray":
+def _rebuild(
+    name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]
+) -> "ShmArray":
     """Unpickle a ShmArray: map its segment (or reuse this process's mapping) and view it."""
     if not isinstance(size, int) or not isinstance(offset, int) or size < 1 or not 0 <= offset < size:
         raise ValueError(f"{name}: damaged ShmArray reference (size {size!r}, offset {offset!r})")
     dtype = np.dtype(dtype)
     _check_dtype(dtype)
-    mapping = _attach(name, size, inode)
+    mapping = _ownership.attach(name, size, inode)
     try:
         return _view(mapping, _shape(shape), dtype, offset, tuple(operator.index(s) for s in strides))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name}: damaged ShmArray reference: {exc}") from None
 
 
-def _adopt(name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]) -> "ShmArray":
+def _adopt(
+    name: str, size: int, inode: int, shape: tuple[int, ...], dtype: np.dtype, offset: int, strides: tuple[int, ...]
+) -> "ShmArray":
     """Unpickle a ShmArray handed over as a result: this process becomes the owner of its name."""
     array = _rebuild(name, size, inode, shape, dtype, offset, strides)
-    mapping = _mapping_of(array)
-    with _lock:
-        ownership = _owned.get(mapping)
-        if ownership is None or ownership.pid != os.getpid():
-            _owned_names.add(mapping.name)
-            _owned[mapping] = _Ownership(mapping)
+    mapping = _ownership.mapping_of(array)
+    if mapping is not None:  # always: _rebuild views a mapping
+        _ownership.take_over(mapping)
     return array
-
-
-# The handover that ShmArrays pickled by this thread join (None: pickled by reference, the owner stays).
-_handing_over = threading.local()
-
-
-class Handover:
-    """While active (``with``), ShmArrays this process owns and pickles pass their name's ownership on.
-
-    For a worker returning results: whoever unpickles such an array owns its
-    name from then on. The worker keeps its duty to unlink until
-    :meth:`complete` (call it once the pickle has been delivered); a
-    handover dropped without :meth:`complete` changes nothing here.
-    """
-
-    def __init__(self) -> None:
-        self.mappings: dict[str, _shared.SharedMapping] = {}
-
-    @property
-    def names(self) -> list[str]:
-        """The names handed over so far."""
-        return list(self.mappings)
-
-    def __enter__(self) -> "Handover":
-        self._outer = getattr(_handing_over, "current", None)
-        _handing_over.current = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _handing_over.current = self._outer
-
-    def _join(self, mapping: _shared.SharedMapping) -> bool:
-        """Take ``mapping`` into the handover if this process owns its name."""
-        ownership = _owned.get(mapping)
-        if ownership is None or ownership.pid != os.getpid() or not ownership.finalizer.alive:
-            return False
-        self.mappings[mapping.name] = mapping
-        return True
-
-    def keep_at_exit(self) -> None:
-        """Leave the names handed over alone at interpreter exit (the receiver has them by then)."""
-        with _lock:
-            for mapping in self.mappings.values():
-                ownership = _owned.get(mapping)
-                if ownership is not None:
-                    ownership.finalizer.atexit = False
-
-    def complete(self) -> None:
-        """The receiver has the pickle: give up the duty to unlink the names handed over."""
-        with _lock:
-            for mapping in self.mappings.values():
-                ownership = _owned.pop(mapping, None)
-                if ownership is not None:
-                    ownership.finalizer.detach()
-                    _owned_names.discard(mapping.name)
-        self.mappings = {}
-
-
-def unlink_unless_owned(name: str) -> None:
-    """Unlink ``name`` unless this process owns it (a handed-over name nobody took over)."""
-    with _lock:
-        mapping = _mappings.get(name)
-        ownership = _owned.get(mapping) if mapping is not None else None
-        if ownership is not None and ownership.pid == os.getpid():
-            return
-    try:
-        _posix.unlink(name)
-    except FileNotFoundError:
-        pass
-
-
-def unlink_owned() -> None:
-    """Unlink every name this process owns: for a worker about to leave through ``os._exit``.
-
-    (``os._exit`` skips the finalisers that would unlink them; the arrays stay valid where mapped.)
-    """
-    with _lock:
-        owned = [o for o in _owned.values() if o.pid == os.getpid()]
-    for ownership in owned:
-        ownership.finalizer()
-
-
-def unlink_owned_and_die(signum: int, frame: Any) -> None:
-    """A signal handler for workers: unlink every name this process owns, then die of ``signum``.
-
-    For SIGTERM, which would otherwise end a worker without its finalisers and
-    leave names carrying the receiver's pid in ``/dev/shm``. It may run at any
-    bytecode, so it takes no lock and only reads a snapshot of the owned names
-    (a name being created is in it already; unlinking one not yet created, or
-    gone, is harmless). The process then ends as it would have without the
-    handler, so its parent sees the same exit status.
-    """
-    for name in tuple(_owned_names):  # one C call: no other thread changes the set meanwhile
-        try:
-            _posix.unlink(name)
-        except Exception:
-            pass
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    os._exit(128 + signum)  # only if the signal did not end the process
 
 
 def _demote(result: Any) -> Any:
     """Turn ShmArrays whose memory is not shared (copies, results) into plain ndarrays."""
-    if isinstance(result, ShmArray) and _mapping_of(result) is None:
+    if isinstance(result, ShmArray) and _ownership.mapping_of(result) is None:
         return result.view(np.ndarray)
     if isinstance(result, tuple):
         return tuple(_demote(r) for r in result)
@@ -361,8 +170,8 @@ class ShmArray(np.ndarray):
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F', not {order!r}")
         nbytes = dtype.itemsize * int(np.prod(dims, dtype=object))
-        mapping = _new_segment(nbytes)
-        return np.ndarray.__new__(cls, dims, dtype, buffer=np.asarray(mapping), order=order)
+        mapping = _ownership.new_mapping(nbytes)
+        return np.ndarray.__new__(cls, dims, dtype, buffer=np.asarray(mapping), order=order)  # type: ignore[arg-type]
 
     @classmethod
     def zeros(cls, shape: int | Iterable[int], dtype: Any = float, order: str = "C") -> "ShmArray":
@@ -412,26 +221,23 @@ class ShmArray(np.ndarray):
     @property
     def shared(self) -> bool:
         """True if this array's memory lies in a shared memory object (False for a stray subclass view)."""
-        return _mapping_of(self) is not None
+        return _ownership.mapping_of(self) is not None
 
     @property
     def name(self) -> str | None:
         """Name of the shared memory object, e.g. ``'/shmalloc_4711_0123456789ab'`` (None if not shared)."""
-        mapping = _mapping_of(self)
+        mapping = _ownership.mapping_of(self)
         return mapping.name if mapping is not None else None
 
     @property
     def owner(self) -> bool:
         """True in the process that created the segment and owns its name."""
-        mapping = _mapping_of(self)
-        ownership = _owned.get(mapping) if mapping is not None else None
-        return ownership is not None and ownership.pid == os.getpid()
+        return _ownership.ownership_of(_ownership.mapping_of(self)) is not None
 
     @property
     def unlinked(self) -> bool:
         """True once the owner removed the name (only known in the owning process; False elsewhere)."""
-        mapping = _mapping_of(self)
-        ownership = _owned.get(mapping) if mapping is not None else None
+        ownership = _ownership.ownership_of(_ownership.mapping_of(self))
         return ownership is not None and not ownership.finalizer.alive
 
     def unlink(self) -> None:
@@ -446,9 +252,8 @@ class ShmArray(np.ndarray):
         ValueError
             In a process that does not own the segment.
         """
-        mapping = _mapping_of(self)
-        ownership = _owned.get(mapping) if mapping is not None else None
-        if ownership is None or ownership.pid != os.getpid():
+        ownership = _ownership.ownership_of(_ownership.mapping_of(self))
+        if ownership is None:
             raise ValueError("only the process that created a ShmArray's segment may unlink it")
         ownership.finalizer()  # runs once: later calls and garbage collection do nothing
 
@@ -464,7 +269,7 @@ class ShmArray(np.ndarray):
     def __array_wrap__(self, out: np.ndarray, context: Any = None, return_scalar: bool = False) -> Any:
         if return_scalar:
             return out[()]
-        if _mapping_of(out) is None:
+        if _ownership.mapping_of(out) is None:
             return out.view(np.ndarray)  # arithmetic results live in private memory
         return out if isinstance(out, ShmArray) else out.view(ShmArray)
 
@@ -477,24 +282,23 @@ class ShmArray(np.ndarray):
 
     def copy(self, order: str = "C") -> np.ndarray:  # type: ignore[override]
         """Return a copy in private memory, as a plain ndarray."""
-        return np.array(self, order=order, copy=True, subok=False)
+        return np.array(self, order=order, copy=True, subok=False)  # type: ignore[call-overload]
 
-    def __copy__(self) -> np.ndarray:
+    def __copy__(self) -> np.ndarray:  # type: ignore[override]
         return self.copy(order="K")
 
-    def __deepcopy__(self, memo: dict) -> np.ndarray:
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> np.ndarray:  # type: ignore[override]
         return self.copy(order="K")
 
     # ---- pickling by reference ----
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        mapping = _mapping_of(self)
+        mapping = _ownership.mapping_of(self)
         if mapping is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
         offset = self.__array_interface__["data"][0] - mapping.address
-        handover = getattr(_handing_over, "current", None)
         return (
-            _adopt if handover is not None and handover._join(mapping) else _rebuild,
+            _adopt if _ownership.joins_handover(mapping) else _rebuild,
             (mapping.name, mapping.size, mapping.inode, self.shape, self.dtype, offset, self.strides),
         )
 
@@ -504,7 +308,7 @@ class ShmArray(np.ndarray):
     # ---- display ----
 
     def _repr_html_(self) -> str:
-        mapping = _mapping_of(self)
+        mapping = _ownership.mapping_of(self)
         if mapping is None:
             where = "private memory (not shared)"
         else:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import weakref
-from typing import Any, Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from .errors import ShmError
 

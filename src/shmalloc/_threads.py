@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def wait_until_gone(native_ids: Iterable[int | None], limit: float = 1.0) -> None:

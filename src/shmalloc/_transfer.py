@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _adopt, _format, _posix, _space, codecs
 from ._handle import ShmObj
-from ._shared import SPARE_LABEL, RefillMapping
 from ._releaser import release_fd
+from ._shared import SPARE_LABEL, RefillMapping
 from .errors import CorruptHandleError
 
 # ---------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def _fill(fd: int, label: str, plan: _format.Plan, buffers: Sequence[np.ndarray]
     """Write the segment of ``plan`` at the start of ``fd`` with pwrite (the GIL is released), padding included."""
     _posix.write_bytes(fd, label, plan.head, 0)
     padding = np.zeros(_posix.PAGE, np.uint8)
-    for buf, layout in zip(buffers, plan.layouts):
+    for buf, layout in zip(buffers, plan.layouts, strict=True):
         nbytes = buf.nbytes
         if nbytes:
             _posix.write(fd, label, _posix.data_address(buf), nbytes, plan.data_offset + layout.offset)
@@ -99,7 +100,7 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
     _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
     padding = np.zeros(_posix.PAGE, np.uint8)
     base = address + plan.data_offset
-    for buf, layout in zip(buffers, plan.layouts):
+    for buf, layout in zip(buffers, plan.layouts, strict=True):
         nbytes = buf.nbytes
         if nbytes:
             _posix.copy(base + layout.offset, _posix.data_address(buf), nbytes, 1)

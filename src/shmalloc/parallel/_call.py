@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Callable
 from multiprocessing.connection import wait
-from typing import Any, Callable
+from typing import Any
 
 from .. import _names
 from ..errors import ShmFallbackWarning, WorkerDiedError

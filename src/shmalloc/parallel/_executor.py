@@ -15,13 +15,14 @@ import os
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any
 
-from .. import _names, _shmarray
-from . import _protocol
+from .. import _names, _ownership
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
+from . import _protocol
 from ._failures import rebuild_error, remote_error
 from ._options import PIPE_LIMIT, check_copy, check_count
 from ._protocol import Shipped, discard, receive, ship
@@ -29,7 +30,7 @@ from ._protocol import Shipped, discard, receive, ship
 _LABEL = "shmalloc.ProcessPoolExecutor"
 # In a worker: the handover of the last answer, completed at the next task (by then the
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
-_unsent: _shmarray.Handover | None = None
+_unsent: _ownership.Handover | None = None
 
 
 def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict) -> bytes:
@@ -41,12 +42,12 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
     the parent's pid.
     """
     global _unsent
-    if signal.getsignal(signal.SIGTERM) is not _shmarray.unlink_owned_and_die:
+    if signal.getsignal(signal.SIGTERM) is not _ownership.unlink_owned_and_die:
         # A broken pool terminates its workers (SIGTERM): unlink the ShmArrays' names this
         # worker owns (they carry the parent's pid) before dying of it, as map's workers do.
-        signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
+        signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     _complete_unsent()
-    _shmarray.name_for_receiver(receiver)
+    _ownership.name_for_receiver(receiver)
     message, handover = _protocol.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
@@ -209,7 +210,7 @@ class ProcessPoolExecutor(cf.Executor):
     def _warn_fallback(self) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn("/dev/shm was full: results come back through the pipe instead", ShmFallbackWarning)
+            warnings.warn("/dev/shm was full: results come back through the pipe instead", ShmFallbackWarning, stacklevel=1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers; with ``wait=True`` also remove every segment left unconsumed."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

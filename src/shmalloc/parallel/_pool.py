@@ -16,8 +16,9 @@ waits for their answer (a task with no item), so that its space is free.
 A spare has no name, so nothing of it is in /dev/shm's listing (``df``
 counts it), and it is gone with the parent's descriptor and the workers'
 mappings (at :meth:`Pool.close`, or when the process dies). How many the
-pool keeps, and how they give way to other writes: :mod:`._spares`. An object lent to a ``copy=False`` result becomes a spare only when
-every array mapping it has been freed; a fork while it is lent retires it
+pool keeps, and how they give way to other writes: :mod:`._spares`. An
+object lent to a ``copy=False`` result becomes a spare only when every
+array mapping it has been freed; a fork while it is lent retires it
 for good, because a forked child keeps reading the object's pages through
 its copy-on-write mapping.
 """
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterable
 from multiprocessing import connection
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from . import _protocol
 from .._posix import usable_cpus
+from . import _protocol
 from ._call import Call
 from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context
 from ._recycling import SpareResults
@@ -270,8 +272,12 @@ class Pool:
         # holding the spares' lock (not reentrant), they would wait for it forever.
         if self._runner == threading.get_ident() or self._spares.held_here():
             if self._runner == threading.get_ident():
-                raise RuntimeError(f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)")
-            raise RuntimeError(f"Pool.{what}() called while this thread works on the pool's spares (from a signal handler or finalizer?)")
+                raise RuntimeError(
+                    f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)"
+                )
+            raise RuntimeError(
+                f"Pool.{what}() called while this thread works on the pool's spares (from a signal handler or finalizer?)"
+            )
 
     def _shut(self, graceful: bool) -> None:
         with self._spares.held():

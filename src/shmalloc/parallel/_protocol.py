@@ -32,14 +32,15 @@ import errno
 import io
 import pickle
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .. import _names, _shmarray, _transfer
+from .. import _names, _ownership, _shmarray, _transfer
 from .._api import allocate_from_shm, copy2shm, unlink
 from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
@@ -118,23 +119,22 @@ def _dumps(obj: Any) -> bytes:
     return bytes(ForkingPickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def answer(index: int, produce: Callable[[], Any]) -> tuple[bytes, _shmarray.Handover | None]:
+def answer(index: int, produce: Callable[[], Any]) -> tuple[bytes, _ownership.Handover | None]:
     """In a worker: run ``produce()`` for item ``index`` and return the message for the parent.
 
     Never raises for what ``produce`` (or pickling its value) raises: that
     becomes an ERROR answer. Call ``complete()`` on the returned handover
     (if any) once the message is sent.
     """
-    handover = _shmarray.Handover()
+    handover = _ownership.Handover()
     try:
         with handover:
             value = produce()
             body = _dumps(value)
         header = (OK, index, tuple(handover.names))
     except BaseException as exc:  # report everything; the parent decides
-        handover = None  # the worker keeps what it made
         body = _dumps(describe(exc))
-        header = (ERROR, index, ())
+        return _dumps((ERROR, index, ())) + body, None  # the worker keeps what it made
     return _dumps(header) + body, handover
 
 
@@ -204,7 +204,7 @@ def forget(names: tuple[str, ...]) -> None:
     """In the parent: unlink the handed-over names that this process did not take over."""
     for name in names:
         if _names.creator_pid(name) is not None:  # only names in shmalloc's form
-            _shmarray.unlink_unless_owned(name)
+            _ownership.unlink_unless_owned(name)
 
 
 # ----------------------------------------------------------------------------

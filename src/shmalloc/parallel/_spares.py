@@ -30,9 +30,9 @@ import itertools
 import os
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -73,14 +73,14 @@ class Spare:
 
     fd: int
     size: int  # bytes of the object (it only grows)
-    sid: int = field(default_factory=lambda: next(_sids))
+    sid: int = field(default_factory=lambda: next(_SIDS))
     mappers: set[int] = field(default_factory=set)  # pids of workers that may keep a refill mapping
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
 
 
-_sids = itertools.count(1)
+_SIDS: Iterator[int] = itertools.count(1)
 
 
 # Forks of this process. The at-fork hooks only count (a fork may come from any thread, or a
@@ -260,7 +260,7 @@ class Spares:
             return
         # A fork from here on changes _last_fork, which reclaim and the finalizer path look at.
         self.lent.append(spare)
-        for array, address in zip(arrays, spare.addresses):
+        for array, address in zip(arrays, spare.addresses, strict=True):
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
     def _array_freed(self, spare: Spare, address: int) -> None:

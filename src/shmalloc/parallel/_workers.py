@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import signal
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from .. import _shmarray
+from .. import _ownership
 from .._shared import RefillMapping
 from . import _protocol
 from ._options import Options, seed_item
@@ -72,10 +73,10 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None) -> N
     """
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _shmarray.name_for_receiver(receiver)
+    _ownership.name_for_receiver(receiver)
     # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
     # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
-    signal.signal(signal.SIGTERM, _shmarray.unlink_owned_and_die)
+    signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     mappings = _RefillMappings()
     try:
         while True:
@@ -91,12 +92,13 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None) -> N
             except (EOFError, OSError):
                 return
             options = task.options or inherited
+            assert options is not None, "a task without options to a worker started without them"
             for entry in task.entries:
                 _answer_entry(conn, options, entry, fds.pop(entry.index, -1), mappings)
             if task.last:
                 return
     finally:
-        _shmarray.unlink_owned()  # the process leaves through os._exit, which skips finalisers
+        _ownership.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
 
 def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd: int, mappings: _RefillMappings) -> None:
@@ -109,9 +111,10 @@ def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd
                 seed_item(options.seed, entry.index)
             item = options.items[entry.index] if options.items is not None else entry.item
             result = options.func(item)
-            if fd >= 0:
+            if entry.spare is not None:
                 shipped.append(_protocol.ship_into(result, fd, options.limit, mappings.get(entry.spare)))
             else:
+                assert entry.name is not None, "an entry has a name or a spare"
                 shipped.append(_protocol.ship(result, entry.name, options.limit))
             return shipped[0]
 
@@ -120,7 +123,7 @@ def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd
         if handover is not None:
             handover.complete()
         # Off the result's path: map what was just written, for the next refill.
-        if fd >= 0 and handover is not None and shipped[0].handle is not None:
+        if entry.spare is not None and handover is not None and shipped[0].handle is not None:
             mappings.remember(entry.spare, fd, shipped[0].handle.size)
     finally:
         if fd >= 0:
