@@ -1,81 +1,31 @@
-"""shmalloc.map: results through shared memory, errors, dead workers, full /dev/shm, no leaks."""
+"""shmalloc.map's own behaviour: lambdas under fork, exit codes, chunks, seeds, progress, Ctrl-C, bad arguments.
+
+What map shares with Pool and the executor is in test_contract.py."""
 from __future__ import annotations
 
-import errno
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import shmalloc
 import shmalloc.parallel._map as map_module
-from numpy._core.multiarray import get_handler_name
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
-ROWS = 20_000  # 260 kB a frame: above the pipe limit
 
 
 # Module-level functions: spawn and forkserver workers import them by name.
 
 
-def make_frame(i: int) -> pd.DataFrame:
-    """The benchmark's frame (x float64, y bool, z int32), shifted by i."""
-    rng = np.random.default_rng(i)
-    return pd.DataFrame(
-        {"x": rng.random(ROWS) + i, "y": rng.random(ROWS) < 0.5, "z": np.arange(ROWS, dtype=np.int32) * i}
-    )
-
-
 def make_array(i: int) -> np.ndarray:
     return np.arange(50_000, dtype=np.float64).reshape(-1, 10, order="F") * i
-
-
-def mixed(i: int):
-    """Small and large results of many kinds."""
-    kinds = [
-        lambda: i,
-        lambda: None,
-        lambda: f"item {i}",
-        lambda: list(range(i, i + 20_000)),  # large list of ints: must stay a list
-        lambda: (i, np.full(30_000, i), {"frame": make_frame(i)}),
-        lambda: np.float32(i),
-        lambda: {"small": [i] * 3},
-        lambda: np.array([i, i + 1]),
-        lambda: pd.Series(np.arange(10_000) * i, name="s"),
-        lambda: b"\x00" * 100_000,
-    ]
-    return kinds[i % len(kinds)]()
-
-
-def fail_on_three(i: int) -> np.ndarray:
-    if i == 3:
-        raise ValueError(f"item {i} is bad")
-    return np.full(20_000, i)
-
-
-class UnpicklableError(Exception):
-    def __init__(self, a, b):  # pickle calls it with one argument: unpickling fails
-        super().__init__(f"{a}-{b}")
-
-
-def fail_unpicklable(i: int) -> int:
-    raise UnpicklableError(i, "x")
-
-
-def kill_self_on_two(i: int) -> np.ndarray:
-    if i == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return np.full(20_000, i)
 
 
 def exit_on_one(i: int) -> int:
@@ -94,31 +44,6 @@ def pid_of(i: int) -> int:
     return os.getpid()
 
 
-def _frame_like(i: int) -> pd.DataFrame:
-    return make_frame(i)
-
-
-def _assert_equal(got, want) -> None:
-    if isinstance(want, pd.DataFrame):
-        pd.testing.assert_frame_equal(got, want)
-    elif isinstance(want, pd.Series):
-        pd.testing.assert_series_equal(got, want)
-    elif isinstance(want, np.ndarray):
-        assert type(got) is np.ndarray and got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
-        assert got.flags.f_contiguous == want.flags.f_contiguous
-    elif isinstance(want, (tuple, list)):
-        assert type(got) is type(want) and len(got) == len(want)
-        for g, w in zip(got, want):
-            _assert_equal(g, w)
-    elif isinstance(want, dict):
-        assert type(got) is dict and got.keys() == want.keys()
-        for key in want:
-            _assert_equal(got[key], want[key])
-    else:
-        assert type(got) is type(want) and got == want
-
-
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -129,47 +54,6 @@ def _wait_for_workers_to_exit(timeout: float = 10.0) -> None:
     while mp.active_children() and time.monotonic() < deadline:  # active_children() also reaps
         time.sleep(0.01)
     assert not mp.active_children()
-
-
-@pytest.mark.parametrize("copy", [True, False])
-@pytest.mark.parametrize("method", START_METHODS)
-def test_frames_and_arrays_every_start_method(method, copy):
-    """Frames and arrays come back equal, in input order, from every start method and copy mode."""
-    shmalloc.map(abs, [1], start_method=method)  # starts the forkserver or resource tracker, once
-    _wait_for_workers_to_exit()
-    fds = _open_fds()
-    items = list(range(5))
-    frames = shmalloc.map(make_frame, items, processes=2, start_method=method, copy=copy)
-    arrays = shmalloc.map(make_array, items, processes=2, start_method=method, copy=copy)
-    for i in items:
-        pd.testing.assert_frame_equal(frames[i], make_frame(i))
-        _assert_equal(arrays[i], make_array(i))
-        # copy=False: the array owns a private mapping through shmalloc's handler.
-        assert (get_handler_name(arrays[i]) == "default_allocator") == copy
-        assert arrays[i].flags.owndata and arrays[i].flags.writeable
-    del frames, arrays
-    _wait_for_workers_to_exit()
-    assert _open_fds() <= fds
-
-
-@pytest.mark.parametrize("copy", [True, False])
-def test_mixed_small_and_large_results_keep_their_types(copy):
-    """Every kind of result, small or large, comes back as it was returned (a list stays a list)."""
-    items = list(range(20))
-    got = shmalloc.map(mixed, items, processes=2, chunksize=3, copy=copy)
-    for i in items:
-        _assert_equal(got[i], mixed(i))
-
-
-def test_large_results_travel_through_shared_memory(monkeypatch):
-    """A large result is shipped as a handle, a small one by value (checked in the worker's code path)."""
-    assert map_module.ship(np.zeros(10), "/unused").handle is None
-    shipped = map_module.ship(np.zeros(100_000), shmalloc._names.generate())
-    assert shipped.handle is not None and not shipped.fell_back
-    _assert_equal(map_module.receive(shipped, shipped.handle.name, copy=True), np.zeros(100_000))
-    boxed = map_module.ship([np.zeros(100_000), 1], shmalloc._names.generate())
-    assert boxed.boxed
-    _assert_equal(map_module.receive(boxed, boxed.handle.name, copy=False), [np.zeros(100_000), 1])
 
 
 def test_lambdas_and_closures_under_fork():
@@ -188,34 +72,6 @@ def test_lambda_under_spawn_is_a_clear_type_error(method):
     """Without fork a lambda cannot reach the workers: a TypeError says so before any worker starts."""
     with pytest.raises(TypeError, match="picklable"):
         shmalloc.map(lambda i: i, range(3), start_method=method)
-
-
-@pytest.mark.parametrize("method", START_METHODS)
-def test_exception_carries_index_and_worker_traceback(method):
-    """func's exception is re-raised in the parent with its type, message, item index and worker traceback."""
-    with pytest.raises(ValueError, match="item 3 is bad") as info:
-        shmalloc.map(fail_on_three, range(8), processes=2, start_method=method)
-    notes = "\n".join(info.value.__notes__)
-    assert "item 3" in notes and "fail_on_three" in notes and "Traceback" in notes
-    assert info.value.shmalloc_index == 3
-
-
-def test_exception_that_cannot_be_rebuilt_becomes_worker_error():
-    """An exception that does not survive pickling gives WorkerError with its message and traceback."""
-    with pytest.raises(shmalloc.WorkerError, match="UnpicklableError: 0-x") as info:
-        shmalloc.map(fail_unpicklable, [0], processes=1)
-    assert info.value.index == 0 and "fail_unpicklable" in info.value.remote_traceback
-
-
-@pytest.mark.parametrize("method", START_METHODS)
-def test_killed_worker_raises_instead_of_hanging(method):
-    """A worker killed by SIGKILL gives WorkerDiedError naming the item, and leaves no segment or worker."""
-    fds = _open_fds()
-    with pytest.raises(shmalloc.WorkerDiedError, match="item 2 was killed by signal SIGKILL") as info:
-        shmalloc.map(kill_self_on_two, range(6), processes=2, start_method=method)
-    assert info.value.index == 2 and info.value.exitcode == -signal.SIGKILL
-    assert not mp.active_children()
-    assert _open_fds() <= fds
 
 
 def test_os_exit_in_worker_names_the_item():
@@ -237,54 +93,6 @@ def test_worker_killed_after_writing_its_segment_leaves_nothing(monkeypatch):
     with pytest.raises(shmalloc.WorkerDiedError):
         shmalloc.map(make_array, range(4), processes=2, start_method="fork")
     # The autouse fixture fails the test if a segment is left.
-
-
-def test_simulated_enospc_falls_back_to_the_pipe_with_one_warning(monkeypatch):
-    """ENOSPC in the worker: results come through the pipe, right, with exactly one warning."""
-
-    def full(x, name=None, **kwargs):
-        raise shmalloc.ShmError(errno.ENOSPC, None, name)
-
-    monkeypatch.setattr(map_module, "copy2shm", full)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = shmalloc.map(make_frame, range(4), processes=2, start_method="fork")
-    for i in range(4):
-        pd.testing.assert_frame_equal(got[i], make_frame(i))
-    fallbacks = [w for w in caught if issubclass(w.category, shmalloc.ShmFallbackWarning)]
-    assert len(fallbacks) == 1 and "4 of 4" in str(fallbacks[0].message)
-
-
-_FULL_SHM_SCRIPT = textwrap.dedent(
-    """
-    import os, warnings
-    import numpy as np
-    import shmalloc
-    warnings.simplefilter("always")
-    with warnings.catch_warnings(record=True) as caught:
-        # 3 MB results into an 8 MB /dev/shm, copy=False keeps them mapped: some cannot fit.
-        got = shmalloc.map(lambda i: np.full(375_000, i, dtype=np.float64), range(8), processes=2, copy=False)
-    assert all(a.shape == (375_000,) and (a == i).all() for i, a in enumerate(got)), "wrong results"
-    n = sum(issubclass(w.category, shmalloc.ShmFallbackWarning) for w in caught)
-    left = os.listdir("/dev/shm")
-    print("warnings", n, "left", left)
-    assert n == 1, n
-    assert not left, left
-    """
-)
-
-
-def test_full_dev_shm_in_a_mount_namespace():
-    """With a real 8 MB /dev/shm, results that do not fit come through the pipe; all are right, none left."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed")
-    command = f"mount -t tmpfs -o size=8m tmpfs /dev/shm && exec {sys.executable} -c '{_FULL_SHM_SCRIPT}'"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs in a mount namespace: {probe.stderr.decode().strip()}")
-    done = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "warnings 1 left []" in done.stdout
 
 
 def test_many_items_and_chunks():

@@ -121,8 +121,8 @@ class ExecutorEngine(Engine):
             limit = {} if pipe_limit is None else {"pipe_limit": pipe_limit}
             context = mp.get_context(self.method)
             self.executors[key] = shmalloc.ProcessPoolExecutor(PROCESSES, mp_context=context, copy=copy, **limit)
-        futures = [self.executors[key].submit(func, item) for item in items]
-        return [future.result(timeout=RESULT_TIMEOUT) for future in futures]
+        # Executor.map submits every item (shmalloc's submit) and yields the results in order.
+        return list(self.executors[key].map(func, items, timeout=RESULT_TIMEOUT))
 
     def close(self):
         for executor in self.executors.values():

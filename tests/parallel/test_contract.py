@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -268,6 +267,10 @@ def test_copy_false_arrays_are_shmallocs_writable_and_private(engine):
         assert (a[: 10 * (i + 1)] == -1.0).all() and (a[10 * (i + 1) :] == i).all()
     del kept, a
     gc.collect()
+    (boxed,) = engine.run(value, [10], copy=False)  # a container: its arrays are views of one mapping
+    large = [a for a in arrays_in(boxed) if a.nbytes >= PIPE_LIMIT]
+    assert len(large) == 2 and all(get_handler_name(memory_of(a)) == "shmalloc" and a.flags.writeable for a in large)
+    del boxed, large
     for k in range(2):  # the written results are gone: their objects may be reused, without the writes
         got = engine.run(full, range(4), copy=False)
         for i, a in enumerate(got):
@@ -282,6 +285,7 @@ def test_copy_false_arrays_are_shmallocs_writable_and_private(engine):
 @pytest.mark.parametrize("engine", EVERY_METHOD, indirect=True)
 def test_exception_in_func_is_reraised_with_its_type_and_the_workers_traceback(engine):
     """func's exception is raised in the parent with its type and message, a note naming the item with the worker's traceback; the engine serves the next call."""
+    engine.run(full, range(2))  # a Pool then hands the failing call recycled objects
     with pytest.raises(ValueError, match="item 3 is bad") as info:
         engine.run(fail_on_three, range(6))
     notes = "\n".join(info.value.__notes__)
@@ -302,7 +306,12 @@ def test_exception_that_cannot_be_rebuilt_becomes_worker_error(engine):
 
 @pytest.mark.parametrize("engine", EVERY_METHOD, indirect=True)
 def test_worker_killed_mid_item_is_reported_not_a_hang(engine):
-    """A worker killed by SIGKILL while working raises (WorkerDiedError naming the item and signal; the executor: BrokenProcessPool)."""
+    """A worker killed by SIGKILL while working raises (WorkerDiedError naming the item and signal; the executor: BrokenProcessPool); closing leaves no descriptor or worker."""
+    engine.run(abs, [-1])  # starts what a start method starts once (forkserver, resource tracker)
+    engine.close()
+    assert not wait_for_no_workers()
+    fds = open_fds()
+    engine.run(full, range(2))  # a Pool then hands the dying call recycled objects
     with pytest.raises(engine.died) as info:
         engine.run(kill_self_on_two, range(6))
     if engine.names_items:
@@ -313,6 +322,9 @@ def test_worker_killed_mid_item_is_reported_not_a_hang(engine):
     else:  # concurrent.futures: a broken pool stays broken
         with pytest.raises(engine.died):
             engine.run(abs, [-1])
+    engine.close()
+    assert not wait_for_no_workers()
+    assert wait_until(lambda: open_fds() <= fds), f"descriptors left open: {open_fds() - fds}"
 
 
 # ---- ShmArrays returned by func ----
