@@ -39,15 +39,15 @@ class Engine:
         Whether errors name the failing item's index (the executor's tasks have none).
     survives_dead_worker : bool
         Whether the engine serves the next call after a worker died (a broken executor does not).
-    warns_once_per_call : bool
-        Whether a full /dev/shm warns once per call (the executor warns once in its lifetime).
+    keeps_workers : bool
+        Whether workers outlive a call (map reaps its workers before it returns).
     """
 
     kind = ""
     died: type[BaseException] = shmalloc.WorkerDiedError
     names_items = True
     survives_dead_worker = True
-    warns_once_per_call = True
+    keeps_workers = True
 
     def __init__(self, method: str) -> None:
         self.method = method
@@ -75,6 +75,7 @@ class MapEngine(Engine):
     """``shmalloc.map``: fresh workers for every call."""
 
     kind = "map"
+    keeps_workers = False
 
     def run(self, func, items, *, copy=True, pipe_limit=None):
         limit = {} if pipe_limit is None else {"pipe_limit": pipe_limit}
@@ -103,31 +104,36 @@ class PoolEngine(Engine):
 
 
 class ExecutorEngine(Engine):
-    """``shmalloc.ProcessPoolExecutor``: one executor per (copy, pipe limit), shared by the calls of a test."""
+    """``shmalloc.ProcessPoolExecutor``: one executor, kept while the calls of a test use the same copy and pipe limit.
+
+    Only one lives at a time: forking the workers of a second one beside the threads of the first
+    would fork a multi-threaded process.
+    """
 
     kind = "executor"
     died = BrokenProcessPool
     names_items = False
     survives_dead_worker = False
-    warns_once_per_call = False
 
     def __init__(self, method: str) -> None:
         super().__init__(method)
-        self.executors: dict[tuple[bool, int | None], shmalloc.ProcessPoolExecutor] = {}
+        self.executor: shmalloc.ProcessPoolExecutor | None = None
+        self.knobs: tuple[bool, int | None] | None = None
 
     def run(self, func, items, *, copy=True, pipe_limit=None):
-        key = (copy, pipe_limit)
-        if key not in self.executors:
+        if self.executor is None or self.knobs != (copy, pipe_limit):
+            self.close()
             limit = {} if pipe_limit is None else {"pipe_limit": pipe_limit}
             context = mp.get_context(self.method)
-            self.executors[key] = shmalloc.ProcessPoolExecutor(PROCESSES, mp_context=context, copy=copy, **limit)
+            self.executor = shmalloc.ProcessPoolExecutor(PROCESSES, mp_context=context, copy=copy, **limit)
+            self.knobs = (copy, pipe_limit)
         # Executor.map submits every item (shmalloc's submit) and yields the results in order.
-        return list(self.executors[key].map(func, items, timeout=RESULT_TIMEOUT))
+        return list(self.executor.map(func, items, timeout=RESULT_TIMEOUT))
 
     def close(self):
-        for executor in self.executors.values():
-            executor.shutdown(wait=True)
-        self.executors.clear()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        self.executor = self.knobs = None
 
 
 def make(kind: str, method: str) -> Engine:
