@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -76,10 +76,10 @@ def frame(i: int) -> pd.DataFrame:
     )
 
 
-def value(i: int) -> Any:
-    """Results of many kinds, large (through shared memory) and small (through the pipe), chosen by ``i``."""
+def value_makers(i: int) -> list[Callable[[], Any]]:
+    """Makers of results of many kinds for item ``i``: large ones (through shared memory) and small ones (through the pipe)."""
     n = 50_000
-    kinds = [
+    return [
         lambda: np.where(np.arange(n).reshape(-1, 10) % 7 == 0, np.nan, np.arange(n, dtype=np.float64).reshape(-1, 10) * i),
         lambda: np.asfortranarray(np.arange(n, dtype=np.int32).reshape(-1, 50) - i),
         lambda: np.arange(4 * n, dtype=np.int16).reshape(-1, 4)[:, ::2],  # not contiguous
@@ -99,10 +99,14 @@ def value(i: int) -> Any:
         lambda: np.float32(i),
         lambda: b"\x00" * 100_000,
     ]
-    return kinds[i % len(kinds)]()
 
 
-KINDS_OF_VALUES = 18
+KINDS_OF_VALUES = len(value_makers(0))
+
+
+def value(i: int) -> Any:
+    """A result of kind ``i`` modulo the number of kinds."""
+    return value_makers(i)[i % KINDS_OF_VALUES]()
 
 
 def ones(nbytes: int) -> np.ndarray:
