@@ -3,7 +3,7 @@
 # (and UndefinedBehaviorSanitizer), or under valgrind's memcheck.
 #
 #   scripts/asan.sh                      ASan+UBSan: core, adoption, releaser, hostile and stress tests
-#   scripts/asan.sh tests/test_core.py   ASan+UBSan: the tests given
+#   scripts/asan.sh tests/unit/test_core.py   ASan+UBSan: the tests given
 #   scripts/asan.sh --selftest           prove the instrumentation is live: an
 #                                        overflow through the core must be caught
 #   scripts/asan.sh --valgrind [tests]   memcheck on the installed build (slow)
@@ -16,7 +16,7 @@ set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # The interpreter itself, not a wrapper script (pyenv's shim would hide it from valgrind).
 python=$("${PYTHON:-python}" -c 'import sys; print(sys.executable)')
-default_tests="tests/test_core.py tests/test_adoption.py tests/test_releaser.py tests/test_hostile.py tests/test_stress.py"
+default_tests="tests/unit/test_core.py tests/unit/test_adoption.py tests/unit/test_releaser.py tests/system/test_hostile.py tests/system/test_stress.py"
 
 mode=asan
 case "${1:-}" in

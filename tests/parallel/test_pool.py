@@ -42,22 +42,6 @@ def sized(n: int) -> np.ndarray:
     return np.ones(n, dtype=np.uint8)
 
 
-def mixed(i: int):
-    return [i, "small", (np.full(N, i), {"f": frame(i)})][i % 3]
-
-
-def fail_on_three(i: int) -> np.ndarray:
-    if i == 3:
-        raise ValueError(f"item {i} is bad")
-    return full(i)
-
-
-def kill_self_on_two(i: int) -> np.ndarray:
-    if i == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return full(i)
-
-
 def pid_of(i: int) -> int:
     return os.getpid()
 
@@ -115,21 +99,6 @@ def test_second_call_reuses_the_objects_of_the_first(monkeypatch, copy):
         assert len(made) == 2
         np.testing.assert_array_equal(second[0], full(5))
         np.testing.assert_array_equal(second[1], full(6))
-
-
-def test_mixed_results_keep_their_types_through_recycled_objects():
-    """Small results, containers and frames come back right when they land in recycled objects."""
-    with shmalloc.Pool(2, start_method="fork") as pool:
-        for copy in (True, False, True):
-            got = pool.map(mixed, range(9), copy=copy)
-            for i, value in enumerate(got):
-                want = mixed(i)
-                if i % 3 == 2:
-                    assert type(value) is tuple and type(value[1]) is dict
-                    np.testing.assert_array_equal(value[0], want[0])
-                    pd.testing.assert_frame_equal(value[1]["f"], want[1]["f"])
-                else:
-                    assert value == want
 
 
 def test_live_copy_false_results_are_never_overwritten(monkeypatch):
@@ -195,27 +164,6 @@ def test_recycle_false_makes_fresh_objects(monkeypatch):
         for _ in range(2):
             assert [a[0] for a in pool.map(full, range(2))] == [0.0, 1.0]
         assert len(made) == 4 and not pool._spares.free
-
-
-def test_error_names_the_item_and_the_pool_recovers():
-    """func's exception is re-raised with the item's index; the next call works on new workers."""
-    with shmalloc.Pool(2, start_method="fork") as pool:
-        pool.map(full, range(2))  # leaves spares, which the failing call hands out
-        with pytest.raises(ValueError, match="item 3 is bad") as info:
-            pool.map(fail_on_three, range(6))
-        assert info.value.shmalloc_index == 3
-        assert any("raise ValueError" in note for note in info.value.__notes__)
-        np.testing.assert_array_equal(pool.map(full, [4])[0], full(4))
-
-
-def test_killed_worker_raises_and_the_pool_recovers():
-    """A worker killed while working gives WorkerDiedError naming the item, not a hang."""
-    with shmalloc.Pool(2, start_method="fork") as pool:
-        pool.map(full, range(2))
-        with pytest.raises(shmalloc.WorkerDiedError) as info:
-            pool.map(kill_self_on_two, range(4))
-        assert info.value.index == 2 and info.value.exitcode == -signal.SIGKILL
-        assert [a[0] for a in pool.map(full, range(3))] == [0.0, 1.0, 2.0]
 
 
 def test_simulated_enospc_falls_back_to_the_pipe(monkeypatch):

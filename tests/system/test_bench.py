@@ -12,7 +12,7 @@ import pytest
 from shmalloc.tools import bench
 from shmalloc.tools.bench import peers, sizes, workloads
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
 
 

@@ -1,0 +1,63 @@
+"""shmalloc.ProcessPoolExecutor's own behaviour: cancelled and uncollected tasks, results consumed at once, the Executor interface.
+
+What the executor shares with map and Pool is in test_contract.py."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import numpy as np
+import pytest
+
+import shmalloc
+
+
+def big_or_small(i: int):
+    return np.full(50_000, i) if i % 2 else i
+
+
+def slow_big(i: int) -> np.ndarray:
+    time.sleep(0.2)
+    return np.full(50_000, i)
+
+
+def test_uncollected_and_cancelled_results_leave_nothing():
+    """Results nobody asks for, and cancelled tasks, leave no segment once the pool is shut down."""
+    pool = shmalloc.ProcessPoolExecutor(1)
+    futures = [pool.submit(slow_big, i) for i in range(6)]
+    cancelled = [f.cancel() for f in futures[3:]]
+    pool.shutdown(wait=True)
+    assert any(cancelled)
+    for future, was_cancelled in zip(futures[3:], cancelled):
+        assert future.cancelled() == was_cancelled
+    assert all(f.done() for f in futures)
+
+
+def test_results_are_consumed_even_if_never_asked_for():
+    """A finished task's segment is consumed at once, before anybody calls result()."""
+    with shmalloc.ProcessPoolExecutor(1) as pool:
+        future = pool.submit(big_or_small, 3)
+        cf.wait([future])
+        deadline = time.monotonic() + 10
+        while pool._names and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pool._names
+        np.testing.assert_array_equal(future.result(), np.full(50_000, 3))
+
+
+def test_bad_arguments():
+    """Bad arguments give clear exceptions."""
+    with pytest.raises(TypeError):
+        shmalloc.ProcessPoolExecutor(copy=1)
+    with pytest.raises(ValueError):
+        shmalloc.ProcessPoolExecutor(pipe_limit=-1)
+    with pytest.raises(ValueError):
+        shmalloc.ProcessPoolExecutor(0)
+
+
+def test_is_a_concurrent_futures_executor():
+    """It can be used wherever a concurrent.futures.Executor is expected."""
+    with shmalloc.ProcessPoolExecutor(1) as pool:
+        assert isinstance(pool, cf.Executor)
+        done, _ = cf.wait([pool.submit(abs, -1)])
+        assert done.pop().result() == 1

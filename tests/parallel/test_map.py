@@ -1,0 +1,221 @@
+"""shmalloc.map's own behaviour: lambdas under fork, exit codes, chunks, seeds, progress, Ctrl-C, bad arguments.
+
+What map shares with Pool and the executor is in test_contract.py."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shmalloc
+import shmalloc.parallel._protocol as protocol_module
+
+START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+
+
+# Module-level functions: spawn and forkserver workers import them by name.
+
+
+def make_array(i: int) -> np.ndarray:
+    return np.arange(50_000, dtype=np.float64).reshape(-1, 10, order="F") * i
+
+
+def exit_on_one(i: int) -> int:
+    if i == 1:
+        os._exit(7)
+    return i
+
+
+def draw(i: int) -> tuple[float, float, int]:
+    import random
+
+    return float(np.random.default_rng(shmalloc.item_seed()).random()), float(np.random.random()), random.randrange(10**9)
+
+
+def pid_of(i: int) -> int:
+    return os.getpid()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _wait_for_workers_to_exit(timeout: float = 10.0) -> None:
+    """Workers that delivered everything exit on their own after map returns; they must do so soon."""
+    deadline = time.monotonic() + timeout
+    while mp.active_children() and time.monotonic() < deadline:  # active_children() also reaps
+        time.sleep(0.01)
+    assert not mp.active_children()
+
+
+def test_lambdas_and_closures_under_fork():
+    """Under fork the function is inherited, not pickled: lambdas and closures work."""
+    offset = np.arange(30_000)
+    got = shmalloc.map(lambda i: offset + i, range(4), processes=2, start_method="fork")
+    for i, a in enumerate(got):
+        np.testing.assert_array_equal(a, offset + i)
+    # Items are inherited too: unpicklable ones work.
+    funcs = [lambda: 1, lambda: 2]
+    assert shmalloc.map(lambda f: f(), funcs, start_method="fork") == [1, 2]
+
+
+@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
+def test_lambda_under_spawn_is_a_clear_type_error(method):
+    """Without fork a lambda cannot reach the workers: a TypeError says so before any worker starts."""
+    with pytest.raises(TypeError, match="picklable"):
+        shmalloc.map(lambda i: i, range(3), start_method=method)
+
+
+def test_os_exit_in_worker_names_the_item():
+    """os._exit in func ends the worker: the error names the item and the exit code."""
+    with pytest.raises(shmalloc.WorkerDiedError, match="item 1 exited with code 7"):
+        shmalloc.map(exit_on_one, range(4), processes=2)
+
+
+def test_worker_killed_after_writing_its_segment_leaves_nothing(monkeypatch):
+    """A worker that dies right after creating its result's segment: the parent unlinks that segment."""
+    real = protocol_module.copy2shm
+
+    def copy_then_die(x, name=None, **kwargs):
+        real(x, name=name, **kwargs)
+        assert os.path.exists("/dev/shm" + name)
+        os._exit(1)
+
+    monkeypatch.setattr(protocol_module, "copy2shm", copy_then_die)  # inherited by forked workers
+    with pytest.raises(shmalloc.WorkerDiedError):
+        shmalloc.map(make_array, range(4), processes=2, start_method="fork")
+    # The autouse fixture fails the test if a segment is left.
+
+
+def test_many_items_and_chunks():
+    """Thousands of items with chunks come back complete and in order; no descriptor is left open."""
+    fds = _open_fds()
+    assert shmalloc.map(abs, range(-1500, 1500), processes=2, chunksize=37) == [abs(i) for i in range(-1500, 1500)]
+    got = shmalloc.map(make_array, range(60), processes=2, chunksize=4, copy=False)
+    assert [float(a[1, 0]) for a in got] == [float(i) for i in range(60)]
+    del got
+    _wait_for_workers_to_exit()
+    assert _open_fds() <= fds
+
+
+def test_generators_empty_inputs_and_more_processes_than_items():
+    """Any iterable works; an empty one gives []; surplus processes are not started."""
+    assert shmalloc.map(abs, (i for i in range(-3, 0))) == [3, 2, 1]
+    assert shmalloc.map(abs, []) == []
+    assert len(set(shmalloc.map(pid_of, [1], processes=8))) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"processes": 0}, ValueError),
+        ({"processes": 1.5}, ValueError),
+        ({"chunksize": 0}, ValueError),
+        ({"start_method": "thread"}, ValueError),
+        ({"copy": "yes"}, TypeError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    """Bad arguments give clear exceptions before any worker starts."""
+    with pytest.raises(error):
+        shmalloc.map(abs, [1], **kwargs)
+    with pytest.raises(TypeError, match="callable"):
+        shmalloc.map(42, [1])
+
+
+def test_seed_makes_results_independent_of_processes_and_chunks():
+    """With a seed, each item's random numbers depend only on the seed and its index."""
+    one = shmalloc.map(draw, range(12), processes=1, seed=2024)
+    two = shmalloc.map(draw, range(12), processes=2, chunksize=5, seed=2024)
+    assert one == two
+    assert len({r[0] for r in one}) == 12  # each item has its own stream
+    assert shmalloc.map(draw, range(3), seed=7) != one[:3]
+    assert shmalloc.item_seed() is None
+
+
+def test_progress_bar(capsys):
+    """progress=True draws a tqdm bar that reaches the total, and changes no result."""
+    pytest.importorskip("tqdm")
+    assert shmalloc.map(abs, range(-5, 0), progress=True) == [5, 4, 3, 2, 1]
+    assert "5/5" in capsys.readouterr().err
+
+
+_INTERRUPT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import numpy as np
+    import shmalloc
+
+    def slow(i):
+        if i >= 2:
+            time.sleep(60)
+        return np.full(100_000, i)
+
+    print(os.getpid(), flush=True)
+    shmalloc.map(slow, range(6), processes=2, chunksize=1)
+    """
+)
+
+
+def test_keyboard_interrupt_stops_workers_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the process group) during map: KeyboardInterrupt, workers gone, no segment left."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPT_SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    pid = int(child.stdout.readline())
+    deadline = time.monotonic() + 30
+    while len(_children_of(pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children_of(pid)
+    assert len(workers) == 2
+    time.sleep(0.5)  # let items 0 and 1 come back through shared memory
+    os.killpg(pid, signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")]
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def unpicklable_result(i: int):
+    if i > 1:
+        return i
+    gen = (x for x in range(3))
+    if i == 0:
+        return gen  # not measurable: goes the shared memory way, where pickling fails
+    holder = np.empty(1, dtype=object)
+    holder[0] = gen
+    return holder  # measured as small: goes the pipe way, where pickling fails
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_unpicklable_result_is_an_error_naming_the_item(kind):
+    """A result that cannot be pickled fails with the item's index, through shared memory or the pipe."""
+    with pytest.raises(TypeError, match="generator") as info:
+        shmalloc.map(unpicklable_result, [7, 7, kind], processes=1)
+    assert info.value.shmalloc_index == 2
