@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import gc
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -124,7 +122,7 @@ def _fds() -> int:
 
 def _is_zombie_or_alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/status") as status:
+        with open(f"/proc/{pid}/status"):
             return True  # a zombie or a live process: either way not gone
     except FileNotFoundError:
         return False
@@ -225,7 +223,7 @@ def test_pool_rebuild_error_is_the_items_error_and_the_pool_still_works(method, 
                 pool.map(func, range(8), chunksize=chunksize)
             assert info.value.shmalloc_index == 3
             got = pool.map(explode_oserror, [0, 1, 2, 4])
-            for value, i in zip(got, [0, 1, 2, 4]):
+            for value, i in zip(got, [0, 1, 2, 4], strict=True):
                 np.testing.assert_array_equal(value, np.full(30_000, i))
 
 

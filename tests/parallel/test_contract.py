@@ -18,16 +18,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from engines import KINDS, START_METHODS, Engine, make, wait_for_no_workers
 from numpy._core.multiarray import get_handler_name
 
 import shmalloc
-from engines import KINDS, START_METHODS, Engine, make, wait_for_no_workers
 
 PIPE_LIMIT = 64 * 1024  # the engines' default
 ROWS = 20_000  # frames of this many rows hold more than the pipe limit
@@ -170,7 +171,7 @@ def assert_same(got: Any, want: Any) -> None:
         assert got.flags.f_contiguous or not want.flags.f_contiguous
     elif isinstance(want, (tuple, list)):
         assert type(got) is type(want) and len(got) == len(want)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert_same(g, w)
     elif isinstance(want, dict):
         assert type(got) is dict and list(got) == list(want)
@@ -226,7 +227,7 @@ def test_results_come_back_equal_and_in_input_order(engine):
     for copy in (True, False):
         got = engine.run(value, items, copy=copy)
         assert len(got) == len(items)
-        for i, result in zip(items, got):
+        for i, result in zip(items, got, strict=True):
             assert_same(result, value(i))
 
 
@@ -276,7 +277,7 @@ def test_copy_false_arrays_are_shmallocs_writable_and_private(engine):
     large = [a for a in arrays_in(boxed) if a.nbytes >= PIPE_LIMIT]
     assert len(large) == 2 and all(get_handler_name(memory_of(a)) == "shmalloc" and a.flags.writeable for a in large)
     del boxed, large
-    for k in range(2):  # the written results are gone: their objects may be reused, without the writes
+    for _ in range(2):  # the written results are gone: their objects may be reused, without the writes
         got = engine.run(full, range(4), copy=False)
         for i, a in enumerate(got):
             np.testing.assert_array_equal(a, full(i))

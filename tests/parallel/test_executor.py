@@ -28,7 +28,7 @@ def test_uncollected_and_cancelled_results_leave_nothing():
     cancelled = [f.cancel() for f in futures[3:]]
     pool.shutdown(wait=True)
     assert any(cancelled)
-    for future, was_cancelled in zip(futures[3:], cancelled):
+    for future, was_cancelled in zip(futures[3:], cancelled, strict=True):
         assert future.cancelled() == was_cancelled
     assert all(f.done() for f in futures)
 

@@ -297,13 +297,13 @@ def test_workers_refill_through_mappings_and_unmap_released_spares():
     with shmalloc.Pool(2, start_method="fork") as pool:
         pids = [w.process.pid for w in pool._workers]
         inherited = [_shm_mappings(pid) for pid in pids]  # the parent's, at fork
-        for k in range(3):  # from the second call on, refills go through the workers' mappings
+        for _ in range(3):  # from the second call on, refills go through the workers' mappings
             got = pool.map(sized, [4 << 20] * 2)
             assert all(a.sum() == 4 << 20 for a in got)
-        assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited)] == [1, 1]
+        assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [1, 1]
         pool.map(sized, [1 << 20] * 2)  # the 4 MB spares exceed what this call returned: released
         assert not pool._spares.free and not pool._spares.dropped
-        assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited)] == [0, 0]
+        assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [0, 0]
         assert [a.sum() for a in pool.map(sized, [1 << 20] * 2)] == [1 << 20] * 2  # the workers still serve
 
 

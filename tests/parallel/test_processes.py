@@ -53,7 +53,7 @@ def test_parent_creates_child_allocates(method, copy):
 
 def _write_in_child(conn, index: int) -> None:
     global _shared
-    _shared[index] = -1.0  # noqa: F821  (inherited through fork)
+    _shared[index] = -1.0
     conn.send(float(_shared.sum()))
     conn.close()
 

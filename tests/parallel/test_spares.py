@@ -245,7 +245,7 @@ def test_ls_shows_spares_held_in_this_process_and_in_a_child(capsys):
             assert list(held.columns) == ["name", "size", "pid", "command", "fds", "maps", "inode"]
             here = held[(held["pid"] == os.getpid()) & held["inode"].isin(mine)]  # earlier tests' objects may still close
             there = held[held["pid"] == child.pid]
-            assert dict(zip(here["inode"], here["size"])) == mine and list(there["size"]) == [child_bytes]
+            assert dict(zip(here["inode"], here["size"], strict=True)) == mine and list(there["size"]) == [child_bytes]
             assert there["command"].iloc[0].startswith(sys.executable) and (here["fds"] == 1).all()
             assert all(name.startswith("/shmalloc_") for name in [*here["name"], *there["name"]])
             assert not set(here["name"]) & set(shmalloc.segments()["name"])  # not in /dev/shm's listing

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
 import subprocess
 import sys
@@ -61,7 +60,7 @@ def test_threads_hammering_one_pool_get_their_own_results(method):
             for round_ in range(4):
                 items = [(thread, i) for i in range(round_ * 3, round_ * 3 + 6)]
                 got = pool.map(scaled, items, chunksize=1 + round_ % 2)
-                for (t, i), value in zip(items, got):
+                for (t, i), value in zip(items, got, strict=True):
                     np.testing.assert_array_equal(value, np.full(20_000, t * 1000 + i))
 
         errors = _run_threads(hammer, 3)

@@ -14,8 +14,8 @@ import json
 import os
 import pickle
 import secrets
-import subprocess
 import stat
+import subprocess
 import sys
 import textwrap
 from pathlib import Path

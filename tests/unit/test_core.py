@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import subprocess
-import sys
 import pickle
 import re
 import stat
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -119,7 +119,7 @@ def test_lists_tuples_and_scalars_keep_their_type(copy):
         assert type(back) is type(x)
         if isinstance(x, (list, tuple)):
             assert len(back) == len(x)
-            for a, b in zip(x, back):
+            for a, b in zip(x, back, strict=True):
                 assert type(a) is type(b) and np.array_equal(a, b)
         else:
             assert back == x

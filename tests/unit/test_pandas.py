@@ -48,7 +48,7 @@ def assert_same(result, expected) -> None:
         assert result.names == expected.names
         assert getattr(result, "freq", None) == getattr(expected, "freq", None)
         if isinstance(expected, pd.MultiIndex):
-            for r, e in zip(result.levels, expected.levels):
+            for r, e in zip(result.levels, expected.levels, strict=True):
                 assert_same(r, e)
     elif isinstance(expected, pd.Categorical):
         tm.assert_extension_array_equal(result, expected, check_exact=True)
@@ -412,7 +412,7 @@ def test_subclass_of_dataframe_goes_through_pickle():
 
 
 class _SubFrame(pd.DataFrame):
-    _metadata = ["unit"]
+    _metadata = ["unit"]  # noqa: RUF012 (pandas reads this class attribute as a list)
 
     @property
     def _constructor(self):

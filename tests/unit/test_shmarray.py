@@ -212,9 +212,8 @@ def test_reference_to_a_replaced_or_missing_segment_raises(shm_name):
         with pytest.raises(shmalloc.CorruptHandleError):
             _rebuild(name, size, inode + 1, shape, dtype, offset, strides)  # another object under the same name
         # a process that has not mapped it checks the object itself
-        with mp.get_context("spawn").Pool(1) as pool:
-            with pytest.raises(shmalloc.CorruptHandleError):
-                pool.apply(_rebuild, (name, size + 8, inode, shape, dtype, offset, strides))
+        with mp.get_context("spawn").Pool(1) as pool, pytest.raises(shmalloc.CorruptHandleError):
+            pool.apply(_rebuild, (name, size + 8, inode, shape, dtype, offset, strides))
 
 
 # ---- lifetime ----
@@ -309,7 +308,7 @@ def _forked_child_drops_array(conn) -> None:
     del _inherited  # the child's last reference: it must not remove the parent's name
     gc.collect()
     try:
-        _inherited_view.unlink()  # noqa: F821
+        _inherited_view.unlink()
     except ValueError:
         conn.send("refused")
     else:
@@ -524,9 +523,8 @@ def test_shmarrays_of_a_failed_call_leave_nothing(chunksize):
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(KeyError):
         shmalloc.map(_shmarray_or_fail, range(8), processes=2, start_method="fork", chunksize=chunksize)
-    with shmalloc.Pool(2) as pool:
-        with pytest.raises(KeyError):
-            pool.map(_shmarray_or_fail, range(8), chunksize=chunksize)
+    with shmalloc.Pool(2) as pool, pytest.raises(KeyError):
+        pool.map(_shmarray_or_fail, range(8), chunksize=chunksize)
     gc.collect()
     assert not _new_names_of_dead_or_this_process(before)
 
@@ -553,7 +551,7 @@ def test_returned_shmarrays_are_named_for_the_receiver(method):
     names = [a.name for a in arrays]
     assert all(_names.creator_pid(name) == os.getpid() for name in names)
     listed = shmalloc.segments()
-    alive = dict(zip(listed["name"], listed["alive"]))
+    alive = dict(zip(listed["name"], listed["alive"], strict=True))
     assert all(alive[name] for name in names)
     del arrays
     assert _gone_after_collect(names)
