@@ -1,4 +1,4 @@
-"""``python -m shmalloc``: the command line (see :mod:`shmalloc._cli`)."""
+"""``python -m shmalloc``: the command line (see :mod:`shmalloc.tools._cli`)."""
 import sys
 
 from .tools._cli import main, module_prog

@@ -11,6 +11,7 @@ of the object is a hole that a full /dev/shm could refuse to fault in later.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ._posix import PAGE
 from .errors import CorruptHandleError
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ TOKEN_BYTES = 16
 HEADER = struct.Struct("<8sII16sQQQ")  # magic, version, reserved, token, recipe, data offset, size
 HEADER_SIZE = 64
 MAX_RECIPE = 1 << 30
+#: Buffers start on page boundaries, so that each zero-copy array can own (and unmap) its own part.
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: The keys every recipe has.
 RECIPE_KEYS = frozenset({"type", "length", "attributes", "buffers"})
 

@@ -34,7 +34,6 @@ except ImportError as exc:  # Windows (never built), or a broken or missing buil
 POSIX_PLATFORM = sys.platform != "win32"
 SUPPORTED = lib is not None and POSIX_PLATFORM
 ZERO_COPY = sys.platform.startswith("linux") or sys.platform.startswith("freebsd")
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: Where Linux shows POSIX shared memory objects as files.
 SHM_DIR = Path("/dev/shm")
 
@@ -189,11 +188,15 @@ def _check_kind_and_size(st: os.stat_result, name: str, size: int, exact: bool, 
     if not stat.S_ISREG(st.st_mode):
         raise ShmError(errno.EINVAL, "not a regular shared memory object", name)
     wrong_size = st.st_size != size if exact else st.st_size < size
-    if wrong_size or (inode is not None and st.st_ino != inode):
-        expected = f"{'' if exact else 'at least '}{size} bytes" + ("" if inode is None else f", inode {inode}")
+    if inode is None and wrong_size:  # a handle's segment
         raise CorruptHandleError(
-            f"{name}: the shared memory object is not the one expected ({st.st_size} bytes, inode {st.st_ino};"
-            f" expected {expected}): truncated, resized or replaced"
+            f"{name}: the shared memory object holds {st.st_size} bytes, the handle says {'at least ' if not exact else ''}"
+            f"{size} (truncated, resized or replaced)"
+        )
+    if wrong_size or (inode is not None and st.st_ino != inode):  # a ShmArray's segment
+        raise CorruptHandleError(
+            f"{name}: the shared memory object is not the one expected"
+            f" ({st.st_size} bytes, inode {st.st_ino}; expected {size} bytes, inode {inode})"
         )
 
 

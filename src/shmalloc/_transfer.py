@@ -82,7 +82,7 @@ def _create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]
 def _fill(fd: int, label: str, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> None:
     """Write the segment of ``plan`` at the start of ``fd`` with pwrite (the GIL is released), padding included."""
     _posix.write_bytes(fd, label, plan.head, 0)
-    padding = np.zeros(_posix.PAGE, np.uint8)
+    padding = np.zeros(_format.PAGE, np.uint8)
     for buf, layout in zip(buffers, plan.layouts, strict=True):
         nbytes = buf.nbytes
         if nbytes:
@@ -98,7 +98,7 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
     if address is None or plan.size > mapping.length or os.fstat(fd).st_size < plan.size:
         return False  # never write through the mapping past the end of the object (SIGBUS)
     _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
-    padding = np.zeros(_posix.PAGE, np.uint8)
+    padding = np.zeros(_format.PAGE, np.uint8)
     base = address + plan.data_offset
     for buf, layout in zip(buffers, plan.layouts, strict=True):
         nbytes = buf.nbytes

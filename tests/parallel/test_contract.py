@@ -217,6 +217,15 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def fds_once_warm(engine) -> set[str]:
+    """The descriptors open once the engine ran and closed (a start method starts its forkserver and
+    resource tracker once, and they stay), with no worker left."""
+    engine.run(abs, [-1])
+    engine.close()
+    assert not wait_for_no_workers()
+    return open_fds()
+
+
 # ---- results ----
 
 
@@ -313,10 +322,7 @@ def test_exception_that_cannot_be_rebuilt_becomes_worker_error(engine):
 @pytest.mark.parametrize("engine", EVERY_METHOD, indirect=True)
 def test_worker_killed_mid_item_is_reported_not_a_hang(engine):
     """A worker killed by SIGKILL while working raises (WorkerDiedError naming the item and signal; the executor: BrokenProcessPool); closing leaves no descriptor or worker."""
-    engine.run(abs, [-1])  # starts what a start method starts once (forkserver, resource tracker)
-    engine.close()
-    assert not wait_for_no_workers()
-    fds = open_fds()
+    fds = fds_once_warm(engine)
     engine.run(full, range(2))  # a Pool then hands the dying call recycled objects
     with pytest.raises(engine.died) as info:
         engine.run(kill_self_on_two, range(6))
@@ -416,10 +422,7 @@ def test_full_dev_shm_sends_results_through_the_pipe_with_one_warning(kind):
 @pytest.mark.parametrize("engine", EVERY_METHOD, indirect=True)
 def test_nothing_is_left_after_the_engine_is_done(engine):
     """Once the engine is closed (map: once a call returns), its workers are reaped, no descriptor is left open and /dev/shm holds nothing of it."""
-    engine.run(abs, [-1])  # starts what a start method starts once (forkserver, resource tracker)
-    engine.close()
-    assert not wait_for_no_workers()
-    fds = open_fds()
+    fds = fds_once_warm(engine)
     got = engine.run(pid_and_value, range(KINDS_OF_VALUES), copy=False)  # copy=False: results keep mappings
     pids = {pid for pid, _ in got}
     if not engine.keeps_workers:  # map: reaped before the call returns, not merely soon after

@@ -219,3 +219,13 @@ def test_unpicklable_result_is_an_error_naming_the_item(kind):
     with pytest.raises(TypeError, match="generator") as info:
         shmalloc.map(unpicklable_result, [7, 7, kind], processes=1)
     assert info.value.shmalloc_index == 2
+
+
+def test_arguments_are_checked_func_first():
+    """With several bad arguments, map names func first, then processes, then the start method."""
+    with pytest.raises(TypeError, match="func must be callable"):
+        shmalloc.map(None, [1], processes=0, start_method="nope")
+    with pytest.raises(ValueError, match="processes"):
+        shmalloc.map(abs, [1], processes=0, start_method="nope")
+    with pytest.raises(ValueError, match="start_method"):
+        shmalloc.map(abs, [1], start_method="nope")

@@ -21,7 +21,7 @@ import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
 import shmalloc.parallel._recycling as recycling_module
-from shmalloc import _posix, _releaser
+from shmalloc import _format, _posix, _releaser
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -154,7 +154,7 @@ def test_spares_are_bounded_by_the_last_call():
         assert big >= 8 << 20
         pool.map(sized, [1 << 20])
         kept = sum(spare.size for spare in pool._spares.free)
-        assert kept <= 1.25 * ((1 << 20) + 2 * _posix.PAGE)
+        assert kept <= 1.25 * ((1 << 20) + 2 * _format.PAGE)
 
 
 def test_recycle_false_makes_fresh_objects(monkeypatch):
@@ -399,3 +399,33 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
         finally:
             os.kill(forked[0], signal.SIGKILL)  # it answered already, or waits for a message that never comes
             os.waitpid(forked[0], 0)
+
+
+_UNSENDABLE_SPARE = textwrap.dedent(
+    """
+    import errno, sys
+    import numpy as np
+    import shmalloc
+    from shmalloc.parallel import _protocol
+
+    def refuse(conn, fd, pid):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(np.ones, [100_000])  # its object becomes the spare of the next call
+        real, _protocol.send_descriptor = _protocol.send_descriptor, refuse
+        try:
+            pool.map(np.ones, [100_000])
+        except shmalloc.WorkerDiedError as exc:
+            print("WorkerDiedError", exc.index)
+        _protocol.send_descriptor = real
+        print(float(pool.map(np.ones, [100_000])[0].sum()))
+    """
+)
+
+
+def test_a_spare_that_cannot_be_sent_to_a_live_worker_is_an_error_not_a_hang():
+    """If a spare's descriptor cannot be sent (EMFILE) the waiting worker is ended and the item reported, and the pool goes on."""
+    proc = subprocess.run([sys.executable, "-c", _UNSENDABLE_SPARE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["WorkerDiedError", "0", "100000.0"]

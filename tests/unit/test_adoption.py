@@ -155,7 +155,7 @@ def test_a_zero_copy_array_is_the_owner_of_its_own_mapping(dtype, order):
     assert mapping is not None, "the data pointer is not the start of a mapping"
     offset, path = mapping
     assert obj.name in path and path.endswith("(deleted)")
-    assert offset == obj.size - -(-x.nbytes // _posix.PAGE) * _posix.PAGE  # the buffer is the segment's last part
+    assert offset == obj.size - -(-x.nbytes // _format.PAGE) * _format.PAGE  # the buffer is the segment's last part
     assert get_handler_name(y) == "shmalloc" and y.flags.owndata and y.base is None
     assert y.flags.writeable and y.flags.aligned
     assert y.flags.f_contiguous if order == "F" else y.flags.c_contiguous
@@ -173,8 +173,8 @@ def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
     allows (EINVAL), and then registers nothing: the caller still owns the mapping."""
     from shmalloc._posix import ffi, lib
 
-    fd = _anonymous_object(_posix.PAGE)
-    address = lib.shmalloc_map(fd, _posix.PAGE, 0, 1, ffi.NULL)
+    fd = _anonymous_object(_format.PAGE)
+    address = lib.shmalloc_map(fd, _format.PAGE, 0, 1, ffi.NULL)
     os.close(fd)
     try:
         before = _posix.live_mappings()
@@ -192,13 +192,13 @@ def test_the_core_refuses_bad_arguments_and_registers_nothing(bad):
         dims = ffi.new("intptr_t[]", shape)
         owned = ffi.new("int *")
         rc = lib.shmalloc_adopt(
-            address, _posix.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)), owned
+            address, _format.PAGE, ffi.cast("void *", id(dtype)), len(shape), dims, 0, ffi.cast("void *", id(out)), owned
         )
         assert rc == -1 and ffi.errno == errno.EINVAL and owned[0] == 0
         assert _posix.live_mappings() == before and not lib.shmalloc_is_adopted(address)
         assert list(out) in ([None], [None, None], [0])
     finally:
-        lib.shmalloc_unmap(address, _posix.PAGE)
+        lib.shmalloc_unmap(address, _format.PAGE)
 
 
 def _anonymous_object(size: int) -> int:
@@ -212,13 +212,13 @@ def _anonymous_object(size: int) -> int:
 def test_a_failing_munmap_when_an_array_is_freed_is_counted():
     """When numpy frees an adopted array and munmap fails, the core neither crashes nor stays silent:
     the failure is counted, with its errno, for Python to read."""
-    region = mmap.mmap(-1, 2 * _posix.PAGE)
+    region = mmap.mmap(-1, 2 * _format.PAGE)
     start = np.frombuffer(region, np.uint8).__array_interface__["data"][0]
     before, _ = _posix.unmap_failures()
     # An address one byte into the page: munmap refuses it (EINVAL) and unmaps nothing.
     layout = _format.BufferLayout(0, np.dtype(np.uint8), (16,), False)
     out = _posix.MapOut(1)
-    array = _adopt._adopt_part("/test", start + 1, _posix.PAGE, layout, out, 0)
+    array = _adopt._adopt_part("/test", start + 1, _format.PAGE, layout, out, 0)
     assert out.owned(0)
     assert get_handler_name(array) == "shmalloc" and array.flags.owndata
     del array

@@ -9,7 +9,7 @@ import pytest
 from numpy._core.multiarray import get_handler_name
 
 import shmalloc
-from shmalloc import _names, _posix, _transfer
+from shmalloc import _format, _names, _transfer
 from shmalloc._shared import SPARE_LABEL, RefillMapping
 
 
@@ -82,10 +82,10 @@ def test_held_descriptor_of_something_else_is_refused_like_a_named_one(shm_name)
     finally:
         os.close(read_end)
         os.close(write_end)
-    fd = _held_object(shm_name, _posix.PAGE)
+    fd = _held_object(shm_name, _format.PAGE)
     try:
         with pytest.raises(shmalloc.CorruptHandleError, match="truncated"):
-            _transfer.open_held(fd, SPARE_LABEL, 2 * _posix.PAGE)
+            _transfer.open_held(fd, SPARE_LABEL, 2 * _format.PAGE)
     finally:
         os.close(fd)
 

@@ -176,7 +176,11 @@ class Call:
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
         except OSError:
-            pass  # the worker is gone: _step sees its sentinel and names the item
+            # Mostly the worker is gone: _step sees its sentinel and names the item. But a
+            # descriptor that cannot be sent (EMFILE, ETOOMANYREFS) leaves a live worker waiting
+            # for it, and this call waiting for the worker: end it, so that it is gone too.
+            if worker.process.exitcode is None:
+                worker.process.kill()
 
     def _step(self) -> None:
         busy = [w for w in self.workers if w.pending]

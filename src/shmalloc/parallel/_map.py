@@ -18,7 +18,7 @@ import numpy as np
 
 from .._posix import usable_cpus
 from ._call import Call, NamedResults
-from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context
+from ._options import PIPE_LIMIT, check_picklable, prepare
 from ._workers import Workers
 
 #: How error notes name the call.
@@ -124,14 +124,18 @@ def map(
     >>> [a.sum() for a in shmalloc.map(np.ones, [100_000, 200_000], processes=2)]
     [np.float64(100000.0), np.float64(200000.0)]
     """
-    if processes is not None:
-        check_count("processes", processes, 1)
-    ctx = start_context(start_method)
-    inherit = ctx.get_start_method() == "fork"
-    items, options = prepare(
-        func, iterable, copy=copy, chunksize=chunksize, seed=seed, pipe_limit=pipe_limit, inherit=inherit
+    ctx, items, options = prepare(
+        func,
+        iterable,
+        processes=processes,
+        copy=copy,
+        start_method=start_method,
+        chunksize=chunksize,
+        seed=seed,
+        pipe_limit=pipe_limit,
+        workers_per_call=True,
     )
-    if not inherit:
+    if options.items is None:  # not inherited: func travels to the workers pickled
         check_picklable(
             func,
             f"under start_method={ctx.get_start_method()!r} func must be picklable (a module-level function);"

@@ -49,25 +49,32 @@ def prepare(
     func: Callable[[Any], Any],
     iterable: Iterable[Any],
     *,
+    processes: int | None,
     copy: bool,
+    start_method: str | None,
     chunksize: int,
     seed: int | np.random.SeedSequence | None,
     pipe_limit: int,
-    inherit: bool,
-) -> tuple[list[Any], Options]:
-    """Check a call's arguments; return its items and the options for its workers.
+    workers_per_call: bool,
+) -> tuple[multiprocessing.context.BaseContext, list[Any], Options]:
+    """Check a call's arguments; return its multiprocessing context, its items and the options for its workers.
 
-    ``inherit``: the workers are forked for this call and inherit the items.
+    ``workers_per_call``: the workers are started for this call, so under
+    fork they inherit the items (and ``func``, whatever it is).
     """
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
+    if processes is not None:
+        check_count("processes", processes, 1)
     check_count("chunksize", chunksize, 1)
     check_count("pipe_limit", pipe_limit, 0)
     check_copy(copy)
+    ctx = start_context(start_method)
     if seed is not None and not isinstance(seed, np.random.SeedSequence):
         seed = np.random.SeedSequence(seed)
     items = list(iterable)
-    return items, Options(func, items if inherit else None, seed, pipe_limit)
+    inherit = workers_per_call and ctx.get_start_method() == "fork"
+    return ctx, items, Options(func, items if inherit else None, seed, pipe_limit)
 
 
 def check_picklable(func: Callable[[Any], Any], why: str) -> None:

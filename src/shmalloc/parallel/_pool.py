@@ -166,8 +166,16 @@ class Pool:
         self._refuse_other_process("map")
         if self._closed:
             raise ValueError("the pool is closed")
-        items, options = prepare(
-            func, iterable, copy=copy, chunksize=chunksize, seed=seed, pipe_limit=self._limit, inherit=False
+        _, items, options = prepare(
+            func,
+            iterable,
+            processes=None,
+            copy=copy,
+            start_method=self._ctx.get_start_method(),
+            chunksize=chunksize,
+            seed=seed,
+            pipe_limit=self._limit,
+            workers_per_call=False,
         )
         check_picklable(func, "Pool.map pickles func to its running workers (use a module-level function)")
         self._refuse_reentry("map")

@@ -186,7 +186,7 @@ def run_ls(as_json: bool = False, out: TextIO | None = None) -> int:
 def run_gc(older_than: float | None = None, dry_run: bool = False, out: TextIO | None = None) -> int:
     """Remove orphaned segments and print a one-line summary; return 0, or 1 if a removal failed.
 
-    ``older_than`` None: the default age (:data:`shmalloc._cleanup.DEFAULT_OLDER_THAN`). With
+    ``older_than`` None: the default age (:data:`shmalloc.tools._cleanup.DEFAULT_OLDER_THAN`). With
     ``dry_run`` each segment that would be removed is listed before the summary.
     """
     from .._display import human_size
