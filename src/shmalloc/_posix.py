@@ -190,8 +190,8 @@ def _check_kind_and_size(st: os.stat_result, name: str, size: int, exact: bool, 
     wrong_size = st.st_size != size if exact else st.st_size < size
     if inode is None and wrong_size:  # a handle's segment
         raise CorruptHandleError(
-            f"{name}: the shared memory object holds {st.st_size} bytes, the handle says {'at least ' if not exact else ''}"
-            f"{size} (truncated, resized or replaced)"
+            f"{name}: the shared memory object holds {st.st_size} bytes, the handle says {size}"
+            " (truncated, resized or replaced)"
         )
     if wrong_size or (inode is not None and st.st_ino != inode):  # a ShmArray's segment
         raise CorruptHandleError(
