@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -98,6 +99,20 @@ def pytest_configure(config: pytest.Config) -> None:
 # Python 3.12+ warns after a fork in the parent if the process had other threads. It warns from C
 # once the child exists, so -W error cannot make it an exception: the warnings are recorded instead.
 FORK_WITH_THREADS = re.compile(r"is multi-threaded, use of fork\(\)")
+# What other threads the process had at its latest fork: named in the failure, to find whose they were.
+_threads_at_fork: list[str] = []
+
+
+def _record_threads_at_fork() -> None:
+    python_threads = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    try:
+        tasks = len(os.listdir("/proc/self/task"))
+    except OSError:
+        tasks = -1
+    _threads_at_fork[:] = [f"{t.name} (native id {t.native_id})" for t in python_threads] + [f"{tasks} OS threads"]
+
+
+os.register_at_fork(before=_record_threads_at_fork)
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +127,11 @@ def no_fork_with_threads(request):
         if w not in forks:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if forks and not request.node.get_closest_marker("allow_fork_with_threads"):
-        pytest.fail(f"{len(forks)} forks while the process had other threads: {forks[0].message}", pytrace=False)
+        pytest.fail(
+            f"{len(forks)} forks while the process had other threads: {forks[0].message}"
+            f" (at the latest fork: {', '.join(_threads_at_fork)})",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -146,6 +146,9 @@ class ProcessPoolExecutor(cf.Executor):
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
+        # OS thread ids of the threads the standard executor ran for this pool (its manager and
+        # queue feeder threads): shutdown waits until they are gone, also those that ended before.
+        self._pool_threads: set[int | None] = set()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
         """Schedule ``fn(*args, **kwargs)``; return a future of its result."""
@@ -159,12 +162,16 @@ class ProcessPoolExecutor(cf.Executor):
             self._forget(name)
             raise
         future._task = task
+        with self._lock:
+            self._pool_threads |= native_ids()  # the pool starts its threads in its first submit
         task.add_done_callback(lambda done: self._settle(done, future, name))
         return future
 
     def _settle(self, task: cf.Future, future: _Future, name: str) -> None:
         """Consume the task's segment at once; hand the result (or error) to the caller's future."""
         settled = True
+        with self._lock:
+            self._pool_threads.add(threading.get_native_id())  # the manager thread, which may end before shutdown
         try:
             if task.cancelled():
                 future.cancel()
@@ -217,9 +224,12 @@ class ProcessPoolExecutor(cf.Executor):
         threads_before = native_ids()
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait:
-            # The standard executor's threads are joined, but their OS threads may live a moment
-            # longer: a fork right after shutdown would then fork a multi-threaded process.
-            wait_until_gone(threads_before - native_ids())
+            # The standard executor's threads are joined (a broken pool's manager thread may have
+            # ended earlier), but their OS threads may live a moment longer: a fork right after
+            # shutdown would then fork a multi-threaded process.
+            with self._lock:
+                ours = threads_before | self._pool_threads
+            wait_until_gone(ours - native_ids())
             # The workers are gone: nothing can create these names any more.
             with self._lock:
                 left, self._names = self._names, set()
