@@ -46,7 +46,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_owned_names.clear)  # a forked child owns none of them
 
 
-class _Ownership:
+class Ownership:
     """The creating process's claim on a segment's name."""
 
     def __init__(self, mapping: _shared.SharedMapping) -> None:
@@ -54,7 +54,7 @@ class _Ownership:
         self.finalizer = weakref.finalize(mapping, _owner_unlink, mapping.name, self.pid)
 
 
-_owned: "weakref.WeakKeyDictionary[_shared.SharedMapping, _Ownership]" = weakref.WeakKeyDictionary()
+_owned: "weakref.WeakKeyDictionary[_shared.SharedMapping, Ownership]" = weakref.WeakKeyDictionary()
 
 
 # In a worker of shmalloc: the pid of the process its results go to. New names carry it, because
@@ -78,7 +78,7 @@ def new_mapping(nbytes: int) -> _shared.SharedMapping:
         _owned_names.discard(name)  # create_shared left nothing
         raise
     with _lock:
-        _owned[mapping] = _Ownership(mapping)
+        _owned[mapping] = Ownership(mapping)
         _mappings[name] = mapping
     return mapping
 
@@ -111,7 +111,7 @@ def mapping_of(array: np.ndarray) -> _shared.SharedMapping | None:
     return base if isinstance(base, _shared.SharedMapping) else None
 
 
-def ownership_of(mapping: _shared.SharedMapping | None) -> _Ownership | None:
+def ownership_of(mapping: _shared.SharedMapping | None) -> Ownership | None:
     """This process's claim on ``mapping``'s name, if it owns it (None elsewhere)."""
     ownership = _owned.get(mapping) if mapping is not None else None
     return ownership if ownership is not None and ownership.pid == os.getpid() else None
@@ -122,7 +122,7 @@ def take_over(mapping: _shared.SharedMapping) -> None:
     with _lock:
         if ownership_of(mapping) is None:
             _owned_names.add(mapping.name)
-            _owned[mapping] = _Ownership(mapping)
+            _owned[mapping] = Ownership(mapping)
 
 
 def joins_handover(mapping: _shared.SharedMapping) -> bool:
