@@ -20,8 +20,7 @@ import pytest
 import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
-import shmalloc.parallel._recycling as recycling_module
-from shmalloc import _format, _posix, _releaser
+from shmalloc import _format, _posix, _releaser, _transfer
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -368,7 +367,7 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
     """A child forked after a copy=False result's arrays were mapped but before its object was lent keeps seeing that result."""
     ctx = mp.get_context("fork")
     parent_end, child_end = ctx.Pipe()
-    consume = recycling_module._consume
+    consume = _transfer.read
     forked: list[int] = []
 
     def consume_then_fork(segment, handle, copy):
@@ -386,9 +385,9 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
 
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [1], copy=True)  # the next call gets a spare
-        monkeypatch.setattr(recycling_module, "_consume", consume_then_fork)
+        monkeypatch.setattr(_transfer, "read", consume_then_fork)
         (result,) = pool.map(full, [7], copy=False)
-        monkeypatch.setattr(recycling_module, "_consume", consume)
+        monkeypatch.setattr(_transfer, "read", consume)
         try:
             assert forked
             del result

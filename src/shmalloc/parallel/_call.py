@@ -70,10 +70,10 @@ class Call:
     ----------
     workers : Workers
         Started up to ``nproc`` here; stopped at the end unless ``persistent``.
-    send_options : Options or None
-        Sent with every task (None: the workers were started with them).
     persistent : bool
-        The workers outlive the call (a Pool's): no task is marked last.
+        The workers outlive the call (a Pool's): every task carries the
+        call's options (the workers were not started with them) and none is
+        marked last.
     interrupted : callable
         Returns a reason (str) to stop at once, e.g. the pool was terminated.
     label : str
@@ -91,7 +91,6 @@ class Call:
         results: NamedResults,
         progress: bool,
         label: str,
-        send_options: bool,
         persistent: bool,
         interrupted: Callable[[], str | None] = lambda: None,
     ) -> None:
@@ -104,7 +103,6 @@ class Call:
         self.results = results
         self.progress = progress
         self.label = label
-        self.send_options = send_options
         self.persistent = persistent
         self.interrupted = interrupted
         self.fallbacks = 0
@@ -165,7 +163,7 @@ class Call:
         worker.pending = list(chunk)
         task = _protocol.Task(
             entries,
-            options=self.options if self.send_options else None,
+            options=self.options if self.persistent else None,
             last=not self.persistent and self.next_chunk >= len(self.chunks),
             drops=self.results.drops_for(pid),
         )

@@ -153,7 +153,6 @@ def map(
         results=NamedResults(copy),
         progress=progress,
         label=LABEL,
-        send_options=False,
         persistent=False,
     )
     return call.run()

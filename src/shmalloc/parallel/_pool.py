@@ -198,7 +198,6 @@ class Pool:
                         results=SpareResults(copy, self._spares, self._recycle),
                         progress=progress,
                         label=LABEL,
-                        send_options=True,
                         persistent=True,
                         interrupted=self._interrupted,
                     )

@@ -263,10 +263,15 @@ def receive(shipped: Shipped, name: str, copy: bool) -> Any:
     """In the parent: rebuild the result a worker shipped (consuming its segment)."""
     if shipped.handle is None:
         return shipped.value
-    if shipped.handle.name != name:
-        raise ShmError(errno.EINVAL, f"a worker answered with segment {shipped.handle.name!r}", name)
+    check_answered_name(shipped.handle, name)
     value = allocate_from_shm(shipped.handle, copy=copy)
     return value.value if shipped.boxed else value
+
+
+def check_answered_name(handle: ShmObj, name: str) -> None:
+    """Refuse a handle to any segment but ``name``, the one the parent handed out with the item."""
+    if handle.name != name:
+        raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
 
 
 def discard(name: str) -> None:

@@ -8,22 +8,12 @@ every array mapping it is freed for a ``copy=False`` result (see
 """
 from __future__ import annotations
 
-import errno
 from typing import Any
 
-import numpy as np
-
 from .. import _transfer
-from .._handle import ShmObj
-from ..errors import ShmError
 from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
-
-
-def _consume(segment: _transfer.Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
-    """Rebuild the object in ``segment``; also return the arrays that own mappings of it."""
-    return _transfer.read(segment, handle, copy)
 
 
 class SpareResults(NamedResults):
@@ -65,18 +55,17 @@ class SpareResults(NamedResults):
         if spare is not None:
             try:
                 with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
-                    value, owners = _consume(segment, handle, self.copy)
+                    value, owners = _transfer.read(segment, handle, self.copy)
             except BaseException:
                 self.spares.release(spare)
                 raise
             spare.size = max(spare.size, handle.size)
         else:
             name = self.names[index]
-            if handle.name != name:
-                raise ShmError(errno.EINVAL, f"a worker answered with segment {handle.name!r}", name)
+            _protocol.check_answered_name(handle, name)
             del self.names[index]
             with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
-                value, owners = _consume(segment, handle, self.copy)
+                value, owners = _transfer.read(segment, handle, self.copy)
                 fd = segment.reopen_writable() if self.recycle else -1
             spare = Spare(fd, handle.size) if fd >= 0 else None
         self.consumed_bytes += handle.size
