@@ -162,8 +162,6 @@ class ProcessPoolExecutor(cf.Executor):
             self._forget(name)
             raise
         future._task = task
-        with self._lock:
-            self._pool_threads |= native_ids()  # the pool starts its threads in its first submit
         task.add_done_callback(lambda done: self._settle(done, future, name))
         return future
 
@@ -171,7 +169,9 @@ class ProcessPoolExecutor(cf.Executor):
         """Consume the task's segment at once; hand the result (or error) to the caller's future."""
         settled = True
         with self._lock:
-            self._pool_threads.add(threading.get_native_id())  # the manager thread, which may end before shutdown
+            # This runs on the pool's manager thread, while its queue feeder thread lives too: either
+            # may end before shutdown (a broken pool).
+            self._pool_threads |= native_ids()
         try:
             if task.cancelled():
                 future.cancel()
