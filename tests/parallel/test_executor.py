@@ -4,10 +4,14 @@ What the executor shares with map and Pool is in test_contract.py."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
+from engines import wait_for_no_workers
 
 import shmalloc
 
@@ -21,6 +25,39 @@ def slow_big(i: int) -> np.ndarray:
     return np.full(50_000, i)
 
 
+def die_on_zero(i: int) -> int:
+    if i == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return i
+
+
+def test_cancelling_tasks_of_a_breaking_pool_leaves_no_worker():
+    """Cancelling the other futures when the first one fails with BrokenProcessPool (what Executor.map
+    does, from another thread; here from the failing future's callback, while the pool is failing its
+    pending tasks) cancels them, and the pool's other worker still ends."""
+    pool = shmalloc.ProcessPoolExecutor(2)
+    futures = [pool.submit(die_on_zero, i) for i in range(12)]
+
+    def cancel_the_rest(done: cf.Future) -> None:
+        if isinstance(done.exception(), BrokenProcessPool):
+            for future in futures:
+                future.cancel()
+
+    for future in futures:
+        future.add_done_callback(cancel_the_rest)
+    cf.wait(futures, timeout=60)
+    pool.shutdown(wait=True)
+    assert all(future.done() for future in futures)
+    assert any(future.cancelled() for future in futures)
+    with pytest.raises(BrokenProcessPool):
+        futures[0].result()
+    left = wait_for_no_workers()
+    for worker in left:
+        worker.kill()  # so that a failure does not hang the run at exit, joining it
+    assert not left
+
+
 def test_uncollected_and_cancelled_results_leave_nothing():
     """Results nobody asks for, and cancelled tasks, leave no segment once the pool is shut down."""
     pool = shmalloc.ProcessPoolExecutor(1)
@@ -31,6 +68,17 @@ def test_uncollected_and_cancelled_results_leave_nothing():
     for future, was_cancelled in zip(futures[3:], cancelled, strict=True):
         assert future.cancelled() == was_cancelled
     assert all(f.done() for f in futures)
+
+
+def test_cancelled_futures_are_done_for_wait_and_as_completed():
+    """A cancelled future counts as done for cf.wait and cf.as_completed, as the standard executor's do."""
+    with shmalloc.ProcessPoolExecutor(1) as pool:
+        futures = [pool.submit(slow_big, i) for i in range(6)]
+        cancelled = [future for future in futures[3:] if future.cancel()]
+        assert cancelled
+        done, not_done = cf.wait(cancelled, timeout=10)
+        assert done == set(cancelled) and not not_done
+        assert set(cf.as_completed(cancelled, timeout=10)) == set(cancelled)
 
 
 def test_results_are_consumed_even_if_never_asked_for():

@@ -66,16 +66,29 @@ def _complete_unsent() -> None:
 
 
 class _Future(cf.Future):
-    """The caller's future; cancelling it cancels the task in the pool."""
+    """The caller's future; cancelling it cancels the task in the pool, unless the pool is broken."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool_broken: threading.Event) -> None:
         super().__init__()
         self._task: cf.Future | None = None
+        self._pool_broken = pool_broken
+        self._cancelling = threading.Lock()
 
     def cancel(self) -> bool:
-        if self._task is not None and not self._task.cancel():
+        # A broken pool fails its pending tasks one by one on its manager thread. Python 3.11's
+        # manager thread dies if one of them was cancelled meanwhile, leaving the other workers
+        # running (3.12 ignores it). Their tasks fail anyway: only this future is cancelled.
+        # (Cancelling the task runs its callback, which cancels this future: outside the lock.)
+        if self._task is not None and not self._pool_broken.is_set() and not self._task.cancel():
             return False
-        return super().cancel()
+        with self._cancelling:
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False
+            # What an executor does with a cancelled future: cf.wait and as_completed see it done.
+            self.set_running_or_notify_cancel()
+            return True
 
 
 class ProcessPoolExecutor(cf.Executor):
@@ -146,6 +159,8 @@ class ProcessPoolExecutor(cf.Executor):
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
+        # Set before the first task of a broken pool fails, so before its caller can react to it.
+        self._broken = threading.Event()
         # OS thread ids of the threads the standard executor ran for this pool (its manager and
         # queue feeder threads): shutdown waits until they are gone, also those that ended before.
         self._pool_threads: set[int | None] = set()
@@ -155,7 +170,7 @@ class ProcessPoolExecutor(cf.Executor):
         name = _names.generate()
         with self._lock:
             self._names.add(name)
-        future = _Future()
+        future = _Future(self._broken)
         try:
             task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs)
         except BaseException:
@@ -181,6 +196,8 @@ class ProcessPoolExecutor(cf.Executor):
                 # In a broken pool another worker may still be writing under this name:
                 # keep it for the sweep in shutdown().
                 settled = not isinstance(error, BrokenProcessPool)
+                if not settled:
+                    self._broken.set()
                 future.set_exception(error)
                 return
             header, stream = _protocol.read_header(task.result())
