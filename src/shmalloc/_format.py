@@ -11,6 +11,7 @@ of the object is a hole that a full /dev/shm could refuse to fault in later.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import struct
@@ -55,7 +56,7 @@ class BufferLayout:
 
     @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * int(np.prod(self.shape, dtype=object))
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 def layout_buffers(buffers: Sequence[np.ndarray]) -> tuple[list[BufferLayout], int]:
@@ -166,15 +167,16 @@ def check_handle_matches(obj: "ShmObj", recipe: dict[str, Any]) -> None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    # Pickled bytes compare NaN labels and nested arrays as equal where == would not.
-    # One round trip first: how pickle shares equal strings depends on an object's history.
+    # Equal item by item, of the same types: the common case, and cheap. Else pickled bytes, which
+    # compare NaN labels and nested arrays as equal where == would not. One round trip first: how
+    # pickle shares equal strings depends on an object's history.
     try:
-        if _canonical(a) == _canonical(b):
+        if _equal_same_types(a, b):
             return True
     except Exception:
-        return False
+        pass
     try:
-        return _equal_same_types(a, b)
+        return _canonical(a) == _canonical(b)
     except Exception:
         return False
 

@@ -31,6 +31,8 @@ def _code_dtype(count: int) -> np.dtype:
 # and unpickle them). So long arrays are factorised only if a random sample of them repeats
 # values often enough that the table stays small; otherwise they are stored as UTF-8 and offsets.
 SAMPLE = 1 << 16
+# So few strings (column labels, mostly) stay in the spec as they are: taking them apart costs more.
+FEW = 64
 _SAMPLE_DISTINCT = 0.7  # a sample this distinct means some 1e5 distinct values or more
 
 
@@ -58,6 +60,8 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
     if values.ndim != 1:
         return None
     n = len(values)
+    if n <= FEW and all(type(v) is str for v in values):
+        return {"k": "strings", "form": "few", "values": values.tolist(), "missing": None}
     if pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n))))):
         codes, uniques = pd.factorize(values, use_na_sentinel=True)
         if not all(type(u) is str for u in uniques):
@@ -94,6 +98,8 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
 def enc_strings_arrow(array: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
     """Encode a pyarrow (large_)string array compactly."""
     n = len(array)
+    if n <= FEW:
+        return {"k": "strings", "form": "few", "values": array.to_pylist(), "missing": None}
     if _worth_factorising(n, lambda: len(array.take(pa.array(_sample_positions(n))).unique())):
         encoded = array.dictionary_encode()
         mask = np.asarray(array.is_null()) if array.null_count else np.zeros(n, bool)
@@ -192,7 +198,16 @@ def _dec_utf8(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
 def dec_strings(spec: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     dtype = spec.get("dtype")
     to_arrow = dtype is not None and dtype.storage == "pyarrow"
-    if spec["form"] == "utf8":
+    if spec["form"] == "few":
+        few = spec["values"]  # a list of str, and of None for the missing values of an Arrow array
+        if type(few) is not list or not all(type(v) is str or (to_arrow and v is None) for v in few):
+            raise CorruptHandleError("stored strings are not a list of str")
+        if to_arrow:
+            return ArrowStringArray(pa.chunked_array([pa.array(few, type=spec["arrow_type"])]), dtype=dtype)  # type: ignore[call-arg]
+        values = np.empty(len(few), dtype=object)
+        values[:] = few
+        mask = None
+    elif spec["form"] == "utf8":
         array = _dec_utf8(spec, buffers)
         if to_arrow:
             return ArrowStringArray(pa.chunked_array([array.cast(spec["arrow_type"])]), dtype=dtype)  # type: ignore[call-arg]

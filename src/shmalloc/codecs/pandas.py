@@ -122,8 +122,25 @@ def _enc_frame(df: pd.DataFrame, buffers: list[np.ndarray]) -> dict[str, Any]:
     spec["columns"] = _enc_index(df.columns, buffers)
     # Column by column (by position, so duplicated labels are fine): each column is one buffer
     # that the rebuilt frame can view without consolidating blocks.
-    spec["values"] = [_enc_values(df.iloc[:, i]._values, buffers) for i in range(df.shape[1])]
+    spec["values"] = [_enc_values(values, buffers) for values in _column_values(df)]
     return spec
+
+
+def nbytes(obj: Any) -> int:
+    """Roughly the bytes a pandas object holds (``memory_usage(deep=False)``'s total, without building a Series)."""
+    if isinstance(obj, pd.DataFrame):
+        return obj.index.nbytes + sum(values.nbytes for values in _column_values(obj))
+    if isinstance(obj, pd.Series):
+        return obj.index.nbytes + obj.nbytes
+    return int(obj.nbytes) if hasattr(obj, "nbytes") else int(obj.memory_usage(deep=False).sum())
+
+
+def _column_values(df: pd.DataFrame) -> list[Any]:
+    """Each column's values (what ``df.iloc[:, i]._values`` gives), without making a Series per column."""
+    manager = df._mgr
+    if hasattr(manager, "iget_values"):
+        return [manager.iget_values(i) for i in range(df.shape[1])]
+    return [df.iloc[:, i]._values for i in range(df.shape[1])]
 
 
 def _dec_frame(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.DataFrame:
@@ -132,11 +149,13 @@ def _dec_frame(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.DataFrame:
     arrays = [_dec_values(s, buffers) for s in spec["values"]]
     if len(arrays) != len(columns) or any(len(a) != len(index) for a in arrays):
         raise CorruptHandleError("stored frame does not match its columns or index")
-    # Series with the explicit dtype stop pandas from inferring "str" for object columns; copy=False:
-    # no consolidation into 2-D blocks, every column stays a view of its buffer.
-    series = {i: pd.Series(a, index=index, dtype=a.dtype, copy=False) for i, a in enumerate(arrays)}
-    df = pd.DataFrame(series, index=index, copy=False)
-    del series  # so that writing to a column needs no copy-on-write
+    # copy=False: no consolidation into 2-D blocks, every column stays a view of its buffer. Object
+    # columns go in as Series of their dtype, which stops pandas from inferring "str" for them.
+    columns_by_position = {
+        i: pd.Series(a, index=index, dtype=a.dtype, copy=False) if a.dtype == object else a for i, a in enumerate(arrays)
+    }
+    df = pd.DataFrame(columns_by_position, index=index, copy=False)
+    del columns_by_position  # so that writing to a column needs no copy-on-write
     df.columns = columns
     _set_meta(df, spec, buffers)
     return df

@@ -24,6 +24,10 @@ from ._failures import exit_text, rebuild_error, remote_error
 from ._options import Options
 from ._workers import Worker, Workers
 
+# Chunks a worker holds at once: the next one waits in its pipe while it works on the current, so that
+# it never idles while this process takes its answers.
+CHUNKS_AHEAD = 2
+
 
 class NamedResults:
     """Destinations of results: a fresh segment name per item, consumed (or unlinked) by the parent."""
@@ -96,6 +100,7 @@ class Call:
     ) -> None:
         self.workers, self.items, self.options = workers, items, options
         self.nproc = nproc
+        self.chunksize = chunksize
         self.chunks = [range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)]
         self.next_chunk = 0
         self.values: list[Any] = [None] * len(items)
@@ -115,8 +120,9 @@ class Call:
                 self._start_worker()
             if self.progress:  # after forking: tqdm may start a monitor thread
                 self.bar = _progress_bar(len(self.items))
-            for worker in list(self.workers):
-                self._dispatch(worker)
+            for _ in range(CHUNKS_AHEAD):
+                for worker in list(self.workers):
+                    self._dispatch(worker)
             while self.done < len(self.items):
                 self._step()
             if not self.persistent:
@@ -160,7 +166,7 @@ class Call:
             entries.append(entry)
             if fd is not None:
                 fds.append(fd)
-        worker.pending = list(chunk)
+        worker.pending.extend(chunk)
         task = _protocol.Task(
             entries,
             options=self.options if self.persistent else None,
@@ -189,8 +195,8 @@ class Call:
                 # Read what a worker sent before it ended: its last results are good.
                 if not self._drain(worker) or exited:
                     self._buried(worker)
-                elif not worker.pending:
-                    self._dispatch(worker)
+                elif len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
+                    self._dispatch(worker)  # it has a chunk less than it may have: no pause between chunks
 
     def _drain(self, worker: Worker) -> bool:
         """Handle every message waiting from ``worker``; False if its pipe is closed."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._posix import usable_cpus
 from ._call import Call, NamedResults
-from ._options import PIPE_LIMIT, check_picklable, prepare
+from ._options import PIPE_LIMIT, check_picklable, pick_chunksize, prepare
 from ._workers import Workers
 
 #: How error notes name the call.
@@ -32,7 +32,7 @@ def map(
     processes: int | None = None,
     copy: bool = True,
     start_method: str | None = None,
-    chunksize: int = 1,
+    chunksize: int | None = None,
     progress: bool = False,
     seed: int | np.random.SeedSequence | None = None,
     pipe_limit: int = PIPE_LIMIT,
@@ -60,8 +60,10 @@ def map(
         the segments: no copy, the memory is freed with the arrays.
     start_method : {"fork", "forkserver", "spawn"}, optional
         How workers start; None: the platform's default.
-    chunksize : int, default 1
-        Items handed to a worker at a time.
+    chunksize : int, optional
+        Items handed to a worker at a time. By default about four chunks per
+        process, as :meth:`multiprocessing.pool.Pool.map` does; 1 balances
+        items of very uneven cost best.
     progress : bool, default False
         Show a progress bar (``tqdm.auto``), if tqdm is installed.
     seed : int or numpy.random.SeedSequence, optional
@@ -143,7 +145,9 @@ def map(
         )
     if not items:
         return []
-    nproc = min(processes or usable_cpus(), math.ceil(len(items) / chunksize))
+    nproc = min(processes or usable_cpus(), len(items))
+    chunksize = pick_chunksize(chunksize, len(items), nproc)
+    nproc = min(nproc, math.ceil(len(items) / chunksize))
     call = Call(
         Workers(ctx, inherited=options),
         items,

@@ -1,6 +1,7 @@
 """What a parallel call is asked to do: its arguments checked, and the per-item seeds."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import pickle
 import random
@@ -52,7 +53,7 @@ def prepare(
     processes: int | None,
     copy: bool,
     start_method: str | None,
-    chunksize: int,
+    chunksize: int | None,
     seed: int | np.random.SeedSequence | None,
     pipe_limit: int,
     workers_per_call: bool,
@@ -66,7 +67,8 @@ def prepare(
         raise TypeError(f"func must be callable, not {type(func).__name__}")
     if processes is not None:
         check_count("processes", processes, 1)
-    check_count("chunksize", chunksize, 1)
+    if chunksize is not None:
+        check_count("chunksize", chunksize, 1)
     check_count("pipe_limit", pipe_limit, 0)
     check_copy(copy)
     ctx = start_context(start_method)
@@ -75,6 +77,13 @@ def prepare(
     items = list(iterable)
     inherit = workers_per_call and ctx.get_start_method() == "fork"
     return ctx, items, Options(func, items if inherit else None, seed, pipe_limit)
+
+
+def pick_chunksize(chunksize: int | None, items: int, processes: int) -> int:
+    """``chunksize``, or by default what multiprocessing.Pool.map picks: about four chunks per process."""
+    if chunksize is not None:
+        return chunksize
+    return max(1, math.ceil(items / (4 * processes)))
 
 
 def check_picklable(func: Callable[[Any], Any], why: str) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 from .._posix import usable_cpus
 from . import _protocol
 from ._call import Call
-from ._options import PIPE_LIMIT, check_count, check_picklable, prepare, start_context
+from ._options import PIPE_LIMIT, check_count, check_picklable, pick_chunksize, prepare, start_context
 from ._recycling import SpareResults
 from ._spares import DEFAULT_LIMIT, Spares, check_limit
 from ._workers import Workers
@@ -147,7 +147,7 @@ class Pool:
         iterable: Iterable[Any],
         *,
         copy: bool = True,
-        chunksize: int = 1,
+        chunksize: int | None = None,
         progress: bool = False,
         seed: int | np.random.SeedSequence | None = None,
     ) -> list[Any]:
@@ -194,7 +194,7 @@ class Pool:
                         items,
                         options,
                         nproc=self._processes,
-                        chunksize=chunksize,
+                        chunksize=pick_chunksize(chunksize, len(items), self._processes),
                         results=SpareResults(copy, self._spares, self._recycle),
                         progress=progress,
                         label=LABEL,

@@ -44,6 +44,7 @@ from .. import _names, _ownership, _shmarray, _transfer
 from .._api import allocate_from_shm, copy2shm, unlink
 from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
+from ..codecs import pandas as pandas_codec
 from ..errors import ShmError
 from ._options import PIPE_LIMIT, Options
 
@@ -297,8 +298,7 @@ def _nbytes(obj: Any, limit: int) -> int:
     if obj is None or isinstance(obj, (bool, int, float, complex, np.generic)):
         return 32
     if _is_pandas(obj):
-        usage = obj.memory_usage(deep=False)
-        return int(usage.sum()) if hasattr(usage, "sum") else int(usage)
+        return pandas_codec.nbytes(obj)
     if isinstance(obj, (list, tuple, set, frozenset, dict)):
         total = 64
         for part in obj.items() if isinstance(obj, dict) else obj:

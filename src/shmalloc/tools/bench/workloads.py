@@ -39,6 +39,9 @@ CORE_ZERO_COPY_BYTES = Sizes(full=(1 << 20, 100 << 20, 1 << 30), quick=(1 << 20,
 PANDAS_ROWS = Sizes(full=(30_000_000,), quick=(1_000_000,))
 #: map: rows of the frame each of the workers returns.
 MAP_ROWS = Sizes(full=(10**7, 3 * 10**7), quick=(10**5, 3 * 10**5))
+#: results: rows of each result, and how many tasks return one (fewer for the large ones, to keep the run short).
+RESULTS_TASKS_BY_ROWS = {10**2: 200, 10**3: 200, 10**4: 200, 10**5: 200, 10**6: 20, 10**7: 4}
+RESULTS_QUICK_TASKS_BY_ROWS = {10**2: 50, 10**4: 50}
 #: plot_sizes.py: rows of the frame one worker returns, for the time-against-size plot.
 PLOT_ROWS = (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7)
 #: pandas: each distinct string of the string column repeats this often.
@@ -62,6 +65,11 @@ def frame(rows: int, rng: np.random.Generator | None = None) -> pd.DataFrame:
     return pd.DataFrame(
         {"x": rng.random(rows), "y": rng.random(rows) < 0.5, "z": rng.integers(0, 2**31 - 1, rows, dtype=np.int32)}
     )
+
+
+def task_frame(number: int, rows: int) -> pd.DataFrame:
+    """The frame task ``number`` computes and returns in the results benchmark: its own data, ``rows`` rows."""
+    return frame(rows, np.random.default_rng([SEED, number]))
 
 
 def pandas_frames(rows: int) -> dict[str, pd.DataFrame]:

@@ -1,0 +1,119 @@
+"""Benchmark of many results: 2 workers run many tasks, each computing and returning a new data frame.
+
+What most pools do all day: per-group or per-chunk results of medium size,
+computed in the worker. Each task builds a new frame of N rows (bettermc's
+columns, seeded by the task's number), so every method pays the same
+computation and what differs is how the results come back. Every pool is
+started (and used once) before timing and kept open; ``shmalloc.map`` starts
+its workers per call, as it does when used. Methods run interleaved,
+repetition by repetition, in one process; medians are reported.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor as StdExecutor
+from typing import Any
+
+import pandas as pd
+
+import shmalloc
+
+from . import print_table, workloads
+
+WORKERS = 2
+BASELINE = "multiprocessing.Pool"
+
+
+def compute(task: tuple[int, int]) -> pd.DataFrame:
+    """A task ``(number, rows)``: its new frame."""
+    return workloads.task_frame(*task)
+
+
+def _std_chunksize(tasks: int) -> int:
+    # what multiprocessing.Pool.map picks by itself, given to concurrent.futures too (its default is 1)
+    return max(1, math.ceil(tasks / (4 * WORKERS)))
+
+
+def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
+    return {
+        "shmalloc.Pool, copy=False": lambda tasks: pools["pool"].map(compute, tasks, copy=False),
+        "shmalloc.Pool, copy=True": lambda tasks: pools["pool"].map(compute, tasks, copy=True),
+        "shmalloc.ProcessPoolExecutor, copy=False": lambda tasks: list(
+            pools["executor"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))
+        ),
+        "shmalloc.map (starts its workers), copy=False": lambda tasks: shmalloc.map(
+            compute, tasks, processes=WORKERS, start_method="fork", copy=False
+        ),
+        BASELINE: lambda tasks: pools["mp"].map(compute, tasks),
+        "concurrent.futures": lambda tasks: list(pools["cf"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))),
+    }
+
+
+def _start_pools() -> dict[str, Any]:
+    fork = multiprocessing.get_context("fork")
+    return {
+        "pool": shmalloc.Pool(WORKERS, start_method="fork"),
+        "executor": shmalloc.ProcessPoolExecutor(WORKERS, mp_context=fork, copy=False),
+        "mp": fork.Pool(WORKERS),
+        "cf": StdExecutor(WORKERS, mp_context=fork),
+    }
+
+
+def _close(pools: dict[str, Any]) -> None:
+    pools["pool"].close()
+    pools["executor"].shutdown(wait=True)
+    pools["mp"].close()
+    pools["mp"].join()
+    pools["cf"].shutdown(wait=True)
+
+
+def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, float]]:
+    """Median seconds of each method for each size, methods interleaved."""
+    pools = _start_pools()
+    try:
+        methods = _methods(pools)
+        found: dict[int, dict[str, float]] = {}
+        for rows, count in tasks_by_rows.items():
+            tasks = [(number, rows) for number in range(count)]
+            expected = [compute(task) for task in tasks[:2]]
+            for method in methods.values():  # warm up, and check that every method returns the frames
+                got = method(tasks)
+                assert len(got) == count
+                for frame, want in zip(got, expected, strict=False):
+                    pd.testing.assert_frame_equal(frame, want, check_column_type=False, check_index_type=False)
+                del got
+                gc.collect()
+            times: dict[str, list[float]] = {label: [] for label in methods}
+            for _ in range(repeat):
+                for label, method in methods.items():
+                    start = time.perf_counter()
+                    method(tasks)
+                    times[label].append(time.perf_counter() - start)
+                    gc.collect()
+            found[rows] = {label: statistics.median(t) for label, t in times.items()}
+    finally:
+        _close(pools)
+    return found
+
+
+def run(quick: bool = False, repeat: int = 5) -> None:
+    """Print the table: seconds per call and the ratio to multiprocessing.Pool, per size of result."""
+    tasks_by_rows = workloads.RESULTS_QUICK_TASKS_BY_ROWS if quick else workloads.RESULTS_TASKS_BY_ROWS
+    repeat = min(repeat, 2) if quick else repeat
+    results = measure(tasks_by_rows, repeat)
+    sizes = list(tasks_by_rows)
+    labels = list(results[sizes[0]])
+    header = ["method"] + [f"{rows:.0e} rows x {tasks_by_rows[rows]}: x {BASELINE}" for rows in sizes]
+    rows_out = [[label] + [results[rows][label] / results[rows][BASELINE] for rows in sizes] for label in labels]
+    rows_out.append([f"{BASELINE}: ms"] + [results[rows][BASELINE] * 1e3 for rows in sizes])
+    print_table(
+        f"results: {WORKERS} forked workers, tasks each compute and return a new frame ({workloads.FRAME_COLUMNS}); "
+        f"time / {BASELINE}'s, median of {repeat}",
+        header,
+        rows_out,
+    )
