@@ -81,6 +81,19 @@ def test_cancelled_futures_are_done_for_wait_and_as_completed():
         assert set(cf.as_completed(cancelled, timeout=10)) == set(cancelled)
 
 
+def test_map_in_chunks_returns_every_result_in_order():
+    """map(chunksize=k) runs k calls per task, as the standard executor does; large chunks travel through
+    shared memory, results stay in order, a bad chunksize is a ValueError."""
+    with shmalloc.ProcessPoolExecutor(2, copy=False) as pool:
+        got = list(pool.map(np.full, [10, 100_000, 3, 50_000, 7], [1, 2, 3, 4, 5], chunksize=2))
+        assert [a.shape for a in got] == [(10,), (100_000,), (3,), (50_000,), (7,)]
+        assert [int(a[-1]) for a in got] == [1, 2, 3, 4, 5]
+        assert list(pool.map(abs, range(-7, 0), chunksize=3)) == [7, 6, 5, 4, 3, 2, 1]
+        assert list(pool.map(abs, [], chunksize=3)) == []
+        with pytest.raises(ValueError):
+            pool.map(abs, [1], chunksize=0)
+
+
 def test_results_are_consumed_even_if_never_asked_for():
     """A finished task's segment is consumed at once, before anybody calls result()."""
     with shmalloc.ProcessPoolExecutor(1) as pool:

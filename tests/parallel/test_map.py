@@ -3,6 +3,7 @@
 What map shares with Pool and the executor is in test_contract.py."""
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -104,6 +105,33 @@ def test_many_items_and_chunks():
     del got
     _wait_for_workers_to_exit()
     assert _open_fds() <= fds
+
+
+def kill_self_on_four(i: int) -> np.ndarray:
+    if i == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return make_array(i)
+
+
+@pytest.mark.parametrize("engine", ["map", "pool"])
+def test_a_death_in_a_chunk_names_its_item_while_the_next_chunk_waits(engine):
+    """With chunks of 3 (items 3, 4, 5 in one worker's chunk, the next chunk already sent to it), a worker
+    killed on item 4 is reported for item 4, after item 3's answer was taken."""
+    with pytest.raises(shmalloc.WorkerDiedError) as info:
+        if engine == "map":
+            shmalloc.map(kill_self_on_four, range(12), processes=2, chunksize=3)
+        else:
+            with shmalloc.Pool(2) as pool:
+                pool.map(kill_self_on_four, range(12), chunksize=3)
+    assert (info.value.index, info.value.exitcode) == (4, -signal.SIGKILL)
+    _wait_for_workers_to_exit()
+
+
+def test_default_chunks_are_about_four_per_process():
+    """Without chunksize, items go out in about four chunks per process (each worker sees runs of items)."""
+    pids = shmalloc.map(pid_of, range(80), processes=2)
+    runs = 1 + sum(a != b for a, b in itertools.pairwise(pids))
+    assert 2 <= runs <= 8  # chunks of 10; runs of one worker's consecutive chunks merge
 
 
 def test_generators_empty_inputs_and_more_processes_than_items():

@@ -11,11 +11,13 @@ after the workers are gone.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import itertools
 import os
 import signal
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -55,6 +57,18 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
         handover.keep_at_exit()
         _unsent = handover
     return message
+
+
+def _call_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> list[Any]:
+    """Runs in a worker: ``fn`` applied to each argument tuple of ``chunk``."""
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(size: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[list[tuple]]:
+    """The argument tuples of ``zip(*iterables)``, in lists of ``size``."""
+    arguments = zip(*iterables, strict=False)  # as map() does: the shortest iterable ends it
+    while chunk := list(itertools.islice(arguments, size)):
+        yield chunk
 
 
 def _complete_unsent() -> None:
@@ -179,6 +193,17 @@ class ProcessPoolExecutor(cf.Executor):
         future._task = task
         task.add_done_callback(lambda done: self._settle(done, future, name))
         return future
+
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
+        """As :meth:`concurrent.futures.ProcessPoolExecutor.map`: each task runs ``chunksize`` calls of
+        ``fn`` and returns their results together (one segment for a large chunk)."""
+        check_count("chunksize", chunksize, 1)
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(functools.partial(_call_chunk, fn), _chunks(chunksize, iterables), timeout=timeout)
+        return itertools.chain.from_iterable(chunks)
 
     def _settle(self, task: cf.Future, future: _Future, name: str) -> None:
         """Consume the task's segment at once; hand the result (or error) to the caller's future."""
