@@ -129,3 +129,29 @@ def test_bench_command_prints_the_core_and_pandas_tables(capsys):
         "size", "1 MiB", "100 MiB",
         "frame", "x, y, z", "+ category", "+ str (3e+04 distinct x 30)",
     ]
+
+
+def test_results_section_prints_every_method_against_multiprocessing_pool(capsys):
+    """`shmalloc bench --quick results` checks every method's frames, then prints one table: each method's
+    time over multiprocessing.Pool's (1 for the pool itself), and the pool's milliseconds."""
+    from shmalloc.tools._cli import main
+
+    assert main(["bench", "--quick", "--repeat", "1", "results"]) == 0
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    }
+    assert list(rows) == [
+        "shmalloc.Pool, copy=False",
+        "shmalloc.Pool, copy=True",
+        "shmalloc.ProcessPoolExecutor, copy=False",
+        "shmalloc.map (starts its workers), copy=False",
+        "multiprocessing.Pool",
+        "multiprocessing.Pool (started per call)",
+        "concurrent.futures",
+        "floor: the tasks compute, return nothing (multiprocessing.Pool)",
+        "multiprocessing.Pool: ms",
+    ]
+    assert rows["multiprocessing.Pool"] == ["1", "1"]
+    assert all(float(cell) > 0 for cells in rows.values() for cell in cells)

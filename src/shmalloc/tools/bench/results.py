@@ -27,11 +27,17 @@ from . import print_table, workloads
 
 WORKERS = 2
 BASELINE = "multiprocessing.Pool"
+FLOOR = "floor: the tasks compute, return nothing (multiprocessing.Pool)"
 
 
 def compute(task: tuple[int, int]) -> pd.DataFrame:
     """A task ``(number, rows)``: its new frame."""
     return workloads.task_frame(*task)
+
+
+def compute_only(task: tuple[int, int]) -> None:
+    """The floor: the task's computation, with nothing returned."""
+    workloads.task_frame(*task)
 
 
 def _std_chunksize(tasks: int) -> int:
@@ -50,8 +56,16 @@ def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
             compute, tasks, processes=WORKERS, start_method="fork", copy=False
         ),
         BASELINE: lambda tasks: pools["mp"].map(compute, tasks),
+        f"{BASELINE} (started per call)": _mp_pool_per_call,
         "concurrent.futures": lambda tasks: list(pools["cf"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))),
+        FLOOR: lambda tasks: pools["mp"].map(compute_only, tasks),
     }
+
+
+def _mp_pool_per_call(tasks: list) -> list:
+    """shmalloc.map's peer: a multiprocessing.Pool started for the call."""
+    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+        return pool.map(compute, tasks)
 
 
 def _start_pools() -> dict[str, Any]:
@@ -81,8 +95,10 @@ def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, f
         for rows, count in tasks_by_rows.items():
             tasks = [(number, rows) for number in range(count)]
             expected = [compute(task) for task in tasks[:2]]
-            for method in methods.values():  # warm up, and check that every method returns the frames
+            for label, method in methods.items():  # warm up, and check that every method returns the frames
                 got = method(tasks)
+                if label == FLOOR:
+                    continue
                 assert len(got) == count
                 for frame, want in zip(got, expected, strict=False):
                     pd.testing.assert_frame_equal(frame, want, check_column_type=False, check_index_type=False)
