@@ -178,9 +178,12 @@ def test_progress_bar(capsys):
 
 _INTERRUPT_SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     import numpy as np
     import shmalloc
+
+    # Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow(i):
         if i >= 2:
