@@ -27,7 +27,7 @@ from ._options import Options, seed_item
 
 # Seconds a worker gets to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 2.0
-#: Refill mappings a worker keeps at most (the oldest is dropped first).
+#: Refill mappings a worker keeps at most (once full, it maps no more until the parent drops some).
 WORKER_MAPPINGS = 8
 
 
@@ -36,7 +36,7 @@ WORKER_MAPPINGS = 8
 
 
 class _RefillMappings:
-    """A worker's refill mappings, by spare id, oldest first."""
+    """A worker's refill mappings, by spare id."""
 
     def __init__(self) -> None:
         self.maps: dict[int, RefillMapping] = {}
@@ -56,8 +56,10 @@ class _RefillMappings:
         if current is not None and current.length >= length:
             return
         self.drop([sid])
-        while len(self.maps) >= WORKER_MAPPINGS:
-            self.drop([next(iter(self.maps))])
+        if len(self.maps) >= WORKER_MAPPINGS:
+            # Full: keep the mappings there are. Making room would map each of many results
+            # (a long map of medium results) once, and drop the mapping before it is used again.
+            return
         try:
             self.maps[sid] = RefillMapping(fd, length)
         except (OSError, ValueError):

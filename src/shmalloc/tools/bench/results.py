@@ -26,6 +26,9 @@ import shmalloc
 from . import print_table, workloads
 
 WORKERS = 2
+# The pools kept open run threads (multiprocessing.Pool's handlers, the executors' managers): every
+# worker started beside them comes from the fork server, so that no multi-threaded process forks.
+START_METHOD = "forkserver"
 BASELINE = "multiprocessing.Pool"
 FLOOR = "floor: the tasks compute, return nothing (multiprocessing.Pool)"
 
@@ -53,7 +56,7 @@ def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
             pools["executor"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))
         ),
         "shmalloc.map (starts its workers), copy=False": lambda tasks: shmalloc.map(
-            compute, tasks, processes=WORKERS, start_method="fork", copy=False
+            compute, tasks, processes=WORKERS, start_method=START_METHOD, copy=False
         ),
         BASELINE: lambda tasks: pools["mp"].map(compute, tasks),
         f"{BASELINE} (started per call)": _mp_pool_per_call,
@@ -64,17 +67,17 @@ def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
 
 def _mp_pool_per_call(tasks: list) -> list:
     """shmalloc.map's peer: a multiprocessing.Pool started for the call."""
-    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+    with multiprocessing.get_context(START_METHOD).Pool(WORKERS) as pool:
         return pool.map(compute, tasks)
 
 
 def _start_pools() -> dict[str, Any]:
-    fork = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context(START_METHOD)
     return {
-        "pool": shmalloc.Pool(WORKERS, start_method="fork"),
-        "executor": shmalloc.ProcessPoolExecutor(WORKERS, mp_context=fork, copy=False),
-        "mp": fork.Pool(WORKERS),
-        "cf": StdExecutor(WORKERS, mp_context=fork),
+        "pool": shmalloc.Pool(WORKERS, start_method=START_METHOD),
+        "executor": shmalloc.ProcessPoolExecutor(WORKERS, mp_context=context, copy=False),
+        "mp": context.Pool(WORKERS),
+        "cf": StdExecutor(WORKERS, mp_context=context),
     }
 
 
@@ -128,7 +131,7 @@ def run(quick: bool = False, repeat: int = 5) -> None:
     rows_out = [[label] + [results[rows][label] / results[rows][BASELINE] for rows in sizes] for label in labels]
     rows_out.append([f"{BASELINE}: ms"] + [results[rows][BASELINE] * 1e3 for rows in sizes])
     print_table(
-        f"results: {WORKERS} forked workers, tasks each compute and return a new frame ({workloads.FRAME_COLUMNS}); "
+        f"results: {WORKERS} workers ({START_METHOD}), tasks each compute and return a new frame ({workloads.FRAME_COLUMNS}); "
         f"time / {BASELINE}'s, median of {repeat}",
         header,
         rows_out,
