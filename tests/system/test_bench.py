@@ -121,12 +121,17 @@ def test_bench_command_prints_the_core_and_pandas_tables(capsys):
     assert headings == [
         "### Filling and reading one array of 4 MB (median of 1)",
         "### allocate_from_shm(copy=False): time to a usable array",
+        "### One small result's round trip in one process: the benchmark frame of 1e+04 rows and its float64 column,"
+        " every page of the result read (median of many)",
         "### pandas: 1e+06 rows, seconds (median of 1)",
     ]
     first_cells = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
     assert first_cells == [
         "method", "copy2shm", "raw pwrite", "allocate_from_shm(copy=True)", "mmap + numpy copy",
         "size", "1 MiB", "100 MiB",
+        "round trip", "frame: pickle dumps + loads", "frame: shmalloc, copy=False", "frame: shmalloc, copy=True",
+        "frame: floor (os calls by hand, DataFrame of the mappings)", "float64 column: pickle dumps + loads",
+        "float64 column: shmalloc, copy=False", "float64 column: floor (os calls by hand)",
         "frame", "x, y, z", "+ category", "+ str (3e+04 distinct x 30)",
     ]
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import secrets
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
+import pandas as pd
 
 import shmalloc
 
@@ -39,6 +41,83 @@ def _mmap_memcpy(name: str, nbytes: int) -> np.ndarray:
     np.copyto(out, np.frombuffer(mapping, np.uint8))
     mapping.close()
     return out
+
+
+def _raw_round_trip(columns: list[np.ndarray]) -> list[np.ndarray]:
+    """The floor for a small result's round trip: the columns pwritten into a fresh object, which is
+    opened, checked (fstat), unlinked and mapped privately, one mapping per column, every page touched."""
+    name = "/dev/shm" + f"/shmalloc_{os.getpid()}_{secrets.token_hex(6)}"
+    page = mmap.PAGESIZE
+    offsets = np.cumsum([0] + [-(-c.nbytes // page) * page for c in columns])
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for column, offset in zip(columns, offsets, strict=False):
+            os.pwrite(fd, column.data.cast("B"), int(offset))
+    finally:
+        os.close(fd)
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fstat(fd)
+        os.unlink(name)
+        views = []
+        for column, offset in zip(columns, offsets, strict=False):
+            mapping = mmap.mmap(fd, column.nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=int(offset))
+            views.append(np.frombuffer(mapping, column.dtype))
+    finally:
+        os.close(fd)
+    for view in views:
+        _touch(view)
+    return views
+
+
+def _touch(array: np.ndarray) -> None:
+    """Read a byte of every page, as a user reading the result would."""
+    array.view(np.uint8)[:: mmap.PAGESIZE].sum()
+
+
+def _touch_frame(frame: pd.DataFrame) -> None:
+    for i in range(frame.shape[1]):
+        _touch(frame.iloc[:, i].to_numpy())
+
+
+def _small_round_trips(repeat: int) -> list[list[object]]:
+    """Microseconds of one round trip in one process, for the frame of SMALL_ROWS rows and its float column."""
+    frame = workloads.frame(workloads.SMALL_ROWS)
+    array = frame["x"].to_numpy()
+    columns = [frame[c].to_numpy() for c in frame.columns]
+
+    def shm_frame(copy: bool) -> None:
+        _touch_frame(shmalloc.allocate_from_shm(shmalloc.copy2shm(frame), copy=copy))
+
+    def shm_array() -> None:
+        _touch(shmalloc.allocate_from_shm(shmalloc.copy2shm(array), copy=False))
+
+    def raw_frame() -> None:
+        views = _raw_round_trip(columns)
+        pd.DataFrame(dict(zip(frame.columns, views, strict=True)), copy=False)
+
+    methods: dict[str, Callable[[], object]] = {
+        "frame: pickle dumps + loads": lambda: pickle.loads(pickle.dumps(frame, protocol=5)),
+        "frame: shmalloc, copy=False": lambda: shm_frame(False),
+        "frame: shmalloc, copy=True": lambda: shm_frame(True),
+        "frame: floor (os calls by hand, DataFrame of the mappings)": raw_frame,
+        "float64 column: pickle dumps + loads": lambda: pickle.loads(pickle.dumps(array, protocol=5)),
+        "float64 column: shmalloc, copy=False": shm_array,
+        "float64 column: floor (os calls by hand)": lambda: _raw_round_trip([array]),
+    }
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(max(repeat, 1) * 40):  # interleaved
+        for label, method in methods.items():
+            seconds, _ = _timed(method)
+            times[label].append(seconds)
+    medians = {label: float(np.median(t)) * 1e6 for label, t in times.items()}
+    rows = []
+    for label, us in medians.items():
+        kind = label.split(":")[0]
+        pickled = medians[f"{kind}: pickle dumps + loads"]
+        floor = next(v for k, v in medians.items() if k.startswith(f"{kind}: floor"))
+        rows.append([label, us, us / pickled, us / floor])
+    return rows
 
 
 _T = TypeVar("_T")
@@ -89,3 +168,10 @@ def run(quick: bool = False, repeat: int = 5) -> None:
             del array
         rows.append([f"{size >> 20} MiB", float(np.median(times)) * 1e3])
     print_table("allocate_from_shm(copy=False): time to a usable array", ["size", "ms"], rows)
+    print()
+    print_table(
+        f"One small result's round trip in one process: the benchmark frame of {workloads.SMALL_ROWS:.0e} rows"
+        " and its float64 column, every page of the result read (median of many)",
+        ["round trip", "µs", "x pickle", "x floor"],
+        _small_round_trips(repeat),
+    )

@@ -35,6 +35,8 @@ class Sizes:
 CORE_ARRAY_BYTES = Sizes(full=(390_000_000,), quick=(4 << 20,))
 #: core: bytes of the arrays that allocate_from_shm(copy=False) maps.
 CORE_ZERO_COPY_BYTES = Sizes(full=(1 << 20, 100 << 20, 1 << 30), quick=(1 << 20, 100 << 20))
+#: core: rows of the small result whose round trip in one process is timed (130 KB).
+SMALL_ROWS = 10**4
 #: pandas: rows of the frames pickled and moved through shared memory.
 PANDAS_ROWS = Sizes(full=(30_000_000,), quick=(1_000_000,))
 #: map: rows of the frame each of the workers returns.
