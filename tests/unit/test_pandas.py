@@ -320,6 +320,35 @@ def test_repeated_strings_are_compact(dtype):
     assert_same(shmalloc.allocate_from_shm(obj), s)
 
 
+def _few_strings(dtype, n: int):
+    """``n`` (at most 64: kept as a list in the handle) strings of ``dtype``, every 7th missing."""
+    values = [None if i % 7 == 3 else f"v{i}" for i in range(n)]
+    if dtype == "arrow string (not large)":
+        return pd.arrays.ArrowStringArray(pa.chunked_array([pa.array(values, type=pa.string())], type=pa.string()))
+    return pd.array(values, dtype=dtype) if dtype is not object else np.array(values, dtype=object)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 64])
+@pytest.mark.parametrize(
+    "dtype",
+    [object, "str", "string[python]", "string[pyarrow]", pd.StringDtype("python", na_value=np.nan), "arrow string (not large)"],
+)
+def test_few_strings_keep_dtype_arrow_type_and_missing_values(dtype, n, copy):
+    """Up to 64 strings (as values, index and column labels) come back with their dtype, Arrow type and missing values."""
+    values = _few_strings(dtype, n)
+    series = pd.Series(values, index=pd.Index(values, dtype=values.dtype) if n else None, dtype=values.dtype)
+    result = roundtrip(series, copy)
+    assert_same(result, series)
+    if isinstance(values, pd.arrays.ArrowStringArray):
+        assert result.array._pa_array.type == values._pa_array.type
+    labels = [v for v in _few_strings(dtype, n) if isinstance(v, str)]
+    frame = pd.DataFrame([list(range(len(labels)))], columns=pd.Index(labels, dtype=values.dtype))
+    assert_same(roundtrip(frame, copy), frame)
+    surrogate = pd.Series(["a\ud800", "b"], dtype=object)  # not UTF-8: kept as it is
+    assert_same(roundtrip(surrogate, copy), surrogate)
+
+
 @pytest.mark.parametrize("n", [100_000, 300_000])  # factorised exactly / judged from a sample
 @pytest.mark.parametrize("dtype", [object, "str", "string[python]", "string[pyarrow]"])
 def test_distinct_strings_are_stored_as_utf8_and_offsets(dtype, n):
