@@ -115,9 +115,23 @@ def _record_threads_at_fork() -> None:
 os.register_at_fork(before=_record_threads_at_fork)
 
 
+def _wait_for_ended_threads(limit: float = 1.0) -> None:
+    """A thread that an earlier test joined (a standard executor's manager thread, say) may live on a moment
+    as an OS thread, and the next test's first fork would count it: wait until it is gone."""
+    if threading.active_count() > 1:
+        return  # live Python threads: the test's own business
+    deadline = time.monotonic() + limit
+    try:
+        while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    except OSError:  # no /proc: nothing to wait for
+        pass
+
+
 @pytest.fixture(autouse=True)
 def no_fork_with_threads(request):
     """Fail the test if the process forked while it had other threads (none of shmalloc's may be alive at a fork)."""
+    _wait_for_ended_threads()
     with warnings.catch_warnings(record=True) as caught:
         # only this warning's filter changes: the others keep pytest's and the test's settings
         warnings.filterwarnings("always", message=".*" + FORK_WITH_THREADS.pattern, category=DeprecationWarning)
