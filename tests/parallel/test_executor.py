@@ -6,6 +6,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -68,6 +71,54 @@ def test_uncollected_and_cancelled_results_leave_nothing():
     for future, was_cancelled in zip(futures[3:], cancelled, strict=True):
         assert future.cancelled() == was_cancelled
     assert all(f.done() for f in futures)
+
+
+def test_a_task_cancelled_before_its_pool_breaks_leaves_no_worker():
+    """A task cancelled while queued, then a worker that dies: every future ends (Python 3.11's pool would
+    lose its manager thread to the cancelled task, and the rest would wait for ever)."""
+    pool = shmalloc.ProcessPoolExecutor(1)
+    futures = [pool.submit(die_on_zero, i) for i in range(6)]
+    assert futures[4].cancel()
+    cf.wait(futures, timeout=60)
+    pool.shutdown(wait=True)
+    left = wait_for_no_workers()
+    for worker in left:
+        worker.kill()
+    assert not left
+    assert all(future.done() for future in futures) and futures[4].cancelled()
+    with pytest.raises(BrokenProcessPool):
+        futures[0].result()
+
+
+_CANCEL_IN_CALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import concurrent.futures as cf, time
+    import shmalloc
+
+    if __name__ == "__main__":
+        with shmalloc.ProcessPoolExecutor(1) as pool:
+            futures = [pool.submit(time.sleep, 0.2) for _ in range(6)]
+
+            def cancel_all(done):  # "the first one wins": cancel every other, this one included
+                for future in futures:
+                    future.cancel()
+
+            for future in futures:
+                future.add_done_callback(cancel_all)
+            done, not_done = cf.wait(futures, timeout=30)
+            assert not not_done, len(not_done)
+        print("done")
+    """
+)
+
+
+def test_a_done_callback_may_cancel_its_own_future(tmp_path):
+    """A done callback that cancels every future, its own included, neither deadlocks nor keeps cf.wait or
+    shutdown waiting (run in a child, so that a deadlock fails the test instead of hanging the run)."""
+    script = tmp_path / "cancel_in_callback.py"
+    script.write_text(_CANCEL_IN_CALLBACK_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
 
 
 def test_cancelled_futures_are_done_for_wait_and_as_completed():

@@ -127,6 +127,36 @@ def test_a_death_in_a_chunk_names_its_item_while_the_next_chunk_waits(engine):
     _wait_for_workers_to_exit()
 
 
+_LARGE_CHUNKS_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import shmalloc
+
+    def zeros(item):
+        return np.zeros(7000)
+
+    if __name__ == "__main__":
+        # chunks far larger than a pipe holds: tiny entries by the ten thousand, and items of 100 KB
+        assert shmalloc.map(abs, range(-100_000, 0), processes=2, start_method="fork") == list(range(100_000, 0, -1))
+        got = shmalloc.map(zeros, [b"x" * 100_000] * 80, processes=2, start_method="forkserver")
+        assert len(got) == 80 and all(a.shape == (7000,) for a in got)
+        with shmalloc.Pool(2) as pool:
+            assert len(pool.map(zeros, [b"x" * 100_000] * 80)) == 80
+            assert pool.map(abs, range(-30_000, 0)) == list(range(30_000, 0, -1))
+        print("done")
+    """
+)
+
+
+def test_chunks_larger_than_a_pipe_do_not_deadlock(tmp_path):
+    """A chunk sent ahead to a busy worker must fit in its pipe: one that does not waits until the worker has
+    answered, else both would block for good (the parent sending, the worker answering)."""
+    script = tmp_path / "large_chunks.py"
+    script.write_text(_LARGE_CHUNKS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+
+
 def test_default_chunks_are_about_four_per_process():
     """Without chunksize, items go out in about four chunks per process (each worker sees runs of items)."""
     pids = shmalloc.map(pid_of, range(80), processes=2)

@@ -349,6 +349,15 @@ def test_few_strings_keep_dtype_arrow_type_and_missing_values(dtype, n, copy):
     assert_same(roundtrip(surrogate, copy), surrogate)
 
 
+@pytest.mark.parametrize("dtype", [object, "str", "string[python]", "string[pyarrow]"])
+def test_few_long_strings_go_to_shared_memory_not_the_handle(dtype):
+    """Three strings of 100 KB: the handle stays small (the text is in buffers), and they round-trip."""
+    s = pd.Series(["a" * 100_000, "b" * 100_000, "c" * 100_000], dtype=dtype)
+    obj = shmalloc.copy2shm(s)
+    assert len(pickle.dumps(obj)) < 16 * 1024
+    assert_same(shmalloc.allocate_from_shm(obj), s)
+
+
 @pytest.mark.parametrize("n", [100_000, 300_000])  # factorised exactly / judged from a sample
 @pytest.mark.parametrize("dtype", [object, "str", "string[python]", "string[pyarrow]"])
 def test_distinct_strings_are_stored_as_utf8_and_offsets(dtype, n):

@@ -31,8 +31,10 @@ def _code_dtype(count: int) -> np.dtype:
 # and unpickle them). So long arrays are factorised only if a random sample of them repeats
 # values often enough that the table stays small; otherwise they are stored as UTF-8 and offsets.
 SAMPLE = 1 << 16
-# So few strings (column labels, mostly) stay in the spec as they are: taking them apart costs more.
+# So few and so short strings (column labels, mostly) stay in the spec as they are: taking them apart
+# costs more. Longer text goes to buffers, so that the handle stays small.
 FEW = 64
+FEW_CHARACTERS = 4096
 _SAMPLE_DISTINCT = 0.7  # a sample this distinct means some 1e5 distinct values or more
 
 
@@ -60,7 +62,7 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
     if values.ndim != 1:
         return None
     n = len(values)
-    if n <= FEW and all(type(v) is str for v in values):
+    if n <= FEW and all(type(v) is str for v in values) and sum(map(len, values)) <= FEW_CHARACTERS:
         return {"k": "strings", "form": "few", "values": values.tolist(), "missing": None}
     if pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n))))):
         codes, uniques = pd.factorize(values, use_na_sentinel=True)
@@ -98,7 +100,7 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
 def enc_strings_arrow(array: Any, buffers: list[np.ndarray]) -> dict[str, Any]:
     """Encode a pyarrow (large_)string array compactly."""
     n = len(array)
-    if n <= FEW:
+    if n <= FEW and (n == 0 or _offsets(array)[-1] <= FEW_CHARACTERS):  # bytes of UTF-8: at least the characters
         return {"k": "strings", "form": "few", "values": array.to_pylist(), "missing": None}
     if _worth_factorising(n, lambda: len(array.take(pa.array(_sample_positions(n))).unique())):
         encoded = array.dictionary_encode()

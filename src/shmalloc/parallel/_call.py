@@ -15,6 +15,7 @@ import pickle
 import warnings
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .. import _names
@@ -22,11 +23,16 @@ from ..errors import ShmFallbackWarning, WorkerDiedError
 from . import _protocol
 from ._failures import exit_text, rebuild_error, remote_error
 from ._options import Options
-from ._workers import Worker, Workers
+from ._workers import ChunkMessage, Worker, Workers
 
 # Chunks a worker holds at once: the next one waits in its pipe while it works on the current, so that
 # it never idles while this process takes its answers.
 CHUNKS_AHEAD = 2
+# A chunk goes ahead only if it fits in the pipe at once (with its spares' descriptors): a send that
+# blocks until the busy worker reads it, while the worker blocks on answers nobody reads, never ends.
+# A larger chunk is held here until the worker has answered the one it works on.
+AHEAD_BYTES = 64 * 1024
+AHEAD_DESCRIPTORS = 16
 
 
 class NamedResults:
@@ -154,7 +160,7 @@ class Call:
         return self.workers.start()
 
     def _dispatch(self, worker: Worker) -> None:
-        if self.next_chunk >= len(self.chunks):
+        if self.next_chunk >= len(self.chunks) or worker.held is not None:
             return
         chunk = self.chunks[self.next_chunk]
         self.next_chunk += 1
@@ -166,6 +172,7 @@ class Call:
             entries.append(entry)
             if fd is not None:
                 fds.append(fd)
+        busy = bool(worker.pending)
         worker.pending.extend(chunk)
         task = _protocol.Task(
             entries,
@@ -174,11 +181,20 @@ class Call:
             drops=self.results.drops_for(pid),
         )
         try:
-            worker.conn.send(task)
-            for fd in fds:
-                _protocol.send_descriptor(worker.conn, fd, pid)
+            data = ForkingPickler.dumps(task)  # as Connection.send pickles
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
+        message = ChunkMessage(data, fds, len(chunk))
+        if busy and (len(data) > AHEAD_BYTES or len(fds) > AHEAD_DESCRIPTORS):
+            worker.held = message  # sent once the worker has answered what it holds
+        else:
+            self._send(worker, message)
+
+    def _send(self, worker: Worker, chunk: ChunkMessage) -> None:
+        try:
+            worker.conn.send_bytes(chunk.data)
+            for fd in chunk.fds:
+                _protocol.send_descriptor(worker.conn, fd, worker.process.pid)
         except OSError:
             # Mostly the worker is gone: _step sees its sentinel and names the item. But a
             # descriptor that cannot be sent (EMFILE, ETOOMANYREFS) leaves a live worker waiting
@@ -195,6 +211,10 @@ class Call:
                 # Read what a worker sent before it ended: its last results are good.
                 if not self._drain(worker) or exited:
                     self._buried(worker)
+                elif worker.held is not None:
+                    if len(worker.pending) == worker.held.items:  # it answered all but the held chunk
+                        held, worker.held = worker.held, None
+                        self._send(worker, held)
                 elif len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
                     self._dispatch(worker)  # it has a chunk less than it may have: no pause between chunks
 
@@ -240,7 +260,10 @@ class Call:
         finally:
             _protocol.forget(header.names)  # those not taken over while rebuilding
         self.fallbacks += shipped.fell_back
-        worker.pending.remove(index)
+        if worker.pending[0] == index:  # answers come in the order of the chunk
+            worker.pending.popleft()
+        else:
+            worker.pending.remove(index)
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)

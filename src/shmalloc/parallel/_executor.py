@@ -15,6 +15,7 @@ import functools
 import itertools
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -79,30 +80,36 @@ def _complete_unsent() -> None:
         _unsent = None
 
 
-class _Future(cf.Future):
-    """The caller's future; cancelling it cancels the task in the pool, unless the pool is broken."""
+# Python 3.11's pool dies (its manager thread ends, leaving the other workers running) if a task it
+# still holds was cancelled when a worker dies; 3.12 ignores such a task. So there, a cancelled future
+# leaves its task to run, and the result is dropped.
+_CANCEL_TASKS = sys.version_info >= (3, 12)
 
-    def __init__(self, pool_broken: threading.Event) -> None:
+
+class _Future(cf.Future):
+    """The caller's future; cancelling it cancels the task in the pool (Python 3.11: drops its result)."""
+
+    def __init__(self) -> None:
         super().__init__()
         self._task: cf.Future | None = None
-        self._pool_broken = pool_broken
-        self._cancelling = threading.Lock()
+        self._notify = threading.Lock()
+        self._notified = False
 
     def cancel(self) -> bool:
-        # A broken pool fails its pending tasks one by one on its manager thread. Python 3.11's
-        # manager thread dies if one of them was cancelled meanwhile, leaving the other workers
-        # running (3.12 ignores it). Their tasks fail anyway: only this future is cancelled.
-        # (Cancelling the task runs its callback, which cancels this future: outside the lock.)
-        if self._task is not None and not self._pool_broken.is_set() and not self._task.cancel():
+        task = self._task
+        if task is not None:
+            if _CANCEL_TASKS:
+                if not task.cancel():
+                    return False
+            elif task.running() or task.done():
+                return False  # what cancelling the task would answer: it has started
+        if not super().cancel():  # runs the done callbacks, which may cancel this future again
             return False
-        with self._cancelling:
-            if self.cancelled():
-                return True
-            if not super().cancel():
-                return False
-            # What an executor does with a cancelled future: cf.wait and as_completed see it done.
-            self.set_running_or_notify_cancel()
-            return True
+        with self._notify:  # once, whoever cancels: what an executor does, so that cf.wait and as_completed see it
+            if not self._notified:
+                self._notified = True
+                self.set_running_or_notify_cancel()
+        return True
 
 
 class ProcessPoolExecutor(cf.Executor):
@@ -173,8 +180,6 @@ class ProcessPoolExecutor(cf.Executor):
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
-        # Set before the first task of a broken pool fails, so before its caller can react to it.
-        self._broken = threading.Event()
         # OS thread ids of the threads the standard executor ran for this pool (its manager and
         # queue feeder threads): shutdown waits until they are gone, also those that ended before.
         self._pool_threads: set[int | None] = set()
@@ -184,7 +189,7 @@ class ProcessPoolExecutor(cf.Executor):
         name = _names.generate()
         with self._lock:
             self._names.add(name)
-        future = _Future(self._broken)
+        future = _Future()
         try:
             task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs)
         except BaseException:
@@ -195,14 +200,21 @@ class ProcessPoolExecutor(cf.Executor):
         return future
 
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        **kwargs: Any,
     ) -> Iterator[Any]:
         """As :meth:`concurrent.futures.ProcessPoolExecutor.map`: each task runs ``chunksize`` calls of
-        ``fn`` and returns their results together (one segment for a large chunk)."""
+        ``fn`` and returns their results together (one segment for a large chunk). Other keywords
+        (``buffersize`` from Python 3.14) go to :meth:`concurrent.futures.Executor.map`."""
         check_count("chunksize", chunksize, 1)
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = super().map(functools.partial(_call_chunk, fn), _chunks(chunksize, iterables), timeout=timeout)
+            return super().map(fn, *iterables, timeout=timeout, **kwargs)
+        calls = functools.partial(_call_chunk, fn)
+        chunks = super().map(calls, _chunks(chunksize, iterables), timeout=timeout, **kwargs)
         return itertools.chain.from_iterable(chunks)
 
     def _settle(self, task: cf.Future, future: _Future, name: str) -> None:
@@ -221,8 +233,6 @@ class ProcessPoolExecutor(cf.Executor):
                 # In a broken pool another worker may still be writing under this name:
                 # keep it for the sweep in shutdown().
                 settled = not isinstance(error, BrokenProcessPool)
-                if not settled:
-                    self._broken.set()
                 future.set_exception(error)
                 return
             header, stream = _protocol.read_header(task.result())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -137,12 +138,22 @@ def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd
 
 
 @dataclass
+class ChunkMessage:
+    """A chunk's task, pickled, with its spares' descriptors; ``items``: how many items it holds."""
+
+    data: Any
+    fds: list[int]
+    items: int
+
+
+@dataclass
 class Worker:
     """A worker process as the parent sees it."""
 
     process: Any
     conn: Connection
-    pending: list[int] = field(default_factory=list)  # indices sent, not yet answered
+    pending: deque[int] = field(default_factory=deque)  # indices given to it (sent or held), not yet answered
+    held: ChunkMessage | None = None  # its next chunk, waiting until it has answered the current one
 
 
 # The parent's ends of the pipes of persistent workers: a forked child must not keep them

@@ -53,6 +53,9 @@ def _raw_round_trip(columns: list[np.ndarray]) -> list[np.ndarray]:
     try:
         for column, offset in zip(columns, offsets, strict=False):
             os.pwrite(fd, column.data.cast("B"), int(offset))
+    except BaseException:
+        os.unlink(name)
+        raise
     finally:
         os.close(fd)
     fd = os.open(name, os.O_RDONLY)
