@@ -142,7 +142,10 @@ class ProcessPoolExecutor(cf.Executor):
     Functions and arguments are pickled, as in the standard executor (so no
     lambdas; :func:`shmalloc.map` under fork takes them). A worker that dies
     breaks the pool: pending futures raise
-    :class:`concurrent.futures.process.BrokenProcessPool`. A full /dev/shm
+    :class:`concurrent.futures.process.BrokenProcessPool`. On Python 3.11 a
+    cancelled future's task still runs (its result is dropped): cancelling
+    a task the standard pool holds can cost that pool its manager thread
+    there. A full /dev/shm
     sends results through the pipe, with one :class:`ShmFallbackWarning`.
     Every segment made for the pool is gone once :meth:`shutdown` (with
     ``wait=True``, as the ``with`` statement does) returns.
