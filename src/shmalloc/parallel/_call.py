@@ -28,11 +28,12 @@ from ._workers import ChunkMessage, Worker, Workers
 # Chunks a worker holds at once: the next one waits in its pipe while it works on the current, so that
 # it never idles while this process takes its answers.
 CHUNKS_AHEAD = 2
-# A chunk goes ahead only if it fits in the pipe at once (with its spares' descriptors): a send that
-# blocks until the busy worker reads it, while the worker blocks on answers nobody reads, never ends.
-# A larger chunk is held here until the worker has answered the one it works on.
+# A chunk goes ahead only if it fits in the pipe at once (with its spares' descriptors, each a small
+# message): a send that blocks until the busy worker reads it, while the worker blocks on answers
+# nobody reads, never ends. Both limits together stay well under Linux's default socket buffer
+# (208 KB). A larger chunk is held here until the worker has answered the one it works on.
 AHEAD_BYTES = 64 * 1024
-AHEAD_DESCRIPTORS = 16
+AHEAD_DESCRIPTORS = 64
 
 
 class NamedResults:
