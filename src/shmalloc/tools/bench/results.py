@@ -11,7 +11,6 @@ repetition by repetition, in one process; medians are reported.
 from __future__ import annotations
 
 import gc
-import math
 import multiprocessing
 import statistics
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 import shmalloc
+from shmalloc.parallel._options import pick_chunksize
 
 from . import print_table, workloads
 
@@ -44,8 +44,9 @@ def compute_only(task: tuple[int, int]) -> None:
 
 
 def _std_chunksize(tasks: int) -> int:
-    # what multiprocessing.Pool.map picks by itself, given to concurrent.futures too (its default is 1)
-    return max(1, math.ceil(tasks / (4 * WORKERS)))
+    # what multiprocessing.Pool.map (and shmalloc's map) picks by itself, given to the executors too
+    # (their default is 1)
+    return pick_chunksize(None, tasks, WORKERS)
 
 
 def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
