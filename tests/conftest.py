@@ -28,6 +28,7 @@ for _name, _value in _QUIET_LIBRARIES.items():
 import pytest  # noqa: E402
 
 from shmalloc import _posix  # noqa: E402
+from shmalloc._threads import wait_until_gone  # noqa: E402
 
 SHM_DIR = Path("/dev/shm")
 # Names made by shmalloc (/shmalloc_<pid>_...) and by these tests (/shmtest_<pid>_...).
@@ -120,12 +121,11 @@ def _wait_for_ended_threads(limit: float = 1.0) -> None:
     as an OS thread, and the next test's first fork would count it: wait until it is gone."""
     if threading.active_count() > 1:
         return  # live Python threads: the test's own business
-    deadline = time.monotonic() + limit
     try:
-        while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        tasks = {int(task) for task in os.listdir("/proc/self/task")}
     except OSError:  # no /proc: nothing to wait for
-        pass
+        return
+    wait_until_gone(tasks - {threading.get_native_id()}, limit)
 
 
 @pytest.fixture(autouse=True)
