@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -69,10 +70,11 @@ def test_lambdas_and_closures_under_fork():
 
 
 @pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
-def test_lambda_under_spawn_is_a_clear_type_error(method):
-    """Without fork a lambda cannot reach the workers: a TypeError says so before any worker starts."""
-    with pytest.raises(TypeError, match="picklable"):
-        shmalloc.map(lambda i: i, range(3), start_method=method)
+def test_func_that_cannot_be_pickled_is_a_clear_type_error(method):
+    """Without fork, a func that not even cloudpickle can send (it holds a lock) is a TypeError before any worker starts."""
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="func must be picklable to its workers"):
+        shmalloc.map(lambda i: lock.locked() or i, range(3), start_method=method)
 
 
 def test_os_exit_in_worker_names_the_item():

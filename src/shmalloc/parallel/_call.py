@@ -251,6 +251,8 @@ class Call:
                 payload = _protocol.read_payload(stream)
             except Exception as exc:
                 raise rebuild_error(index, exc, self.label) from None
+            if header.kind == _protocol.ERROR and index == _protocol.INITIALIZER:
+                raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
             if header.kind == _protocol.ERROR:
                 raise remote_error(index, payload, self.label)
             shipped: _protocol.Shipped = payload

@@ -140,7 +140,7 @@ class ProcessPoolExecutor(cf.Executor):
     Notes
     -----
     Functions and arguments are pickled, as in the standard executor (so no
-    lambdas; :func:`shmalloc.map` under fork takes them). A worker that dies
+    lambdas; :func:`shmalloc.map` and :class:`shmalloc.Pool` take them). A worker that dies
     breaks the pool: pending futures raise
     :class:`concurrent.futures.process.BrokenProcessPool`. On Python 3.11 a
     cancelled future's task still runs (its result is dropped): cancelling

@@ -25,15 +25,19 @@ def exit_text(code: int | None) -> str:
     return f"was killed by signal {name} ({number})" if name else f"was killed by signal {number}"
 
 
-def remote_error(index: int | None, described: tuple[bytes | None, str, str], where: str) -> Exception:
+def remote_error(
+    index: int | None, described: tuple[bytes | None, str, str], where: str, raised_by: str | None = None
+) -> Exception:
     """The exception to raise in the parent for an item that failed in a worker (see :func:`._protocol.describe`).
 
     The worker's own exception where it can be rebuilt, with a note naming
-    the item (None: the executor's task) and giving the worker's traceback;
-    else a :class:`WorkerError`.
+    the item (None: the executor's task) and giving the worker's
+    traceback; else a :class:`WorkerError`. ``raised_by``: what raised it,
+    if not ``func`` for the item.
     """
     payload, message, text = described
     subject = "the task" if index is None else f"item {index}"
+    origin = raised_by or f"func for {subject}"
     exc: BaseException | None = None
     if payload is not None:
         try:
@@ -42,11 +46,11 @@ def remote_error(index: int | None, described: tuple[bytes | None, str, str], wh
             exc = None
     if isinstance(exc, Exception):
         try:
-            exc.add_note(f"{where}: raised by func for {subject}; the worker's traceback:\n{text.rstrip()}")
+            exc.add_note(f"{where}: raised by {origin}; the worker's traceback:\n{text.rstrip()}")
             return _with_index(exc, index)
         except Exception:
             pass  # e.g. a __notes__ that is not a list: report it as a WorkerError
-    return WorkerError(f"{subject} failed in a worker: {message}\n\n{text}", index, text)
+    return WorkerError(f"{raised_by or subject} failed in a worker: {message}\n\n{text}", index, text)
 
 
 def rebuild_error(index: int | None, exc: Exception, where: str) -> Exception:

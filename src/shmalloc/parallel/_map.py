@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .._posix import usable_cpus
 from ._call import Call, NamedResults
-from ._options import PIPE_LIMIT, check_picklable, pick_chunksize, prepare
+from ._options import PIPE_LIMIT, pick_chunksize, prepare, resolve_processes
 from ._workers import Workers
 
 #: How error notes name the call.
@@ -45,21 +44,27 @@ def map(
     Parameters
     ----------
     func : callable
-        Called as ``func(item)`` in a worker. Under ``start_method="fork"``
-        it is inherited, so lambdas and closures work; otherwise it must be
-        picklable (a module-level function).
+        Called as ``func(item)`` in a worker. Under fork it is inherited;
+        under spawn and forkserver it travels by value (cloudpickle), so
+        lambdas and closures work under every start method.
     iterable : iterable
         The items. Under fork they are inherited as well; otherwise each is
         pickled to its worker.
     processes : int, optional
         Number of worker processes (default: the usable CPUs, at most one
-        per chunk).
+        per chunk). Negative counts back from the usable CPUs, as in joblib:
+        -1 is all of them, -2 all but one.
     copy : bool, default True
         True: results are copied out of shared memory into regular memory.
         False: arrays in the results own private (copy-on-write) mappings of
         the segments: no copy, the memory is freed with the arrays.
     start_method : {"fork", "forkserver", "spawn"}, optional
-        How workers start; None: the platform's default.
+        How workers start. None: fork on Linux (as bettermc's mclapply; also
+        on Python 3.14, whose default became forkserver), the platform's
+        default elsewhere. Fork inherits ``func``, the items and the
+        parent's state without pickling; prefer forkserver when the parent
+        runs threads of its own (fork copies only the calling thread, and
+        a lock another thread held stays locked in the child).
     chunksize : int, optional
         Items handed to a worker at a time. By default about four chunks per
         process, as :meth:`multiprocessing.pool.Pool.map` does; 1 balances
@@ -92,7 +97,7 @@ def map(
         memory), naming the item.
     TypeError, ValueError
         For bad arguments, or a ``func`` that cannot be pickled under spawn
-        or forkserver.
+        or forkserver (e.g. it holds a lock).
 
     Warns
     -----
@@ -137,15 +142,9 @@ def map(
         pipe_limit=pipe_limit,
         workers_per_call=True,
     )
-    if options.items is None:  # not inherited: func travels to the workers pickled
-        check_picklable(
-            func,
-            f"under start_method={ctx.get_start_method()!r} func must be picklable (a module-level function);"
-            " lambdas and closures need start_method='fork'",
-        )
     if not items:
         return []
-    nproc = min(processes or usable_cpus(), len(items))
+    nproc = min(resolve_processes(processes), len(items))
     chunksize = pick_chunksize(chunksize, len(items), nproc)
     nproc = min(nproc, math.ceil(len(items) / chunksize))
     call = Call(

@@ -1,25 +1,66 @@
-"""What a parallel call is asked to do: its arguments checked, and the per-item seeds."""
+"""What a parallel call is asked to do: its arguments checked, functions made portable, and the per-item seeds."""
 from __future__ import annotations
 
 import math
 import multiprocessing
 import pickle
 import random
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import cloudpickle
 import numpy as np
+
+from .._posix import usable_cpus
 
 #: Results whose data take fewer bytes than this go through the pipe.
 PIPE_LIMIT = 64 * 1024
+
+
+#: How workers start unless told otherwise. Python 3.14 made forkserver Linux's default; shmalloc keeps
+#: fork there, as bettermc does: map's workers inherit ``func``, the items and the parent's state
+#: without pickling. Elsewhere (macOS, where fork is unsafe) the platform's default.
+DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else None
+
+
+class Portable:
+    """A function that travels to workers by value: lambdas, closures and functions of ``__main__``
+    pickle (with cloudpickle, once per object); calling it calls the function."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    @cached_property
+    def pickled(self) -> bytes:
+        """The function pickled by value (raises what cloudpickle raises)."""
+        return cloudpickle.dumps(self.func)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # Unpickled as the function itself: a worker calls it with no wrapper in between.
+        return pickle.loads, (self.pickled,)
+
+
+def portable(func: Callable[..., Any], what: str) -> Portable:
+    """``func`` as a :class:`Portable`; TypeError naming ``what`` if it cannot be pickled at all."""
+    wrapped = func if isinstance(func, Portable) else Portable(func)
+    try:
+        _ = wrapped.pickled  # pickled once, here: a failure is the caller's TypeError
+    except Exception as exc:
+        raise TypeError(f"{what} must be picklable to its workers (with cloudpickle): {exc}") from exc
+    return wrapped
 
 
 @dataclass(frozen=True)
 class Options:
     """What every worker of a call needs: the function, the items if inherited, the seed, the pipe limit."""
 
-    func: Callable[[Any], Any]
+    func: Callable[[Any], Any]  # a Portable wherever it is pickled to workers
     items: list[Any] | None  # inherited under fork (map only); otherwise each item travels with its task
     seed: np.random.SeedSequence | None
     limit: int
@@ -37,13 +78,23 @@ def check_copy(copy: Any) -> None:
         raise TypeError("copy must be bool")
 
 
+def resolve_processes(processes: int | None) -> int:
+    """How many workers: None is the usable CPUs; a negative count is counted back from them, as in
+    joblib (-1: all of them, -2: all but one; at least one); 0 or a non-int is a ValueError."""
+    if processes is None:
+        return usable_cpus()
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes == 0:
+        raise ValueError(f"processes must be a positive int, a negative one (-1: every usable CPU) or None, not {processes!r}")
+    return processes if processes > 0 else max(1, usable_cpus() + 1 + processes)
+
+
 def start_context(start_method: str | None) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context of ``start_method`` (None: the platform's default), or ValueError."""
+    """The multiprocessing context of ``start_method`` (None: :data:`DEFAULT_START_METHOD`), or ValueError."""
     if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
         raise ValueError(
             f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
         )
-    return multiprocessing.get_context(start_method)
+    return multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
 
 
 def prepare(
@@ -65,8 +116,7 @@ def prepare(
     """
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
-    if processes is not None:
-        check_count("processes", processes, 1)
+    resolve_processes(processes)
     if chunksize is not None:
         check_count("chunksize", chunksize, 1)
     check_count("pipe_limit", pipe_limit, 0)
@@ -76,6 +126,8 @@ def prepare(
         seed = np.random.SeedSequence(seed)
     items = list(iterable)
     inherit = workers_per_call and ctx.get_start_method() == "fork"
+    if not inherit:  # func travels to the workers: by value, checked here
+        func = portable(func, "func")
     return ctx, items, Options(func, items if inherit else None, seed, pipe_limit)
 
 
@@ -84,14 +136,6 @@ def pick_chunksize(chunksize: int | None, items: int, processes: int) -> int:
     if chunksize is not None:
         return chunksize
     return max(1, math.ceil(items / (4 * processes)))
-
-
-def check_picklable(func: Callable[[Any], Any], why: str) -> None:
-    """Raise TypeError, starting with ``why``, if ``func`` cannot be pickled to a worker."""
-    try:
-        pickle.dumps(func)
-    except Exception as exc:
-        raise TypeError(f"{why}: {exc}") from exc
 
 
 _current_seed: np.random.SeedSequence | None = None

@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .._posix import usable_cpus
 from . import _protocol
 from ._call import Call
-from ._options import PIPE_LIMIT, check_count, check_picklable, pick_chunksize, prepare, start_context
+from ._options import PIPE_LIMIT, check_count, pick_chunksize, portable, prepare, resolve_processes, start_context
 from ._recycling import SpareResults
 from ._spares import DEFAULT_LIMIT, Spares, check_limit
 from ._workers import Workers
@@ -50,10 +49,20 @@ class Pool:
     Parameters
     ----------
     processes : int, optional
-        Number of worker processes (default: the usable CPUs).
+        Number of worker processes (default: the usable CPUs). Negative
+        counts back from the usable CPUs, as in joblib: -1 is all of them.
     start_method : {"fork", "forkserver", "spawn"}, optional
-        How workers start; None: the platform's default. Workers start when
-        the pool is made: under fork they see the parent's state as it is then.
+        How workers start. None: fork on Linux, the platform's default
+        elsewhere (see :func:`shmalloc.map`). Workers start when the pool is
+        made, and again after a call failed: under fork they see the
+        parent's state as it is then.
+    initializer : callable, optional
+        Called as ``initializer(*initargs)`` in each worker when it starts.
+        If it raises, the next :meth:`map` raises its exception (with the
+        worker's traceback in a note) instead of starting workers forever,
+        as :class:`multiprocessing.pool.Pool` would.
+    initargs : tuple
+        Arguments for ``initializer``.
     pipe_limit : int, default 65536
         Results holding fewer bytes than this go through the pipe.
     recycle : bool, default True
@@ -85,9 +94,9 @@ class Pool:
     ``copy=False`` result never shares pages with a later result: its object
     is reused only after all its arrays are freed, and never if the process
     forked while they were alive (the child's copy-on-write view would see
-    the new data). Functions and items are pickled to the workers, so
-    ``func`` must be picklable (a module-level function) under every start
-    method; :func:`shmalloc.map` takes lambdas under fork.
+    the new data). ``func`` and ``initializer`` travel to the workers by
+    value (cloudpickle), so lambdas and closures work; the items are
+    pickled.
 
     A pool may be shared by threads: their :meth:`map` calls run one after
     the other (as :class:`multiprocessing.pool.Pool` users expect), and
@@ -111,18 +120,24 @@ class Pool:
         pipe_limit: int = PIPE_LIMIT,
         recycle: bool = True,
         spare_limit: float | int = DEFAULT_LIMIT,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
     ) -> None:
-        if processes is not None:
-            check_count("processes", processes, 1)
+        processes = resolve_processes(processes)
         check_count("pipe_limit", pipe_limit, 0)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        if not isinstance(initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
         if not isinstance(recycle, bool):
             raise TypeError("recycle must be bool")
         check_limit(spare_limit)
         self._ctx = start_context(start_method)
-        self._processes = processes or usable_cpus()
+        self._processes = processes
         self._limit = pipe_limit
         self._recycle = recycle
-        self._workers = Workers(self._ctx, persistent=True)
+        start = None if initializer is None else (portable(initializer, "initializer"), initargs)
+        self._workers = Workers(self._ctx, persistent=True, initializer=start)
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
         self._pid = os.getpid()  # the workers and spares are this process's: a forked child's close leaves them
@@ -177,7 +192,6 @@ class Pool:
             pipe_limit=self._limit,
             workers_per_call=False,
         )
-        check_picklable(func, "Pool.map pickles func to its running workers (use a module-level function)")
         self._refuse_reentry("map")
         with self._lock:
             if self._closed:
@@ -255,7 +269,7 @@ class Pool:
         # their pipes' ends were closed at the fork) and so are the spares (closed at the fork too).
         # Only drop them; the pool's locks may have been held by a thread that the child lacks.
         self._closed = True
-        self._workers = Workers(self._ctx, persistent=True)
+        self._workers = Workers(self._ctx, persistent=True, initializer=self._workers.initializer)
 
     def _refuse_other_process(self, what: str) -> None:
         if os.getpid() != self._pid:

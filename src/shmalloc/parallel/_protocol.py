@@ -104,6 +104,8 @@ OK = "ok"
 ERROR = "error"
 # A Pool worker's reply to a task with no item: it unmapped the spares it was told to drop.
 UNMAPPED = "unmapped"
+#: The index of an ERROR answer saying that the worker's initializer raised (the worker then exits).
+INITIALIZER = -1
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,15 @@ def answer(index: int, produce: Callable[[], Any]) -> tuple[bytes, _ownership.Ha
         body = _dumps(describe(exc))
         return _dumps((ERROR, index, ())) + body, None  # the worker keeps what it made
     return _dumps(header) + body, handover
+
+
+def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes | None:
+    """In a worker, at its start: call ``initializer(*args)``; None, or the ERROR answer for the parent."""
+    try:
+        initializer(*args)
+    except BaseException as exc:
+        return _dumps((ERROR, INITIALIZER, ())) + _dumps(describe(exc))
+    return None
 
 
 def describe(exc: BaseException) -> tuple[bytes | None, str, str]:

@@ -16,7 +16,7 @@ import os
 import signal
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -25,6 +25,9 @@ from .. import _ownership
 from .._shared import RefillMapping
 from . import _protocol
 from ._options import Options, seed_item
+
+#: A function to call in each worker when it starts, and its arguments.
+Initializer = tuple[Callable[..., Any], tuple[Any, ...]]
 
 # Seconds a worker gets to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 2.0
@@ -67,12 +70,14 @@ class _RefillMappings:
             pass  # the next refill uses pwrite
 
 
-def worker_main(conn: Connection, receiver: int, inherited: Options | None) -> None:
+def worker_main(conn: Connection, receiver: int, inherited: Options | None, initializer: Initializer | None = None) -> None:
     """A worker's main loop: answer every entry of every task, until STOP, EOF or a task marked last.
 
     ``receiver``: the parent's pid. ``inherited``: the options of a map whose
     workers were made for it (under fork they hold the items and any func);
-    a task's own options take precedence.
+    a task's own options take precedence. ``initializer``: ``(function,
+    args)`` to call first; if it raises, the worker answers with an
+    :data:`~._protocol.INITIALIZER` error and exits.
     """
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -82,6 +87,11 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None) -> N
     signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     mappings = _RefillMappings()
     try:
+        if initializer is not None:
+            failure = _protocol.initialize(*initializer)
+            if failure is not None:
+                conn.send_bytes(failure)
+                return
         while True:
             try:
                 task = conn.recv()
@@ -186,12 +196,17 @@ class Workers:
     persistent : bool
         The workers outlive a call (a Pool's): a process forked later by the
         parent must not hold their pipes.
+    initializer : (callable, args), optional
+        Called in every worker when it starts.
     """
 
-    def __init__(self, ctx: Any, inherited: Options | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, ctx: Any, inherited: Options | None = None, persistent: bool = False, initializer: Initializer | None = None
+    ) -> None:
         self.ctx = ctx
         self.inherited = inherited
         self.persistent = persistent
+        self.initializer = initializer
         self.running: list[Worker] = []
 
     def __iter__(self) -> Iterator[Worker]:
@@ -208,7 +223,9 @@ class Workers:
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         if self.persistent:
             _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        process = self.ctx.Process(target=worker_main, args=(child_end, os.getpid(), self.inherited), daemon=True)
+        process = self.ctx.Process(
+            target=worker_main, args=(child_end, os.getpid(), self.inherited, self.initializer), daemon=True
+        )
         try:
             process.start()
         finally:
