@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -118,3 +119,107 @@ def test_default_start_method_is_fork_on_linux_whatever_the_platform_default():
             assert pool.map(lambda _: os.environ.get(key), [0]) == ["inherited"]
     finally:
         os.environ.pop(key, None)
+
+
+# ----------------------------------------------------------------------------
+# Warnings and output of func reach the parent
+
+
+class CustomWarning(UserWarning):
+    pass
+
+
+def _talk(i: int) -> np.ndarray:
+    print(f"item {i} starts", end="")
+    print(f" and ends {i}")
+    print(f"item {i} to stderr", file=sys.stderr)
+    if i % 2:
+        warnings.warn(f"odd item {i}", CustomWarning, stacklevel=1)
+    return np.full(20_000, i)  # large: through shared memory
+
+
+def _talk_then_fail(i: int) -> int:
+    print(f"before failing {i}")
+    warnings.warn("about to fail", RuntimeWarning, stacklevel=1)
+    raise KeyError(i)
+
+
+def _warn_unknown_category(i: int) -> int:
+    # A warning class the parent cannot find: its module is not importable there.
+    category = type("LocalWarning", (UserWarning,), {"__module__": "no_such_module_here"})
+    warnings.warn("from an unknown class", category, stacklevel=1)
+    return i
+
+
+ENGINES = ["map", "pool"]
+
+
+def _run(engine: str, method: str, func, items, **kwargs):
+    if engine == "map":
+        return shmalloc.map(func, items, processes=2, start_method=method, **kwargs)
+    with shmalloc.Pool(2, start_method=method) as pool:
+        return pool.map(func, items, **kwargs)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_warnings_of_func_are_reissued_in_the_parent_with_category_and_item(engine, method):
+    """Each warning issued in func arrives in the parent once, with its class, the item's index and func's line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _run(engine, method, _talk, range(6), chunksize=2)
+    assert [int(r[0]) for r in results] == list(range(6))
+    relayed = sorted(str(w.message) for w in caught if w.category is CustomWarning)
+    assert relayed == ["item 1: odd item 1", "item 3: odd item 3", "item 5: odd item 5"]
+    assert all(w.lineno > 0 and w.filename for w in caught if w.category is CustomWarning)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pytest_warns_sees_a_workers_warning(engine):
+    """pytest.warns around a call sees the warning func issued in a worker."""
+    with pytest.warns(CustomWarning, match=r"item (\d): odd item \1"):
+        _run(engine, "fork", _talk, range(4))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_warnings_made_errors_in_the_parent_raise_there_and_leave_nothing(engine):
+    """Under simplefilter("error") in the parent, a worker's warning raises from the call, as in a loop."""
+    before = set(os.listdir("/dev/shm"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CustomWarning)
+        with pytest.raises(CustomWarning, match=r"item \d: odd item"):
+            _run(engine, "fork", _talk, range(6))
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_output_of_each_item_reaches_the_parents_streams_whole(engine, method, capsys):
+    """What func prints reaches the parent's sys.stdout / sys.stderr, each item's text in one piece."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CustomWarning)
+        _run(engine, method, _talk, range(8), chunksize=1)
+    out, err = capsys.readouterr()
+    assert sorted(out.splitlines()) == sorted(f"item {i} starts and ends {i}" for i in range(8))
+    assert sorted(err.splitlines()) == sorted(f"item {i} to stderr" for i in range(8))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_output_and_warnings_before_an_error_are_relayed_before_it_is_raised(engine, capsys):
+    """An item that prints and warns, then raises: the parent gets its output and warning, then its exception."""
+    with pytest.warns(RuntimeWarning, match="item 0: about to fail"), pytest.raises(KeyError):
+        _run(engine, "fork", _talk_then_fail, [0])
+    assert "before failing 0" in capsys.readouterr().out
+
+
+def test_a_warning_class_unknown_in_the_parent_arrives_as_userwarning_named():
+    """A category the parent cannot import arrives as a UserWarning whose message names the class."""
+    with pytest.warns(UserWarning, match=r"item 0: no_such_module_here.LocalWarning: from an unknown class"):
+        shmalloc.map(_warn_unknown_category, [0], processes=1)
+
+
+def test_the_executor_relays_warnings_and_output(capsys):
+    """shmalloc.ProcessPoolExecutor relays a task's warnings and output too."""
+    with shmalloc.ProcessPoolExecutor(1) as executor, pytest.warns(CustomWarning, match="a task: odd item 1"):
+        executor.submit(_talk, 1).result()
+    assert "item 1 starts and ends 1" in capsys.readouterr().out

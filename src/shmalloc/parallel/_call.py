@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import _names
 from ..errors import ShmFallbackWarning, WorkerDiedError
-from . import _protocol
+from . import _protocol, _relay
 from ._failures import exit_text, rebuild_error, remote_error
 from ._options import Options
 from ._workers import ChunkMessage, Worker, Workers
@@ -247,6 +247,8 @@ class Call:
         header, stream = _protocol.read_header(data)
         index = header.index
         try:
+            # What the item printed and warned first, as in a loop (a warning the filters make an error raises).
+            _relay.replay(header.said, f"item {index}")
             try:
                 payload = _protocol.read_payload(stream)
             except Exception as exc:

@@ -25,7 +25,7 @@ from typing import Any
 from .. import _names, _ownership
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
-from . import _protocol
+from . import _protocol, _relay
 from ._failures import rebuild_error, remote_error
 from ._options import PIPE_LIMIT, check_copy, check_count
 from ._protocol import Shipped, discard, receive, ship
@@ -241,6 +241,7 @@ class ProcessPoolExecutor(cf.Executor):
             header, stream = _protocol.read_header(task.result())
             try:
                 try:
+                    _relay.replay(header.said, "a task")
                     payload = _protocol.read_payload(stream)
                     if header.kind == _protocol.ERROR:
                         future.set_exception(remote_error(None, payload, _LABEL))

@@ -46,6 +46,7 @@ from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
 from ..codecs import pandas as pandas_codec
 from ..errors import ShmError
+from . import _relay
 from ._options import PIPE_LIMIT, Options
 
 #: The label of spares in error messages (they have no name).
@@ -110,11 +111,13 @@ INITIALIZER = -1
 
 @dataclass(frozen=True)
 class Header:
-    """What every answer says first: ``kind`` (OK or ERROR), the item's ``index``, handed-over ``names``."""
+    """What every answer says first: ``kind`` (OK or ERROR), the item's ``index``, handed-over ``names``,
+    and what the item said on the way (its output and warnings, see :mod:`._relay`)."""
 
     kind: str
     index: int
     names: tuple[str, ...]
+    said: _relay.Events = ()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -126,18 +129,21 @@ def answer(index: int, produce: Callable[[], Any]) -> tuple[bytes, _ownership.Ha
     """In a worker: run ``produce()`` for item ``index`` and return the message for the parent.
 
     Never raises for what ``produce`` (or pickling its value) raises: that
-    becomes an ERROR answer. Call ``complete()`` on the returned handover
-    (if any) once the message is sent.
+    becomes an ERROR answer. What ``produce`` writes to ``sys.stdout`` /
+    ``sys.stderr`` and the warnings it issues travel in the header. Call
+    ``complete()`` on the returned handover (if any) once the message is
+    sent.
     """
     handover = _ownership.Handover()
+    run, said = _relay.capture(produce)
     try:
         with handover:
-            value = produce()
+            value = run()
             body = _dumps(value)
-        header = (OK, index, tuple(handover.names))
+        header = (OK, index, tuple(handover.names), said())
     except BaseException as exc:  # report everything; the parent decides
         body = _dumps(describe(exc))
-        return _dumps((ERROR, index, ())) + body, None  # the worker keeps what it made
+        return _dumps((ERROR, index, (), said())) + body, None  # the worker keeps what it made
     return _dumps(header) + body, handover
 
 
@@ -146,7 +152,7 @@ def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes 
     try:
         initializer(*args)
     except BaseException as exc:
-        return _dumps((ERROR, INITIALIZER, ())) + _dumps(describe(exc))
+        return _dumps((ERROR, INITIALIZER, (), ())) + _dumps(describe(exc))
     return None
 
 
@@ -186,8 +192,8 @@ def describe(exc: BaseException) -> tuple[bytes | None, str, str]:
 def read_header(data: bytes) -> tuple[Header, io.BytesIO]:
     """In the parent: the header of an answer, and the stream positioned at its payload."""
     stream = io.BytesIO(data)
-    kind, index, names = pickle.load(stream)
-    return Header(kind, index, tuple(names)), stream
+    kind, index, names, said = pickle.load(stream)
+    return Header(kind, index, tuple(names), said), stream
 
 
 def read_payload(stream: io.BytesIO) -> Any:
@@ -197,7 +203,7 @@ def read_payload(stream: io.BytesIO) -> Any:
 
 def unmapped() -> bytes:
     """In a Pool worker: the reply to a task that only asked it to unmap released spares."""
-    return _dumps((UNMAPPED, -1, ()))
+    return _dumps((UNMAPPED, -1, (), ()))
 
 
 def read_unmapped(data: bytes) -> bool:

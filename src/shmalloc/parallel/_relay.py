@@ -1,0 +1,132 @@
+"""What an item says besides its result: its warnings and its output, captured in the worker and
+replayed in the parent.
+
+In the worker, :func:`capture` runs the item with ``sys.stdout`` and
+``sys.stderr`` replaced and every warning recorded (the parent's filters
+decide, not the worker's). What it gathered is a tuple of builtins
+(:data:`Events`), so that it travels in an answer's header and is replayed
+even when the result itself cannot be rebuilt. In the parent,
+:func:`replay` writes the item's output whole to ``sys.stdout`` /
+``sys.stderr`` (so into a notebook's cell, never interleaved with another
+item's) and re-issues each warning with its category, at its place in
+``func``'s code, with the item named in the message: the parent's filters
+then act on it as they would in a loop (``catch_warnings``,
+``pytest.warns``, ``simplefilter("error")``).
+
+Only what goes through ``sys.stdout`` / ``sys.stderr`` is captured: output
+that a C library or a subprocess writes to the descriptors 1 and 2 goes
+straight through, as it does without a pool.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+OUT, ERR, WARNING = "out", "err", "warning"
+
+#: What an item said, in order: ``("out", text)``, ``("err", text)`` and
+#: ``("warning", (module, qualname), message, filename, lineno)``.
+Events = tuple[tuple[Any, ...], ...]
+
+
+class _Stream:
+    """A text stream appending what is written to the shared list of events (consecutive writes joined)."""
+
+    def __init__(self, kind: str, events: list[list[Any]], original: Any) -> None:
+        self.kind, self.events = kind, events
+        self.encoding = getattr(original, "encoding", "utf-8")
+        self.errors = getattr(original, "errors", "strict")
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            if self.events and self.events[-1][0] == self.kind:
+                self.events[-1][1] += text
+            else:
+                self.events.append([self.kind, text])
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+def capture(run: Callable[[], _T]) -> tuple[Callable[[], _T], Callable[[], Events]]:
+    """In a worker: ``run`` wrapped to capture its output and warnings, and a function returning them.
+
+    The wrapped function raises what ``run`` raises; what was said before is
+    kept all the same.
+    """
+    events: list[list[Any]] = []
+
+    def captured() -> _T:
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Stream(OUT, events, stdout), _Stream(ERR, events, stderr)
+        try:
+            with warnings.catch_warnings(record=True) as records:
+                warnings.simplefilter("always")  # the parent's filters decide
+                try:
+                    return run()
+                finally:
+                    for record in records:
+                        events.append([WARNING, *_describe_warning(record)])
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+
+    return captured, lambda: tuple(tuple(event) for event in events)
+
+
+def _describe_warning(record: warnings.WarningMessage) -> tuple[tuple[str, str], str, str, int]:
+    category = record.category
+    try:
+        text = str(record.message)
+    except Exception:
+        text = f"<{category.__name__} whose str() raised>"
+    lineno = record.lineno if isinstance(record.lineno, int) else 0
+    return (str(category.__module__), str(category.__qualname__)), text, str(record.filename), lineno
+
+
+def replay(events: Events, subject: str) -> None:
+    """In the parent: write the item's output and re-issue its warnings, in order; ``subject``: e.g. "item 3".
+
+    A warning turned into an error by the parent's filters is raised here.
+    """
+    for event in events:
+        kind = event[0]
+        if kind == OUT:
+            sys.stdout.write(event[1])
+        elif kind == ERR:
+            sys.stderr.write(event[1])
+        elif kind == WARNING:
+            (module, qualname), text, filename, lineno = event[1:]
+            category = _category(module, qualname)
+            if category is None:  # not known here: keep its name in the message
+                category, text = UserWarning, f"{module}.{qualname}: {text}"
+            warnings.warn_explicit(f"{subject}: {text}", category, filename, lineno)
+
+
+def _category(module: str, qualname: str) -> type[Warning] | None:
+    """The warning class ``module.qualname``, if it can be found here (importing its module like pickle would)."""
+    try:
+        found: Any = sys.modules.get(module) or importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:
+        return None
+    return found if isinstance(found, type) and issubclass(found, Warning) else None
+
