@@ -11,6 +11,7 @@ from ._handle import ShmObj
 from ._shmarray import ShmArray
 from .errors import (
     CorruptHandleError,
+    FailedItemsWarning,
     ShmError,
     ShmFallbackWarning,
     ShmFileExistsError,
@@ -30,5 +31,6 @@ __all__ = [
     "copy2shm", "allocate_from_shm", "unlink", "ShmObj",
     "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError", "CorruptHandleError",
     "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
+    "FailedItemsWarning",
     "ShmArray", "segments", "held_objects", "gc",
 ]

@@ -107,3 +107,7 @@ class WorkerDiedError(WorkerError):
 
 class ShmFallbackWarning(RuntimeWarning):
     """Results did not fit into /dev/shm and came back through the pipe instead."""
+
+
+class FailedItemsWarning(RuntimeWarning):
+    """Some items of a call with ``errors="return"`` failed: their results are their exceptions."""

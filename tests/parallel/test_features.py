@@ -223,3 +223,86 @@ def test_the_executor_relays_warnings_and_output(capsys):
     with shmalloc.ProcessPoolExecutor(1) as executor, pytest.warns(CustomWarning, match="a task: odd item 1"):
         executor.submit(_talk, 1).result()
     assert "item 1 starts and ends 1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------
+# Retries and errors as values
+
+
+def _fail_first_try(task: tuple[str, int]) -> np.ndarray:
+    """Fails (raises, or kills its worker for odd items) the first time it runs an item: a marker file remembers."""
+    directory, i = task
+    marker = os.path.join(directory, f"tried-{i}")
+    if i % 3 == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        if i % 2:
+            os._exit(3)
+        raise ValueError(f"first try of {i}")
+    return np.full(20_000, i) * float(shmalloc.item_seed().generate_state(1)[0] % 1000)
+
+
+def _fails_on_multiples_of_three(i: int) -> int:
+    if i % 3 == 0:
+        raise KeyError(i)
+    if i == 4:
+        os._exit(5)
+    return -i
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retries_give_the_results_of_a_first_time_success(engine, method, tmp_path):
+    """Items that raised or whose worker died on their first try are run again, with the same seed: results as without failures."""
+    items = [(str(tmp_path), i) for i in range(10)]
+    expected_dir = tmp_path / "expected"
+    expected_dir.mkdir()
+    for i in range(10):  # no failure: every marker exists already
+        (expected_dir / f"tried-{i}").touch()
+    expected = _run(engine, method, _fail_first_try, [(str(expected_dir), i) for i in range(10)], seed=7)
+    got = _run(engine, method, _fail_first_try, items, seed=7, retries=1, chunksize=2)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert sorted(p.name for p in tmp_path.glob("tried-*")) == sorted(f"tried-{i}" for i in (1, 4, 7))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retries_spent_raise_the_last_failure(engine, tmp_path):
+    """An item that fails more times than it may be retried raises as without retries."""
+    with pytest.raises(KeyError):
+        _run(engine, "fork", _fails_on_multiples_of_three, range(3), retries=2)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_errors_return_gives_exceptions_as_results_and_one_warning(engine, method):
+    """errors="return": failed items' results are their exceptions (WorkerDiedError for a death), the rest complete, one warning counts them."""
+    before = set(os.listdir("/dev/shm"))
+    with pytest.warns(shmalloc.FailedItemsWarning, match="4 of 9 items failed") as caught:
+        got = _run(engine, method, _fails_on_multiples_of_three, range(9), errors="return", chunksize=2)
+    assert len([w for w in caught if w.category is shmalloc.FailedItemsWarning]) == 1
+    for i, value in enumerate(got):
+        if i % 3 == 0:
+            assert isinstance(value, KeyError) and value.args == (i,)
+        elif i == 4:
+            assert isinstance(value, shmalloc.WorkerDiedError) and value.index == 4 and value.exitcode == 5
+        else:
+            assert value == -i
+    assert set(os.listdir("/dev/shm")) <= before
+
+
+def test_errors_return_in_a_pool_keeps_the_pool_serving():
+    """After a call with errors="return" whose worker died, the pool serves the next call with all its workers."""
+    with shmalloc.Pool(2) as pool:
+        with pytest.warns(shmalloc.FailedItemsWarning):
+            pool.map(_fails_on_multiples_of_three, range(6), errors="return")
+        assert pool.map(abs, range(-4, 0)) == [4, 3, 2, 1]
+        assert len(set(pool.map(_pid, range(40), chunksize=1))) == 2
+
+
+def test_failure_policy_arguments_are_checked():
+    """errors must be "raise" or "return", retries a non-negative int."""
+    with pytest.raises(ValueError, match="errors must be one of"):
+        shmalloc.map(abs, [1], errors="ignore")
+    with pytest.raises(ValueError, match="retries must be"):
+        shmalloc.map(abs, [1], retries=-1)
+    with shmalloc.Pool(1) as pool, pytest.raises(ValueError, match="retries must be"):
+        pool.map(abs, [1], retries=1.5)

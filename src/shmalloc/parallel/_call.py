@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .. import _names
-from ..errors import ShmFallbackWarning, WorkerDiedError
+from ..errors import FailedItemsWarning, ShmFallbackWarning, WorkerDiedError
 from . import _protocol, _relay
 from ._failures import exit_text, rebuild_error, remote_error
 from ._options import Options
@@ -61,6 +62,12 @@ class NamedResults:
         del self.names[index]
         return value
 
+    def redo(self, index: int) -> None:
+        """Item ``index`` failed and is handed out again: drop what was handed out with it."""
+        name = self.names.pop(index, None)
+        if name is not None:
+            _protocol.discard(name)  # a dead worker may have left its result there
+
     def release_unused(self) -> None:
         """Unlink every name handed out and not consumed."""
         for name in self.names.values():
@@ -89,6 +96,12 @@ class Call:
         Returns a reason (str) to stop at once, e.g. the pool was terminated.
     label : str
         How error notes name the call.
+    errors : {"raise", "return"}
+        What a failed item (func raised, its worker died, its result could
+        not be rebuilt) does once its retries are spent: stop the call and
+        raise, or become its own result (one warning then counts them).
+    retries : int
+        How many times a failed item is run again (with the same seed).
     """
 
     def __init__(
@@ -104,6 +117,8 @@ class Call:
         label: str,
         persistent: bool,
         interrupted: Callable[[], str | None] = lambda: None,
+        errors: str = "raise",
+        retries: int = 0,
     ) -> None:
         self.workers, self.items, self.options = workers, items, options
         self.nproc = nproc
@@ -119,6 +134,10 @@ class Call:
         self.interrupted = interrupted
         self.fallbacks = 0
         self.bar: Any = None
+        self.errors, self.retries = errors, retries
+        self.redo: deque[int] = deque()  # failed items to hand out again, before the next chunk
+        self.tries: dict[int, int] = {}  # failed tries so far, by item
+        self.failed = 0  # items whose result is their exception
 
     def run(self) -> list[Any]:
         self.results.begin(self.workers.forget_exited())
@@ -143,6 +162,12 @@ class Call:
             if self.bar is not None:
                 self.bar.close()
         self.results.finished()
+        if self.failed:
+            warnings.warn(
+                f"{self.failed} of {len(self.items)} items failed: their results are their exceptions",
+                FailedItemsWarning,
+                stacklevel=3,
+            )
         if self.fallbacks:  # one warning per call
             warnings.warn(
                 f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
@@ -160,11 +185,17 @@ class Call:
         self._check_interrupted()
         return self.workers.start()
 
+    def _work_left(self) -> bool:
+        return bool(self.redo) or self.next_chunk < len(self.chunks)
+
     def _dispatch(self, worker: Worker) -> None:
-        if self.next_chunk >= len(self.chunks) or worker.held is not None:
+        if not self._work_left() or worker.held is not None or worker.closing:
             return
-        chunk = self.chunks[self.next_chunk]
-        self.next_chunk += 1
+        if self.redo:
+            chunk: range = range(self.redo[0], self.redo.popleft() + 1)
+        else:
+            chunk = self.chunks[self.next_chunk]
+            self.next_chunk += 1
         pid = worker.process.pid
         entries, fds = [], []
         for index in chunk:
@@ -178,9 +209,10 @@ class Call:
         task = _protocol.Task(
             entries,
             options=self.options if self.persistent else None,
-            last=not self.persistent and self.next_chunk >= len(self.chunks),
+            last=not self.persistent and not self._work_left(),
             drops=self.results.drops_for(pid),
         )
+        worker.closing = task.last  # it exits once answered: nothing more may go to it
         try:
             data = ForkingPickler.dumps(task)  # as Connection.send pickles
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -218,6 +250,10 @@ class Call:
                         self._send(worker, held)
                 elif len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
                     self._dispatch(worker)  # it has a chunk less than it may have: no pause between chunks
+        if self.redo:  # failed items to run again: also to workers that had run out of work
+            for worker in list(self.workers):
+                if not worker.pending:
+                    self._dispatch(worker)
 
     def _drain(self, worker: Worker) -> bool:
         """Handle every message waiting from ``worker``; False if its pipe is closed."""
@@ -238,37 +274,75 @@ class Call:
         if worker.pending:
             index = worker.pending[0]
             how = exit_text(code) if exited else "closed its pipe"
-            raise WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
-        if self.next_chunk < len(self.chunks):
+            died = WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
+            if not self._may_go_on(index):
+                raise died
+            unstarted = list(worker.pending)[1:]
+            worker.pending.clear()
+            worker.held = None
+            self.workers.forget(worker)
+            for other in unstarted:  # handed to it, never started: not a try
+                self.results.redo(other)
+                self.redo.append(other)
+            self._failed(index, died)
+        if self._work_left():
             self._dispatch(self._start_worker())
 
     def _handle(self, worker: Worker, data: bytes) -> None:
-        """Take one answer of ``worker``: a result, or the item's error (raised)."""
+        """Take one answer of ``worker``: a result, or the item's failure."""
         header, stream = _protocol.read_header(data)
         index = header.index
+        failure: Exception | None = None
         try:
             # What the item printed and warned first, as in a loop (a warning the filters make an error raises).
             _relay.replay(header.said, f"item {index}")
             try:
                 payload = _protocol.read_payload(stream)
             except Exception as exc:
-                raise rebuild_error(index, exc, self.label) from None
-            if header.kind == _protocol.ERROR and index == _protocol.INITIALIZER:
-                raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
-            if header.kind == _protocol.ERROR:
-                raise remote_error(index, payload, self.label)
-            shipped: _protocol.Shipped = payload
-            try:
-                self.values[index] = self.results.receive(index, shipped)
-            except Exception as exc:
-                raise rebuild_error(index, exc, self.label) from None
+                failure = rebuild_error(index, exc, self.label)
+            else:
+                if header.kind == _protocol.ERROR and index == _protocol.INITIALIZER:
+                    raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
+                if header.kind == _protocol.ERROR:
+                    failure = remote_error(index, payload, self.label)
+                else:
+                    shipped: _protocol.Shipped = payload
+                    try:
+                        value = self.results.receive(index, shipped)
+                    except Exception as exc:
+                        failure = rebuild_error(index, exc, self.label)
+                    else:
+                        self.fallbacks += shipped.fell_back
         finally:
             _protocol.forget(header.names)  # those not taken over while rebuilding
-        self.fallbacks += shipped.fell_back
         if worker.pending[0] == index:  # answers come in the order of the chunk
             worker.pending.popleft()
         else:
             worker.pending.remove(index)
+        if failure is None:
+            self._done(index, value)
+        else:
+            self._failed(index, failure)
+
+    def _may_go_on(self, index: int) -> bool:
+        """Whether a failure of item ``index`` leaves the call running (a retry is left, or errors="return")."""
+        return self.tries.get(index, 0) < self.retries or self.errors == "return"
+
+    def _failed(self, index: int, failure: Exception) -> None:
+        """Item ``index`` failed: run it again if it has tries left, else return or raise ``failure``."""
+        tries = self.tries.get(index, 0)
+        if tries < self.retries:
+            self.tries[index] = tries + 1
+            self.results.redo(index)
+            self.redo.append(index)
+        elif self.errors == "return":
+            self.failed += 1
+            self._done(index, failure)
+        else:
+            raise failure
+
+    def _done(self, index: int, value: Any) -> None:
+        self.values[index] = value
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._call import Call, NamedResults
-from ._options import PIPE_LIMIT, pick_chunksize, prepare, resolve_processes
+from ._options import PIPE_LIMIT, check_failure_policy, pick_chunksize, prepare, resolve_processes
 from ._workers import Workers
 
 #: How error notes name the call.
@@ -35,6 +35,8 @@ def map(
     progress: bool = False,
     seed: int | np.random.SeedSequence | None = None,
     pipe_limit: int = PIPE_LIMIT,
+    errors: str = "raise",
+    retries: int = 0,
 ) -> list[Any]:
     """Apply ``func`` to each item in worker processes; return the results in input order.
 
@@ -78,6 +80,19 @@ def map(
         number of processes or on scheduling.
     pipe_limit : int, default 65536
         Results holding fewer bytes than this go through the pipe.
+    errors : {"raise", "return"}, default "raise"
+        What an item that failed (``func`` raised, its worker died, its
+        result could not be rebuilt here) does once its retries are spent.
+        "raise": the call stops dispatching, stops its workers and raises
+        that item's exception. "return": the other items complete, the
+        failed item's result is its exception (a
+        :class:`WorkerDiedError` for a death), and one
+        :class:`FailedItemsWarning` says how many failed.
+    retries : int, default 0
+        Run a failed item again up to this many times (in another worker if
+        its worker died, with the same seed); a success counts as if it had
+        succeeded the first time. Items the dead worker held but had not
+        started are handed out again without counting a try.
 
     Returns
     -------
@@ -87,7 +102,8 @@ def map(
     Raises
     ------
     Exception
-        The exception ``func`` raised for the first failing item received,
+        With ``errors="raise"``: the exception ``func`` raised for the first
+        failing item received (once its retries are spent),
         re-raised in the parent, with a note giving the item's index and the
         worker's traceback.
     WorkerError
@@ -131,6 +147,7 @@ def map(
     >>> [a.sum() for a in shmalloc.map(np.ones, [100_000, 200_000], processes=2)]
     [np.float64(100000.0), np.float64(200000.0)]
     """
+    check_failure_policy(errors, retries)
     ctx, items, options = prepare(
         func,
         iterable,
@@ -157,5 +174,7 @@ def map(
         progress=progress,
         label=LABEL,
         persistent=False,
+        errors=errors,
+        retries=retries,
     )
     return call.run()

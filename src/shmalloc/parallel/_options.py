@@ -72,6 +72,17 @@ def check_count(label: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{label} must be a {'positive' if minimum else 'non-negative'} int, not {value!r}")
 
 
+#: What a failed item does once its retries are spent: stop the call and raise, or become its result.
+ERRORS = ("raise", "return")
+
+
+def check_failure_policy(errors: Any, retries: Any) -> None:
+    """Raise ValueError unless ``errors`` is one of :data:`ERRORS` and ``retries`` a non-negative int."""
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}, not {errors!r}")
+    check_count("retries", retries, 0)
+
+
 def check_copy(copy: Any) -> None:
     """Raise TypeError unless ``copy`` is a bool."""
     if not isinstance(copy, bool):

@@ -34,7 +34,16 @@ import numpy as np
 
 from . import _protocol
 from ._call import Call
-from ._options import PIPE_LIMIT, check_count, pick_chunksize, portable, prepare, resolve_processes, start_context
+from ._options import (
+    PIPE_LIMIT,
+    check_count,
+    check_failure_policy,
+    pick_chunksize,
+    portable,
+    prepare,
+    resolve_processes,
+    start_context,
+)
 from ._recycling import SpareResults
 from ._spares import DEFAULT_LIMIT, Spares, check_limit
 from ._workers import Workers
@@ -165,13 +174,17 @@ class Pool:
         chunksize: int | None = None,
         progress: bool = False,
         seed: int | np.random.SeedSequence | None = None,
+        errors: str = "raise",
+        retries: int = 0,
     ) -> list[Any]:
         """Apply ``func`` to each item in the pool's workers; return the results in input order.
 
         Parameters and errors are those of :func:`shmalloc.map` (``func``
-        and the items are pickled to the workers under every start method).
-        After an error the pool's workers are stopped; the next call starts
-        new ones.
+        travels by value, the items are pickled, under every start method).
+        After an error that stops the call (``errors="raise"``) the pool's
+        workers are stopped; the next call starts new ones. A worker that
+        died while the call goes on (a retry, ``errors="return"``) is
+        replaced at once.
 
         Returns
         -------
@@ -181,6 +194,7 @@ class Pool:
         self._refuse_other_process("map")
         if self._closed:
             raise ValueError("the pool is closed")
+        check_failure_policy(errors, retries)
         _, items, options = prepare(
             func,
             iterable,
@@ -214,6 +228,8 @@ class Pool:
                         label=LABEL,
                         persistent=True,
                         interrupted=self._interrupted,
+                        errors=errors,
+                        retries=retries,
                     )
                     return call.run()
             finally:

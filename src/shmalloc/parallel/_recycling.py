@@ -75,6 +75,12 @@ class SpareResults(NamedResults):
             self.spares.give(spare)
         return value.value if shipped.boxed else value
 
+    def redo(self, index: int) -> None:
+        super().redo(index)
+        spare = self.lent.pop(index, None)
+        if spare is not None:  # unused, or written by a worker that died: written over next time
+            self.spares.give(spare)
+
     def release_unused(self) -> None:
         super().release_unused()
         for spare in self.lent.values():  # handed out, not used: still good spares

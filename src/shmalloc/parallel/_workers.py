@@ -164,6 +164,7 @@ class Worker:
     conn: Connection
     pending: deque[int] = field(default_factory=deque)  # indices given to it (sent or held), not yet answered
     held: ChunkMessage | None = None  # its next chunk, waiting until it has answered the current one
+    closing: bool = False  # its last task was sent: it exits once that is answered
 
 
 # The parent's ends of the pipes of persistent workers: a forked child must not keep them
@@ -257,10 +258,14 @@ class Workers:
         process.join()
         code = process.exitcode
         if not worker.pending:
-            self.running.remove(worker)
-            worker.conn.close()
-            process.close()  # its sentinel's descriptors
+            self.forget(worker)
         return exited, code
+
+    def forget(self, worker: Worker) -> None:
+        """Remove a reaped worker, closing its pipe and its sentinel's descriptors."""
+        self.running.remove(worker)
+        worker.conn.close()
+        worker.process.close()
 
     def stop(self, graceful: bool) -> None:
         """Tell every worker to exit and reap them (graceful), or terminate and reap them.
