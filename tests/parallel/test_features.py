@@ -306,3 +306,60 @@ def test_failure_policy_arguments_are_checked():
         shmalloc.map(abs, [1], retries=-1)
     with shmalloc.Pool(1) as pool, pytest.raises(ValueError, match="retries must be"):
         pool.map(abs, [1], retries=1.5)
+
+
+# ----------------------------------------------------------------------------
+# Calls inside a worker
+
+
+def _nested_map(i: int) -> list:
+    return shmalloc.map(_square_with_seed, range(i, i + 3), processes=2, seed=i)
+
+
+def _nested_pool(i: int) -> list:
+    with shmalloc.Pool(2) as pool:
+        return pool.map(_square_with_seed, range(i, i + 3), seed=i)
+
+
+def _square_with_seed(j: int) -> tuple[int, int, int]:
+    return j * j, os.getpid(), int(np.random.randint(1 << 30))
+
+
+def _nested_failures(i: int) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = shmalloc.map(_fails_on_multiples_of_three, [0, 1, 2], errors="return")
+    return [type(v).__name__ for v in values] + [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("inner", [_nested_map, _nested_pool])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_call_inside_a_worker_runs_serially_there_with_the_same_results(engine, inner, method):
+    """map or Pool.map called from func runs in that worker (no daemonic-children error), with the results and seeds of a top-level call."""
+    got = _run(engine, method, inner, range(4), chunksize=1)
+    for i, values in enumerate(got):
+        expected = shmalloc.map(_square_with_seed, range(i, i + 3), processes=2, seed=i)
+        assert [v[0] for v in values] == [v[0] for v in expected]
+        assert [v[2] for v in values] == [v[2] for v in expected]  # the same seeds, run serially
+        assert len({v[1] for v in values}) == 1  # all in the one worker
+
+
+def test_a_call_inside_a_worker_keeps_the_outer_items_random_state():
+    """The serial inner call leaves the outer item's seeded generator where it was."""
+
+    def outer(i: int) -> tuple[int, int]:
+        np.random.seed(i)
+        shmalloc.map(_square_with_seed, range(3), seed=99)
+        return i, int(np.random.randint(1 << 30))
+
+    got = shmalloc.map(outer, range(2), processes=2)
+    for i, draw in got:
+        np.random.seed(i)
+        assert draw == np.random.randint(1 << 30)
+
+
+def test_a_call_inside_a_worker_honours_errors_return():
+    """errors="return" inside a worker: exceptions as values, and the warning counting them issued there."""
+    (got,) = shmalloc.map(_nested_failures, [0], processes=1)
+    assert got == ["KeyError", "int", "int", "1 of 3 items failed: their results are their exceptions"]

@@ -25,7 +25,7 @@ from typing import Any
 from .. import _names, _ownership
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
-from . import _protocol, _relay
+from . import _protocol, _relay, _serial
 from ._failures import rebuild_error, remote_error
 from ._options import PIPE_LIMIT, check_copy, check_count
 from ._protocol import Shipped, discard, receive, ship
@@ -50,6 +50,7 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
         # worker owns (they carry the parent's pid) before dying of it, as map's workers do.
         signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     _complete_unsent()
+    _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
     message, handover = _protocol.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
     if handover is not None and handover.names:

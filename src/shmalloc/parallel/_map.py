@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _serial
 from ._call import Call, NamedResults
 from ._options import PIPE_LIMIT, check_failure_policy, pick_chunksize, prepare, resolve_processes
 from ._workers import Workers
@@ -135,6 +136,9 @@ def map(
     reference dies. An error while rebuilding a result in the parent is
     raised as it is, with a note naming the item.
 
+    Called inside a worker of shmalloc's (from ``func``), map runs the
+    items in that worker, one after the other, with the same results.
+
     Each call starts its workers, and each result lands in a fresh segment
     whose pages the kernel must fault in (about as costly as copying them).
     For repeated calls, :class:`shmalloc.Pool` keeps its workers and reuses
@@ -159,6 +163,8 @@ def map(
         pipe_limit=pipe_limit,
         workers_per_call=True,
     )
+    if _serial.in_worker():  # a worker may not start workers of its own
+        return _serial.run(func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
     if not items:
         return []
     nproc = min(resolve_processes(processes), len(items))

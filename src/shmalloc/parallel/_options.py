@@ -6,7 +6,8 @@ import multiprocessing
 import pickle
 import random
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -170,3 +171,17 @@ def seed_item(seed: np.random.SeedSequence, index: int) -> None:
     state = child.generate_state(4)
     np.random.seed(state)
     random.seed(int.from_bytes(state.tobytes(), "little"))
+
+
+@contextmanager
+def seeds_restored() -> Iterator[None]:
+    """Restore numpy's and :mod:`random`'s global generators and :func:`item_seed` when the block ends
+    (items run serially in this process must not change the state of the item that called them)."""
+    global _current_seed
+    saved = _current_seed, np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        _current_seed = saved[0]
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])

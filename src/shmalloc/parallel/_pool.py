@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _protocol
+from . import _protocol, _serial
 from ._call import Call
 from ._options import (
     PIPE_LIMIT,
@@ -107,6 +107,9 @@ class Pool:
     value (cloudpickle), so lambdas and closures work; the items are
     pickled.
 
+    A pool made inside a worker of shmalloc's (from ``func``) starts no
+    workers: its calls run their items in that worker, one after the other.
+
     A pool may be shared by threads: their :meth:`map` calls run one after
     the other (as :class:`multiprocessing.pool.Pool` users expect), and
     :meth:`close` waits for a running call. :meth:`terminate` stops the
@@ -157,9 +160,11 @@ class Pool:
         self._lock = threading.RLock()
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
+        # Made inside a worker (from func): no workers of its own, its calls run serially there.
+        self._serial = _serial.in_worker()
         with self._spares.held():
             try:
-                while len(self._workers) < self._processes:
+                while len(self._workers) < self._processes and not self._serial:
                     self._workers.start()
             except BaseException:
                 self._workers.stop(graceful=False)
@@ -206,6 +211,8 @@ class Pool:
             pipe_limit=self._limit,
             workers_per_call=False,
         )
+        if self._serial:
+            return _serial.run(options.func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
         self._refuse_reentry("map")
         with self._lock:
             if self._closed:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import _ownership
 from .._shared import RefillMapping
-from . import _protocol
+from . import _protocol, _serial
 from ._options import Options, seed_item
 
 #: A function to call in each worker when it starts, and its arguments.
@@ -81,6 +81,7 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
     """
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
     # The parent terminates a worker whose results it no longer wants (SIGTERM): unlink the
     # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
