@@ -14,7 +14,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -82,12 +82,16 @@ class NamedResults:
 
 
 class Call:
-    """One call: run ``options.func`` over ``items`` on ``workers`` and return the results in order.
+    """One call: run ``options.func`` over ``items`` on ``workers``; :meth:`run` returns the results in
+    order, :meth:`iterate` yields them as they come.
 
     Parameters
     ----------
     workers : Workers
         Started up to ``nproc`` here; stopped at the end unless ``persistent``.
+    items : iterable
+        Read as chunks are handed out (lazily, with :meth:`iterate` and a
+        ``look_ahead``).
     persistent : bool
         The workers outlive the call (a Pool's): every task carries the
         call's options (the workers were not started with them) and none is
@@ -102,12 +106,15 @@ class Call:
         raise, or become its own result (one warning then counts them).
     retries : int
         How many times a failed item is run again (with the same seed).
+    look_ahead : int, optional
+        At most this many items are read and not yet yielded (None: no
+        bound; the items are in memory already).
     """
 
     def __init__(
         self,
         workers: Workers,
-        items: list[Any],
+        items: Iterable[Any],
         options: Options,
         *,
         nproc: int,
@@ -119,14 +126,21 @@ class Call:
         interrupted: Callable[[], str | None] = lambda: None,
         errors: str = "raise",
         retries: int = 0,
+        look_ahead: int | None = None,
     ) -> None:
-        self.workers, self.items, self.options = workers, items, options
+        self.workers, self.options = workers, options
+        self.total = len(items) if isinstance(items, Sized) else None
+        self.source = iter(items)
+        self.peeked: list[Any] = []  # the next item, read to learn whether there is one
+        self.taken = 0  # items read from the source (the next item's index)
+        self.items: dict[int, Any] = {}  # items read and not yet final (None when the workers inherited them)
         self.nproc = nproc
         self.chunksize = chunksize
-        self.chunks = [range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)]
-        self.next_chunk = 0
-        self.values: list[Any] = [None] * len(items)
-        self.done = 0
+        self.look_ahead = look_ahead
+        self.ready: dict[int, Any] = {}  # final results not yet yielded
+        self.ordered = True  # yield in input order; else in the order results become final
+        self.finals: deque[int] = deque()  # unordered: the indices of ready results, in that order
+        self.yielded = 0
         self.results = results
         self.progress = progress
         self.label = label
@@ -140,16 +154,31 @@ class Call:
         self.failed = 0  # items whose result is their exception
 
     def run(self) -> list[Any]:
+        """Every result, in input order."""
+        return list(self.iterate(ordered=True))
+
+    def iterate(self, ordered: bool) -> Iterator[Any]:
+        """Yield the results as they come: in input order, or in the order they are ready.
+
+        Closing the generator (a ``break`` in the caller's loop) stops the
+        workers and leaves nothing behind, as an error does.
+        """
+        self.ordered = ordered
         self.results.begin(self.workers.forget_exited())
         try:
             while len(self.workers) < self.nproc:
                 self._start_worker()
             if self.progress:  # after forking: tqdm may start a monitor thread
-                self.bar = _progress_bar(len(self.items))
+                self.bar = _progress_bar(self.total)
             for _ in range(CHUNKS_AHEAD):
                 for worker in list(self.workers):
                     self._dispatch(worker)
-            while self.done < len(self.items):
+            while True:
+                while (self.yielded in self.ready) if ordered else self.finals:
+                    yield self._pop_ready(self.yielded if ordered else self.finals.popleft())
+                if not self.items and not self._work_left():
+                    break
+                self._top_up()  # yielding made room under look_ahead
                 self._step()
             if not self.persistent:
                 self.workers.stop(graceful=True)
@@ -164,17 +193,20 @@ class Call:
         self.results.finished()
         if self.failed:
             warnings.warn(
-                f"{self.failed} of {len(self.items)} items failed: their results are their exceptions",
+                f"{self.failed} of {self.taken} items failed: their results are their exceptions",
                 FailedItemsWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         if self.fallbacks:  # one warning per call
             warnings.warn(
-                f"/dev/shm was full: {self.fallbacks} of {len(self.items)} results came back through the pipe",
+                f"/dev/shm was full: {self.fallbacks} of {self.taken} results came back through the pipe",
                 ShmFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        return self.values
+
+    def _pop_ready(self, index: int) -> Any:
+        self.yielded += 1
+        return self.ready.pop(index)
 
     def _check_interrupted(self) -> None:
         reason = self.interrupted()
@@ -185,22 +217,45 @@ class Call:
         self._check_interrupted()
         return self.workers.start()
 
+    def _more_items(self) -> bool:
+        """Whether the source has another item (read ahead by one)."""
+        if not self.peeked:
+            try:
+                self.peeked.append(next(self.source))
+            except StopIteration:
+                return False
+        return True
+
     def _work_left(self) -> bool:
-        return bool(self.redo) or self.next_chunk < len(self.chunks)
+        return bool(self.redo) or self._more_items()
+
+    def _may_read(self) -> bool:
+        return self.look_ahead is None or self.taken - self.yielded < self.look_ahead
+
+    def _next_chunk(self) -> range | None:
+        """The indices to hand out next: a failed item again, else up to ``chunksize`` new items."""
+        if self.redo:
+            index = self.redo.popleft()
+            return range(index, index + 1)
+        if not self._may_read():
+            return None
+        first = self.taken
+        while self.taken - first < self.chunksize and (self.taken == first or self._may_read()) and self._more_items():
+            item = self.peeked.pop()
+            self.items[self.taken] = None if self.options.items is not None else item
+            self.taken += 1
+        return range(first, self.taken) if self.taken > first else None
 
     def _dispatch(self, worker: Worker) -> None:
-        if not self._work_left() or worker.held is not None or worker.closing:
+        if worker.held is not None or worker.closing:
             return
-        if self.redo:
-            chunk: range = range(self.redo[0], self.redo.popleft() + 1)
-        else:
-            chunk = self.chunks[self.next_chunk]
-            self.next_chunk += 1
+        chunk = self._next_chunk()
+        if chunk is None:
+            return
         pid = worker.process.pid
         entries, fds = [], []
         for index in chunk:
-            item = None if self.options.items is not None else self.items[index]
-            entry, fd = self.results.entry(index, item, pid)
+            entry, fd = self.results.entry(index, self.items[index], pid)
             entries.append(entry)
             if fd is not None:
                 fds.append(fd)
@@ -244,16 +299,17 @@ class Call:
                 # Read what a worker sent before it ended: its last results are good.
                 if not self._drain(worker) or exited:
                     self._buried(worker)
-                elif worker.held is not None:
-                    if len(worker.pending) == worker.held.items:  # it answered all but the held chunk
-                        held, worker.held = worker.held, None
-                        self._send(worker, held)
-                elif len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
-                    self._dispatch(worker)  # it has a chunk less than it may have: no pause between chunks
-        if self.redo:  # failed items to run again: also to workers that had run out of work
-            for worker in list(self.workers):
-                if not worker.pending:
-                    self._dispatch(worker)
+                elif worker.held is not None and len(worker.pending) == worker.held.items:
+                    held, worker.held = worker.held, None  # it answered all but the held chunk
+                    self._send(worker, held)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Give every worker with a chunk less than it may hold its next chunk: no pause between chunks
+        (also for workers that had run out of work, when a failed item goes out again)."""
+        for worker in list(self.workers):
+            if len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
+                self._dispatch(worker)
 
     def _drain(self, worker: Worker) -> bool:
         """Handle every message waiting from ``worker``; False if its pipe is closed."""
@@ -342,13 +398,15 @@ class Call:
             raise failure
 
     def _done(self, index: int, value: Any) -> None:
-        self.values[index] = value
-        self.done += 1
+        del self.items[index]
+        self.ready[index] = value
+        if not self.ordered:
+            self.finals.append(index)
         if self.bar is not None:
             self.bar.update(1)
 
 
-def _progress_bar(total: int) -> Any:
+def _progress_bar(total: int | None) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:
