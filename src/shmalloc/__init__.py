@@ -21,7 +21,7 @@ from .errors import (
     WorkerError,
 )
 from .parallel._executor import ProcessPoolExecutor
-from .parallel._map import map
+from .parallel._map import imap, map
 from .parallel._options import item_seed
 from .parallel._pool import Pool
 from .tools._cleanup import gc, held_objects, segments
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "copy2shm", "allocate_from_shm", "unlink", "ShmObj",
     "ShmError", "ShmFileNotFoundError", "ShmFileExistsError", "ShmPermissionError", "CorruptHandleError",
-    "map", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
+    "map", "imap", "Pool", "ProcessPoolExecutor", "item_seed", "WorkerError", "WorkerDiedError", "ShmFallbackWarning",
     "FailedItemsWarning",
     "ShmArray", "segments", "held_objects", "gc",
 ]

@@ -194,7 +194,7 @@ _TERMINATE_IN_HANDLER = textwrap.dedent(
     which = sys.argv[1]
     pool = shmalloc.Pool(1, start_method="fork")
     signal.signal(signal.SIGUSR1, lambda *args: pool.terminate())
-    func = getattr(_pool.Pool, which)
+    func = _pool.Pool.close if which == "close" else _pool.Pool._results  # map's and imap's run
     src, first = inspect.getsourcelines(func)
     marker = "self._shut(graceful=True)" if which == "close" else "self._runner = threading.get_ident()"
     line = first + next(k for k, text in enumerate(src) if marker in text)

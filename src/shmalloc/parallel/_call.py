@@ -35,6 +35,13 @@ CHUNKS_AHEAD = 2
 # (208 KB). A larger chunk is held here until the worker has answered the one it works on.
 AHEAD_BYTES = 64 * 1024
 AHEAD_DESCRIPTORS = 64
+# An imap reads at most this many chunks per worker ahead of the results its caller has taken.
+LOOK_AHEAD_CHUNKS = 2 * CHUNKS_AHEAD
+
+
+def look_ahead(processes: int, chunksize: int) -> int:
+    """How many items an imap on ``processes`` workers reads ahead of what its caller has taken."""
+    return processes * chunksize * LOOK_AHEAD_CHUNKS
 
 
 class NamedResults:

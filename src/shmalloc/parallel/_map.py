@@ -1,4 +1,4 @@
-"""shmalloc.map: a parallel map whose workers, started for the call, return results through shared memory.
+"""shmalloc.map and shmalloc.imap: a parallel map whose workers, started for the call, return results through shared memory.
 
 The parent owns every segment name: it chooses one per item before handing
 the item to a worker, the worker places a large result under that name, and
@@ -11,18 +11,19 @@ the reading of the results.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from . import _serial
-from ._call import Call, NamedResults
+from ._call import Call, NamedResults, look_ahead
 from ._options import PIPE_LIMIT, check_failure_policy, pick_chunksize, prepare, resolve_processes
 from ._workers import Workers
 
-#: How error notes name the call.
+#: How error notes name the calls.
 LABEL = "shmalloc.map"
+IMAP_LABEL = "shmalloc.imap"
 
 
 def map(
@@ -184,3 +185,90 @@ def map(
         retries=retries,
     )
     return call.run()
+
+
+def imap(
+    func: Callable[[Any], Any],
+    iterable: Iterable[Any],
+    *,
+    ordered: bool = True,
+    processes: int | None = None,
+    copy: bool = True,
+    start_method: str | None = None,
+    chunksize: int = 1,
+    progress: bool = False,
+    seed: int | np.random.SeedSequence | None = None,
+    pipe_limit: int = PIPE_LIMIT,
+    errors: str = "raise",
+    retries: int = 0,
+) -> Iterator[Any]:
+    """Apply ``func`` to each item in worker processes; yield the results as they come.
+
+    Like :func:`map`, but the items are read as the work goes (at most a
+    few chunks per worker ahead of the results taken), and each result is
+    yielded as soon as it is ready: in input order, or (``ordered=False``)
+    in the order the workers finish them.
+
+    Parameters
+    ----------
+    ordered : bool, default True
+        Yield in input order (a slow item holds back the later ones, which
+        wait here), or in the order results are ready.
+    chunksize : int, default 1
+        Items handed to a worker at a time (as ``multiprocessing``'s imap).
+    func, iterable, processes, copy, start_method, progress, seed, pipe_limit, errors, retries
+        As for :func:`map`. ``processes`` is not capped by the number of
+        items (unknown ahead); the items are pickled to the workers under
+        every start method.
+
+    Yields
+    ------
+    object
+        ``func(item)`` for each item.
+
+    Notes
+    -----
+    The workers start when the iteration does. Leaving the loop early
+    (``break``, an exception, closing the generator) stops them and unlinks
+    every segment of the call; so does the end of the iteration. Arguments
+    are checked when ``imap`` is called.
+
+    Examples
+    --------
+    >>> import numpy as np, shmalloc
+    >>> for total in shmalloc.imap(lambda n: np.ones(n).sum(), [10, 20], processes=2):
+    ...     print(total)
+    10.0
+    20.0
+    """
+    check_failure_policy(errors, retries)
+    ctx, items, options = prepare(
+        func,
+        iterable,
+        processes=processes,
+        copy=copy,
+        start_method=start_method,
+        chunksize=chunksize,
+        seed=seed,
+        pipe_limit=pipe_limit,
+        workers_per_call=True,
+        lazy=True,
+    )
+    if _serial.in_worker():
+        return _serial.iterate(func, items, seed=options.seed, errors=errors, retries=retries, label=IMAP_LABEL)
+    nproc = resolve_processes(processes)
+    call = Call(
+        Workers(ctx, inherited=options),
+        items,
+        options,
+        nproc=nproc,
+        chunksize=chunksize,
+        results=NamedResults(copy),
+        progress=progress,
+        label=IMAP_LABEL,
+        persistent=False,
+        errors=errors,
+        retries=retries,
+        look_ahead=look_ahead(nproc, chunksize),
+    )
+    return call.iterate(ordered)

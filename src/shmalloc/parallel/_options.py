@@ -120,11 +120,14 @@ def prepare(
     seed: int | np.random.SeedSequence | None,
     pipe_limit: int,
     workers_per_call: bool,
-) -> tuple[multiprocessing.context.BaseContext, list[Any], Options]:
+    lazy: bool = False,
+) -> tuple[multiprocessing.context.BaseContext, Any, Options]:
     """Check a call's arguments; return its multiprocessing context, its items and the options for its workers.
 
     ``workers_per_call``: the workers are started for this call, so under
-    fork they inherit the items (and ``func``, whatever it is).
+    fork they inherit ``func`` (whatever it is) and the items. ``lazy``: the
+    items are read as the call goes (returned as an iterator, never
+    inherited).
     """
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
@@ -136,11 +139,14 @@ def prepare(
     ctx = start_context(start_method)
     if seed is not None and not isinstance(seed, np.random.SeedSequence):
         seed = np.random.SeedSequence(seed)
-    items = list(iterable)
+    if lazy:
+        items: Any = iter(iterable)  # a TypeError now if it is not iterable
+    else:
+        items = list(iterable)
     inherit = workers_per_call and ctx.get_start_method() == "fork"
     if not inherit:  # func travels to the workers: by value, checked here
         func = portable(func, "func")
-    return ctx, items, Options(func, items if inherit else None, seed, pipe_limit)
+    return ctx, items, Options(func, items if inherit and not lazy else None, seed, pipe_limit)
 
 
 def pick_chunksize(chunksize: int | None, items: int, processes: int) -> int:

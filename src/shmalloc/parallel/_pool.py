@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import connection
 from typing import Any
 
 import numpy as np
 
 from . import _protocol, _serial
-from ._call import Call
+from ._call import Call, look_ahead
 from ._options import (
     PIPE_LIMIT,
+    Options,
     check_count,
     check_failure_policy,
     pick_chunksize,
@@ -196,7 +197,61 @@ class Pool:
         list
             ``[func(item) for item in iterable]``.
         """
-        self._refuse_other_process("map")
+        items, options = self._arguments("map", func, iterable, copy, chunksize, seed, errors, retries, lazy=False)
+        if self._serial:
+            return _serial.run(options.func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
+        if not items:
+            self._refuse_reentry("map")
+            return []
+        chunks = pick_chunksize(chunksize, len(items), self._processes)
+        return list(self._results("map", items, options, copy, chunks, progress, errors, retries, ordered=True, lazy=False))
+
+    def imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        ordered: bool = True,
+        copy: bool = True,
+        chunksize: int = 1,
+        progress: bool = False,
+        seed: int | np.random.SeedSequence | None = None,
+        errors: str = "raise",
+        retries: int = 0,
+    ) -> Iterator[Any]:
+        """Apply ``func`` to each item in the pool's workers; yield the results as they come.
+
+        As :func:`shmalloc.imap`, on the pool's workers. The pool serves one
+        call at a time: the iteration holds it from its first result until
+        it ends, so finish the loop, ``break`` out of it, or close the
+        iterator (:func:`contextlib.closing`) before the pool's next call
+        in another thread.
+
+        Yields
+        ------
+        object
+            ``func(item)`` for each item: in input order, or (``ordered=False``)
+            in the order they are ready.
+        """
+        items, options = self._arguments("imap", func, iterable, copy, chunksize, seed, errors, retries, lazy=True)
+        if self._serial:
+            return _serial.iterate(options.func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
+        return self._results("imap", items, options, copy, chunksize, progress, errors, retries, ordered=ordered, lazy=True)
+
+    def _arguments(
+        self,
+        what: str,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        copy: bool,
+        chunksize: int | None,
+        seed: int | np.random.SeedSequence | None,
+        errors: str,
+        retries: int,
+        lazy: bool,
+    ) -> tuple[Any, Options]:
+        """Check a call's arguments; return its items (a list, or the iterable itself if ``lazy``) and options."""
+        self._refuse_other_process(what)
         if self._closed:
             raise ValueError("the pool is closed")
         check_failure_policy(errors, retries)
@@ -210,42 +265,56 @@ class Pool:
             seed=seed,
             pipe_limit=self._limit,
             workers_per_call=False,
+            lazy=lazy,
         )
-        if self._serial:
-            return _serial.run(options.func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
-        self._refuse_reentry("map")
+        return items, options
+
+    def _results(
+        self,
+        what: str,
+        items: Iterable[Any],
+        options: Options,
+        copy: bool,
+        chunksize: int,
+        progress: bool,
+        errors: str,
+        retries: int,
+        ordered: bool,
+        lazy: bool,
+    ) -> Iterator[Any]:
+        """Run a call on the pool's workers, holding the pool; yield its results."""
+        self._refuse_reentry(what)
         with self._lock:
             if self._closed:
                 raise ValueError("the pool is closed")
-            if not items:
-                return []
             self._runner = threading.get_ident()
             try:
                 with self._spares.held():  # spares come back from other threads only between calls
                     if self._closed:  # by a signal handler of this thread, before _runner was set
-                        raise ValueError("the pool was closed while this map was starting")
+                        raise ValueError(f"the pool was closed while this {what} was starting")
                     call = Call(
                         self._workers,
                         items,
                         options,
                         nproc=self._processes,
-                        chunksize=pick_chunksize(chunksize, len(items), self._processes),
+                        chunksize=chunksize,
                         results=SpareResults(copy, self._spares, self._recycle),
                         progress=progress,
-                        label=LABEL,
+                        label=f"shmalloc.Pool.{what}",
                         persistent=True,
                         interrupted=self._interrupted,
                         errors=errors,
                         retries=retries,
+                        look_ahead=look_ahead(self._processes, chunksize) if lazy else None,
                     )
-                    return call.run()
+                    yield from call.iterate(ordered)
             finally:
                 self._runner = None
                 if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
                     self._shut(graceful=False)
 
     def _interrupted(self) -> str | None:
-        return "Pool.terminate() was called while this map was running" if self._terminating else None
+        return "Pool.terminate() was called while a call of this pool was running" if self._terminating else None
 
     def close(self) -> None:
         """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
@@ -317,7 +386,8 @@ class Pool:
         if self._runner == threading.get_ident() or self._spares.held_here():
             if self._runner == threading.get_ident():
                 raise RuntimeError(
-                    f"Pool.{what}() called while this thread runs Pool.map (from a signal handler or callback?)"
+                    f"Pool.{what}() called while this thread runs a call of this pool (from a signal handler or callback,"
+                    " or in the loop over its imap?)"
                 )
             raise RuntimeError(
                 f"Pool.{what}() called while this thread works on the pool's spares (from a signal handler or finalizer?)"

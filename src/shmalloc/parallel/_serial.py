@@ -9,7 +9,7 @@ and ``errors`` policy as the parallel call.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ def in_worker() -> bool:
 
 def run(
     func: Callable[[Any], Any],
-    items: list[Any],
+    items: Iterable[Any],
     *,
     seed: np.random.SeedSequence | None,
     errors: str,
@@ -41,29 +41,51 @@ def run(
     label: str,
 ) -> list[Any]:
     """``[func(item) for item in items]`` here, as the parallel call would give it."""
-    values: list[Any] = []
-    failed = 0
-    with seeds_restored():
-        for index, item in enumerate(items):
-            for tries_left in range(retries, -1, -1):
-                if seed is not None:
-                    seed_item(seed, index)
-                try:
-                    values.append(func(item))
-                    break
-                except Exception as exc:
-                    if tries_left:
-                        continue
-                    try:
-                        exc.add_note(f"{label}: raised by func for item {index}, run serially in this worker")
-                    except Exception:
-                        pass  # e.g. a __notes__ that is not a list: the exception as it is
-                    if errors == "raise":
-                        raise
-                    values.append(exc)
-                    failed += 1
+    return list(iterate(func, items, seed=seed, errors=errors, retries=retries, label=label))
+
+
+def iterate(
+    func: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    seed: np.random.SeedSequence | None,
+    errors: str,
+    retries: int,
+    label: str,
+) -> Iterator[Any]:
+    """Yield ``func(item)`` for each item, here, as the parallel call would."""
+    failed = taken = 0
+    for index, item in enumerate(items):
+        taken += 1
+        if seed is None:  # as in a loop: the items draw from the generators in turn
+            value, ok = _run_item(func, item, index, seed, retries, label)
+        else:
+            with seeds_restored():  # each item seeds them: the caller's state is its own again between items
+                value, ok = _run_item(func, item, index, seed, retries, label)
+        if not ok:
+            if errors == "raise":
+                raise value
+            failed += 1
+        yield value
     if failed:
-        warnings.warn(
-            f"{failed} of {len(items)} items failed: their results are their exceptions", FailedItemsWarning, stacklevel=3
-        )
-    return values
+        warnings.warn(f"{failed} of {taken} items failed: their results are their exceptions", FailedItemsWarning, stacklevel=3)
+
+
+def _run_item(
+    func: Callable[[Any], Any], item: Any, index: int, seed: np.random.SeedSequence | None, retries: int, label: str
+) -> tuple[Any, bool]:
+    """``(func(item), True)``, tried up to ``1 + retries`` times, or ``(the last exception, False)``."""
+    for tries_left in range(retries, -1, -1):
+        if seed is not None:
+            seed_item(seed, index)
+        try:
+            return func(item), True
+        except Exception as exc:
+            if tries_left:
+                continue
+            try:
+                exc.add_note(f"{label}: raised by func for item {index}, run serially in this worker")
+            except Exception:
+                pass  # e.g. a __notes__ that is not a list: the exception as it is
+            return exc, False
+    raise AssertionError("unreachable: the last try returns")
