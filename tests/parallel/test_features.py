@@ -5,9 +5,11 @@ Each runs across real process boundaries under every start method.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -363,3 +365,141 @@ def test_a_call_inside_a_worker_honours_errors_return():
     """errors="return" inside a worker: exceptions as values, and the warning counting them issued there."""
     (got,) = shmalloc.map(_nested_failures, [0], processes=1)
     assert got == ["KeyError", "int", "int", "1 of 3 items failed: their results are their exceptions"]
+
+
+# ----------------------------------------------------------------------------
+# imap
+
+
+def _wait_for_file(task: tuple[str, int]) -> np.ndarray:
+    """Item 0 waits (at most 60 s) until the parent has created the file: it can only finish after the others."""
+    path, i = task
+    if i == 0:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return np.full(20_000, i)
+
+
+def _imap(engine: str, method: str, func, items, **kwargs):
+    """An iterator over the results, and what to close afterwards."""
+    if engine == "map":
+        return shmalloc.imap(func, items, processes=2, start_method=method, **kwargs), None
+    pool = shmalloc.Pool(2, start_method=method)
+    return pool.imap(func, items, **kwargs), pool
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_yields_the_results_of_map_in_input_order(engine, method):
+    """imap (ordered) yields what map returns, in input order, for large and small results."""
+    items = [20_000 if i % 2 else 3 for i in range(12)]
+    results, pool = _imap(engine, method, np.arange, items, chunksize=2)
+    try:
+        got = list(results)
+    finally:
+        if pool is not None:
+            pool.close()
+    assert [len(a) for a in got] == items
+    assert all(np.array_equal(a, np.arange(n)) for a, n in zip(got, items, strict=True))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_unordered_yields_results_as_they_are_ready(engine, tmp_path):
+    """ordered=False: other items' results arrive while item 0 still waits (ordered, the loop would wait for item 0 forever)."""
+    path = str(tmp_path / "release")
+    results, pool = _imap(engine, "fork", _wait_for_file, [(path, i) for i in range(6)], ordered=False)
+    try:
+        order = []
+        for array in results:
+            order.append(int(array[0]))
+            if len(order) == 4:  # four others are in (one more may wait behind item 0 in its worker): let it finish
+                open(path, "w").close()
+    finally:
+        if pool is not None:
+            pool.close()
+    assert 0 not in order[:4] and sorted(order) == list(range(6))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_reads_its_input_lazily_and_a_break_stops_everything(engine):
+    """An endless input is read only a few chunks ahead of the results taken; leaving the loop stops the workers and leaves nothing."""
+    before = set(os.listdir("/dev/shm"))
+    read = []
+
+    def endless():
+        for i in itertools.count():
+            read.append(i)
+            yield 20_000 + i
+
+    results, pool = _imap(engine, "fork", np.ones, endless(), chunksize=2)
+    try:
+        for k, array in enumerate(results):
+            assert len(array) == 20_000 + k
+            if k == 9:
+                break
+        results.close()
+        assert len(read) <= 10 + 2 * 2 * 4 + 1  # taken + the look-ahead (2 workers x 2 items x 4 chunks) + the one peeked
+        if pool is not None:
+            assert pool.map(abs, [-3]) == [3]  # the pool serves the next call
+    finally:
+        if pool is not None:
+            pool.close()
+    assert set(os.listdir("/dev/shm")) <= before
+    assert wait_for_no_children()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_failures_follow_the_errors_policy(engine):
+    """imap raises the failing item's exception at its turn, or with errors="return" yields it in its place."""
+    results, pool = _imap(engine, "fork", _fails_on_multiples_of_three, [1, 2, 3, 5])
+    try:
+        assert next(results) == -1 and next(results) == -2
+        with pytest.raises(KeyError):
+            next(results)
+        results, _ = (pool.imap(_fails_on_multiples_of_three, [1, 3], errors="return"), None) if pool else _imap(
+            engine, "fork", _fails_on_multiples_of_three, [1, 3], errors="return"
+        )
+        with pytest.warns(shmalloc.FailedItemsWarning):
+            got = list(results)
+        assert got[0] == -1 and isinstance(got[1], KeyError)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def test_imap_input_that_raises_stops_the_call_with_that_error():
+    """An exception raised by the input iterator comes out of the loop, and the call leaves nothing behind."""
+    before = set(os.listdir("/dev/shm"))
+
+    def broken():
+        yield 20_000
+        yield 30_000
+        raise OSError("the input broke")
+
+    with pytest.raises(OSError, match="the input broke"):
+        list(shmalloc.imap(np.ones, broken(), processes=2))
+    assert set(os.listdir("/dev/shm")) <= before
+    assert wait_for_no_children()
+
+
+def test_a_pool_is_held_by_its_imap_until_the_loop_ends():
+    """Inside the loop over a Pool's imap, another call of the same pool is refused (it would run inside this one)."""
+    with shmalloc.Pool(2) as pool:
+        for _ in pool.imap(abs, [1, 2]):
+            with pytest.raises(RuntimeError, match="runs a call of this pool"):
+                pool.map(abs, [1])
+        assert pool.map(abs, [-1]) == [1]
+
+
+def test_imap_inside_a_worker_runs_serially():
+    """shmalloc.imap called from func yields in that worker, serially."""
+    got = shmalloc.map(lambda n: [int(a.sum()) for a in shmalloc.imap(np.ones, [n, n + 1])], [3, 5], processes=2)
+    assert got == [[3, 4], [5, 6]]
+
+
+def wait_for_no_children(timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while mp.active_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not mp.active_children()

@@ -15,6 +15,7 @@ import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -116,6 +117,10 @@ class Call:
     look_ahead : int, optional
         At most this many items are read and not yet yielded (None: no
         bound; the items are in memory already).
+    fail_at_turn : bool
+        With ``errors="raise"``, raise a failure when its result's turn to
+        be yielded comes, the results before it yielded first (imap), instead
+        of at once (map). No new item goes out once a failure is known.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Call:
         errors: str = "raise",
         retries: int = 0,
         look_ahead: int | None = None,
+        fail_at_turn: bool = False,
     ) -> None:
         self.workers, self.options = workers, options
         self.total = len(items) if isinstance(items, Sized) else None
@@ -159,6 +165,8 @@ class Call:
         self.redo: deque[int] = deque()  # failed items to hand out again, before the next chunk
         self.tries: dict[int, int] = {}  # failed tries so far, by item
         self.failed = 0  # items whose result is their exception
+        self.fail_at_turn = fail_at_turn
+        self.failing = False  # a failure waits for its turn to be raised: hand out nothing more
 
     def run(self) -> list[Any]:
         """Every result, in input order."""
@@ -213,7 +221,10 @@ class Call:
 
     def _pop_ready(self, index: int) -> Any:
         self.yielded += 1
-        return self.ready.pop(index)
+        value = self.ready.pop(index)
+        if isinstance(value, _Raise):
+            raise value.error
+        return value
 
     def _check_interrupted(self) -> None:
         reason = self.interrupted()
@@ -234,14 +245,14 @@ class Call:
         return True
 
     def _work_left(self) -> bool:
-        return bool(self.redo) or self._more_items()
+        return not self.failing and (bool(self.redo) or self._more_items())
 
     def _may_read(self) -> bool:
-        return self.look_ahead is None or self.taken - self.yielded < self.look_ahead
+        return not self.failing and (self.look_ahead is None or self.taken - self.yielded < self.look_ahead)
 
     def _next_chunk(self) -> range | None:
         """The indices to hand out next: a failed item again, else up to ``chunksize`` new items."""
-        if self.redo:
+        if self.redo and not self.failing:
             index = self.redo.popleft()
             return range(index, index + 1)
         if not self._may_read():
@@ -388,8 +399,9 @@ class Call:
             self._failed(index, failure)
 
     def _may_go_on(self, index: int) -> bool:
-        """Whether a failure of item ``index`` leaves the call running (a retry is left, or errors="return")."""
-        return self.tries.get(index, 0) < self.retries or self.errors == "return"
+        """Whether a failure of item ``index`` leaves the call running (a retry is left, errors="return", or
+        the failure waits for its turn)."""
+        return self.tries.get(index, 0) < self.retries or self.errors == "return" or self.fail_at_turn
 
     def _failed(self, index: int, failure: Exception) -> None:
         """Item ``index`` failed: run it again if it has tries left, else return or raise ``failure``."""
@@ -401,6 +413,9 @@ class Call:
         elif self.errors == "return":
             self.failed += 1
             self._done(index, failure)
+        elif self.fail_at_turn:
+            self.failing = True
+            self._done(index, _Raise(failure))
         else:
             raise failure
 
@@ -411,6 +426,13 @@ class Call:
             self.finals.append(index)
         if self.bar is not None:
             self.bar.update(1)
+
+
+@dataclass
+class _Raise:
+    """A failure to raise when its result's turn to be yielded comes."""
+
+    error: Exception
 
 
 def _progress_bar(total: int | None) -> Any:

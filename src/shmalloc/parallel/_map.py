@@ -270,5 +270,6 @@ def imap(
         errors=errors,
         retries=retries,
         look_ahead=look_ahead(nproc, chunksize),
+        fail_at_turn=True,
     )
     return call.iterate(ordered)

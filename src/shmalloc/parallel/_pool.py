@@ -306,6 +306,7 @@ class Pool:
                         errors=errors,
                         retries=retries,
                         look_ahead=look_ahead(self._processes, chunksize) if lazy else None,
+                        fail_at_turn=lazy,
                     )
                     yield from call.iterate(ordered)
             finally:
