@@ -27,16 +27,25 @@ def test_notebook_executes(tmp_path):
     assert not errors
 
 
-def test_quick_start_code_runs(tmp_path):
-    """The python blocks of docs/quickstart.md, joined into one script, run and pass their asserts."""
-    text = (DOCS / "quickstart.md").read_text()
+def _run_python_blocks(page: str, tmp_path) -> subprocess.CompletedProcess:
+    text = (DOCS / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) >= 3
-    script = tmp_path / "quickstart.py"
+    script = tmp_path / page.replace(".md", ".py")
     script.write_text("\n\n".join(blocks))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ShmObj(name='/shmalloc_" in done.stdout
+    return done
+
+
+def test_quick_start_code_runs(tmp_path):
+    """The python blocks of docs/quickstart.md, joined into one script, run and pass their asserts."""
+    assert "ShmObj(name='/shmalloc_" in _run_python_blocks("quickstart.md", tmp_path).stdout
+
+
+def test_migration_guide_code_runs(tmp_path):
+    """The python blocks of docs/migrating.md (mclapply, multiprocessing and mpire users) run and pass their asserts."""
+    _run_python_blocks("migrating.md", tmp_path)
 
 
 def test_docs_build_without_warnings(tmp_path):
