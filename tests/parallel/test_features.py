@@ -404,11 +404,12 @@ def test_imap_yields_the_results_of_map_in_input_order(engine, method):
     assert all(np.array_equal(a, np.arange(n)) for a, n in zip(got, items, strict=True))
 
 
+@pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_imap_unordered_yields_results_as_they_are_ready(engine, tmp_path):
+def test_imap_unordered_yields_results_as_they_are_ready(engine, method, tmp_path):
     """ordered=False: other items' results arrive while item 0 still waits (ordered, the loop would wait for item 0 forever)."""
     path = str(tmp_path / "release")
-    results, pool = _imap(engine, "fork", _wait_for_file, [(path, i) for i in range(6)], ordered=False)
+    results, pool = _imap(engine, method, _wait_for_file, [(path, i) for i in range(6)], ordered=False)
     try:
         order = []
         for array in results:
@@ -421,8 +422,9 @@ def test_imap_unordered_yields_results_as_they_are_ready(engine, tmp_path):
     assert 0 not in order[:4] and sorted(order) == list(range(6))
 
 
+@pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_imap_reads_its_input_lazily_and_a_break_stops_everything(engine):
+def test_imap_reads_its_input_lazily_and_a_break_stops_everything(engine, method):
     """An endless input is read only a few chunks ahead of the results taken; leaving the loop stops the workers and leaves nothing."""
     before = set(os.listdir("/dev/shm"))
     read = []
@@ -432,7 +434,7 @@ def test_imap_reads_its_input_lazily_and_a_break_stops_everything(engine):
             read.append(i)
             yield 20_000 + i
 
-    results, pool = _imap(engine, "fork", np.ones, endless(), chunksize=2)
+    results, pool = _imap(engine, method, np.ones, endless(), chunksize=2)
     try:
         for k, array in enumerate(results):
             assert len(array) == 20_000 + k
