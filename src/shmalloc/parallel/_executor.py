@@ -184,6 +184,7 @@ class ProcessPoolExecutor(cf.Executor):
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
+        self._broken = False  # a worker died: the standard pool serves no more tasks
         # OS thread ids of the threads the standard executor ran for this pool (its manager and
         # queue feeder threads): shutdown waits until they are gone, also those that ended before.
         self._pool_threads: set[int | None] = set()
@@ -237,6 +238,7 @@ class ProcessPoolExecutor(cf.Executor):
                 # In a broken pool another worker may still be writing under this name:
                 # keep it for the sweep in shutdown().
                 settled = not isinstance(error, BrokenProcessPool)
+                self._broken = self._broken or not settled
                 future.set_exception(error)
                 return
             header, stream = _protocol.read_header(task.result())
@@ -275,6 +277,11 @@ class ProcessPoolExecutor(cf.Executor):
         if not self._warned:
             self._warned = True
             warnings.warn("/dev/shm was full: results come back through the pipe instead", ShmFallbackWarning, stacklevel=1)
+
+    @property
+    def broken(self) -> bool:
+        """Whether a worker died, so that the pool serves no more tasks (known once a future said so)."""
+        return self._broken
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers; with ``wait=True`` also remove every segment left unconsumed."""
