@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "shmalloc") -> int:
     )
 
     bench = commands.add_parser("bench", help="measure shmalloc against its peers")
-    bench.add_argument("sections", nargs="*", help="sections to run (default: all): core, pandas, map, results")
+    bench.add_argument("sections", nargs="*", help="sections to run (default: all): core, pandas, map, results, engines")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke test)")
     bench.add_argument("--repeat", type=int, default=5, help="repeats per measurement; medians are reported")
 

@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-SECTIONS = ("core", "pandas", "map", "results")
+SECTIONS = ("core", "pandas", "map", "results", "engines")
 
 
 def run(sections: Sequence[str] = (), quick: bool = False, repeat: int = 5) -> int:

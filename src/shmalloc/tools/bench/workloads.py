@@ -44,6 +44,9 @@ MAP_ROWS = Sizes(full=(10**7, 3 * 10**7), quick=(10**5, 3 * 10**5))
 #: results: rows of each result, and how many tasks return one (fewer for the large ones, to keep the run short).
 RESULTS_TASKS_BY_ROWS = {10**2: 200, 10**3: 200, 10**4: 200, 10**5: 200, 10**6: 20, 10**7: 4}
 RESULTS_QUICK_TASKS_BY_ROWS = {10**2: 50, 10**4: 50}
+# The engines section: 8 tasks each return a new frame of this many rows (1e7: 130 MB).
+ENGINES_TASKS = 8
+ENGINES_ROWS = Sizes(full=(10**7,), quick=(10**5,))
 #: plot_sizes.py: rows of the frame one worker returns, for the time-against-size plot.
 PLOT_ROWS = (10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7)
 #: pandas: each distinct string of the string column repeats this often.

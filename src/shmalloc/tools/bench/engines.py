@@ -1,0 +1,129 @@
+"""Benchmark of the engines people run: 8 tasks each compute and return a new frame, on 2 workers.
+
+shmalloc's Pool, joblib with its loky backend and with shmalloc's backend,
+a multiprocessing.Pool kept open, and, where installed, a Dask LocalCluster
+of 2 worker processes and Ray. Every engine is started and used once before
+timing (Ray's store and Dask's workers warm); methods run interleaved,
+repetition by repetition, in one process; medians are reported, as ratios to
+joblib's default backend (loky).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pandas as pd
+
+import shmalloc
+
+from . import print_table, workloads
+
+WORKERS = 2
+START_METHOD = "forkserver"  # the pools kept open run threads: workers come from the fork server
+BASELINE = "joblib, loky backend"
+
+
+def compute(task: tuple[int, int]) -> pd.DataFrame:
+    """A task ``(number, rows)``: its new frame."""
+    return workloads.task_frame(*task)
+
+
+def _joblib_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list]]:
+    try:
+        import joblib
+    except ImportError:
+        return {}
+    import shmalloc.joblib
+
+    stack.callback(shmalloc.joblib.shutdown)
+
+    def run(backend: str, **options: Any) -> Callable[[list], list]:
+        def call(tasks: list) -> list:
+            with joblib.parallel_config(backend=backend, n_jobs=WORKERS, **options):
+                return joblib.Parallel()(joblib.delayed(compute)(task) for task in tasks)
+
+        return call
+
+    return {
+        BASELINE: run("loky"),
+        "joblib, shmalloc backend, copy=False": run("shmalloc", copy=False, start_method=START_METHOD),
+        "joblib, shmalloc backend, copy=True": run("shmalloc", copy=True, start_method=START_METHOD),
+    }
+
+
+def _dask_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list]]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        return {}
+    cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None))
+    client = stack.enter_context(Client(cluster))
+    return {"Dask LocalCluster, client.gather": lambda tasks: client.gather(client.map(compute, tasks, pure=False))}
+
+
+def _ray_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list]]:
+    try:
+        import ray
+    except ImportError:
+        return {}
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+    stack.callback(ray.shutdown)
+    remote = ray.remote(compute)
+    return {"Ray (warm store), ray.get": lambda tasks: ray.get([remote.remote(task) for task in tasks])}
+
+
+@contextlib.contextmanager
+def _engines() -> Iterator[dict[str, Callable[[list], list]]]:
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(shmalloc.Pool(WORKERS, start_method=START_METHOD))
+        mp_pool = stack.enter_context(multiprocessing.get_context(START_METHOD).Pool(WORKERS))
+        methods = {
+            "shmalloc.Pool, copy=False": lambda tasks: pool.map(compute, tasks, copy=False, chunksize=1),
+            "shmalloc.Pool, copy=True": lambda tasks: pool.map(compute, tasks, copy=True, chunksize=1),
+            **_joblib_methods(stack),
+            "multiprocessing.Pool kept open": lambda tasks: mp_pool.map(compute, tasks, chunksize=1),
+            **_dask_methods(stack),
+            **_ray_methods(stack),
+        }
+        yield methods
+
+
+def measure(rows: int, repeat: int) -> dict[str, float]:
+    """Median seconds of each engine, interleaved; each is started and used once before timing."""
+    tasks = [(number, rows) for number in range(workloads.ENGINES_TASKS)]
+    expected = compute(tasks[-1])
+    with _engines() as methods:
+        for method in methods.values():  # warm up, and check that every engine returns the frames
+            got = method(tasks)
+            assert len(got) == len(tasks)
+            pd.testing.assert_frame_equal(got[-1], expected, check_column_type=False, check_index_type=False)
+            del got
+            gc.collect()
+        times: dict[str, list[float]] = {label: [] for label in methods}
+        for _ in range(repeat):
+            for label, method in methods.items():
+                start = time.perf_counter()
+                method(tasks)
+                times[label].append(time.perf_counter() - start)
+                gc.collect()
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def run(quick: bool = False, repeat: int = 5) -> None:
+    """Print the table: milliseconds per call and the ratio to joblib's loky backend."""
+    rows = workloads.ENGINES_ROWS.pick(quick)[0]
+    repeat = min(repeat, 2) if quick else repeat
+    medians = measure(rows, repeat)
+    baseline = medians.get(BASELINE)
+    table = [[label, seconds * 1e3, seconds / baseline if baseline else "-"] for label, seconds in medians.items()]
+    print_table(
+        f"engines: {workloads.ENGINES_TASKS} tasks each compute and return a new {rows:.0e}-row frame "
+        f"({workloads.FRAME_COLUMNS}), {WORKERS} workers; median of {repeat}",
+        ["engine", "ms", f"x {BASELINE}"],
+        table,
+    )
