@@ -9,6 +9,7 @@ import itertools
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import warnings
 
@@ -505,3 +506,54 @@ def wait_for_no_children(timeout: float = 10.0) -> bool:
     while mp.active_children() and time.monotonic() < deadline:
         time.sleep(0.02)
     return not mp.active_children()
+
+
+def _slow_flaky_then_failing(task: tuple[str, int]) -> int:
+    """Item 0 is slow and fails on its first try; item 1 always fails; the others succeed at once."""
+    directory, i = task
+    if i == 0:
+        time.sleep(0.5)
+        marker = os.path.join(directory, "tried-0")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ValueError("item 0, first try")
+    if i == 1:
+        raise KeyError("item 1, every try")
+    return -i
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_retries_an_earlier_item_while_a_later_failure_waits_for_its_turn(engine, tmp_path):
+    """Item 1 fails for good while item 0 waits for its retry: the retry still runs, item 0 is yielded, then item 1's error."""
+    results, pool = _imap(engine, "fork", _slow_flaky_then_failing, [(str(tmp_path), i) for i in range(6)], retries=1)
+    got: list = []
+    try:
+        error = _consume_within(results, got, seconds=60)
+    finally:
+        if pool is not None:
+            pool.close()
+    assert got == [0]
+    assert isinstance(error, KeyError) and "item 1, every try" in str(error)
+
+
+def _consume_within(results, got: list, seconds: float) -> BaseException | None:
+    """Append every result to ``got`` in a thread; return what the loop raised. A loop that hangs fails the test
+    (its workers are killed, so that nothing blocks the run)."""
+    raised: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            for value in results:
+                got.append(value)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for child in mp.active_children():
+            child.kill()
+        thread.join(30)
+        pytest.fail(f"the loop over the results hung for {seconds} s")
+    return raised[0] if raised else None

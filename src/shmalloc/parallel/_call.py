@@ -245,14 +245,15 @@ class Call:
         return True
 
     def _work_left(self) -> bool:
-        return not self.failing and (bool(self.redo) or self._more_items())
+        # Once a failure waits for its turn, only retries of earlier failures still go out.
+        return bool(self.redo) or (not self.failing and self._more_items())
 
     def _may_read(self) -> bool:
         return not self.failing and (self.look_ahead is None or self.taken - self.yielded < self.look_ahead)
 
     def _next_chunk(self) -> range | None:
         """The indices to hand out next: a failed item again, else up to ``chunksize`` new items."""
-        if self.redo and not self.failing:
+        if self.redo:
             index = self.redo.popleft()
             return range(index, index + 1)
         if not self._may_read():
