@@ -8,7 +8,10 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -557,3 +560,103 @@ def _consume_within(results, got: list, seconds: float) -> BaseException | None:
         thread.join(30)
         pytest.fail(f"the loop over the results hung for {seconds} s")
     return raised[0] if raised else None
+
+
+# ----------------------------------------------------------------------------
+# How functions travel, and where workers come from
+
+
+_initialized_value: str | None = None
+
+
+def _set_module_global(value: str) -> None:
+    global _initialized_value
+    _initialized_value = value
+
+
+def _read_module_global(_: int) -> str | None:
+    return _initialized_value
+
+
+_calls_in_this_process = 0
+
+
+def _count_calls(_: int) -> int:
+    global _calls_in_this_process
+    _calls_in_this_process += 1
+    return _calls_in_this_process
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_module_function_sees_the_globals_its_initializer_set(method):
+    """The multiprocessing pattern: the initializer sets a module global that func reads (functions travel by reference)."""
+    with shmalloc.Pool(2, start_method=method, initializer=_set_module_global, initargs=("set",)) as pool:
+        assert pool.map(_read_module_global, range(6), chunksize=1) == ["set"] * 6
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_module_state_lasts_across_the_tasks_of_a_worker(method):
+    """A worker's module globals (a cache, a loaded model) last across its tasks and calls."""
+    with shmalloc.Pool(1, start_method=method) as pool:
+        assert pool.map(_count_calls, range(5), chunksize=1) == [1, 2, 3, 4, 5]
+        assert pool.map(_count_calls, range(2)) == [6, 7]
+
+
+def test_a_start_method_the_program_set_goes_before_the_default(tmp_path):
+    """multiprocessing.set_start_method("spawn") in the program: map and Pool spawn their workers."""
+    script = tmp_path / "spawned.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing, sys
+            import shmalloc
+
+            def method(_):
+                return multiprocessing.current_process()._config.get("start_method") or sys.modules["__main__"].__name__
+
+            if __name__ == "__main__":
+                multiprocessing.set_start_method("spawn")
+                print(shmalloc.map(method, [0], processes=1))
+                with shmalloc.Pool(1) as pool:
+                    print(pool.map(method, [0]))
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['__mp_main__']", "['__mp_main__']"]  # spawned workers import the script as __mp_main__
+
+
+def test_map_workers_exit_when_the_parent_is_killed(tmp_path):
+    """A killed parent: map's forked workers see their pipe close and exit, also those waiting for a task."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing, os, signal, threading, time
+            import shmalloc
+
+            def work(i):
+                time.sleep(3 if i == 0 else 0)
+                return i
+
+            def kill_parent():
+                time.sleep(1.0)
+                print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            threading.Thread(target=kill_parent, daemon=True).start()
+            shmalloc.map(work, range(40), processes=2, chunksize=1, start_method="fork")
+            """
+        )
+    )
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        for pid in (exc.stdout or b"").split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        pytest.fail("a worker outlived its killed parent (it held its own pipe open)")
+    assert done.returncode == -signal.SIGKILL, done.stderr

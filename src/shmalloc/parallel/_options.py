@@ -28,8 +28,10 @@ DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else None
 
 
 class Portable:
-    """A function that travels to workers by value: lambdas, closures and functions of ``__main__``
-    pickle (with cloudpickle, once per object); calling it calls the function."""
+    """A function that travels to workers as plain pickle does (by reference: its module's globals are the
+    worker's, shared with the initializer and kept across tasks), or by value with cloudpickle where that
+    cannot work (lambdas, closures, functions of an interactive ``__main__`` such as a notebook's);
+    calling it calls the function."""
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
@@ -39,12 +41,37 @@ class Portable:
 
     @cached_property
     def pickled(self) -> bytes:
-        """The function pickled by value (raises what cloudpickle raises)."""
+        """The function pickled, once (raises what cloudpickle raises)."""
+        try:
+            by_reference = pickle.dumps(self.func)
+        except Exception:
+            pass  # a lambda, a closure, a function that is not a module's attribute
+        else:
+            # A reference to __main__ resolves in a worker only if it can import the main module again.
+            main = sys.modules.get("__main__")
+            if b"__main__" not in by_reference or getattr(main, "__file__", None):
+                return by_reference
         return cloudpickle.dumps(self.func)
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
         # Unpickled as the function itself: a worker calls it with no wrapper in between.
-        return pickle.loads, (self.pickled,)
+        return _load_function, (self.pickled,)
+
+
+#: Functions a worker unpickled, by their pickle: one function by value (a lambda) stays one object
+#: across tasks, so that what it keeps in its globals (a cache, a loaded model) lasts.
+_loaded_functions: dict[bytes, Any] = {}
+_LOADED_FUNCTIONS = 16
+
+
+def _load_function(pickled: bytes) -> Any:
+    func = _loaded_functions.get(pickled)
+    if func is None:
+        func = pickle.loads(pickled)
+        if len(_loaded_functions) >= _LOADED_FUNCTIONS:
+            del _loaded_functions[next(iter(_loaded_functions))]
+        _loaded_functions[pickled] = func
+    return func
 
 
 def portable(func: Callable[..., Any], what: str) -> Portable:
@@ -101,12 +128,15 @@ def resolve_processes(processes: int | None) -> int:
 
 
 def start_context(start_method: str | None) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context of ``start_method`` (None: :data:`DEFAULT_START_METHOD`), or ValueError."""
+    """The multiprocessing context of ``start_method`` (None: the one the program set with
+    :func:`multiprocessing.set_start_method`, else :data:`DEFAULT_START_METHOD`), or ValueError."""
     if start_method is not None and start_method not in multiprocessing.get_all_start_methods():
         raise ValueError(
             f"start_method must be one of {multiprocessing.get_all_start_methods()} or None, not {start_method!r}"
         )
-    return multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
+    # A start method the program chose (multiprocessing.set_start_method) goes before shmalloc's default.
+    chosen = start_method or multiprocessing.get_start_method(allow_none=True) or DEFAULT_START_METHOD
+    return multiprocessing.get_context(chosen)
 
 
 def prepare(

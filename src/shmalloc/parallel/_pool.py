@@ -150,7 +150,7 @@ class Pool:
         self._limit = pipe_limit
         self._recycle = recycle
         start = None if initializer is None else (portable(initializer, "initializer"), initargs)
-        self._workers = Workers(self._ctx, persistent=True, initializer=start)
+        self._workers = Workers(self._ctx, initializer=start)
         self._spares = Spares(spare_limit, self._unmap_released)
         self._closed = False
         self._pid = os.getpid()  # the workers and spares are this process's: a forked child's close leaves them
@@ -362,7 +362,7 @@ class Pool:
         # their pipes' ends were closed at the fork) and so are the spares (closed at the fork too).
         # Only drop them; the pool's locks may have been held by a thread that the child lacks.
         self._closed = True
-        self._workers = Workers(self._ctx, persistent=True, initializer=self._workers.initializer)
+        self._workers = Workers(self._ctx, initializer=self._workers.initializer)
 
     def _refuse_other_process(self, what: str) -> None:
         if os.getpid() != self._pid:

@@ -168,8 +168,8 @@ class Worker:
     closing: bool = False  # its last task was sent: it exits once that is answered
 
 
-# The parent's ends of the pipes of persistent workers: a forked child must not keep them
-# open, or a worker would never see EOF when the parent dies (its sibling holds its pipe).
+# The parent's ends of the workers' pipes: a forked child must not keep them open, or a worker
+# would never see EOF when the parent dies (it, or a sibling, holds its pipe's other end).
 _parent_ends: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
@@ -195,19 +195,15 @@ class Workers:
         How workers start.
     inherited : Options, optional
         Given to every worker at its start (a map call's options).
-    persistent : bool
-        The workers outlive a call (a Pool's): a process forked later by the
-        parent must not hold their pipes.
     initializer : (callable, args), optional
         Called in every worker when it starts.
     """
 
     def __init__(
-        self, ctx: Any, inherited: Options | None = None, persistent: bool = False, initializer: Initializer | None = None
+        self, ctx: Any, inherited: Options | None = None, initializer: Initializer | None = None
     ) -> None:
         self.ctx = ctx
         self.inherited = inherited
-        self.persistent = persistent
         self.initializer = initializer
         self.running: list[Worker] = []
 
@@ -223,8 +219,7 @@ class Workers:
     def start(self) -> Worker:
         """Start one more worker; return it."""
         parent_end, child_end = self.ctx.Pipe(duplex=True)
-        if self.persistent:
-            _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
+        _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
         process = self.ctx.Process(
             target=worker_main, args=(child_end, os.getpid(), self.inherited, self.initializer), daemon=True
         )
