@@ -176,14 +176,14 @@ def test_warnings_of_func_are_reissued_in_the_parent_with_category_and_item(engi
         results = _run(engine, method, _talk, range(6), chunksize=2)
     assert [int(r[0]) for r in results] == list(range(6))
     relayed = sorted(str(w.message) for w in caught if w.category is CustomWarning)
-    assert relayed == ["item 1: odd item 1", "item 3: odd item 3", "item 5: odd item 5"]
+    assert relayed == ["odd item 1 (item 1)", "odd item 3 (item 3)", "odd item 5 (item 5)"]
     assert all(w.lineno > 0 and w.filename for w in caught if w.category is CustomWarning)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_pytest_warns_sees_a_workers_warning(engine):
     """pytest.warns around a call sees the warning func issued in a worker."""
-    with pytest.warns(CustomWarning, match=r"item (\d): odd item \1"):
+    with pytest.warns(CustomWarning, match=r"odd item (\d) \(item \1\)"):
         _run(engine, "fork", _talk, range(4))
 
 
@@ -193,7 +193,7 @@ def test_warnings_made_errors_in_the_parent_raise_there_and_leave_nothing(engine
     before = set(os.listdir("/dev/shm"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CustomWarning)
-        with pytest.raises(CustomWarning, match=r"item \d: odd item"):
+        with pytest.raises(CustomWarning, match=r"odd item \d \(item \d\)"):
             _run(engine, "fork", _talk, range(6))
     assert set(os.listdir("/dev/shm")) <= before
 
@@ -213,20 +213,20 @@ def test_output_of_each_item_reaches_the_parents_streams_whole(engine, method, c
 @pytest.mark.parametrize("engine", ENGINES)
 def test_output_and_warnings_before_an_error_are_relayed_before_it_is_raised(engine, capsys):
     """An item that prints and warns, then raises: the parent gets its output and warning, then its exception."""
-    with pytest.warns(RuntimeWarning, match="item 0: about to fail"), pytest.raises(KeyError):
+    with pytest.warns(RuntimeWarning, match=r"about to fail \(item 0\)"), pytest.raises(KeyError):
         _run(engine, "fork", _talk_then_fail, [0])
     assert "before failing 0" in capsys.readouterr().out
 
 
 def test_a_warning_class_unknown_in_the_parent_arrives_as_userwarning_named():
     """A category the parent cannot import arrives as a UserWarning whose message names the class."""
-    with pytest.warns(UserWarning, match=r"item 0: no_such_module_here.LocalWarning: from an unknown class"):
+    with pytest.warns(UserWarning, match=r"no_such_module_here.LocalWarning: from an unknown class \(item 0\)"):
         shmalloc.map(_warn_unknown_category, [0], processes=1)
 
 
 def test_the_executor_relays_warnings_and_output(capsys):
     """shmalloc.ProcessPoolExecutor relays a task's warnings and output too."""
-    with shmalloc.ProcessPoolExecutor(1) as executor, pytest.warns(CustomWarning, match="a task: odd item 1"):
+    with shmalloc.ProcessPoolExecutor(1) as executor, pytest.warns(CustomWarning, match=r"odd item 1 \(a task\)"):
         executor.submit(_talk, 1).result()
     assert "item 1 starts and ends 1" in capsys.readouterr().out
 
@@ -660,3 +660,30 @@ def test_map_workers_exit_when_the_parent_is_killed(tmp_path):
                 pass
         pytest.fail("a worker outlived its killed parent (it held its own pipe open)")
     assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_the_parents_filters_by_message_and_module_apply_to_relayed_warnings(method):
+    """filterwarnings("ignore", message=...) and (..., module=...) silence a worker's warnings as they would in a loop."""
+    for rule in ({"message": "odd item"}, {"module": _talk.__module__}, {"category": CustomWarning}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", **rule)
+            _run("map", method, _talk, range(4))
+        assert not [w for w in caught if w.category is CustomWarning], rule
+    with warnings.catch_warnings(record=True) as caught:  # a filter on another module leaves them
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="some_other_module")
+        _run("map", method, _talk, range(4))
+    assert len([w for w in caught if w.category is CustomWarning]) == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_warning_made_an_error_is_that_items_failure(engine):
+    """Under simplefilter("error"), a relayed warning fails its item: errors="return" gives it as the item's result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CustomWarning)
+        warnings.simplefilter("ignore", shmalloc.FailedItemsWarning)
+        got = _run(engine, "fork", _talk, range(4), errors="return")
+    assert [type(v).__name__ for v in got] == ["ndarray", "CustomWarning", "ndarray", "CustomWarning"]
+    assert got[1].shmalloc_index == 1

@@ -23,7 +23,7 @@ from typing import Any
 from .. import _names
 from ..errors import FailedItemsWarning, ShmFallbackWarning, WorkerDiedError
 from . import _protocol, _relay
-from ._failures import exit_text, rebuild_error, remote_error
+from ._failures import exit_text, rebuild_error, remote_error, warning_error
 from ._options import Options
 from ._workers import ChunkMessage, Worker, Workers
 
@@ -367,27 +367,8 @@ class Call:
         """Take one answer of ``worker``: a result, or the item's failure."""
         header, stream = _protocol.read_header(data)
         index = header.index
-        failure: Exception | None = None
         try:
-            # What the item printed and warned first, as in a loop (a warning the filters make an error raises).
-            _relay.replay(header.said, f"item {index}")
-            try:
-                payload = _protocol.read_payload(stream)
-            except Exception as exc:
-                failure = rebuild_error(index, exc, self.label)
-            else:
-                if header.kind == _protocol.ERROR and index == _protocol.INITIALIZER:
-                    raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
-                if header.kind == _protocol.ERROR:
-                    failure = remote_error(index, payload, self.label)
-                else:
-                    shipped: _protocol.Shipped = payload
-                    try:
-                        value = self.results.receive(index, shipped)
-                    except Exception as exc:
-                        failure = rebuild_error(index, exc, self.label)
-                    else:
-                        self.fallbacks += shipped.fell_back
+            value, failure = self._outcome(worker, header, stream)
         finally:
             _protocol.forget(header.names)  # those not taken over while rebuilding
         if worker.pending[0] == index:  # answers come in the order of the chunk
@@ -398,6 +379,29 @@ class Call:
             self._done(index, value)
         else:
             self._failed(index, failure)
+
+    def _outcome(self, worker: Worker, header: _protocol.Header, stream: Any) -> tuple[Any, Exception | None]:
+        """The item's result and None, or None and its failure (raises only for a failed initializer)."""
+        index = header.index
+        try:
+            _relay.replay(header.said, f"item {index}")  # what the item printed and warned first, as in a loop
+        except Exception as exc:  # a warning the filters make an error: the item failed, as in a loop
+            return None, warning_error(index, exc, self.label)
+        try:
+            payload = _protocol.read_payload(stream)
+        except Exception as exc:
+            return None, rebuild_error(index, exc, self.label)
+        if header.kind == _protocol.ERROR:
+            if index == _protocol.INITIALIZER:
+                raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
+            return None, remote_error(index, payload, self.label)
+        shipped: _protocol.Shipped = payload
+        try:
+            value = self.results.receive(index, shipped)
+        except Exception as exc:
+            return None, rebuild_error(index, exc, self.label)
+        self.fallbacks += shipped.fell_back
+        return value, None
 
     def _may_go_on(self, index: int) -> bool:
         """Whether a failure of item ``index`` leaves the call running (a retry is left, errors="return", or

@@ -26,7 +26,7 @@ from .. import _names, _ownership
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
 from . import _protocol, _relay, _serial
-from ._failures import rebuild_error, remote_error
+from ._failures import rebuild_error, remote_error, warning_error
 from ._options import PIPE_LIMIT, check_copy, check_count
 from ._protocol import Shipped, discard, receive, ship
 
@@ -245,6 +245,10 @@ class ProcessPoolExecutor(cf.Executor):
             try:
                 try:
                     _relay.replay(header.said, "a task")
+                except Exception as exc:  # a warning this process's filters make an error: the task's
+                    future.set_exception(warning_error(None, exc, _LABEL))
+                    return
+                try:
                     payload = _protocol.read_payload(stream)
                     if header.kind == _protocol.ERROR:
                         future.set_exception(remote_error(None, payload, _LABEL))

@@ -73,3 +73,14 @@ def _with_index(exc: Exception, index: int | None) -> Exception:
         except AttributeError:
             pass
     return exc
+
+
+def warning_error(index: int | None, exc: Exception, where: str) -> Exception:
+    """Name item ``index`` (None: the executor's task) on ``exc``, a warning of it that this process's warning
+    filters turned into an error when it was re-issued here."""
+    subject = "the task" if index is None else f"item {index}"
+    try:
+        exc.add_note(f"{where}: issued by func for {subject}, an error under this process's warning filters")
+    except Exception:
+        return exc
+    return _with_index(exc, index)

@@ -9,9 +9,11 @@ even when the result itself cannot be rebuilt. In the parent,
 :func:`replay` writes the item's output whole to ``sys.stdout`` /
 ``sys.stderr`` (so into a notebook's cell, never interleaved with another
 item's) and re-issues each warning with its category, at its place in
-``func``'s code, with the item named in the message: the parent's filters
-then act on it as they would in a loop (``catch_warnings``,
-``pytest.warns``, ``simplefilter("error")``).
+``func``'s code and in its module, with the item named at the end of the
+message: the parent's filters then act on it as they would in a loop
+(``catch_warnings``, ``pytest.warns``, ``simplefilter("error")``, filters
+by message, category or module), except that the "default" action shows
+a warning once per item rather than once.
 
 Only what goes through ``sys.stdout`` / ``sys.stderr`` is captured: output
 that a C library or a subprocess writes to the descriptors 1 and 2 goes
@@ -30,7 +32,7 @@ _T = TypeVar("_T")
 OUT, ERR, WARNING = "out", "err", "warning"
 
 #: What an item said, in order: ``("out", text)``, ``("err", text)`` and
-#: ``("warning", (module, qualname), message, filename, lineno)``.
+#: ``("warning", (category's module, its qualname), message, filename, lineno, module name or None)``.
 Events = tuple[tuple[Any, ...], ...]
 
 
@@ -91,20 +93,39 @@ def capture(run: Callable[[], _T]) -> tuple[Callable[[], _T], Callable[[], Event
     return captured, lambda: tuple(tuple(event) for event in events)
 
 
-def _describe_warning(record: warnings.WarningMessage) -> tuple[tuple[str, str], str, str, int]:
+def _describe_warning(record: warnings.WarningMessage) -> tuple[tuple[str, str], str, str, int, str | None]:
     category = record.category
     try:
         text = str(record.message)
     except Exception:
         text = f"<{category.__name__} whose str() raised>"
     lineno = record.lineno if isinstance(record.lineno, int) else 0
-    return (str(category.__module__), str(category.__qualname__)), text, str(record.filename), lineno
+    filename = str(record.filename)
+    return (str(category.__module__), str(category.__qualname__)), text, filename, lineno, _module_named(filename)
+
+
+_module_names: dict[str, str | None] = {}
+
+
+def _module_named(filename: str) -> str | None:
+    """The name of the module whose file ``filename`` is (what ``warnings.warn`` matches the filters'
+    ``module`` against); a spawned worker's ``__mp_main__`` is the parent's ``__main__``."""
+    if filename not in _module_names:
+        found = None
+        for name, module in list(sys.modules.items()):
+            if getattr(module, "__file__", None) == filename:
+                found = "__main__" if name == "__mp_main__" else name
+                break
+        _module_names[filename] = found
+    return _module_names[filename]
 
 
 def replay(events: Events, subject: str) -> None:
     """In the parent: write the item's output and re-issue its warnings, in order; ``subject``: e.g. "item 3".
 
-    A warning turned into an error by the parent's filters is raised here.
+    The subject ends the warning's message, so that the filters' message
+    patterns (matched at its start) apply as to the original. A warning
+    turned into an error by the parent's filters is raised here.
     """
     for event in events:
         kind = event[0]
@@ -113,11 +134,11 @@ def replay(events: Events, subject: str) -> None:
         elif kind == ERR:
             sys.stderr.write(event[1])
         elif kind == WARNING:
-            (module, qualname), text, filename, lineno = event[1:]
+            (module, qualname), text, filename, lineno, module_name = event[1:]
             category = _category(module, qualname)
             if category is None:  # not known here: keep its name in the message
                 category, text = UserWarning, f"{module}.{qualname}: {text}"
-            warnings.warn_explicit(f"{subject}: {text}", category, filename, lineno)
+            warnings.warn_explicit(f"{text} ({subject})", category, filename, lineno, module=module_name)
 
 
 def _category(module: str, qualname: str) -> type[Warning] | None:
