@@ -474,17 +474,25 @@ def test_imap_failures_follow_the_errors_policy(engine):
             pool.close()
 
 
-def test_imap_input_that_raises_stops_the_call_with_that_error():
-    """An exception raised by the input iterator comes out of the loop, and the call leaves nothing behind."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_imap_input_that_raises_ends_the_loop_with_that_error_after_the_results_before_it(engine):
+    """An exception raised by the input iterator comes out of the loop once the results of the items before it are out, as
+    with multiprocessing; the call leaves nothing behind."""
     before = set(os.listdir("/dev/shm"))
 
     def broken():
-        yield 20_000
-        yield 30_000
+        yield from range(20_000, 20_005)
         raise OSError("the input broke")
 
-    with pytest.raises(OSError, match="the input broke"):
-        list(shmalloc.imap(np.ones, broken(), processes=2))
+    results, pool = _imap(engine, "fork", np.ones, broken())
+    got: list = []
+    try:
+        error = _consume_within(results, got, seconds=60)
+    finally:
+        if pool is not None:
+            pool.close()
+    assert [len(a) for a in got] == list(range(20_000, 20_005))
+    assert isinstance(error, OSError) and "the input broke" in str(error)
     assert set(os.listdir("/dev/shm")) <= before
     assert wait_for_no_children()
 

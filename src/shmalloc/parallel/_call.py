@@ -145,6 +145,8 @@ class Call:
         self.total = len(items) if isinstance(items, Sized) else None
         self.source = iter(items)
         self.peeked: list[Any] = []  # the next item, read to learn whether there is one
+        self.source_ended = False
+        self.source_error: Exception | None = None  # what reading the next item raised
         self.taken = 0  # items read from the source (the next item's index)
         self.items: dict[int, Any] = {}  # items read and not yet final (None when the workers inherited them)
         self.nproc = nproc
@@ -192,6 +194,8 @@ class Call:
                 while (self.yielded in self.ready) if ordered else self.finals:
                     yield self._pop_ready(self.yielded if ordered else self.finals.popleft())
                 if not self.items and not self._work_left():
+                    if self.source_error is not None:
+                        raise self.source_error
                     break
                 self._top_up()  # yielding made room under look_ahead
                 self._step()
@@ -236,13 +240,16 @@ class Call:
         return self.workers.start()
 
     def _more_items(self) -> bool:
-        """Whether the source has another item (read ahead by one)."""
-        if not self.peeked:
+        """Whether the source has another item (read ahead by one). An error of the source ends it; it is
+        raised once the results of the items read before are out."""
+        if not self.peeked and not self.source_ended:
             try:
                 self.peeked.append(next(self.source))
             except StopIteration:
-                return False
-        return True
+                self.source_ended = True
+            except Exception as exc:
+                self.source_ended, self.source_error = True, exc
+        return bool(self.peeked)
 
     def _work_left(self) -> bool:
         # Once a failure waits for its turn, only retries of earlier failures still go out.
