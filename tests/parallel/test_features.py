@@ -695,3 +695,48 @@ def test_a_warning_made_an_error_is_that_items_failure(engine):
         got = _run(engine, "fork", _talk, range(4), errors="return")
     assert [type(v).__name__ for v in got] == ["ndarray", "CustomWarning", "ndarray", "CustomWarning"]
     assert got[1].shmalloc_index == 1
+
+
+def _log_with_a_handler_made_lazily(i: int) -> int:
+    import logging
+
+    logger = logging.getLogger("shmalloc-test-lazy")
+    if not logger.handlers:  # made in the worker's first item: it keeps that item's sys.stderr
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+    logger.info("logged by item %d", i)
+    return i
+
+
+def _use_the_streams_below(i: int) -> int:
+    sys.stdout.buffer.write(b"")  # bytes go straight through, as C code's output does
+    os.fstat(sys.stderr.fileno())
+    sys.stdout.flush()
+    return i
+
+
+def _say_then_die(i: int) -> int:
+    print(f"item {i} was here", flush=True)
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def test_a_logging_handler_made_in_an_item_captures_the_later_items_too(capsys):
+    """A StreamHandler made lazily in a worker keeps writing into whichever item runs: every item's log line arrives."""
+    assert shmalloc.map(_log_with_a_handler_made_lazily, range(6), processes=1) == list(range(6))
+    assert sorted(capsys.readouterr().err.splitlines()) == sorted(f"logged by item {i}" for i in range(6))
+
+
+def test_the_streams_below_stay_reachable_in_a_worker():
+    """sys.stdout.buffer, fileno() and flush() work in func as in a loop."""
+    assert shmalloc.map(_use_the_streams_below, range(2), processes=1) == [0, 1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flushed_output_of_an_item_whose_worker_dies_reaches_the_parent(engine, capsys):
+    """print(..., flush=True) before a SIGKILL: the line still reaches the parent, as it would reach a terminal."""
+    with pytest.warns(shmalloc.FailedItemsWarning):
+        got = _run(engine, "fork", _say_then_die, range(3), errors="return", chunksize=1)
+    assert isinstance(got[1], shmalloc.WorkerDiedError)
+    assert sorted(capsys.readouterr().out.splitlines()) == [f"item {i} was here" for i in range(3)]

@@ -167,6 +167,7 @@ class Call:
         self.redo: deque[int] = deque()  # failed items to hand out again, before the next chunk
         self.tries: dict[int, int] = {}  # failed tries so far, by item
         self.failed = 0  # items whose result is their exception
+        self.said_early: dict[int, _relay.Events] = {}  # flushed output of items still running
         self.fail_at_turn = fail_at_turn
         self.failing = False  # a failure waits for its turn to be raised: hand out nothing more
 
@@ -357,6 +358,7 @@ class Call:
             index = worker.pending[0]
             how = exit_text(code) if exited else "closed its pipe"
             died = WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
+            _relay.replay(self.said_early.pop(index, ()), f"item {index}")  # what it flushed before dying
             if not self._may_go_on(index):
                 raise died
             unstarted = list(worker.pending)[1:]
@@ -374,6 +376,9 @@ class Call:
         """Take one answer of ``worker``: a result, or the item's failure."""
         header, stream = _protocol.read_header(data)
         index = header.index
+        if header.kind == _protocol.SAID:  # flushed output of an item still running: kept for its answer
+            self.said_early[index] = self.said_early.get(index, ()) + header.said
+            return
         try:
             value, failure = self._outcome(worker, header, stream)
         finally:
@@ -390,8 +395,9 @@ class Call:
     def _outcome(self, worker: Worker, header: _protocol.Header, stream: Any) -> tuple[Any, Exception | None]:
         """The item's result and None, or None and its failure (raises only for a failed initializer)."""
         index = header.index
+        said = self.said_early.pop(index, ()) + header.said
         try:
-            _relay.replay(header.said, f"item {index}")  # what the item printed and warned first, as in a loop
+            _relay.replay(said, f"item {index}")  # what the item printed and warned first, as in a loop
         except Exception as exc:  # a warning the filters make an error: the item failed, as in a loop
             return None, warning_error(index, exc, self.label)
         try:

@@ -105,13 +105,15 @@ OK = "ok"
 ERROR = "error"
 # A Pool worker's reply to a task with no item: it unmapped the spares it was told to drop.
 UNMAPPED = "unmapped"
+#: An early part of what an item said (its code flushed sys.stdout or sys.stderr); its answer follows.
+SAID = "said"
 #: The index of an ERROR answer saying that the worker's initializer raised (the worker then exits).
 INITIALIZER = -1
 
 
 @dataclass(frozen=True)
 class Header:
-    """What every answer says first: ``kind`` (OK or ERROR), the item's ``index``, handed-over ``names``,
+    """What every answer says first: ``kind`` (OK, ERROR or SAID), the item's ``index``, handed-over ``names``,
     and what the item said on the way (its output and warnings, see :mod:`._relay`)."""
 
     kind: str
@@ -125,17 +127,21 @@ def _dumps(obj: Any) -> bytes:
     return bytes(ForkingPickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def answer(index: int, produce: Callable[[], Any]) -> tuple[bytes, _ownership.Handover | None]:
+def answer(
+    index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], None] | None = None
+) -> tuple[bytes, _ownership.Handover | None]:
     """In a worker: run ``produce()`` for item ``index`` and return the message for the parent.
 
     Never raises for what ``produce`` (or pickling its value) raises: that
     becomes an ERROR answer. What ``produce`` writes to ``sys.stdout`` /
-    ``sys.stderr`` and the warnings it issues travel in the header. Call
-    ``complete()`` on the returned handover (if any) once the message is
-    sent.
+    ``sys.stderr`` and the warnings it issues travel in the header; when
+    its code flushes those streams, what it said so far goes to
+    ``on_flush`` as a :data:`SAID` message (if given). Call ``complete()``
+    on the returned handover (if any) once the message is sent.
     """
     handover = _ownership.Handover()
-    run, said = _relay.capture(produce)
+    early = None if on_flush is None else (lambda said: on_flush(_dumps((SAID, index, (), said))))
+    run, said = _relay.capture(produce, early)
     try:
         with handover:
             value = run()

@@ -15,9 +15,11 @@ message: the parent's filters then act on it as they would in a loop
 by message, category or module), except that the "default" action shows
 a warning once per item rather than once.
 
-Only what goes through ``sys.stdout`` / ``sys.stderr`` is captured: output
-that a C library or a subprocess writes to the descriptors 1 and 2 goes
-straight through, as it does without a pool.
+Only text written to ``sys.stdout`` / ``sys.stderr`` is captured: bytes
+written to their ``buffer``, and output that a C library or a subprocess
+writes to the descriptors 1 and 2, go straight through, as without a pool.
+What an item has said is sent to the parent early when its code flushes
+the stream, so that flushed output survives the worker's death.
 """
 from __future__ import annotations
 
@@ -36,22 +38,35 @@ OUT, ERR, WARNING = "out", "err", "warning"
 Events = tuple[tuple[Any, ...], ...]
 
 
-class _Stream:
-    """A text stream appending what is written to the shared list of events (consecutive writes joined)."""
+class _Item:
+    """What the item running in this process has said so far (None between items), and how to send it early."""
 
-    def __init__(self, kind: str, events: list[list[Any]], original: Any) -> None:
-        self.kind, self.events = kind, events
-        self.encoding = getattr(original, "encoding", "utf-8")
-        self.errors = getattr(original, "errors", "strict")
+    events: list[list[Any]] | None = None
+    on_flush: Callable[[Events], None] | None = None
+
+
+_item = _Item()
+
+
+class _Stream:
+    """This worker's ``sys.stdout`` or ``sys.stderr`` for good: while an item runs, text goes to its events
+    (consecutive writes joined); between items, and for anything but text (``buffer``, ``fileno``), to the
+    stream it replaced. Code that kept a reference to it (a logging handler made in an item) stays captured."""
+
+    def __init__(self, kind: str, original: Any) -> None:
+        self.kind, self.original = kind, original
 
     def write(self, text: str) -> int:
+        events = _item.events
+        if events is None:
+            return self.original.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if text:
-            if self.events and self.events[-1][0] == self.kind:
-                self.events[-1][1] += text
+            if events and events[-1][0] == self.kind:
+                events[-1][1] += text
             else:
-                self.events.append([self.kind, text])
+                events.append([self.kind, text])
         return len(text)
 
     def writelines(self, lines: Any) -> None:
@@ -59,26 +74,45 @@ class _Stream:
             self.write(line)
 
     def flush(self) -> None:
-        pass
+        """Between items: flush the stream below. In an item: send what it said so far to the parent (where
+        the worker can), so that it is not lost if the worker dies, as flushed output would not be."""
+        if _item.events is None:
+            self.original.flush()
+        elif _item.on_flush is not None and _item.events:
+            said, _item.events[:] = _said(_item.events), []
+            _item.on_flush(said)
 
-    def isatty(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.original, name)
 
 
-def capture(run: Callable[[], _T]) -> tuple[Callable[[], _T], Callable[[], Events]]:
-    """In a worker: ``run`` wrapped to capture its output and warnings, and a function returning them.
+def _install_streams() -> None:
+    if not isinstance(sys.stdout, _Stream):
+        sys.stdout = _Stream(OUT, sys.stdout)
+    if not isinstance(sys.stderr, _Stream):
+        sys.stderr = _Stream(ERR, sys.stderr)
 
-    The wrapped function raises what ``run`` raises; what was said before is
-    kept all the same.
+
+def _said(events: list[list[Any]]) -> Events:
+    return tuple(tuple(event) for event in events)
+
+
+def capture(
+    run: Callable[[], _T], on_flush: Callable[[Events], None] | None = None
+) -> tuple[Callable[[], _T], Callable[[], Events]]:
+    """In a worker: ``run`` wrapped to capture its output and warnings, and a function returning what it
+    said (since the last flush).
+
+    ``on_flush``: called with what the item said so far when its code
+    flushes ``sys.stdout`` or ``sys.stderr`` (``print(..., flush=True)``,
+    a logging handler). The wrapped function raises what ``run`` raises;
+    what was said before is kept all the same.
     """
     events: list[list[Any]] = []
 
     def captured() -> _T:
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Stream(OUT, events, stdout), _Stream(ERR, events, stderr)
+        _install_streams()
+        _item.events, _item.on_flush = events, on_flush
         try:
             with warnings.catch_warnings(record=True) as records:
                 warnings.simplefilter("always")  # the parent's filters decide
@@ -88,9 +122,9 @@ def capture(run: Callable[[], _T]) -> tuple[Callable[[], _T], Callable[[], Event
                     for record in records:
                         events.append([WARNING, *_describe_warning(record)])
         finally:
-            sys.stdout, sys.stderr = stdout, stderr
+            _item.events = _item.on_flush = None
 
-    return captured, lambda: tuple(tuple(event) for event in events)
+    return captured, lambda: _said(events)
 
 
 def _describe_warning(record: warnings.WarningMessage) -> tuple[tuple[str, str], str, str, int, str | None]:

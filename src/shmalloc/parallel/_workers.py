@@ -132,7 +132,7 @@ def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd
                 shipped.append(_protocol.ship(result, entry.name, options.limit))
             return shipped[0]
 
-        message, handover = _protocol.answer(entry.index, produce)
+        message, handover = _protocol.answer(entry.index, produce, conn.send_bytes)
         conn.send_bytes(message)
         if handover is not None:
             handover.complete()
