@@ -740,3 +740,30 @@ def test_flushed_output_of_an_item_whose_worker_dies_reaches_the_parent(engine, 
         got = _run(engine, "fork", _say_then_die, range(3), errors="return", chunksize=1)
     assert isinstance(got[1], shmalloc.WorkerDiedError)
     assert sorted(capsys.readouterr().out.splitlines()) == [f"item {i} was here" for i in range(3)]
+
+
+def test_leaving_a_pools_with_block_stops_its_unfinished_imap():
+    """`with Pool() as p: it = p.imap(...); next(it)`: leaving the block (normally or by an exception) stops the imap and the workers."""
+    with shmalloc.Pool(2) as pool:
+        results = pool.imap(np.ones, [20_000] * 50)
+        assert len(next(results)) == 20_000
+    assert wait_for_no_children()
+    with pytest.raises(ValueError, match="stop here"), shmalloc.Pool(2) as pool:
+        for _ in pool.imap(np.ones, [20_000] * 50):
+            raise ValueError("stop here")
+    assert wait_for_no_children()
+    assert next(results, None) is None  # the stopped imap is over
+
+
+def test_terminate_from_another_thread_while_an_imap_waits_between_results():
+    """terminate() in another thread returns at once while this thread's imap waits between two results; the imap then raises."""
+    pool = shmalloc.Pool(2)
+    results = pool.imap(np.ones, [20_000] * 50)
+    next(results)
+    other = threading.Thread(target=pool.terminate)
+    other.start()
+    other.join(10)
+    assert not other.is_alive(), "terminate() waited for the imap"
+    with pytest.raises(RuntimeError, match="terminate"):
+        list(results)
+    assert wait_for_no_children()

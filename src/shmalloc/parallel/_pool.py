@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator
 from multiprocessing import connection
 from typing import Any
 
@@ -161,6 +162,8 @@ class Pool:
         self._lock = threading.RLock()
         self._terminating = False  # set by terminate(), read by a run in another thread
         self._runner: int | None = None  # the thread running a call (a signal handler may interrupt it)
+        self._imap: weakref.ref | None = None  # the last imap's generator
+        self._imap_holds = False  # it holds the pool (a call of it runs, or waits between two results)
         # Made inside a worker (from func): no workers of its own, its calls run serially there.
         self._serial = _serial.in_worker()
         with self._spares.held():
@@ -223,9 +226,13 @@ class Pool:
 
         As :func:`shmalloc.imap`, on the pool's workers. The pool serves one
         call at a time: the iteration holds it from its first result until
-        it ends, so finish the loop, ``break`` out of it, or close the
-        iterator (:func:`contextlib.closing`) before the pool's next call
-        in another thread.
+        it ends (a call of another thread waits; one of this thread inside
+        the loop is refused), so finish the loop, ``break`` out of it, or
+        close the iterator (:func:`contextlib.closing`). :meth:`close` and
+        :meth:`terminate` called by the iterating thread stop it first.
+        Leave an unfinished iterator to the thread that iterates it: closed
+        by the garbage collector in another thread, it cannot give the pool
+        back.
 
         Yields
         ------
@@ -236,7 +243,9 @@ class Pool:
         items, options = self._arguments("imap", func, iterable, copy, chunksize, seed, errors, retries, lazy=True)
         if self._serial:
             return _serial.iterate(options.func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
-        return self._results("imap", items, options, copy, chunksize, progress, errors, retries, ordered=ordered, lazy=True)
+        results = self._results("imap", items, options, copy, chunksize, progress, errors, retries, ordered=ordered, lazy=True)
+        self._imap = weakref.ref(results)
+        return results
 
     def _arguments(
         self,
@@ -281,13 +290,14 @@ class Pool:
         retries: int,
         ordered: bool,
         lazy: bool,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Run a call on the pool's workers, holding the pool; yield its results."""
         self._refuse_reentry(what)
         with self._lock:
             if self._closed:
                 raise ValueError("the pool is closed")
             self._runner = threading.get_ident()
+            self._imap_holds = lazy
             try:
                 with self._spares.held():  # spares come back from other threads only between calls
                     if self._closed:  # by a signal handler of this thread, before _runner was set
@@ -311,6 +321,7 @@ class Pool:
                     yield from call.iterate(ordered)
             finally:
                 self._runner = None
+                self._imap_holds = False
                 if self._terminating:  # terminate() was called by this thread (a signal handler) meanwhile
                     self._shut(graceful=False)
 
@@ -318,10 +329,14 @@ class Pool:
         return "Pool.terminate() was called while a call of this pool was running" if self._terminating else None
 
     def close(self) -> None:
-        """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares."""
+        """Let a running :meth:`map` (of another thread) finish, stop and reap the workers, release the spares.
+
+        An :meth:`imap` of this thread that has not ended is stopped first.
+        """
         if os.getpid() != self._pid:
             self._forget()
             return
+        self._end_own_imap()
         self._refuse_reentry("close")
         with self._lock:
             if self._closed:
@@ -333,7 +348,10 @@ class Pool:
         """Kill the workers at once, reap them, release the spares.
 
         Also while a :meth:`map` runs, in another thread or in this one (a
-        signal handler): that call then raises RuntimeError.
+        signal handler): that call then raises RuntimeError. An :meth:`imap`
+        of this thread that has not ended is stopped; one of another thread,
+        waiting between two of its results, raises RuntimeError when it goes
+        on, and shuts the pool then.
         """
         if os.getpid() != self._pid:
             self._forget()
@@ -344,6 +362,10 @@ class Pool:
                 worker.process.terminate()
             except (ValueError, AttributeError):
                 pass  # closed or not yet started by the running map: it stops on _terminating
+        self._end_own_imap()
+        if self._suspended_imap() is not None:  # another thread's, between two results: it shuts the pool
+            self._closed = True
+            return
         if self._runner == threading.get_ident():
             self._closed = True  # the interrupted call raises when it resumes, and then cleans up
             return
@@ -356,6 +378,19 @@ class Pool:
         with self._lock:
             self._closed = True
             self._shut(graceful=False)
+
+    def _suspended_imap(self) -> Generator[Any, None, None] | None:
+        """The imap that holds the pool between two of its results (its thread runs other code), if any."""
+        generator = self._imap() if self._imap is not None else None
+        if generator is None or generator.gi_running or generator.gi_frame is None or not self._imap_holds:
+            return None
+        return generator
+
+    def _end_own_imap(self) -> None:
+        """Stop this thread's imap that holds the pool between two of its results (closing it cleans up here)."""
+        generator = self._suspended_imap()
+        if generator is not None and self._runner == threading.get_ident():
+            generator.close()
 
     def _forget(self) -> None:
         # In a forked child: the workers are the parent's (no signal, join or message to them;
