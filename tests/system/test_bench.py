@@ -160,3 +160,15 @@ def test_results_section_prints_every_method_against_multiprocessing_pool(capsys
     ]
     assert rows["multiprocessing.Pool"] == ["1", "1"]
     assert all(float(cell) > 0 for cells in rows.values() for cell in cells)
+
+
+def test_engines_section_prints_every_engine_against_joblibs_loky(capsys):
+    """`shmalloc bench --quick engines` checks every engine's frames, then prints one table with loky's row at 1."""
+    pytest.importorskip("joblib")
+    from shmalloc.tools._cli import main
+
+    assert main(["bench", "--quick", "--repeat", "1", "engines"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert rows["joblib, loky backend"] == "1"
+    for engine in ("shmalloc.Pool, copy=False", "joblib, shmalloc backend, copy=False", "multiprocessing.Pool kept open"):
+        assert float(rows[engine]) > 0

@@ -84,3 +84,10 @@ def test_readme_shows_what_the_demo_prints():
         f"Round {i}/{_demo.ROUNDS}" for i in range(1, _demo.ROUNDS + 1)
     ]
     assert lines[-1] == "Segments left in /dev/shm by this demo: 0"
+
+
+def test_integrations_page_code_runs(tmp_path):
+    """The python blocks of docs/integrations.md (joblib, scikit-learn, concurrent.futures) run and pass their asserts."""
+    pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    _run_python_blocks("integrations.md", tmp_path)

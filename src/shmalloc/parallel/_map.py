@@ -231,7 +231,12 @@ def imap(
     The workers start when the iteration does. Leaving the loop early
     (``break``, an exception, closing the generator) stops them and unlinks
     every segment of the call; so does the end of the iteration. Arguments
-    are checked when ``imap`` is called.
+    are checked when ``imap`` is called. The input is read in the iterating
+    thread, up to a few chunks per worker ahead of the results taken: an
+    input that waits for results to be taken (a feedback loop) blocks; a
+    slow input delays the first result by the time it takes to read that
+    far. An exception raised by the input ends the loop once the results of
+    the items read before it are out.
 
     Examples
     --------
