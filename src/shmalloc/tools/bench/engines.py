@@ -38,9 +38,13 @@ def _joblib_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], l
         import joblib
     except ImportError:
         return {}
+    from joblib.externals.loky import get_reusable_executor
+
     import shmalloc.joblib
 
+    # Both backends keep their workers between calls: stop them when the benchmark ends.
     stack.callback(shmalloc.joblib.shutdown)
+    stack.callback(lambda: get_reusable_executor().shutdown(wait=True))
 
     def run(backend: str, **options: Any) -> Callable[[list], list]:
         def call(tasks: list) -> list:
