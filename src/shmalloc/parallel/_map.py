@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _serial
 from ._call import Call, NamedResults, look_ahead
-from ._options import PIPE_LIMIT, check_failure_policy, pick_chunksize, prepare, resolve_processes
+from ._options import PIPE_LIMIT, pick_chunksize, prepare, resolve_processes
 from ._workers import Workers
 
 #: How error notes name the calls.
@@ -152,7 +152,6 @@ def map(
     >>> [a.sum() for a in shmalloc.map(np.ones, [100_000, 200_000], processes=2)]
     [np.float64(100000.0), np.float64(200000.0)]
     """
-    check_failure_policy(errors, retries)
     ctx, items, options = prepare(
         func,
         iterable,
@@ -163,6 +162,8 @@ def map(
         seed=seed,
         pipe_limit=pipe_limit,
         workers_per_call=True,
+        errors=errors,
+        retries=retries,
     )
     if _serial.in_worker():  # a worker may not start workers of its own
         return _serial.run(func, items, seed=options.seed, errors=errors, retries=retries, label=LABEL)
@@ -246,7 +247,6 @@ def imap(
     10.0
     20.0
     """
-    check_failure_policy(errors, retries)
     ctx, items, options = prepare(
         func,
         iterable,
@@ -257,6 +257,8 @@ def imap(
         seed=seed,
         pipe_limit=pipe_limit,
         workers_per_call=True,
+        errors=errors,
+        retries=retries,
         lazy=True,
     )
     if _serial.in_worker():

@@ -150,6 +150,8 @@ def prepare(
     seed: int | np.random.SeedSequence | None,
     pipe_limit: int,
     workers_per_call: bool,
+    errors: str = "raise",
+    retries: int = 0,
     lazy: bool = False,
 ) -> tuple[multiprocessing.context.BaseContext, Any, Options]:
     """Check a call's arguments; return its multiprocessing context, its items and the options for its workers.
@@ -162,6 +164,7 @@ def prepare(
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
     resolve_processes(processes)
+    check_failure_policy(errors, retries)
     if chunksize is not None:
         check_count("chunksize", chunksize, 1)
     check_count("pipe_limit", pipe_limit, 0)

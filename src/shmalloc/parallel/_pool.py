@@ -39,7 +39,6 @@ from ._options import (
     PIPE_LIMIT,
     Options,
     check_count,
-    check_failure_policy,
     pick_chunksize,
     portable,
     prepare,
@@ -263,7 +262,6 @@ class Pool:
         self._refuse_other_process(what)
         if self._closed:
             raise ValueError("the pool is closed")
-        check_failure_policy(errors, retries)
         _, items, options = prepare(
             func,
             iterable,
@@ -274,6 +272,8 @@ class Pool:
             seed=seed,
             pipe_limit=self._limit,
             workers_per_call=False,
+            errors=errors,
+            retries=retries,
             lazy=lazy,
         )
         return items, options

@@ -6,10 +6,11 @@ measured in the same run.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 SECTIONS = ("core", "pandas", "map", "results", "engines")
 
@@ -41,6 +42,19 @@ def median_time(func: Callable[[], object], repeat: int, setup: Callable[[], obj
         func()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(methods: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median wall time of each method over ``repeat`` rounds, the methods run in turn in each round
+    (so that all see the same machine), with a garbage collection after each run."""
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(repeat):
+        for label, method in methods.items():
+            start = time.perf_counter()
+            method()
+            times[label].append(time.perf_counter() - start)
+            gc.collect()
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -10,10 +10,9 @@ joblib's default backend (loky).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import multiprocessing
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 import shmalloc
 
-from . import print_table, workloads
+from . import interleaved_medians, print_table, workloads
 
 WORKERS = 2
 START_METHOD = "forkserver"  # the pools kept open run threads: workers come from the fork server
@@ -108,14 +107,7 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
             pd.testing.assert_frame_equal(got[-1], expected, check_column_type=False, check_index_type=False)
             del got
             gc.collect()
-        times: dict[str, list[float]] = {label: [] for label in methods}
-        for _ in range(repeat):
-            for label, method in methods.items():
-                start = time.perf_counter()
-                method(tasks)
-                times[label].append(time.perf_counter() - start)
-                gc.collect()
-    return {label: statistics.median(t) for label, t in times.items()}
+        return interleaved_medians({label: functools.partial(method, tasks) for label, method in methods.items()}, repeat)
 
 
 def run(quick: bool = False, repeat: int = 5) -> None:

@@ -10,10 +10,9 @@ repetition by repetition, in one process; medians are reported.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
-import statistics
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor as StdExecutor
 from typing import Any
@@ -23,7 +22,7 @@ import pandas as pd
 import shmalloc
 from shmalloc.parallel._options import pick_chunksize
 
-from . import print_table, workloads
+from . import interleaved_medians, print_table, workloads
 
 WORKERS = 2
 # The pools kept open run threads (multiprocessing.Pool's handlers, the executors' managers): every
@@ -108,14 +107,8 @@ def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, f
                     pd.testing.assert_frame_equal(frame, want, check_column_type=False, check_index_type=False)
                 del got
                 gc.collect()
-            times: dict[str, list[float]] = {label: [] for label in methods}
-            for _ in range(repeat):
-                for label, method in methods.items():
-                    start = time.perf_counter()
-                    method(tasks)
-                    times[label].append(time.perf_counter() - start)
-                    gc.collect()
-            found[rows] = {label: statistics.median(t) for label, t in times.items()}
+            runs = {label: functools.partial(method, tasks) for label, method in methods.items()}
+            found[rows] = interleaved_medians(runs, repeat)
     finally:
         _close(pools)
     return found
