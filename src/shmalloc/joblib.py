@@ -29,6 +29,7 @@ the call aborted at the first error, a killed worker reported as
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -91,7 +92,9 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
         True: results are copied out of shared memory into regular memory.
         False: their arrays own private (copy-on-write) mappings of it.
     start_method : {"fork", "forkserver", "spawn"}, optional
-        How workers start (default: that of :class:`shmalloc.Pool`).
+        How workers start. Default: forkserver where there is one. The kept
+        executor runs threads in this process, and a process with threads
+        must not fork (Python 3.12 warns); functions travel by value anyway.
     nesting_level, inner_max_num_threads
         Set by joblib.
     """
@@ -109,6 +112,8 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
         **backend_kwargs: Any,
     ) -> None:
         check_copy(copy)
+        if start_method is None and "forkserver" in multiprocessing.get_all_start_methods():
+            start_method = "forkserver"
         start_context(start_method)  # a ValueError now for an unknown one
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
         self.copy = copy

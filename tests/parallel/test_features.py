@@ -484,7 +484,7 @@ def test_imap_input_that_raises_ends_the_loop_with_that_error_after_the_results_
         yield from range(20_000, 20_005)
         raise OSError("the input broke")
 
-    results, pool = _imap(engine, "fork", np.ones, broken())
+    results, pool = _imap(engine, "forkserver", np.ones, broken())  # iterated in a thread: no fork there
     got: list = []
     try:
         error = _consume_within(results, got, seconds=60)
@@ -536,7 +536,7 @@ def _slow_flaky_then_failing(task: tuple[str, int]) -> int:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_imap_retries_an_earlier_item_while_a_later_failure_waits_for_its_turn(engine, tmp_path):
     """Item 1 fails for good while item 0 waits for its retry: the retry still runs, item 0 is yielded, then item 1's error."""
-    results, pool = _imap(engine, "fork", _slow_flaky_then_failing, [(str(tmp_path), i) for i in range(6)], retries=1)
+    results, pool = _imap(engine, "forkserver", _slow_flaky_then_failing, [(str(tmp_path), i) for i in range(6)], retries=1)
     got: list = []
     try:
         error = _consume_within(results, got, seconds=60)
@@ -549,7 +549,8 @@ def test_imap_retries_an_earlier_item_while_a_later_failure_waits_for_its_turn(e
 
 def _consume_within(results, got: list, seconds: float) -> BaseException | None:
     """Append every result to ``got`` in a thread; return what the loop raised. A loop that hangs fails the test
-    (its workers are killed, so that nothing blocks the run)."""
+    (its workers are killed, so that nothing blocks the run). Workers started in that thread must not fork (the
+    process has two threads then): callers use forkserver."""
     raised: list[BaseException] = []
 
     def consume() -> None:

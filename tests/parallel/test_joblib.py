@@ -18,9 +18,11 @@ import shmalloc.joblib  # noqa: E402  (registers the backend)
 START_METHODS = ["fork", "spawn", "forkserver"]
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _stop_kept_workers():
-    """The backend keeps its workers between calls: stop them after this module, so that later tests see no children."""
+    """The backend keeps its workers (and its executor's threads) between calls: stop them around each test, so that
+    no test forks beside another test's threads and later tests see no children."""
+    shmalloc.joblib.shutdown()
     yield
     shmalloc.joblib.shutdown()
     assert not multiprocessing.active_children()
