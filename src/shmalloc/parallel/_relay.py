@@ -64,9 +64,9 @@ class _Stream:
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if text:
             if events and events[-1][0] == self.kind:
-                events[-1][1] += text
+                events[-1][1].append(text)  # joined once, when sent: many small writes stay linear
             else:
-                events.append([self.kind, text])
+                events.append([self.kind, [text]])
         return len(text)
 
     def writelines(self, lines: Any) -> None:
@@ -94,7 +94,7 @@ def _install_streams() -> None:
 
 
 def _said(events: list[list[Any]]) -> Events:
-    return tuple(tuple(event) for event in events)
+    return tuple((event[0], "".join(event[1])) if event[0] != WARNING else tuple(event) for event in events)
 
 
 def capture(
