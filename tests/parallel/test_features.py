@@ -768,3 +768,57 @@ def test_terminate_from_another_thread_while_an_imap_waits_between_results():
     with pytest.raises(RuntimeError, match="terminate"):
         list(results)
     assert wait_for_no_children()
+
+
+def _warn_flush_then_die(i: int) -> int:
+    warnings.warn(f"warned by item {i}", UserWarning, stacklevel=1)
+    print(f"item {i} flushed", flush=True)
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def test_warnings_before_a_flush_reach_the_parent_even_if_the_worker_then_dies(capsys):
+    """A warning issued before a flushed print travels with it: the dying item's warning is re-issued too, before its output."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = shmalloc.map(_warn_flush_then_die, range(3), processes=2, errors="return", chunksize=1)
+    assert isinstance(got[1], shmalloc.WorkerDiedError)
+    assert sorted(str(w.message) for w in caught if w.category is UserWarning) == [f"warned by item {i} (item {i})" for i in range(3)]
+    assert sorted(capsys.readouterr().out.splitlines()) == [f"item {i} flushed" for i in range(3)]
+
+
+@pytest.mark.parametrize("method", [m for m in START_METHODS if m != "fork"])
+def test_a_function_defined_under_the_main_guard_reaches_spawned_workers(method, tmp_path):
+    """A function the main script defines under `if __name__ == "__main__":` is not in the main module a spawned worker
+    imports: it travels by value then, in map and in Pool.map."""
+    script = tmp_path / "guarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import shmalloc
+
+            if __name__ == "__main__":
+                def square(x):
+                    return x * x
+
+                print(shmalloc.map(square, range(4), processes=2, start_method={method!r}))
+                with shmalloc.Pool(2, start_method={method!r}) as pool:
+                    print(pool.map(square, range(4)))
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[0, 1, 4, 9]", "[0, 1, 4, 9]"]
+
+
+def test_workers_keep_small_functions_unpickled_but_not_large_payloads():
+    """A worker keeps a function it unpickled (one object across tasks), but not a large pickle, which holds data."""
+    from shmalloc.parallel._options import Portable, _load_function
+
+    small = Portable(lambda x: x + 1)
+    assert _load_function(*small.pickled) is _load_function(*small.pickled)
+    data = np.ones(100_000)
+    large = Portable(lambda x: data[0] + x)
+    assert _load_function(*large.pickled) is not _load_function(*large.pickled)

@@ -31,7 +31,11 @@ class Portable:
     """A function that travels to workers as plain pickle does (by reference: its module's globals are the
     worker's, shared with the initializer and kept across tasks), or by value with cloudpickle where that
     cannot work (lambdas, closures, functions of an interactive ``__main__`` such as a notebook's);
-    calling it calls the function."""
+    calling it calls the function.
+
+    A reference to ``__main__`` resolves in a worker only if the worker's main module defines the name:
+    a function defined under ``if __name__ == "__main__":`` is not there when a spawned worker imports the
+    script again. Such functions travel both ways, and the worker takes the reference if it can."""
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
@@ -40,38 +44,53 @@ class Portable:
         return self.func(*args, **kwargs)
 
     @cached_property
-    def pickled(self) -> bytes:
-        """The function pickled, once (raises what cloudpickle raises)."""
+    def pickled(self) -> tuple[bytes | None, bytes | None]:
+        """The function pickled once: by reference (or None), and by value where the reference may not
+        resolve in a worker (or None); raises what cloudpickle raises."""
         try:
             by_reference = pickle.dumps(self.func)
         except Exception:
-            pass  # a lambda, a closure, a function that is not a module's attribute
-        else:
-            # A reference to __main__ resolves in a worker only if it can import the main module again.
-            main = sys.modules.get("__main__")
-            if b"__main__" not in by_reference or getattr(main, "__file__", None):
-                return by_reference
-        return cloudpickle.dumps(self.func)
+            return None, cloudpickle.dumps(self.func)  # a lambda, a closure, a function no module holds
+        if b"__main__" not in by_reference:
+            return by_reference, None
+        main = sys.modules.get("__main__")
+        return (by_reference if getattr(main, "__file__", None) else None), cloudpickle.dumps(self.func)
 
-    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+    def __reduce__(self) -> tuple[Any, tuple[bytes | None, bytes | None]]:
         # Unpickled as the function itself: a worker calls it with no wrapper in between.
-        return _load_function, (self.pickled,)
+        return _load_function, self.pickled
 
 
 #: Functions a worker unpickled, by their pickle: one function by value (a lambda) stays one object
-#: across tasks, so that what it keeps in its globals (a cache, a loaded model) lasts.
-_loaded_functions: dict[bytes, Any] = {}
+#: across tasks, so that what it keeps in its globals (a cache, a loaded model) lasts. Only small
+#: pickles: a large one holds data (a closure's, a joblib batch's arguments), not just code.
+_loaded_functions: dict[tuple[bytes | None, bytes | None], Any] = {}
 _LOADED_FUNCTIONS = 16
+_LOADED_FUNCTION_BYTES = 64 * 1024
 
 
-def _load_function(pickled: bytes) -> Any:
-    func = _loaded_functions.get(pickled)
+def _load_function(by_reference: bytes | None, by_value: bytes | None) -> Any:
+    key = (by_reference, by_value)
+    func = _loaded_functions.get(key)
     if func is None:
-        func = pickle.loads(pickled)
-        if len(_loaded_functions) >= _LOADED_FUNCTIONS:
-            del _loaded_functions[next(iter(_loaded_functions))]
-        _loaded_functions[pickled] = func
+        func = _unpickle_function(by_reference, by_value)
+        if len(by_reference or b"") + len(by_value or b"") <= _LOADED_FUNCTION_BYTES:
+            if len(_loaded_functions) >= _LOADED_FUNCTIONS:
+                del _loaded_functions[next(iter(_loaded_functions))]
+            _loaded_functions[key] = func
     return func
+
+
+def _unpickle_function(by_reference: bytes | None, by_value: bytes | None) -> Any:
+    if by_reference is not None:
+        try:
+            return pickle.loads(by_reference)
+        except Exception:
+            if by_value is None:
+                raise
+            # e.g. defined under the main guard: not in the main module a spawned worker imports
+    assert by_value is not None, "a function pickled neither way"
+    return pickle.loads(by_value)
 
 
 def portable(func: Callable[..., Any], what: str) -> Portable:

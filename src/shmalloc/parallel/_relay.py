@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,13 +40,26 @@ Events = tuple[tuple[Any, ...], ...]
 
 
 class _Item:
-    """What the item running in this process has said so far (None between items), and how to send it early."""
+    """What the item running in this process has said so far (None between items), the warnings it issued
+    (recorded, ``taken`` of them moved to its events), and how to send it early."""
 
-    events: list[list[Any]] | None = None
-    on_flush: Callable[[Events], None] | None = None
+    def __init__(self) -> None:
+        self.events: list[list[Any]] | None = None
+        self.records: list[warnings.WarningMessage] = []
+        self.taken = 0
+        self.on_flush: Callable[[Events], None] | None = None
+
+    def take_warnings(self) -> None:
+        """Move the warnings recorded since last time to the events, after the text said before them."""
+        if self.events is not None:
+            for record in self.records[self.taken :]:
+                self.events.append([WARNING, *_describe_warning(record)])
+            self.taken = len(self.records)
 
 
 _item = _Item()
+# Threads of func may flush while the item ends: one at a time, and never once its answer is made.
+_item_lock = threading.Lock()
 
 
 class _Stream:
@@ -76,11 +90,14 @@ class _Stream:
     def flush(self) -> None:
         """Between items: flush the stream below. In an item: send what it said so far to the parent (where
         the worker can), so that it is not lost if the worker dies, as flushed output would not be."""
-        if _item.events is None:
-            self.original.flush()
-        elif _item.on_flush is not None and _item.events:
-            said, _item.events[:] = _said(_item.events), []
-            _item.on_flush(said)
+        with _item_lock:
+            if _item.events is None:
+                self.original.flush()
+                return
+            _item.take_warnings()
+            if _item.on_flush is not None and _item.events:
+                said, _item.events[:] = _said(_item.events), []
+                _item.on_flush(said)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.original, name)
@@ -112,17 +129,16 @@ def capture(
 
     def captured() -> _T:
         _install_streams()
-        _item.events, _item.on_flush = events, on_flush
         try:
             with warnings.catch_warnings(record=True) as records:
                 warnings.simplefilter("always")  # the parent's filters decide
-                try:
-                    return run()
-                finally:
-                    for record in records:
-                        events.append([WARNING, *_describe_warning(record)])
+                with _item_lock:
+                    _item.events, _item.records, _item.taken, _item.on_flush = events, records, 0, on_flush
+                return run()
         finally:
-            _item.events = _item.on_flush = None
+            with _item_lock:
+                _item.take_warnings()
+                _item.events, _item.records, _item.on_flush = None, [], None
 
     return captured, lambda: _said(events)
 
