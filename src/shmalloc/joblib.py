@@ -15,8 +15,9 @@ process (``copy=True``, the default: into regular memory; ``copy=False``:
 arrays that own private mappings of it, no copy). The workers are those of a
 :class:`shmalloc.ProcessPoolExecutor`, kept across ``Parallel`` calls of the
 same number of jobs and options, as loky keeps its executor, until
-:func:`shutdown` or the end of the process. Functions travel by value
-(cloudpickle), as with loky.
+:func:`shutdown` or the end of the process. Functions travel by
+reference where a worker can import them, else by value (cloudpickle), as
+with loky.
 
 What joblib users rely on works as with loky: automatic batching,
 ``n_jobs=-1``, ``return_as="generator"`` and ``"generator_unordered"``,
@@ -94,7 +95,7 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
     start_method : {"fork", "forkserver", "spawn"}, optional
         How workers start. Default: forkserver where there is one. The kept
         executor runs threads in this process, and a process with threads
-        must not fork (Python 3.12 warns); functions travel by value anyway.
+        must not fork (Python 3.12 warns); lambdas travel by value anyway.
     nesting_level, inner_max_num_threads
         Set by joblib.
     """

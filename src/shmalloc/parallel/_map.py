@@ -49,8 +49,9 @@ def map(
     ----------
     func : callable
         Called as ``func(item)`` in a worker. Under fork it is inherited;
-        under spawn and forkserver it travels by value (cloudpickle), so
-        lambdas and closures work under every start method.
+        under spawn and forkserver it travels by reference where the worker
+        can import it, else by value (cloudpickle), so lambdas and closures
+        work under every start method.
     iterable : iterable
         The items. Under fork they are inherited as well; otherwise each is
         pickled to its worker.

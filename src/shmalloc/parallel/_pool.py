@@ -105,8 +105,8 @@ class Pool:
     is reused only after all its arrays are freed, and never if the process
     forked while they were alive (the child's copy-on-write view would see
     the new data). ``func`` and ``initializer`` travel to the workers by
-    value (cloudpickle), so lambdas and closures work; the items are
-    pickled.
+    reference where a worker can import them, else by value (cloudpickle),
+    so lambdas and closures work; the items are pickled.
 
     A pool made inside a worker of shmalloc's (from ``func``) starts no
     workers: its calls run their items in that worker, one after the other.
@@ -187,8 +187,9 @@ class Pool:
     ) -> list[Any]:
         """Apply ``func`` to each item in the pool's workers; return the results in input order.
 
-        Parameters and errors are those of :func:`shmalloc.map` (``func``
-        travels by value, the items are pickled, under every start method).
+        Parameters and errors are those of :func:`shmalloc.map` (under every
+        start method ``func`` travels by reference or by value, and the items
+        are pickled).
         After an error that stops the call (``errors="raise"``) the pool's
         workers are stopped; the next call starts new ones. A worker that
         died while the call goes on (a retry, ``errors="return"``) is
