@@ -2,7 +2,8 @@
 
 shmalloc's Pool, joblib with its loky backend and with shmalloc's backend,
 a multiprocessing.Pool kept open, and, where installed, a Dask LocalCluster
-of 2 worker processes and Ray. Every engine is started and used once before
+of 2 worker processes, plain and with shmalloc's transport (shmalloc.dask),
+and Ray. Every engine is started and used once before
 timing (Ray's store and Dask's workers warm); methods run interleaved,
 repetition by repetition, in one process; medians are reported, as ratios to
 joblib's default backend (loky).
@@ -64,9 +65,18 @@ def _dask_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], lis
         from distributed import Client, LocalCluster
     except ImportError:
         return {}
-    cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None))
-    client = stack.enter_context(Client(cluster))
-    return {"Dask LocalCluster, client.gather": lambda tasks: client.gather(client.map(compute, tasks, pure=False))}
+    import shmalloc.dask
+
+    def gather_with(cluster_class: type, client_class: type) -> Callable[[list], list]:
+        options = {"n_workers": WORKERS, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        cluster = stack.enter_context(cluster_class(**options))
+        client = stack.enter_context(client_class(cluster))
+        return lambda tasks: client.gather(client.map(compute, tasks, pure=False))
+
+    return {
+        "Dask LocalCluster, client.gather": gather_with(LocalCluster, Client),
+        "shmalloc.dask LocalCluster, client.gather": gather_with(shmalloc.dask.LocalCluster, shmalloc.dask.Client),
+    }
 
 
 def _ray_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list]]:

@@ -1,0 +1,366 @@
+"""Dask on one host: large arrays, frames and pickle-5 buffers between its processes through shared memory.
+
+Drop-in for distributed's own classes::
+
+    from shmalloc.dask import Client, LocalCluster
+
+    with LocalCluster(n_workers=2) as cluster, Client(cluster) as client:
+        frames = client.gather(client.map(make_frame, range(8)))
+
+A message bound for a process on this host (worker to client, client to
+worker, worker to worker) carries each large object as a
+:func:`shmalloc.copy2shm` handle instead of its bytes; the receiver maps it
+(:func:`shmalloc.allocate_from_shm` with ``copy=False``): writable arrays
+that own a private, copy-on-write mapping, no copy. The rest goes Dask's own
+way: small objects, messages bound for another host, objects that cannot be
+put into /dev/shm (full, or not picklable).
+
+For a cluster built by hand, load this module in every worker and nanny and
+give the client the serializers::
+
+    dask worker tcp://scheduler:8786 --preload shmalloc.dask --preload-nanny shmalloc.dask
+    client = distributed.Client(address, serializers=SERIALIZERS, deserializers=SERIALIZERS,
+                                direct_to_workers=True)
+
+What is left behind, and who removes it: a receiver removes the name as it
+maps the object. A sender keeps the names it handed out; those not consumed
+after ``linger`` seconds (the message was lost) are removed by it, and the
+rest when it exits. A worker that is killed cannot do that: its nanny
+removes what it left (that pid, dead) after ``leftover-age`` seconds, and
+:class:`LocalCluster` removes the rest when it closes; ``shmalloc gc``
+collects any other orphan. The settings are Dask configuration keys, see
+:data:`DEFAULTS`.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import ipaddress
+import pickle
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import dask.config
+import distributed
+from dask.sizeof import sizeof
+from distributed.comm.addressing import get_address_host, parse_address
+from distributed.protocol.serialize import register_serialization_family
+from tornado.ioloop import PeriodicCallback
+
+from ._api import allocate_from_shm, copy2shm, unlink
+from ._handle import ShmObj
+from .errors import CorruptHandleError, ShmError, ShmFallbackWarning
+from .tools._cleanup import segments
+
+#: The name of the serialization family, as listed in ``serializers=`` / ``deserializers=``.
+NAME = "shmalloc"
+#: What a client and workers serialize with: shmalloc first, Dask's own families after it.
+SERIALIZERS = (NAME, "dask", "pickle")
+#: Dask configuration keys (``dask.config.set({"shmalloc.threshold": ...})``; workers get the
+#: client's configuration from their nanny) and their defaults:
+#: ``threshold``: objects smaller than this (bytes, as ``dask.sizeof`` counts them) go Dask's own way;
+#: ``linger``: seconds after which a sender removes an object it handed out that nobody consumed;
+#: ``leftover-age``: seconds after which a nanny removes what its dead worker left behind;
+#: ``sweep-interval``: seconds between two such collections.
+DEFAULTS = {"threshold": 1 << 20, "linger": 300.0, "leftover-age": 30.0, "sweep-interval": 10.0}
+
+
+def setting(key: str) -> Any:
+    """The value of ``shmalloc.<key>`` in Dask's configuration, else its default in :data:`DEFAULTS`."""
+    return dask.config.get(f"{NAME}.{key}", DEFAULTS[key])
+
+
+class _Sent:
+    """The names this process handed out and not yet seen consumed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._created: dict[str, float] = {}
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._created[name] = time.monotonic()
+
+    def sweep(self, linger: float) -> int:
+        """Forget consumed names; remove those older than ``linger`` seconds. Return how many were removed."""
+        now = time.monotonic()
+        with self._lock:
+            names = list(self._created.items())
+        removed = 0
+        for name, created in names:
+            if now - created < linger:
+                continue
+            with self._lock:
+                self._created.pop(name, None)
+            try:
+                unlink(name)
+                removed += 1
+            except ShmError:
+                pass  # consumed: the receiver removed the name
+        return removed
+
+
+_sent = _Sent()
+atexit.register(_sent.sweep, 0.0)
+
+
+class _Counts:
+    """What went through shared memory in this process (see :func:`transfers`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values = dict.fromkeys(("sent", "sent_bytes", "received", "received_bytes", "fallbacks"), 0)
+
+    def add(self, **increments: int) -> None:
+        with self._lock:
+            for key, value in increments.items():
+                self.values[key] += value
+
+
+_counts = _Counts()
+
+
+def transfers() -> dict[str, int]:
+    """Count what this process sent and received through shared memory.
+
+    Returns
+    -------
+    dict
+        ``sent`` and ``received``: objects; ``sent_bytes`` and
+        ``received_bytes``: the size of their shared memory objects;
+        ``fallbacks``: large objects bound for this host that went Dask's own
+        way because they could not go through shared memory (e.g. a full
+        /dev/shm).
+    """
+    with _counts._lock:
+        return dict(_counts.values)
+
+
+@cache
+def _local_hosts() -> frozenset[str]:
+    hosts = {"localhost", socket.gethostname(), socket.getfqdn()}
+    try:
+        import psutil  # a dependency of distributed
+
+        for addresses in psutil.net_if_addrs().values():
+            hosts.update(address.address.split("%")[0] for address in addresses)
+    except (ImportError, OSError):
+        pass
+    return frozenset(hosts)
+
+
+def same_host(address: str | None) -> bool:
+    """Whether a Dask address (``"tcp://127.0.0.1:8786"``) is a process on this host.
+
+    Parameters
+    ----------
+    address : str or None
+        The address; None (unknown) is not on this host.
+    """
+    if not address:
+        return False
+    try:
+        scheme, _ = parse_address(address)
+        if scheme == "inproc":
+            return True
+        host = get_address_host(address)
+    except (ValueError, TypeError):
+        return False
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass  # a host name
+    return host in _local_hosts()
+
+
+def _recipient(context: dict | None) -> str | None:
+    """The address of the process a message goes to (Dask's comms give the peer's handshake, with its address)."""
+    recipient = (context or {}).get("recipient")
+    if isinstance(recipient, dict):
+        recipient = recipient.get("address")
+    return recipient if isinstance(recipient, str) else None
+
+
+def _dumps(x: Any, context: dict | None = None) -> tuple[dict, list[bytes]]:
+    """Put ``x`` into shared memory if it is large and bound for this host; else defer to the next family."""
+    if sizeof(x) < setting("threshold") or not same_host(_recipient(context)):
+        raise NotImplementedError
+    try:
+        handle = copy2shm(x, copy=False)
+    except ShmError as exc:
+        _counts.add(fallbacks=1)
+        warnings.warn(f"shmalloc: a {type(x).__name__} goes Dask's own way, not through shared memory: {exc}",
+                      ShmFallbackWarning, stacklevel=2)
+        raise NotImplementedError from exc
+    except (TypeError, ValueError, AttributeError, pickle.PicklingError) as exc:
+        raise NotImplementedError from exc  # not something shmalloc can hold: Dask's families decide
+    _sent.add(handle.name)
+    _counts.add(sent=1, sent_bytes=handle.size)
+    return {}, [pickle.dumps(handle, protocol=pickle.HIGHEST_PROTOCOL)]
+
+
+def _loads(header: dict, frames: list) -> Any:
+    """Map the object a handle names (zero-copy, private); its name is removed."""
+    # Dask trusts its peers' pickles; the handle is checked against the segment before anything is mapped.
+    handle = pickle.loads(frames[0]) if len(frames) == 1 else None
+    if not isinstance(handle, ShmObj):
+        raise CorruptHandleError(f"a {NAME!r} message must carry one shmalloc handle, got {len(frames)} frames")
+    value = allocate_from_shm(handle, copy=False)
+    _counts.add(received=1, received_bytes=handle.size)
+    return value
+
+
+def register() -> None:
+    """Register the serialization family "shmalloc" with Dask (importing this module does it)."""
+    register_serialization_family(NAME, _dumps, _loads)
+
+
+register()
+
+
+# --- preload: `--preload shmalloc.dask` for workers, `--preload-nanny shmalloc.dask` for nannies ---------
+
+
+class _Leftovers:
+    """The pids of a nanny's worker processes, and the collection of what they left when they died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pids: set[int] = set()
+
+    def note(self, pid: int | None) -> None:
+        if pid:
+            with self._lock:
+                self.pids.add(pid)
+
+    def collect(self, older_than: float) -> int:
+        """Remove the segments of dead workers at least ``older_than`` seconds old; return how many."""
+        with self._lock:
+            pids = set(self.pids)
+        if not pids:
+            return 0
+        table = segments()
+        dead = table[table["pid"].isin(pids) & ~table["alive"] & (table["age"] >= older_than)]
+        removed = 0
+        for name in dead["name"].tolist():
+            try:
+                unlink(str(name))
+                removed += 1
+            except ShmError:
+                pass  # consumed meanwhile
+        return removed
+
+
+_leftovers = _Leftovers()
+
+
+_LOOK_MS = 50  # how often a nanny notes its worker's pid: its worker takes longer than that to start
+
+
+def dask_setup(server: Any) -> None:
+    """Dask's preload hook: a worker serializes with :data:`SERIALIZERS` and removes its lost objects;
+    a nanny notes its workers' pids and collects what they left when they died."""
+    if isinstance(server, distributed.Nanny):
+        callbacks = {
+            "shmalloc-workers": (lambda: _leftovers.note(server.pid), _LOOK_MS),
+            "shmalloc-leftovers": (lambda: _leftovers.collect(setting("leftover-age")), setting("sweep-interval") * 1000),
+        }
+    else:
+        # Worker to worker: the worker asks its peers for data with these, and they answer with them.
+        server.rpc.serializers = list(SERIALIZERS)
+        server.rpc.deserializers = list(SERIALIZERS)
+        callbacks = {"shmalloc-lost": (lambda: _sent.sweep(setting("linger")), setting("sweep-interval") * 1000)}
+    for name, (call, milliseconds) in callbacks.items():
+        callback = PeriodicCallback(functools.partial(_discard_result, call), milliseconds)
+        callback.start()
+        server.periodic_callbacks[name] = callback
+
+
+def _discard_result(call: Callable[[], object]) -> None:
+    call()
+
+
+def dask_teardown(server: Any) -> None:
+    """Dask's preload hook at close: a worker removes what it handed out and nobody consumed.
+
+    (A worker process ends without running ``atexit`` handlers.)
+    """
+    if not isinstance(server, distributed.Nanny):
+        _sent.sweep(0.0)
+
+
+# --- drop-in cluster and client ---------------------------------------------------------------------------
+
+
+class LocalCluster(distributed.LocalCluster):
+    """:class:`distributed.LocalCluster` whose workers and nannies load :mod:`shmalloc.dask`.
+
+    Takes the arguments of :class:`distributed.LocalCluster`; ``preload``
+    and ``preload_nanny`` get this module added. After closing, it removes
+    whatever its killed workers left in /dev/shm.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["preload"] = _with_this_module(kwargs.get("preload"))
+        if kwargs.get("processes", True):
+            kwargs["preload_nanny"] = _with_this_module(kwargs.get("preload_nanny"))
+        super().__init__(*args, **kwargs)
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        """Close the cluster (see :meth:`distributed.LocalCluster.close`), then remove its dead workers' leftovers."""
+        result = super().close(*args, **kwargs)
+        if inspect.isawaitable(result):
+            return _then_collect(result)
+        _leftovers.collect(0.0)
+        return result
+
+
+async def _then_collect(closing: Any) -> Any:
+    result = await closing
+    _leftovers.collect(0.0)
+    return result
+
+
+def _with_this_module(preload: Any) -> list[str]:
+    modules = [preload] if isinstance(preload, str) else list(preload or [])
+    return modules if __name__ in modules else modules + [__name__]
+
+
+class Client(distributed.Client):
+    """:class:`distributed.Client` that sends and receives large objects through shared memory.
+
+    Takes the arguments of :class:`distributed.Client`; ``serializers`` and
+    ``deserializers`` default to :data:`SERIALIZERS` and
+    ``direct_to_workers`` to True (results come from the workers, not through
+    the scheduler, so each goes through shared memory only if the worker is
+    on this host). Without an address it starts a :class:`LocalCluster` of
+    its own, closed with it.
+    """
+
+    def __init__(self, address: Any = None, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("serializers", list(SERIALIZERS))
+        kwargs.setdefault("deserializers", list(SERIALIZERS))
+        kwargs.setdefault("direct_to_workers", True)
+        self._own_cluster: LocalCluster | None = None
+        if address is None and "scheduler_file" not in kwargs:
+            cluster_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in _CLIENT_ARGUMENTS}
+            self._own_cluster = address = LocalCluster(**cluster_kwargs)
+        super().__init__(address, *args, **kwargs)
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        """Close the client (see :meth:`distributed.Client.close`) and the cluster it started."""
+        result = super().close(*args, **kwargs)
+        if self._own_cluster is not None:
+            self._own_cluster.close()
+            self._own_cluster = None
+        return result
+
+
+_CLIENT_ARGUMENTS = frozenset(inspect.signature(distributed.Client.__init__).parameters)

@@ -1,0 +1,380 @@
+"""shmalloc.dask: Dask's messages between processes of this host carry large objects through shared memory.
+
+Clusters run in a child process: Dask leaves threads (its event loop, its
+offload pool) in the process that starts them, and later tests fork. The
+child reports what it saw as JSON. Serialization itself is tested here, in
+this process (it starts no thread).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("distributed")
+import dask
+from distributed.protocol.serialize import deserialize, serialize
+
+import shmalloc
+import shmalloc.dask as shm_dask
+
+LOCAL = {"recipient": {"address": "tcp://127.0.0.1:8786"}}
+REMOTE = {"recipient": {"address": "tcp://203.0.113.7:8786"}}  # TEST-NET-3: never this host
+
+
+def _frame(rows: int = 200_000) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "x": np.arange(rows) * 0.5,
+        "y": np.arange(rows) % 3 == 0,
+        "z": np.arange(rows, dtype=np.int32),
+        "c": pd.Categorical(np.array(["a", "b", "c"])[np.arange(rows) % 3]),
+    })
+    frame.attrs["unit"] = "m"
+    return frame
+
+
+def _handler(array: np.ndarray) -> str:
+    from numpy._core.multiarray import get_handler_name
+
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return get_handler_name(array)
+
+
+def _ours() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("shmalloc_")}
+
+
+# --- serialization, in this process -----------------------------------------------------------------------
+
+
+def test_serializing_starts_no_thread():
+    """Serializing through the family runs in the calling thread (which is what lets the tests below run here)."""
+    before = threading.active_count()
+    header, frames = serialize(_frame(), serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    deserialize(header, frames)
+    assert threading.active_count() == before
+
+
+def test_a_large_frame_bound_for_this_host_goes_through_shared_memory_and_comes_back_exact():
+    """A large frame for a local recipient is a handle; deserializing maps it (writable, shmalloc's handler), equal with its attrs, name gone."""
+    frame = _frame()
+    before = shm_dask.transfers()
+    header, frames = serialize(frame, serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    assert header["serializer"] == "shmalloc"
+    assert sum(memoryview(f).nbytes for f in frames) < 4096  # the handle, not the data
+    assert len(_ours()) == 1
+    got = deserialize(header, frames)
+    assert not _ours()
+    pd.testing.assert_frame_equal(got, frame)
+    assert got.attrs == {"unit": "m"}
+    assert _handler(got["x"].to_numpy()) == "shmalloc"
+    got.loc[0, "x"] = -1.0  # writable, private
+    assert got.loc[0, "x"] == -1.0 and frame.loc[0, "x"] == 0.0
+    after = shm_dask.transfers()
+    assert after["sent"] == before["sent"] + 1 and after["received"] == before["received"] + 1
+    assert after["sent_bytes"] - before["sent_bytes"] >= frame.memory_usage(index=False).sum()
+
+
+def test_an_array_comes_back_writable_and_owned_by_shmalloc():
+    array = np.random.default_rng(0).random((700, 300))
+    header, frames = serialize(array, serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    assert header["serializer"] == "shmalloc"
+    got = deserialize(header, frames)
+    np.testing.assert_array_equal(got, array)
+    assert got.flags.writeable and _handler(got) == "shmalloc"
+
+
+def test_a_pickle5_object_with_large_buffers_goes_through_shared_memory():
+    """Any picklable object: a dict of arrays goes as one handle and comes back equal."""
+    value = {"a": np.arange(300_000.0), "b": [np.ones(10), "text"]}
+    header, frames = serialize(value, serializers=shm_dask.SERIALIZERS, context=LOCAL, iterate_collection=False)
+    assert header["serializer"] == "shmalloc"
+    got = deserialize(header, frames)
+    np.testing.assert_array_equal(got["a"], value["a"])
+    assert got["b"][1] == "text"
+
+
+@pytest.mark.parametrize("context", [REMOTE, None, {"recipient": {}}, {"recipient": "not an address"}], ids=["remote", "none", "no-address", "garbage"])
+def test_a_recipient_not_known_to_be_on_this_host_gets_dasks_own_serialization(context):
+    """Bound for another host (or an unknown one), the frame goes Dask's own way and no segment is made."""
+    header, frames = serialize(_frame(), serializers=shm_dask.SERIALIZERS, context=context)
+    assert header["serializer"] in ("dask", "pickle")
+    assert not _ours()
+    pd.testing.assert_frame_equal(deserialize(header, frames), _frame())
+
+
+def test_small_objects_go_dasks_own_way_and_the_threshold_is_a_dask_setting():
+    small = np.arange(1000.0)
+    header, _ = serialize(small, serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    assert header["serializer"] == "dask"
+    with dask.config.set({"shmalloc.threshold": 1000}):
+        header, frames = serialize(small, serializers=shm_dask.SERIALIZERS, context=LOCAL)
+        assert header["serializer"] == "shmalloc"
+        np.testing.assert_array_equal(deserialize(header, frames), small)
+
+
+def test_same_host():
+    assert shm_dask.same_host("tcp://127.0.0.1:1")
+    assert shm_dask.same_host("tcp://[::1]:1")
+    assert shm_dask.same_host(f"tcp://{socket.gethostname()}:1")
+    assert shm_dask.same_host("inproc://10.1.2.3/1/2")
+    for address in ["tcp://203.0.113.7:1", "tcp://example.invalid:1", None, "", "no scheme"]:
+        assert not shm_dask.same_host(address), address
+
+
+def test_a_damaged_message_is_a_clear_error_and_maps_nothing():
+    header, frames = serialize(_frame(), serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    with pytest.raises(shmalloc.CorruptHandleError, match="one shmalloc handle"):
+        deserialize(header, [pickle.dumps("not a handle")])
+    with pytest.raises(shmalloc.CorruptHandleError, match="one shmalloc handle"):
+        deserialize(header, [*frames, b""])
+    deserialize(header, frames)  # the real one still works, once
+    with pytest.raises(shmalloc.ShmError) as info:
+        deserialize(header, frames)
+    assert info.value.errno == 2  # ENOENT: consumed
+
+
+def test_the_sweep_removes_what_was_handed_out_and_never_consumed():
+    """Names handed out whose messages were lost are removed after the linger time; consumed ones are just forgotten."""
+    lost = serialize(_frame(), serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    kept = serialize(_frame(), serializers=shm_dask.SERIALIZERS, context=LOCAL)
+    deserialize(*kept)
+    assert len(_ours()) == 1
+    assert shm_dask._sent.sweep(3600.0) == 0 and len(_ours()) == 1
+    assert shm_dask._sent.sweep(0.0) == 1
+    assert not _ours()
+    with pytest.raises(shmalloc.ShmError):
+        deserialize(*lost)
+
+
+# --- a full /dev/shm --------------------------------------------------------------------------------------
+
+_FULL_CHILD = textwrap.dedent(
+    """
+    import json, os, warnings
+    import numpy as np
+    from distributed.protocol.serialize import deserialize, serialize
+    import shmalloc, shmalloc.dask as shm_dask
+
+    value = np.arange(4 << 20, dtype=np.float64)  # 32 MB, the tmpfs holds 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        header, frames = serialize(value, serializers=shm_dask.SERIALIZERS, context={"recipient": {"address": "tcp://127.0.0.1:1"}})
+    got = deserialize(header, frames)
+    print(json.dumps({
+        "serializer": header["serializer"],
+        "equal": bool(np.array_equal(got, value)),
+        "warnings": [type(w.message).__name__ + ": " + str(w.message) for w in caught],
+        "fallbacks": shm_dask.transfers()["fallbacks"],
+        "left": os.listdir("/dev/shm"),
+    }))
+    """
+)
+
+
+def test_a_full_dev_shm_falls_back_to_dasks_own_way_with_a_warning_and_leaves_nothing():
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to mount a small /dev/shm")
+    shell = 'mount -t tmpfs -o size=8m tmpfs /dev/shm && exec "$0" -c "$1"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, sys.executable, _FULL_CHILD], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot mount a private /dev/shm: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["serializer"] == "dask" and report["equal"]
+    assert report["fallbacks"] == 1 and report["left"] == []
+    assert len(report["warnings"]) == 1 and report["warnings"][0].startswith("ShmFallbackWarning")
+    assert "No space left" in report["warnings"][0] or "ENOSPC" in report["warnings"][0]
+
+
+# --- clusters, in a child process -------------------------------------------------------------------------
+
+_CLUSTER_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import numpy as np, pandas as pd, dask, distributed
+    from numpy._core.multiarray import get_handler_name
+    import shmalloc.dask as shm_dask
+
+    how, method = sys.argv[1], sys.argv[2]
+    dask.config.set({"distributed.worker.multiprocessing-method": method, "distributed.scheduler.work-stealing": False})
+    options = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": 50}
+
+
+    def frame(i, rows=200_000):
+        df = pd.DataFrame({"x": np.arange(rows) * float(i), "y": np.arange(rows) % 2 == 0,
+                           "c": pd.Categorical(np.array(["a", "b"])[np.arange(rows) % 2])})
+        df.attrs["i"] = i
+        return df
+
+
+    def total(df):
+        return float(df["x"].sum())
+
+
+    def handler(array):
+        while isinstance(array.base, np.ndarray):
+            array = array.base
+        return get_handler_name(array)
+
+
+    def ours():
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_"))
+
+
+    def received(client):
+        return shm_dask.transfers()["received"]
+
+
+    report = {}
+    if how == "dropin":
+        cluster = shm_dask.LocalCluster(**options)
+        client = shm_dask.Client(cluster)
+    elif how == "by-hand":
+        cluster = distributed.LocalCluster(preload=["shmalloc.dask"], preload_nanny=["shmalloc.dask"], **options)
+        client = distributed.Client(cluster, serializers=shm_dask.SERIALIZERS, deserializers=shm_dask.SERIALIZERS,
+                                    direct_to_workers=True)
+    else:  # a client that starts its own cluster
+        cluster = None
+        client = shm_dask.Client(**options)
+    workers = sorted(client.scheduler_info()["workers"])
+
+    got = client.gather(client.map(frame, range(4), pure=False))
+    report["frames_equal"] = all(got[i].equals(frame(i)) and got[i].attrs == {"i": i} for i in range(4))
+    report["frame_handlers"] = sorted({handler(g["x"].to_numpy()) for g in got})
+    array = client.submit(np.arange, 500_000.0).result()
+    report["array"] = [handler(array), bool(array.flags.writeable), float(array[-1])]
+    report["received_after_gather"] = shm_dask.transfers()["received"]
+    report["small"] = client.submit(sum, [1, 2]).result()
+    report["received_after_small"] = shm_dask.transfers()["received"]
+
+    # worker to worker
+    made = client.submit(frame, 3, workers=[workers[0]], pure=False)
+    report["worker_to_worker"] = client.submit(total, made, workers=[workers[1]]).result()
+
+    # client to worker
+    data = client.scatter(np.ones(400_000), workers=[workers[0]], direct=True)
+    report["scattered_sum"] = client.submit(lambda a: float(a.sum()), data, workers=[workers[0]]).result()
+    report["client_sent"] = shm_dask.transfers()["sent"]
+    report["worker_counts"] = client.run(shm_dask.transfers)
+
+    del got, array, made, data
+    client.close()
+    if cluster is not None:
+        cluster.close()
+    report["left"] = ours()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("how,method", [
+    ("dropin", "spawn"), ("dropin", "forkserver"), ("dropin", "fork"), ("by-hand", "spawn"), ("own-cluster", "spawn"),
+])
+def test_a_cluster_moves_large_results_through_shared_memory_in_every_direction(how, method):
+    """Worker to client, worker to worker and client to worker go through shared memory, results exact and zero-copy; nothing left."""
+    before = _ours()
+    proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, how, method], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["frames_equal"]
+    assert report["frame_handlers"] == ["shmalloc"]
+    assert report["array"] == ["shmalloc", True, 499_999.0]
+    assert report["received_after_gather"] == 5  # 4 frames and the array
+    assert report["small"] == 3 and report["received_after_small"] == 5
+    assert report["worker_to_worker"] == float(np.arange(200_000).sum() * 3.0)
+    counts = report["worker_counts"]
+    assert sum(c["received"] for c in counts.values()) >= 2  # the frame from its peer, the scattered array
+    assert sum(c["sent"] for c in counts.values()) >= 6
+    assert report["scattered_sum"] == 400_000.0 and report["client_sent"] == 1
+    assert report["left"] == []
+    assert _ours() == before
+
+
+_LEFTOVERS_CHILD = textwrap.dedent(
+    """
+    import json, os, pickle, signal, sys, time
+    import numpy as np, dask
+    from distributed.protocol.serialize import serialize
+    import shmalloc, shmalloc.dask as shm_dask
+
+    case = sys.argv[1]
+    settings = {"shmalloc.sweep-interval": 0.2}
+    if case == "collected-while-running":
+        settings["shmalloc.leftover-age"] = 0
+    if case == "lost-message":
+        settings["shmalloc.linger"] = 0.5
+    dask.config.set(settings)
+
+
+    def exists(name):
+        return os.path.exists("/dev/shm" + name)
+
+
+    def wait_gone(name, seconds):
+        deadline = time.monotonic() + seconds
+        while exists(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not exists(name)
+
+
+    def leave_a_segment():
+        # what a worker leaves when it dies after handing an object out in a message never read
+        return shmalloc.copy2shm(np.ones(300_000)).name
+
+
+    def hand_out_for_nobody():
+        header, frames = serialize(np.ones(300_000), serializers=["shmalloc"], context={"recipient": {"address": "tcp://127.0.0.1:9"}})
+        return pickle.loads(frames[0]).name
+
+
+    report = {}
+    with shm_dask.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=50) as cluster:
+        with shm_dask.Client(cluster) as client:
+            if case == "lost-message":
+                name = client.submit(hand_out_for_nobody, pure=False).result()
+                report["gone_while_running"] = wait_gone(name, 20)
+            else:
+                name = client.submit(leave_a_segment, pure=False).result()
+                (pid,) = client.run(os.getpid).values()
+                time.sleep(0.3)  # the nanny notes its worker's pid every 50 ms
+                os.kill(pid, signal.SIGKILL)  # the worker is a child of its nanny, which runs here
+                report["exists_after_kill"] = exists(name)
+                if case == "collected-while-running":
+                    report["gone_while_running"] = wait_gone(name, 20)
+                else:
+                    time.sleep(1.0)
+                    report["kept_while_running"] = exists(name)
+                client.wait_for_workers(1, timeout=60)
+                report["restarted"] = client.submit(lambda: 1 + 1).result(timeout=60) == 2
+    report["left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_"))
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["collected-while-running", "collected-at-close", "lost-message"])
+def test_a_killed_worker_or_a_lost_message_leaves_nothing(case):
+    """A killed worker's segments are removed by its nanny (after leftover-age) or when the cluster closes; a lost message's by its sender."""
+    before = _ours()
+    proc = subprocess.run([sys.executable, "-c", _LEFTOVERS_CHILD, case], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    if case == "lost-message":
+        assert report["gone_while_running"]
+    else:
+        assert report["exists_after_kill"] and report["restarted"]
+        assert report.get("gone_while_running", True) and report.get("kept_while_running", True)
+    assert report["left"] == []
+    assert _ours() == before
