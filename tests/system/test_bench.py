@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -175,5 +176,9 @@ def test_engines_section_prints_every_engine_against_joblibs_loky():
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
     assert rows["joblib, loky backend"] == "1"
-    for engine in ("shmalloc.Pool, copy=False", "joblib, shmalloc backend, copy=False", "multiprocessing.Pool kept open"):
+    engines = ["shmalloc.Pool, copy=False", "joblib, shmalloc backend, copy=False", "multiprocessing.Pool kept open",
+               "floor: the tasks compute, return nothing (multiprocessing.Pool kept open)"]
+    if importlib.util.find_spec("distributed") is not None:
+        engines += ["Dask LocalCluster, client.gather", "shmalloc.dask LocalCluster, client.gather"]
+    for engine in engines:
         assert float(rows[engine]) > 0
