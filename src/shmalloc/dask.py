@@ -37,6 +37,7 @@ import atexit
 import functools
 import inspect
 import ipaddress
+import os
 import pickle
 import socket
 import threading
@@ -55,6 +56,7 @@ from tornado.ioloop import PeriodicCallback
 
 from ._api import allocate_from_shm, copy2shm, unlink
 from ._handle import ShmObj
+from ._posix import SHM_DIR
 from .errors import CorruptHandleError, ShmError, ShmFallbackWarning
 from .tools._cleanup import segments
 
@@ -80,6 +82,10 @@ class _Sent:
     """The names this process handed out and not yet seen consumed."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every name, with a new lock: in a forked child, the names are its parent's to remove."""
         self._lock = threading.Lock()
         self._created: dict[str, float] = {}
 
@@ -90,14 +96,18 @@ class _Sent:
     def sweep(self, linger: float) -> int:
         """Forget consumed names; remove those older than ``linger`` seconds. Return how many were removed."""
         now = time.monotonic()
+        listed = SHM_DIR.is_dir()  # where names show as files, consumed ones are forgotten at once
         with self._lock:
             names = list(self._created.items())
         removed = 0
         for name, created in names:
-            if now - created < linger:
+            young = now - created < linger
+            if young and (not listed or (SHM_DIR / name.lstrip("/")).exists()):
                 continue
             with self._lock:
                 self._created.pop(name, None)
+            if young:
+                continue
             try:
                 unlink(name)
                 removed += 1
@@ -108,6 +118,7 @@ class _Sent:
 
 _sent = _Sent()
 atexit.register(_sent.sweep, 0.0)
+os.register_at_fork(after_in_child=_sent.reset)
 
 
 class _Counts:
@@ -122,8 +133,17 @@ class _Counts:
             for key, value in increments.items():
                 self.values[key] += value
 
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+    def new_lock(self) -> None:
+        """In a forked child: the parent's lock may have been held by a thread that does not exist here."""
+        self._lock = threading.Lock()
+
 
 _counts = _Counts()
+os.register_at_fork(after_in_child=_counts.new_lock)
 
 
 def transfers() -> dict[str, int]:
@@ -138,8 +158,7 @@ def transfers() -> dict[str, int]:
         way because they could not go through shared memory (e.g. a full
         /dev/shm).
     """
-    with _counts._lock:
-        return dict(_counts.values)
+    return _counts.snapshot()
 
 
 @cache
@@ -232,6 +251,10 @@ class _Leftovers:
     """The pids of a nanny's worker processes, and the collection of what they left when they died."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every pid, with a new lock: a forked child is no nanny."""
         self._lock = threading.Lock()
         self.pids: set[int] = set()
 
@@ -259,6 +282,7 @@ class _Leftovers:
 
 
 _leftovers = _Leftovers()
+os.register_at_fork(after_in_child=_leftovers.reset)
 
 
 _LOOK_MS = 50  # how often a nanny notes its worker's pid: its worker takes longer than that to start

@@ -378,3 +378,28 @@ def test_a_killed_worker_or_a_lost_message_leaves_nothing(case):
         assert report.get("gone_while_running", True) and report.get("kept_while_running", True)
     assert report["left"] == []
     assert _ours() == before
+
+
+_FORK_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from distributed.protocol.serialize import deserialize, serialize
+    import shmalloc.dask as shm_dask
+
+    header, frames = serialize(np.arange(300_000.0), serializers=shm_dask.SERIALIZERS, context={"recipient": {"address": "tcp://127.0.0.1:1"}})
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal exit: atexit handlers run in the child
+    os.waitpid(pid, 0)
+    got = deserialize(header, frames)
+    print(json.dumps({"intact": bool(got[-1] == 299_999.0)}))
+    """
+)
+
+
+def test_a_forked_child_that_exits_does_not_remove_what_its_parent_handed_out():
+    """The sender's at-exit sweep runs in a forked child too: there it must not remove the parent's objects in flight."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"intact": True}
