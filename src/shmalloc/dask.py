@@ -1,4 +1,4 @@
-"""Dask on one host: large arrays, frames and pickle-5 buffers between its processes through shared memory.
+"""Dask on one host: large arrays and frames between its processes through shared memory.
 
 Drop-in for distributed's own classes::
 
@@ -7,20 +7,20 @@ Drop-in for distributed's own classes::
     with LocalCluster(n_workers=2) as cluster, Client(cluster) as client:
         frames = client.gather(client.map(make_frame, range(8)))
 
-A message bound for a process on this host (worker to client, client to
-worker, worker to worker) carries each large object as a
-:func:`shmalloc.copy2shm` handle instead of its bytes; the receiver maps it
-(:func:`shmalloc.allocate_from_shm` with ``copy=False``): writable arrays
-that own a private, copy-on-write mapping, no copy. The rest goes Dask's own
-way: small objects, messages bound for another host, objects that cannot be
-put into /dev/shm (full, or not picklable).
+A message between two processes of this host that carries data directly
+(a worker's results to the client, data scattered to a worker, one worker's
+results fetched by another) carries each large numpy array or pandas object
+as a :func:`shmalloc.copy2shm` handle instead of its bytes; the receiver
+maps it (:func:`shmalloc.allocate_from_shm` with ``copy=False``): writable
+arrays that own a private, copy-on-write mapping, no copy. The rest goes
+Dask's own way: small objects, other types, messages to or through the
+scheduler (it keeps or relays them, e.g. a published dataset), messages to
+another host, and objects that cannot be put into /dev/shm (full).
 
-For a cluster built by hand, load this module in every worker and nanny and
-give the client the serializers::
-
-    dask worker tcp://scheduler:8786 --preload shmalloc.dask --preload-nanny shmalloc.dask
-    client = distributed.Client(address, serializers=SERIALIZERS, deserializers=SERIALIZERS,
-                                direct_to_workers=True)
+:class:`Client` sets up every worker and nanny of the cluster it connects
+to (a worker plugin and a nanny plugin), so any cluster of this host works;
+:class:`LocalCluster` also preloads the module. The workers must be able to
+import shmalloc.
 
 What is left behind, and who removes it: a receiver removes the name as it
 maps the object. A sender keeps the names it handed out; those not consumed
@@ -49,8 +49,11 @@ from typing import Any
 
 import dask.config
 import distributed
+import numpy as np
+import pandas as pd
 from dask.sizeof import sizeof
 from distributed.comm.addressing import get_address_host, parse_address
+from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 from distributed.protocol.serialize import register_serialization_family
 from tornado.ioloop import PeriodicCallback
 
@@ -64,6 +67,8 @@ from .tools._cleanup import segments
 NAME = "shmalloc"
 #: What a client and workers serialize with: shmalloc first, Dask's own families after it.
 SERIALIZERS = (NAME, "dask", "pickle")
+#: What they accept: also Dask's message for an object that could not be serialized.
+DESERIALIZERS = (*SERIALIZERS, "error")
 #: Dask configuration keys (``dask.config.set({"shmalloc.threshold": ...})``; workers get the
 #: client's configuration from their nanny) and their defaults:
 #: ``threshold``: objects smaller than this (bytes, as ``dask.sizeof`` counts them) go Dask's own way;
@@ -88,6 +93,7 @@ class _Sent:
         """Forget every name, with a new lock: in a forked child, the names are its parent's to remove."""
         self._lock = threading.Lock()
         self._created: dict[str, float] = {}
+        self._swept = time.monotonic()
 
     def add(self, name: str) -> None:
         with self._lock:
@@ -114,6 +120,16 @@ class _Sent:
             except ShmError:
                 pass  # consumed: the receiver removed the name
         return removed
+
+
+    def sweep_if_due(self) -> None:
+        """Sweep with the configured linger time, if the last sweep is a ``sweep-interval`` ago."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept < setting("sweep-interval"):
+                return
+            self._swept = now
+        self.sweep(setting("linger"))
 
 
 _sent = _Sent()
@@ -207,10 +223,45 @@ def _recipient(context: dict | None) -> str | None:
     return recipient if isinstance(recipient, str) else None
 
 
+def _fits(x: Any) -> bool:
+    """Whether ``x`` is an object this path takes: a numpy array or pandas object a receiver can rebuild.
+
+    Objects of other types, and arrays or columns of Python objects, go Dask's own way: their pickles
+    may name classes of ``__main__`` that only cloudpickle sends. Non-contiguous arrays do too: they
+    may be broadcast views, whose logical size is far above what ``dask.sizeof`` counts.
+    """
+    if isinstance(x, np.ndarray):
+        return _from_library(x) and not x.dtype.hasobject and (x.flags.c_contiguous or x.flags.f_contiguous)
+    if isinstance(x, pd.DataFrame):
+        return _from_library(x) and all(map(_no_objects, x.dtypes)) and _plain_index(x.columns) and _plain_index(x.index)
+    if isinstance(x, pd.Series):
+        return _from_library(x) and _no_objects(x.dtype) and _plain_index(x.index)
+    if isinstance(x, pd.Index):
+        return _from_library(x) and _plain_index(x)
+    return False
+
+
+def _no_objects(dtype: Any) -> bool:
+    if isinstance(dtype, pd.CategoricalDtype):
+        return _no_objects(dtype.categories.dtype)
+    return not (isinstance(dtype, np.dtype) and dtype.hasobject)
+
+
+def _plain_index(index: pd.Index) -> bool:
+    if isinstance(index, pd.MultiIndex):
+        return all(_no_objects(level.dtype) for level in index.levels)
+    return _no_objects(index.dtype)
+
+
+def _from_library(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] in ("numpy", "pandas")
+
+
 def _dumps(x: Any, context: dict | None = None) -> tuple[dict, list[bytes]]:
     """Put ``x`` into shared memory if it is large and bound for this host; else defer to the next family."""
-    if sizeof(x) < setting("threshold") or not same_host(_recipient(context)):
+    if not _fits(x) or sizeof(x) < setting("threshold") or not same_host(_recipient(context)):
         raise NotImplementedError
+    _sent.sweep_if_due()
     try:
         handle = copy2shm(x, copy=False)
     except ShmError as exc:
@@ -218,8 +269,8 @@ def _dumps(x: Any, context: dict | None = None) -> tuple[dict, list[bytes]]:
         warnings.warn(f"shmalloc: a {type(x).__name__} goes Dask's own way, not through shared memory: {exc}",
                       ShmFallbackWarning, stacklevel=2)
         raise NotImplementedError from exc
-    except (TypeError, ValueError, AttributeError, pickle.PicklingError) as exc:
-        raise NotImplementedError from exc  # not something shmalloc can hold: Dask's families decide
+    except Exception as exc:  # e.g. MemoryError: Dask's own families decide (copy2shm leaves nothing)
+        raise NotImplementedError from exc
     _sent.add(handle.name)
     _counts.add(sent=1, sent_bytes=handle.size)
     return {}, [pickle.dumps(handle, protocol=pickle.HIGHEST_PROTOCOL)]
@@ -257,11 +308,21 @@ class _Leftovers:
         """Forget every pid, with a new lock: a forked child is no nanny."""
         self._lock = threading.Lock()
         self.pids: set[int] = set()
+        self._collected = 0.0
 
     def note(self, pid: int | None) -> None:
         if pid:
             with self._lock:
                 self.pids.add(pid)
+
+    def collect_if_due(self, older_than: float) -> None:
+        """Collect, unless another nanny of this process did less than a ``sweep-interval`` ago."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._collected < setting("sweep-interval") / 2:
+                return
+            self._collected = now
+        self.collect(older_than)
 
     def collect(self, older_than: float) -> int:
         """Remove the segments of dead workers at least ``older_than`` seconds old; return how many."""
@@ -289,18 +350,27 @@ _LOOK_MS = 50  # how often a nanny notes its worker's pid: its worker takes long
 
 
 def dask_setup(server: Any) -> None:
-    """Dask's preload hook: a worker serializes with :data:`SERIALIZERS` and removes its lost objects;
-    a nanny notes its workers' pids and collects what they left when they died."""
+    """Set up a worker or a nanny (Dask's preload hook; the plugins of :class:`Client` call it too).
+
+    A worker fetches its peers' data with :data:`SERIALIZERS` and removes
+    what it handed out and nobody consumed; a nanny notes its workers' pids
+    and removes what they left when they died. A second call does nothing.
+    """
+    if "shmalloc-sweep" in server.periodic_callbacks:
+        return
     if isinstance(server, distributed.Nanny):
         callbacks = {
             "shmalloc-workers": (lambda: _leftovers.note(server.pid), _LOOK_MS),
-            "shmalloc-leftovers": (lambda: _leftovers.collect(setting("leftover-age")), setting("sweep-interval") * 1000),
+            "shmalloc-sweep": (lambda: _leftovers.collect_if_due(setting("leftover-age")), setting("sweep-interval") * 1000),
         }
-    else:
+    elif isinstance(server, distributed.Worker):
         # Worker to worker: the worker asks its peers for data with these, and they answer with them.
+        # (Its rpc to the scheduler was made before, with Dask's own: the scheduler keeps what it gets.)
         server.rpc.serializers = list(SERIALIZERS)
-        server.rpc.deserializers = list(SERIALIZERS)
-        callbacks = {"shmalloc-lost": (lambda: _sent.sweep(setting("linger")), setting("sweep-interval") * 1000)}
+        server.rpc.deserializers = list(DESERIALIZERS)
+        callbacks = {"shmalloc-sweep": (_sent.sweep_if_due, setting("sweep-interval") * 1000)}
+    else:
+        return  # a scheduler: it needs the family registered (importing this module) and nothing more
     for name, (call, milliseconds) in callbacks.items():
         callback = PeriodicCallback(functools.partial(_discard_result, call), milliseconds)
         callback.start()
@@ -311,13 +381,23 @@ def _discard_result(call: Callable[[], object]) -> None:
     call()
 
 
-def dask_teardown(server: Any) -> None:
-    """Dask's preload hook at close: a worker removes what it handed out and nobody consumed.
+class _WorkerSetup(WorkerPlugin):
+    """Runs :func:`dask_setup` on every worker, present and future."""
 
-    (A worker process ends without running ``atexit`` handlers.)
-    """
-    if not isinstance(server, distributed.Nanny):
-        _sent.sweep(0.0)
+    name = "shmalloc-worker"
+
+    def setup(self, worker: Any) -> None:
+        dask_setup(worker)
+
+
+class _NannySetup(NannyPlugin):
+    """Runs :func:`dask_setup` on every nanny, present and future (without restarting its worker)."""
+
+    name = "shmalloc-nanny"
+    restart = False
+
+    def setup(self, nanny: Any) -> None:
+        dask_setup(nanny)
 
 
 # --- drop-in cluster and client ---------------------------------------------------------------------------
@@ -333,7 +413,9 @@ class LocalCluster(distributed.LocalCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["preload"] = _with_this_module(kwargs.get("preload"))
-        if kwargs.get("processes", True):
+        worker_class = kwargs.get("worker_class")
+        nannies = kwargs.get("processes") is not False if worker_class is None else issubclass(worker_class, distributed.Nanny)
+        if nannies:
             kwargs["preload_nanny"] = _with_this_module(kwargs.get("preload_nanny"))
         super().__init__(*args, **kwargs)
 
@@ -344,6 +426,10 @@ class LocalCluster(distributed.LocalCluster):
             return _then_collect(result)
         _leftovers.collect(0.0)
         return result
+
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
+        _leftovers.collect(0.0)
 
 
 async def _then_collect(closing: Any) -> Any:
@@ -358,25 +444,39 @@ def _with_this_module(preload: Any) -> list[str]:
 
 
 class Client(distributed.Client):
-    """:class:`distributed.Client` that sends and receives large objects through shared memory.
+    """:class:`distributed.Client` whose direct transfers with workers of this host go through shared memory.
 
-    Takes the arguments of :class:`distributed.Client`; ``serializers`` and
-    ``deserializers`` default to :data:`SERIALIZERS` and
-    ``direct_to_workers`` to True (results come from the workers, not through
-    the scheduler, so each goes through shared memory only if the worker is
-    on this host). Without an address it starts a :class:`LocalCluster` of
-    its own, closed with it.
+    Takes the arguments of :class:`distributed.Client`, with
+    ``direct_to_workers`` True by default: results come from the workers
+    themselves (through the scheduler they would go Dask's own way). It sets
+    up every worker and nanny of the cluster (plugins named
+    ``"shmalloc-worker"`` and ``"shmalloc-nanny"``). Without an address it
+    starts a :class:`LocalCluster` of its own, closed with it (not with
+    ``asynchronous=True``: pass a cluster then).
     """
 
     def __init__(self, address: Any = None, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("serializers", list(SERIALIZERS))
-        kwargs.setdefault("deserializers", list(SERIALIZERS))
         kwargs.setdefault("direct_to_workers", True)
         self._own_cluster: LocalCluster | None = None
         if address is None and "scheduler_file" not in kwargs:
+            if kwargs.get("asynchronous"):
+                raise ValueError("shmalloc.dask.Client(asynchronous=True) needs a cluster or an address")
             cluster_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in _CLIENT_ARGUMENTS}
             self._own_cluster = address = LocalCluster(**cluster_kwargs)
         super().__init__(address, *args, **kwargs)
+        if not self.asynchronous:
+            self.set_up_workers()
+
+    def set_up_workers(self) -> Any:
+        """Set up the cluster's workers and nannies and start using shared memory (done at start unless
+        ``asynchronous``: then await this once the client has started)."""
+        registered = [self.register_plugin(_WorkerSetup()), self.register_plugin(_NannySetup())]
+        # Only now: the rpc to the scheduler was made with Dask's own families, and keeps them.
+        self.rpc.serializers = list(SERIALIZERS)
+        self.rpc.deserializers = list(DESERIALIZERS)
+        if self.asynchronous:
+            return _gather_all(registered)
+        return None
 
     def close(self, *args: Any, **kwargs: Any) -> Any:
         """Close the client (see :meth:`distributed.Client.close`) and the cluster it started."""
@@ -385,6 +485,11 @@ class Client(distributed.Client):
             self._own_cluster.close()
             self._own_cluster = None
         return result
+
+
+async def _gather_all(awaitables: list) -> None:
+    for awaitable in awaitables:
+        await awaitable
 
 
 _CLIENT_ARGUMENTS = frozenset(inspect.signature(distributed.Client.__init__).parameters)

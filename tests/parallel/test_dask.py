@@ -95,14 +95,32 @@ def test_an_array_comes_back_writable_and_owned_by_shmalloc():
     assert got.flags.writeable and _handler(got) == "shmalloc"
 
 
-def test_a_pickle5_object_with_large_buffers_goes_through_shared_memory():
-    """Any picklable object: a dict of arrays goes as one handle and comes back equal."""
-    value = {"a": np.arange(300_000.0), "b": [np.ones(10), "text"]}
-    header, frames = serialize(value, serializers=shm_dask.SERIALIZERS, context=LOCAL, iterate_collection=False)
+class _Frame(pd.DataFrame):
+    """A subclass of another module: a receiver may not be able to import it."""
+
+
+@pytest.mark.parametrize("value", [
+    {"a": np.arange(300_000.0)},
+    np.array([object()] * 300_000),
+    pd.DataFrame({"o": [object()] * 300_000}),
+    np.broadcast_to(np.arange(300_000.0)[:, None], (300_000, 200)),
+    np.arange(600_000.0)[::2],
+    _Frame({"x": np.arange(300_000.0)}),
+], ids=["dict", "object-array", "object-column", "broadcast", "strided", "foreign-subclass"])
+def test_objects_the_receiver_might_not_rebuild_or_that_would_grow_go_dasks_own_way(value):
+    """Other types, Python objects (their pickles may name classes only cloudpickle sends), non-contiguous views (a broadcast view's copy is far larger than sizeof says) and subclasses from other modules: no segment."""
+    header, _ = serialize(value, serializers=shm_dask.SERIALIZERS, context=LOCAL, iterate_collection=False)
+    assert header["serializer"] != "shmalloc"
+    assert not _ours()
+
+
+def test_a_frame_with_a_multiindex_and_strings_goes_through_shared_memory():
+    rows = 100_000
+    frame = pd.DataFrame({"s": pd.array([f"s{i % 7}" for i in range(rows)], dtype="string"), "x": np.arange(rows) * 1.5},
+                         index=pd.MultiIndex.from_arrays([np.arange(rows) % 3, np.arange(rows)]))
+    header, frames = serialize(frame, serializers=shm_dask.SERIALIZERS, context=LOCAL)
     assert header["serializer"] == "shmalloc"
-    got = deserialize(header, frames)
-    np.testing.assert_array_equal(got["a"], value["a"])
-    assert got["b"][1] == "text"
+    pd.testing.assert_frame_equal(deserialize(header, frames), frame)
 
 
 @pytest.mark.parametrize("context", [REMOTE, None, {"recipient": {}}, {"recipient": "not an address"}], ids=["remote", "none", "no-address", "garbage"])
@@ -241,10 +259,9 @@ _CLUSTER_CHILD = textwrap.dedent(
     if how == "dropin":
         cluster = shm_dask.LocalCluster(**options)
         client = shm_dask.Client(cluster)
-    elif how == "by-hand":
-        cluster = distributed.LocalCluster(preload=["shmalloc.dask"], preload_nanny=["shmalloc.dask"], **options)
-        client = distributed.Client(cluster, serializers=shm_dask.SERIALIZERS, deserializers=shm_dask.SERIALIZERS,
-                                    direct_to_workers=True)
+    elif how == "plain-cluster":  # distributed's own cluster: the client's plugins set its workers up
+        cluster = distributed.LocalCluster(**options)
+        client = shm_dask.Client(cluster)
     else:  # a client that starts its own cluster
         cluster = None
         client = shm_dask.Client(**options)
@@ -269,6 +286,14 @@ _CLUSTER_CHILD = textwrap.dedent(
     report["client_sent"] = shm_dask.transfers()["sent"]
     report["worker_counts"] = client.run(shm_dask.transfers)
 
+    # through the scheduler, which keeps or relays: Dask's own way, readable again and again
+    big = np.arange(300_000.0)
+    client.publish_dataset(big=big)
+    report["dataset_twice"] = [float(client.get_dataset("big")[-1]) for _ in range(2)]
+    report["run"] = sorted(float(a[-1]) for a in client.run(np.arange, 300_000.0).values())
+    report["indirect"] = float(client.gather(client.submit(np.arange, 300_000.0, pure=False), direct=False)[-1])
+    report["received_in_the_end"] = shm_dask.transfers()["received"]
+
     del got, array, made, data
     client.close()
     if cluster is not None:
@@ -280,7 +305,7 @@ _CLUSTER_CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("how,method", [
-    ("dropin", "spawn"), ("dropin", "forkserver"), ("dropin", "fork"), ("by-hand", "spawn"), ("own-cluster", "spawn"),
+    ("dropin", "spawn"), ("dropin", "forkserver"), ("dropin", "fork"), ("plain-cluster", "spawn"), ("own-cluster", "spawn"),
 ])
 def test_a_cluster_moves_large_results_through_shared_memory_in_every_direction(how, method):
     """Worker to client, worker to worker and client to worker go through shared memory, results exact and zero-copy; nothing left."""
@@ -298,6 +323,9 @@ def test_a_cluster_moves_large_results_through_shared_memory_in_every_direction(
     assert sum(c["received"] for c in counts.values()) >= 2  # the frame from its peer, the scattered array
     assert sum(c["sent"] for c in counts.values()) >= 6
     assert report["scattered_sum"] == 400_000.0 and report["client_sent"] == 1
+    assert report["dataset_twice"] == [299_999.0, 299_999.0]
+    assert report["run"] == [299_999.0, 299_999.0] and report["indirect"] == 299_999.0
+    assert report["received_in_the_end"] == 5  # none of those three went through shared memory
     assert report["left"] == []
     assert _ours() == before
 
@@ -403,3 +431,76 @@ def test_a_forked_child_that_exits_does_not_remove_what_its_parent_handed_out():
     proc = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"intact": True}
+
+
+_ASYNC_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, os, signal
+    import numpy as np
+    import shmalloc, shmalloc.dask as shm_dask
+
+
+    def leave_a_segment():
+        return shmalloc.copy2shm(np.ones(300_000)).name
+
+
+    async def main():
+        report = {}
+        options = {"n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": 50}
+        async with shm_dask.LocalCluster(asynchronous=True, **options) as cluster:
+            async with shm_dask.Client(cluster, asynchronous=True) as client:
+                await client.set_up_workers()
+                got = await client.gather(client.map(np.arange, [300_000.0, 400_000.0], pure=False))
+                report["got"] = [float(a[-1]) for a in got]
+                report["received"] = shm_dask.transfers()["received"]
+                name = await client.submit(leave_a_segment, pure=False)
+                (pid,) = (await client.run(os.getpid)).values()
+                await asyncio.sleep(0.3)
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(0.5)
+                report["left_while_running"] = os.path.exists("/dev/shm" + name)
+        report["left"] = os.path.exists("/dev/shm" + name)
+        try:
+            shm_dask.Client(asynchronous=True)
+        except ValueError as exc:
+            report["own_cluster_refused"] = str(exc)
+        return report
+
+
+    print(json.dumps(asyncio.run(main())))
+    """
+)
+
+
+def test_asynchronous_cluster_and_client_move_results_and_leave_nothing():
+    """async with LocalCluster / Client: results through shared memory; a killed worker's segment removed when the cluster exits."""
+    before = _ours()
+    proc = subprocess.run([sys.executable, "-c", _ASYNC_CHILD], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["got"] == [299_999.0, 399_999.0] and report["received"] == 2
+    assert report["left_while_running"] and not report["left"]
+    assert "needs a cluster or an address" in report["own_cluster_refused"]
+    assert _ours() == before
+
+
+_WORKER_CLASS_CHILD = textwrap.dedent(
+    """
+    import json, distributed, numpy as np
+    import shmalloc.dask as shm_dask
+
+    report = {}
+    for label, options in {"worker-class": {"worker_class": distributed.Worker}, "threads": {"processes": False}}.items():
+        with shm_dask.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=50, **options) as cluster:
+            with shm_dask.Client(cluster) as client:
+                report[label] = float(client.submit(np.arange, 300_000.0).result()[-1])
+    print(json.dumps(report))
+    """
+)
+
+
+def test_clusters_without_nannies_work():
+    """worker_class=distributed.Worker and processes=False: no nanny to preload into, results still right."""
+    proc = subprocess.run([sys.executable, "-c", _WORKER_CLASS_CHILD], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"worker-class": 299_999.0, "threads": 299_999.0}
