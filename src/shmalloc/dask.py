@@ -452,13 +452,14 @@ class Client(distributed.Client):
     up every worker and nanny of the cluster (plugins named
     ``"shmalloc-worker"`` and ``"shmalloc-nanny"``). Without an address it
     starts a :class:`LocalCluster` of its own, closed with it (not with
-    ``asynchronous=True``: pass a cluster then).
+    ``asynchronous=True``: pass a cluster then), unless Dask's configuration
+    names one (``scheduler-address``).
     """
 
     def __init__(self, address: Any = None, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("direct_to_workers", True)
         self._own_cluster: LocalCluster | None = None
-        if address is None and "scheduler_file" not in kwargs:
+        if address is None and "scheduler_file" not in kwargs and not dask.config.get("scheduler-address", None):
             if kwargs.get("asynchronous"):
                 raise ValueError("shmalloc.dask.Client(asynchronous=True) needs a cluster or an address")
             cluster_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in _CLIENT_ARGUMENTS}
