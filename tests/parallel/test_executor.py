@@ -28,19 +28,24 @@ def slow_big(i: int) -> np.ndarray:
     return np.full(50_000, i)
 
 
-def die_on_zero(i: int) -> int:
+def die_on_zero(i: int, gate: str | None = None) -> int:
+    """Item 0 kills its worker: once the file ``gate`` exists, if given (all tasks submitted by then)."""
     if i == 0:
+        deadline = time.monotonic() + 60
+        while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.05)
     return i
 
 
-def test_cancelling_tasks_of_a_breaking_pool_leaves_no_worker():
+def test_cancelling_tasks_of_a_breaking_pool_leaves_no_worker(tmp_path):
     """Cancelling the other futures when the first one fails with BrokenProcessPool (what Executor.map
     does, from another thread; here from the failing future's callback, while the pool is failing its
     pending tasks) cancels them, and the pool's other worker still ends."""
     pool = shmalloc.ProcessPoolExecutor(2)
-    futures = [pool.submit(die_on_zero, i) for i in range(12)]
+    gate = str(tmp_path / "all-submitted")  # item 0 dies only then: a broken pool refuses further submits
+    futures = [pool.submit(die_on_zero, i, gate) for i in range(12)]
 
     def cancel_the_rest(done: cf.Future) -> None:
         if isinstance(done.exception(), BrokenProcessPool):
@@ -49,6 +54,7 @@ def test_cancelling_tasks_of_a_breaking_pool_leaves_no_worker():
 
     for future in futures:
         future.add_done_callback(cancel_the_rest)
+    open(gate, "w").close()
     cf.wait(futures, timeout=60)
     pool.shutdown(wait=True)
     assert all(future.done() for future in futures)
@@ -73,12 +79,14 @@ def test_uncollected_and_cancelled_results_leave_nothing():
     assert all(f.done() for f in futures)
 
 
-def test_a_task_cancelled_before_its_pool_breaks_leaves_no_worker():
+def test_a_task_cancelled_before_its_pool_breaks_leaves_no_worker(tmp_path):
     """A task cancelled while queued, then a worker that dies: every future ends (Python 3.11's pool would
     lose its manager thread to the cancelled task, and the rest would wait for ever)."""
     pool = shmalloc.ProcessPoolExecutor(1)
-    futures = [pool.submit(die_on_zero, i) for i in range(6)]
+    gate = str(tmp_path / "cancelled")
+    futures = [pool.submit(die_on_zero, i, gate) for i in range(6)]
     assert futures[4].cancel()
+    open(gate, "w").close()
     cf.wait(futures, timeout=60)
     pool.shutdown(wait=True)
     left = wait_for_no_workers()
