@@ -121,7 +121,6 @@ class _Sent:
                 pass  # consumed: the receiver removed the name
         return removed
 
-
     def sweep_if_due(self) -> None:
         """Sweep with the configured linger time, if the last sweep is a ``sweep-interval`` ago."""
         now = time.monotonic()
@@ -226,18 +225,32 @@ def _recipient(context: dict | None) -> str | None:
 def _fits(x: Any) -> bool:
     """Whether ``x`` is an object this path takes: a numpy array or pandas object a receiver can rebuild.
 
-    Objects of other types, and arrays or columns of Python objects, go Dask's own way: their pickles
-    may name classes of ``__main__`` that only cloudpickle sends. Non-contiguous arrays do too: they
+    Objects of other types, arrays or columns of Python objects, and names or ``attrs`` holding
+    anything but builtin values go Dask's own way: their pickles may name classes of ``__main__``
+    that only cloudpickle sends. Non-contiguous arrays do too: they
     may be broadcast views, whose logical size is far above what ``dask.sizeof`` counts.
     """
     if isinstance(x, np.ndarray):
         return _from_library(x) and not x.dtype.hasobject and (x.flags.c_contiguous or x.flags.f_contiguous)
+    if not (_from_library(x) and _plain_value(x.attrs)):
+        return False
     if isinstance(x, pd.DataFrame):
-        return _from_library(x) and all(map(_no_objects, x.dtypes)) and _plain_index(x.columns) and _plain_index(x.index)
+        return all(map(_no_objects, x.dtypes)) and _plain_index(x.columns) and _plain_index(x.index)
     if isinstance(x, pd.Series):
-        return _from_library(x) and _no_objects(x.dtype) and _plain_index(x.index)
+        return _no_objects(x.dtype) and _plain_value(x.name) and _plain_index(x.index)
     if isinstance(x, pd.Index):
-        return _from_library(x) and _plain_index(x)
+        return _plain_index(x)
+    return False
+
+
+def _plain_value(value: Any) -> bool:
+    """Whether ``value`` (a label, the attrs) is made of builtin scalars and containers, which any receiver unpickles."""
+    if value is None or isinstance(value, (str, bytes, int, float, complex, np.generic)):
+        return type(value).__module__ in ("builtins", "numpy")
+    if isinstance(value, dict):
+        return type(value) is dict and all(_plain_value(k) and _plain_value(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value) in (list, tuple) and all(map(_plain_value, value))
     return False
 
 
@@ -248,6 +261,8 @@ def _no_objects(dtype: Any) -> bool:
 
 
 def _plain_index(index: pd.Index) -> bool:
+    if not _plain_value(list(index.names)):
+        return False
     if isinstance(index, pd.MultiIndex):
         return all(_no_objects(level.dtype) for level in index.levels)
     return _no_objects(index.dtype)

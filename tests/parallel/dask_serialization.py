@@ -84,6 +84,15 @@ class _Frame(pd.DataFrame):
     """A subclass of another module: a receiver may not be able to import it."""
 
 
+class _Label:
+    """A class of another module, as a label or in attrs."""
+
+
+def _with_attrs(frame: pd.DataFrame, **attrs: object) -> pd.DataFrame:
+    frame.attrs.update(attrs)
+    return frame
+
+
 @pytest.mark.parametrize("value", [
     {"a": np.arange(300_000.0)},
     np.array([object()] * 300_000),
@@ -91,7 +100,10 @@ class _Frame(pd.DataFrame):
     np.broadcast_to(np.arange(300_000.0)[:, None], (300_000, 200)),
     np.arange(600_000.0)[::2],
     _Frame({"x": np.arange(300_000.0)}),
-], ids=["dict", "object-array", "object-column", "broadcast", "strided", "foreign-subclass"])
+    _with_attrs(pd.DataFrame({"x": np.arange(300_000.0)}), unit=_Label()),
+    pd.Series(np.arange(300_000.0), name=_Label()),
+    pd.DataFrame({"x": np.arange(300_000.0)}, index=pd.RangeIndex(300_000, name=_Label())),
+], ids=["dict", "object-array", "object-column", "broadcast", "strided", "foreign-subclass", "foreign-attrs", "foreign-name", "foreign-index-name"])
 def test_objects_the_receiver_might_not_rebuild_or_that_would_grow_go_dasks_own_way(value):
     """Other types, Python objects (their pickles may name classes only cloudpickle sends), non-contiguous views (a broadcast view's copy is far larger than sizeof says) and subclasses from other modules: no segment."""
     header, _ = serialize(value, serializers=shm_dask.SERIALIZERS, context=LOCAL, iterate_collection=False)
