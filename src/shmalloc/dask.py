@@ -24,8 +24,9 @@ import shmalloc.
 
 What is left behind, and who removes it: a receiver removes the name as it
 maps the object. A sender keeps the names it handed out; those not consumed
-after ``linger`` seconds (the message was lost) are removed by it, and the
-rest when it exits. A worker that is killed cannot do that: its nanny
+after ``linger`` seconds (the message was lost) are removed by it, and a
+client removes the rest when it exits. A worker that ended or was killed
+cannot (a worker process exits without running ``atexit``): its nanny
 removes what it left (that pid, dead) after ``leftover-age`` seconds, and
 :class:`LocalCluster` removes the rest when it closes; ``shmalloc gc``
 collects any other orphan. The settings are Dask configuration keys, see
