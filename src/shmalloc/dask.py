@@ -25,9 +25,9 @@ import shmalloc.
 What is left behind, and who removes it: a receiver removes the name as it
 maps the object. A sender keeps the names it handed out; those not consumed
 after ``linger`` seconds (the message was lost) are removed by it, and a
-client removes the rest when it exits. A worker that ended or was killed
-cannot (a worker process exits without running ``atexit``): its nanny
-removes what it left (that pid, dead) after ``leftover-age`` seconds, and
+process removes the rest when it exits or, for a worker, closes. A worker
+that was killed cannot: its nanny removes what it left (that pid, dead)
+after ``leftover-age`` seconds, and
 :class:`LocalCluster` removes the rest when it closes; ``shmalloc gc``
 collects any other orphan. The settings are Dask configuration keys, see
 :data:`DEFAULTS`.
@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from dask.sizeof import sizeof
 from distributed.comm.addressing import get_address_host, parse_address
+from distributed.core import Status
 from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
 from distributed.protocol.serialize import register_serialization_family
 from tornado.ioloop import PeriodicCallback
@@ -397,6 +398,18 @@ def _discard_result(call: Callable[[], object]) -> None:
     call()
 
 
+def dask_teardown(server: Any) -> None:
+    """At a worker's close (Dask's preload hook; the worker plugin calls it too): remove what it handed out and
+    nobody consumed, if it runs in a process of its own (it has a nanny; a forked one ends without ``atexit``).
+
+    Only while the worker closes: a plugin is also torn down when a client registers it again, and the
+    worker's objects then in flight must stay.
+    """
+    closing = getattr(server, "status", None) in (Status.closing, Status.closing_gracefully)
+    if isinstance(server, distributed.Worker) and server.nanny and closing:
+        _sent.sweep(0.0)
+
+
 class _WorkerSetup(WorkerPlugin):
     """Runs :func:`dask_setup` on every worker, present and future."""
 
@@ -404,6 +417,9 @@ class _WorkerSetup(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         dask_setup(worker)
+
+    def teardown(self, worker: Any) -> None:
+        dask_teardown(worker)
 
 
 class _NannySetup(NannyPlugin):

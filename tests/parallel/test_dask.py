@@ -386,3 +386,34 @@ def test_a_client_without_an_address_joins_the_configured_scheduler():
     proc = subprocess.run([sys.executable, "-c", _CONFIGURED_ADDRESS_CHILD], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"same": True}
+
+
+_CLOSE_CHILD = textwrap.dedent(
+    """
+    import json, os, pickle, dask, distributed, numpy as np
+    from distributed.protocol.serialize import serialize
+    import shmalloc.dask as shm_dask
+
+
+    def hand_out_for_nobody():
+        header, frames = serialize(np.ones(300_000), serializers=["shmalloc"], context={"recipient": {"address": "tcp://127.0.0.1:9"}})
+        return pickle.loads(frames[0]).name
+
+
+    # forked workers end without atexit, and distributed's own cluster collects nothing when it closes
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=50) as cluster:
+        with shm_dask.Client(cluster) as client:
+            name = client.submit(hand_out_for_nobody, pure=False).result()
+            with shm_dask.Client(cluster):  # registers the plugins again: the worker's objects must stay
+                running = os.path.exists("/dev/shm" + name)
+    print(json.dumps({"while_running": running, "after_close": os.path.exists("/dev/shm" + name)}))
+    """
+)
+
+
+def test_a_worker_that_closes_removes_what_nobody_consumed():
+    """A worker's handed-out objects whose messages were lost stay while a second client sets the worker up again, and are removed when it closes, also where no atexit runs."""
+    proc = subprocess.run([sys.executable, "-c", _CLOSE_CHILD], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"while_running": True, "after_close": False}
