@@ -504,12 +504,21 @@ class Client(distributed.Client):
         """Set up the cluster's workers and nannies and start using shared memory (done at start unless
         ``asynchronous``: then await this once the client has started)."""
         registered = [self.register_plugin(_WorkerSetup()), self.register_plugin(_NannySetup())]
-        # Only now: the rpc to the scheduler was made with Dask's own families, and keeps them.
+        if self.asynchronous:
+            return self._use_shared_memory_after(registered)
+        self._use_shared_memory()
+        return None
+
+    async def _use_shared_memory_after(self, registrations: list) -> None:
+        for registration in registrations:
+            await registration
+        self._use_shared_memory()
+
+    def _use_shared_memory(self) -> None:
+        # Only once the workers know the family. The rpc to the scheduler was made at start, with Dask's
+        # own families, and keeps them.
         self.rpc.serializers = list(SERIALIZERS)
         self.rpc.deserializers = list(DESERIALIZERS)
-        if self.asynchronous:
-            return _gather_all(registered)
-        return None
 
     def close(self, *args: Any, **kwargs: Any) -> Any:
         """Close the client (see :meth:`distributed.Client.close`) and the cluster it started."""
@@ -518,11 +527,6 @@ class Client(distributed.Client):
             self._own_cluster.close()
             self._own_cluster = None
         return result
-
-
-async def _gather_all(awaitables: list) -> None:
-    for awaitable in awaitables:
-        await awaitable
 
 
 _CLIENT_ARGUMENTS = frozenset(inspect.signature(distributed.Client.__init__).parameters)
