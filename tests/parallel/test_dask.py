@@ -29,7 +29,6 @@ def _ours() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("shmalloc_")}
 
 
-
 def test_serialization_in_a_process_of_its_own():
     """The serialization family's tests (dask_serialization.py) pass, run by pytest in a process that may import distributed."""
     here = Path(__file__).parent
@@ -83,7 +82,7 @@ def test_a_full_dev_shm_falls_back_to_dasks_own_way_with_a_warning_and_leaves_no
 
 _CLUSTER_CHILD = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys
     import numpy as np, pandas as pd, dask, distributed
     from numpy._core.multiarray import get_handler_name
     import shmalloc.dask as shm_dask
@@ -112,10 +111,6 @@ _CLUSTER_CHILD = textwrap.dedent(
 
     def ours():
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_"))
-
-
-    def received(client):
-        return shm_dask.transfers()["received"]
 
 
     report = {}
