@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .. import _names
@@ -296,7 +295,7 @@ class Call:
         )
         worker.closing = task.last  # it exits once answered: nothing more may go to it
         try:
-            data = ForkingPickler.dumps(task)  # as Connection.send pickles
+            data = _protocol.pickled(task)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(f"item {chunk[0]}..{chunk[-1]} could not be pickled to its worker: {exc}") from exc
         message = ChunkMessage(data, fds, len(chunk))

@@ -122,9 +122,16 @@ class Header:
     said: _relay.Events = ()
 
 
-def _dumps(obj: Any) -> bytes:
-    # ForkingPickler, as Connection.send uses: it knows multiprocessing's own types.
-    return bytes(ForkingPickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+def pickled(obj: Any) -> bytes:
+    """``obj`` pickled with ForkingPickler, as ``Connection.send`` does (it knows multiprocessing's own types).
+
+    As bytes, not as ``ForkingPickler.dumps``' memoryview of a BytesIO: a view kept in a reference cycle
+    makes the collector fail to clear that BytesIO (Python 3.13 reports "Existing exports of data").
+    ``getvalue`` hands over the buffer without a copy.
+    """
+    buffer = io.BytesIO()
+    ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 def answer(
@@ -140,17 +147,17 @@ def answer(
     on the returned handover (if any) once the message is sent.
     """
     handover = _ownership.Handover()
-    early = None if on_flush is None else (lambda said: on_flush(_dumps((SAID, index, (), said))))
+    early = None if on_flush is None else (lambda said: on_flush(pickled((SAID, index, (), said))))
     run, said = _relay.capture(produce, early)
     try:
         with handover:
             value = run()
-            body = _dumps(value)
+            body = pickled(value)
         header = (OK, index, tuple(handover.names), said())
     except BaseException as exc:  # report everything; the parent decides
-        body = _dumps(describe(exc))
-        return _dumps((ERROR, index, (), said())) + body, None  # the worker keeps what it made
-    return _dumps(header) + body, handover
+        body = pickled(describe(exc))
+        return pickled((ERROR, index, (), said())) + body, None  # the worker keeps what it made
+    return pickled(header) + body, handover
 
 
 def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes | None:
@@ -158,7 +165,7 @@ def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes 
     try:
         initializer(*args)
     except BaseException as exc:
-        return _dumps((ERROR, INITIALIZER, (), ())) + _dumps(describe(exc))
+        return pickled((ERROR, INITIALIZER, (), ())) + pickled(describe(exc))
     return None
 
 
@@ -189,7 +196,7 @@ def describe(exc: BaseException) -> tuple[bytes | None, str, str]:
     payload = None
     if isinstance(exc, Exception):
         try:
-            payload = _dumps(exc)
+            payload = pickled(exc)
         except BaseException:
             payload = None
     return payload, message, text
@@ -209,7 +216,7 @@ def read_payload(stream: io.BytesIO) -> Any:
 
 def unmapped() -> bytes:
     """In a Pool worker: the reply to a task that only asked it to unmap released spares."""
-    return _dumps((UNMAPPED, -1, (), ()))
+    return pickled((UNMAPPED, -1, (), ()))
 
 
 def read_unmapped(data: bytes) -> bool:
