@@ -29,6 +29,13 @@ def _ours() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith("shmalloc_")}
 
 
+def _report(script: str, *args: str, timeout: float = 240) -> dict:
+    """Run ``script`` in a child Python; return the JSON it printed last (its exit must be clean)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def test_serialization_in_a_process_of_its_own():
     """The serialization family's tests (dask_serialization.py) pass, run by pytest in a process that may import distributed."""
     here = Path(__file__).parent
@@ -168,9 +175,7 @@ _CLUSTER_CHILD = textwrap.dedent(
 def test_a_cluster_moves_large_results_through_shared_memory_in_every_direction(how, method):
     """Worker to client, worker to worker and client to worker go through shared memory, results exact and zero-copy; nothing left."""
     before = _ours()
-    proc = subprocess.run([sys.executable, "-c", _CLUSTER_CHILD, how, method], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = _report(_CLUSTER_CHILD, how, method)
     assert report["frames_equal"]
     assert report["frame_handlers"] == ["shmalloc"]
     assert report["array"] == ["shmalloc", True, 499_999.0]
@@ -254,9 +259,7 @@ _LEFTOVERS_CHILD = textwrap.dedent(
 def test_a_killed_worker_or_a_lost_message_leaves_nothing(case):
     """A killed worker's segments are removed by its nanny (after leftover-age) or when the cluster closes; a lost message's by its sender."""
     before = _ours()
-    proc = subprocess.run([sys.executable, "-c", _LEFTOVERS_CHILD, case], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = _report(_LEFTOVERS_CHILD, case)
     if case == "lost-message":
         assert report["gone_while_running"]
     else:
@@ -286,9 +289,7 @@ _FORK_CHILD = textwrap.dedent(
 
 def test_a_forked_child_that_exits_does_not_remove_what_its_parent_handed_out():
     """The sender's at-exit sweep runs in a forked child too: there it must not remove the parent's objects in flight."""
-    proc = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"intact": True}
+    assert _report(_FORK_CHILD, timeout=120) == {"intact": True}
 
 
 _ASYNC_CHILD = textwrap.dedent(
@@ -333,9 +334,7 @@ _ASYNC_CHILD = textwrap.dedent(
 def test_asynchronous_cluster_and_client_move_results_and_leave_nothing():
     """async with LocalCluster / Client: results through shared memory; a killed worker's segment removed when the cluster exits."""
     before = _ours()
-    proc = subprocess.run([sys.executable, "-c", _ASYNC_CHILD], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.splitlines()[-1])
+    report = _report(_ASYNC_CHILD)
     assert report["got"] == [299_999.0, 399_999.0] and report["received"] == 2
     assert report["left_while_running"] and not report["left"]
     assert "needs a cluster or an address" in report["own_cluster_refused"]
@@ -359,9 +358,7 @@ _WORKER_CLASS_CHILD = textwrap.dedent(
 
 def test_clusters_without_nannies_work():
     """worker_class=distributed.Worker and processes=False: no nanny to preload into, results still right."""
-    proc = subprocess.run([sys.executable, "-c", _WORKER_CLASS_CHILD], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"worker-class": 299_999.0, "threads": 299_999.0}
+    assert _report(_WORKER_CLASS_CHILD) == {"worker-class": 299_999.0, "threads": 299_999.0}
 
 
 _CONFIGURED_ADDRESS_CHILD = textwrap.dedent(
@@ -378,9 +375,7 @@ _CONFIGURED_ADDRESS_CHILD = textwrap.dedent(
 
 def test_a_client_without_an_address_joins_the_configured_scheduler():
     """Client() with Dask's scheduler-address set connects there, as distributed's does, instead of starting a cluster."""
-    proc = subprocess.run([sys.executable, "-c", _CONFIGURED_ADDRESS_CHILD], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"same": True}
+    assert _report(_CONFIGURED_ADDRESS_CHILD) == {"same": True}
 
 
 _CLOSE_CHILD = textwrap.dedent(
@@ -409,6 +404,4 @@ _CLOSE_CHILD = textwrap.dedent(
 
 def test_a_worker_that_closes_removes_what_nobody_consumed():
     """A worker's handed-out objects whose messages were lost stay while a second client sets the worker up again, and are removed when it closes, also where no atexit runs."""
-    proc = subprocess.run([sys.executable, "-c", _CLOSE_CHILD], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"while_running": True, "after_close": False}
+    assert _report(_CLOSE_CHILD) == {"while_running": True, "after_close": False}
