@@ -1,19 +1,31 @@
-"""Benchmark of shmalloc.map: 2 forked workers each return a data frame (bettermc's README benchmark).
+"""Benchmark of shmalloc.map and Pool: 2 forked workers each return a data frame (bettermc's README benchmark).
 
-The frame has N rows of x float64, y bool, z int32 (13 bytes a row) and is
-made in the parent before the workers fork, so every method measures only
-the return of the results. All methods run interleaved, repetition by
-repetition, in one process; medians are reported.
+The input frame has N rows of x float64, y bool, z int32 (13 bytes a row)
+and is made in the parent before the workers fork. Two workloads:
+
+- "inherited": each worker returns the input as it is, so every method
+  measures only the return of the results (bettermc's benchmark);
+- "computed": each worker returns a new frame computed from the input
+  (``workloads.computed_frame``), as real tasks do: the result is born in
+  the worker, and its pages are new.
+
+Ray runs in this process, warm: started once for the section, the input
+``ray.put`` once per size, its tasks take that reference. Every method runs
+once untimed (that round checks the results), then all run interleaved,
+repetition by repetition, in one process; medians are reported.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import os
+import signal
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor as StdExecutor
 from multiprocessing import resource_tracker
+from typing import Any
 
 import pandas as pd
 
@@ -22,12 +34,30 @@ import shmalloc
 from . import median_time, peers, print_table, workloads
 
 WORKERS = 2
+RAY = "Ray object store (warm), zero-copy"
+STDLIB = "stdlib SharedMemory by hand, copied out"
+FLOOR = "floor: the workers compute, return nothing (shmalloc.Pool)"
+Item = tuple[str, int]  # (workload, the task's number)
 _frame: pd.DataFrame | None = None  # inherited by the forked workers
 
 
-def _return_frame(_: int) -> pd.DataFrame:
+def result_of(frame: pd.DataFrame, workload: str, number: int) -> pd.DataFrame:
+    """What task ``number`` of ``workload`` returns, given the input ``frame``."""
+    return frame if workload == "inherited" else workloads.computed_frame(frame, number)
+
+
+def _task(item: Item) -> pd.DataFrame:
     assert _frame is not None  # set before the workers fork
-    return _frame
+    return result_of(_frame, *item)
+
+
+def _compute_only(item: Item) -> None:
+    """The floor: the task's work, with nothing returned."""
+    _task(item)
+
+
+def _items(workload: str) -> list[Item]:
+    return [(workload, number) for number in range(WORKERS)]
 
 
 def _fork() -> multiprocessing.context.BaseContext:
@@ -37,110 +67,102 @@ def _fork() -> multiprocessing.context.BaseContext:
 # --- the methods: each returns the list of the workers' frames ------------------------------
 
 
-def shmalloc_map(copy: bool) -> Callable[[], list]:
-    return lambda: shmalloc.map(_return_frame, range(WORKERS), processes=WORKERS, start_method="fork", copy=copy)
+# Made in measure(), after the frame: the workers inherit it. One per copy mode, and one for the floor (a call
+# that returns nothing would leave the others' spares cold: the last call's bytes bound them).
+_pools: dict[bool | str, "shmalloc.Pool"] = {}
 
 
-_pools: dict[bool, "shmalloc.Pool"] = {}  # made in measure(), after the frame: the workers inherit it
+def _send_stdlib(item: Item) -> peers.StdlibAnswer:
+    return peers.send_stdlib(_task(item))
 
 
-def shmalloc_pool(copy: bool) -> Callable[[], list]:
-    """A persistent shmalloc.Pool (one per copy mode), warm after the first call."""
-    return lambda: _pools[copy].map(_return_frame, range(WORKERS), copy=copy)
+def _send_shared_array(item: Item) -> list[tuple[str, str]]:
+    return peers.send_shared_array(_task(item))
 
 
-def mp_pool() -> list:
-    with _fork().Pool(WORKERS) as pool:
-        return pool.map(_return_frame, range(WORKERS))
+def _methods(workload: str, ray: Any, frame_ref: Any) -> dict[str, Callable[[], list]]:
+    """The methods for ``workload``; Ray's if ``ray`` (the module, started) is given, with the input's ref."""
+    items = _items(workload)
 
+    def shmalloc_map(copy: bool) -> Callable[[], list]:
+        return lambda: shmalloc.map(_task, items, processes=WORKERS, start_method="fork", copy=copy)
 
-def cf_executor() -> list:
-    with StdExecutor(WORKERS, mp_context=_fork()) as pool:
-        return list(pool.map(_return_frame, range(WORKERS)))
+    def shmalloc_pool(copy: bool) -> Callable[[], list]:
+        # A persistent shmalloc.Pool (one per copy mode), warm after the first call.
+        return lambda: _pools[copy].map(_task, items, copy=copy)
 
+    def mp_pool() -> list:
+        with _fork().Pool(WORKERS) as pool:
+            return pool.map(_task, items)
 
-def _send_stdlib(_: int) -> peers.StdlibAnswer:
-    return peers.send_stdlib(_return_frame(0))
+    def cf_executor() -> list:
+        with StdExecutor(WORKERS, mp_context=_fork()) as pool:
+            return list(pool.map(_task, items))
 
+    def stdlib_shared_memory() -> list:
+        # By hand with multiprocessing.shared_memory; columns copied out (zero-copy would crash on close).
+        with _fork().Pool(WORKERS) as pool:
+            answers = pool.map(_send_stdlib, items)
+        return [peers.receive_stdlib(answer) for answer in answers]
 
-def stdlib_shared_memory() -> list:
-    """By hand with multiprocessing.shared_memory; columns copied out (zero-copy would crash on close)."""
-    with _fork().Pool(WORKERS) as pool:
-        answers = pool.map(_send_stdlib, range(WORKERS))
-    return [peers.receive_stdlib(answer) for answer in answers]
+    def shared_array() -> list:
+        # SharedArray by hand: workers create and fill arrays, the parent attaches them (zero-copy).
+        with _fork().Pool(WORKERS) as pool:
+            answers = pool.map(_send_shared_array, items)
+        return [peers.receive_shared_array(answer) for answer in answers]
 
-
-def _send_shared_array(_: int) -> list[tuple[str, str]]:
-    return peers.send_shared_array(_return_frame(0))
-
-
-def shared_array() -> list:
-    """SharedArray by hand: workers create and fill arrays, the parent attaches them (zero-copy)."""
-    with _fork().Pool(WORKERS) as pool:
-        answers = pool.map(_send_shared_array, range(WORKERS))
-    return [peers.receive_shared_array(answer) for answer in answers]
-
-
-def ray_store(rows: int, repeat: int) -> float | None:
-    """Ray's object store: the frame is put once, tasks return it (zero-copy, read-only).
-
-    Measured in a child process after the others: forking a process that runs
-    Ray's threads is unsafe, and Ray's signal handlers would reach the workers.
-    """
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return None
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_ray_child, (rows, repeat))
-
-
-def _ray_child(rows: int, repeat: int) -> float:
-    import ray
-
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        frame = workloads.frame(rows)
-        ref = ray.put(frame)
-
-        @ray.remote
-        def give(frame):
-            return frame
-
-        def method() -> list:
-            return ray.get([give.remote(ref) for _ in range(WORKERS)])
-
-        got = method()
-        assert len(got) == WORKERS and got[0]["z"].equals(frame["z"])
-        del got
-        return statistics.median(median_time(method, 1) for _ in range(repeat))
-    finally:
-        ray.shutdown()
-
-
-def _methods() -> dict[str, Callable[[], list]]:
     methods = {
+        FLOOR: lambda: _pools[FLOOR].map(_compute_only, items),
         "shmalloc.map, copy=False": shmalloc_map(False),
         "shmalloc.map, copy=True": shmalloc_map(True),
         "shmalloc.Pool (persistent, warm), copy=False": shmalloc_pool(False),
         "shmalloc.Pool (persistent, warm), copy=True": shmalloc_pool(True),
         "multiprocessing.Pool": mp_pool,
         "concurrent.futures": cf_executor,
-        "stdlib SharedMemory by hand, copied out": stdlib_shared_memory,
+        STDLIB: stdlib_shared_memory,
     }
     if peers.SharedArray is not None:
         methods["SharedArray by hand, zero-copy"] = shared_array
+    if ray is not None:
+        remote = ray.remote(result_of)
+        methods[RAY] = lambda: ray.get([remote.remote(frame_ref, workload, number) for number in range(WORKERS)])
     return methods
 
 
-def _check(frames: list) -> None:
+_ray_started = False
+
+
+def _no_ray_sigterm_in_child() -> None:
+    # Ray's SIGTERM handlers (its native one and a Python one) must not reach the forked workers:
+    # pools terminate theirs with SIGTERM, and Ray's handler would print a stack trace there.
+    if _ray_started:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_ray() -> Any:
+    """Ray, started in this process for the section; None where it is not installed."""
+    global _ray_started
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not _ray_started:
+        os.register_at_fork(after_in_child=_no_ray_sigterm_in_child)
+    _ray_started = True
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    return ray
+
+
+def _check(frames: list, workload: str) -> None:
     assert _frame is not None and len(frames) == WORKERS
-    for frame in frames:
-        pd.testing.assert_frame_equal(frame, _frame, check_column_type=False, check_index_type=False)
+    if all(frame is None for frame in frames):  # the floor
+        return
+    for number, frame in enumerate(frames):
+        expected = result_of(_frame, workload, number)
+        pd.testing.assert_frame_equal(frame, expected, check_column_type=False, check_index_type=False)
 
 
-PEAKS: dict[tuple[int, str], float] = {}  # (rows, method) -> parent's peak extra memory / results' size
+PEAKS: dict[tuple[str, int, str], float] = {}  # (workload, rows, method) -> parent's peak extra memory / results' size
 
 
 def _status_kb(field: str) -> int:
@@ -172,17 +194,21 @@ def peak_extra(method: Callable[[], list]) -> float:
     return (peak - before) * 1024.0
 
 
-def measure(rows: int, repeat: int) -> dict[str, float]:
-    """Median seconds of each method for a frame of ``rows`` rows, interleaved."""
+def measure(rows: int, workload: str, repeat: int, ray: Any = None) -> dict[str, float]:
+    """Median seconds of each method for ``workload`` on a frame of ``rows`` rows, interleaved.
+
+    ``ray``: the module, started (:func:`start_ray`), to measure it too.
+    """
     global _frame
     _frame = workloads.frame(rows)
     resource_tracker.ensure_running()  # the workers' SharedMemory blocks register with the parent's tracker
-    for copy in (False, True):
-        _pools[copy] = shmalloc.Pool(WORKERS, start_method="fork")
+    for key in (False, True, FLOOR):
+        _pools[key] = shmalloc.Pool(WORKERS, start_method="fork")
+    frame_ref = ray.put(_frame) if ray is not None else None
     try:
-        methods = _methods()
+        methods = _methods(workload, ray, frame_ref)
         for method in methods.values():  # warm up, and check every method returns the frames
-            _check(method())
+            _check(method(), workload)
             gc.collect()
         times: dict[str, list[float]] = {label: [] for label in methods}
         for _ in range(repeat):
@@ -194,56 +220,77 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+        del frame_ref  # Ray frees the input once its last reference is gone
         peers.remove_leftovers(os.getpid())  # what a failed peer left
     result_bytes = int(_frame.memory_usage(index=False).sum()) * WORKERS
     _frame = None
-    medians = {label: statistics.median(t) for label, t in times.items()}
     for label, peak in peaks.items():
-        PEAKS[(rows, label)] = peak / result_bytes
-    ray = ray_store(rows, repeat)
-    if ray is not None:
-        medians["Ray object store, zero-copy (measured after the others)"] = ray
-    return medians
+        PEAKS[(workload, rows, label)] = peak / result_bytes
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def stop_ray(ray: Any) -> None:
+    """Shut down the Ray that :func:`start_ray` started."""
+    global _ray_started
+    ray.shutdown()
+    _ray_started = False
+
+
+# (workload, ratio, ours, theirs, goal): the goals of issues 4, 6 and 14
+GOALS = [
+    ("inherited", "{ours} copy=False / Ray", "{ours}, copy=False", RAY, "<= 0.8 (then 0.5); Pool <= 0.6"),
+    ("inherited", "{ours} copy=False / multiprocessing.Pool", "{ours}, copy=False", "multiprocessing.Pool", "<= 1/40 (0.025)"),
+    ("inherited", "{ours} copy=True / stdlib SharedMemory by hand", "{ours}, copy=True", STDLIB, "<= 0.4"),
+    ("computed", "{ours} copy=False / Ray", "{ours}, copy=False", RAY, "Pool <= 0.4"),
+    ("computed", "{ours} copy=True / Ray", "{ours}, copy=True", RAY, "Pool <= 1.0"),
+]
 
 
 def run(quick: bool = False, repeat: int = 5) -> None:
-    """Print the benchmark table (and the goals of issues 4 and 6) for 1e7 and 3e7 rows; small sizes if quick."""
+    """Print the tables of both workloads (and the goals) for 1e7 and 3e7 rows; small sizes if quick."""
     sizes = workloads.MAP_ROWS.pick(quick)
     repeat = min(repeat, 2) if quick else repeat
-    results = {rows: measure(rows, repeat) for rows in sizes}
-    labels = list(results[sizes[0]])
-    header = ["method"] + [f"{rows:.0e} rows: s" for rows in sizes] + [f"{rows:.0e}: x Pool" for rows in sizes]
-    rows_out = []
-    for label in labels:
-        rows_out.append(
+    ray = start_ray()
+    try:
+        results = {
+            workload: {rows: measure(rows, workload, repeat, ray) for rows in sizes} for workload in workloads.MAP_WORKLOADS
+        }
+    finally:
+        if ray is not None:
+            stop_ray(ray)
+    what = {
+        "inherited": "return the frame they inherited",
+        "computed": "return a new frame computed from the one they inherited",
+    }
+    for workload, by_rows in results.items():
+        labels = list(by_rows[sizes[0]])
+        header = ["method"] + [f"{rows:.0e} rows: s" for rows in sizes] + [f"{rows:.0e}: x Pool" for rows in sizes]
+        rows_out = [
             [label]
-            + [results[rows][label] for rows in sizes]
-            + [results[rows][label] / results[rows]["multiprocessing.Pool"] for rows in sizes]
-        )
-    print_table(
-        f"map: {WORKERS} forked workers each return a data frame ({workloads.FRAME_COLUMNS}), median of {repeat}",
-        header,
-        rows_out,
-    )
-    print()
-    ray = "Ray object store, zero-copy (measured after the others)"
-    stdlib = "stdlib SharedMemory by hand, copied out"
-    goals = []
-    for ours in ("shmalloc.map", "shmalloc.Pool (persistent, warm)"):
-        goals += [
-            (f"{ours} copy=False / Ray", f"{ours}, copy=False", ray, "<= 0.8 (then 0.5)"),
-            (f"{ours} copy=False / multiprocessing.Pool", f"{ours}, copy=False", "multiprocessing.Pool", "<= 1/40 (0.025)"),
-            (f"{ours} copy=True / {stdlib}", f"{ours}, copy=True", stdlib, "<= 0.4"),
+            + [by_rows[rows][label] for rows in sizes]
+            + [by_rows[rows][label] / by_rows[rows]["multiprocessing.Pool"] for rows in sizes]
+            for label in labels
         ]
+        print_table(
+            f"map, {workload}: {WORKERS} forked workers {what[workload]} ({workloads.FRAME_COLUMNS}), median of {repeat}",
+            header,
+            rows_out,
+        )
+        print()
     goal_rows = []
-    for title, ours, theirs, target in goals:
-        if theirs in results[sizes[0]]:
-            goal_rows.append([title, target] + [results[rows][ours] / results[rows][theirs] for rows in sizes])
+    for workload, ratio, ours_pattern, theirs, target in GOALS:
+        for ours in ("shmalloc.map", "shmalloc.Pool (persistent, warm)"):
+            by_rows = results[workload]
+            label = ours_pattern.format(ours=ours)
+            if theirs in by_rows[sizes[0]]:
+                title = f"{workload}: {ratio.format(ours=ours)}"
+                goal_rows.append([title, target] + [by_rows[rows][label] / by_rows[rows][theirs] for rows in sizes])
     print_table("map: goals (time ratios)", ["ratio", "goal"] + [f"{rows:.0e} rows" for rows in sizes], goal_rows)
     print()
     peak_rows = [
-        [label] + [PEAKS.get((rows, label), float("nan")) for rows in sizes]
-        for label in labels
+        [f"{workload}: {label}"] + [PEAKS.get((workload, rows, label), float("nan")) for rows in sizes]
+        for workload in results
+        for label in results[workload][sizes[0]]
         if label.startswith("shmalloc")
     ]
     print_table(

@@ -39,6 +39,9 @@ CORE_ZERO_COPY_BYTES = Sizes(full=(1 << 20, 100 << 20, 1 << 30), quick=(1 << 20,
 SMALL_ROWS = 10**4
 #: pandas: rows of the frames pickled and moved through shared memory.
 PANDAS_ROWS = Sizes(full=(30_000_000,), quick=(1_000_000,))
+#: map: what each worker returns: the frame it inherited as it is (bettermc's benchmark), or a new one
+#: computed from it (:func:`computed_frame`).
+MAP_WORKLOADS = ("inherited", "computed")
 #: map: rows of the frame each of the workers returns.
 MAP_ROWS = Sizes(full=(10**7, 3 * 10**7), quick=(10**5, 3 * 10**5))
 #: results: rows of each result, and how many tasks return one (fewer for the large ones, to keep the run short).
@@ -75,6 +78,11 @@ def frame(rows: int, rng: np.random.Generator | None = None) -> pd.DataFrame:
 def task_frame(number: int, rows: int) -> pd.DataFrame:
     """The frame task ``number`` computes and returns in the results benchmark: its own data, ``rows`` rows."""
     return frame(rows, np.random.default_rng([SEED, number]))
+
+
+def computed_frame(source: pd.DataFrame, number: int) -> pd.DataFrame:
+    """The new frame task ``number`` computes from ``source`` (a frame of :func:`frame`): x * (number + 1), not y, z + number."""
+    return pd.DataFrame({"x": source["x"] * (number + 1), "y": ~source["y"], "z": source["z"] + np.int32(number)})
 
 
 def pandas_frames(rows: int) -> dict[str, pd.DataFrame]:
