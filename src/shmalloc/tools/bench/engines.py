@@ -23,21 +23,12 @@ import pandas as pd
 import shmalloc
 
 from . import interleaved_medians, print_table, workloads
+from .workloads import compute_task, compute_task_only
 
 WORKERS = 2
 START_METHOD = "forkserver"  # the pools kept open run threads: workers come from the fork server
 BASELINE = "joblib, loky backend"
 FLOOR = "floor: the tasks compute, return nothing (multiprocessing.Pool kept open)"
-
-
-def compute(task: tuple[int, int]) -> pd.DataFrame:
-    """A task ``(number, rows)``: its new frame."""
-    return workloads.task_frame(*task)
-
-
-def compute_only(task: tuple[int, int]) -> None:
-    """The floor: the task's computation, with nothing returned."""
-    workloads.task_frame(*task)
 
 
 def _joblib_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list]]:
@@ -56,7 +47,7 @@ def _joblib_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], l
     def run(backend: str, **options: Any) -> Callable[[list], list]:
         def call(tasks: list) -> list:
             with joblib.parallel_config(backend=backend, n_jobs=WORKERS, **options):
-                return joblib.Parallel()(joblib.delayed(compute)(task) for task in tasks)
+                return joblib.Parallel()(joblib.delayed(compute_task)(task) for task in tasks)
 
         return call
 
@@ -78,7 +69,7 @@ def _dask_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], lis
         options = {"n_workers": WORKERS, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
         cluster = stack.enter_context(cluster_class(**options))
         client = stack.enter_context(client_class(cluster))
-        return lambda tasks: client.gather(client.map(compute, tasks, pure=False))
+        return lambda tasks: client.gather(client.map(compute_task, tasks, pure=False))
 
     return {
         "Dask LocalCluster, client.gather": gather_with(LocalCluster, Client),
@@ -93,7 +84,7 @@ def _ray_methods(stack: contextlib.ExitStack) -> dict[str, Callable[[list], list
         return {}
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)
-    remote = ray.remote(compute)
+    remote = ray.remote(compute_task)
     return {"Ray (warm store), ray.get": lambda tasks: ray.get([remote.remote(task) for task in tasks])}
 
 
@@ -103,11 +94,11 @@ def _engines() -> Iterator[dict[str, Callable[[list], list]]]:
         pool = stack.enter_context(shmalloc.Pool(WORKERS, start_method=START_METHOD))
         mp_pool = stack.enter_context(multiprocessing.get_context(START_METHOD).Pool(WORKERS))
         methods = {
-            "shmalloc.Pool, copy=False": lambda tasks: pool.map(compute, tasks, copy=False, chunksize=1),
-            "shmalloc.Pool, copy=True": lambda tasks: pool.map(compute, tasks, copy=True, chunksize=1),
+            "shmalloc.Pool, copy=False": lambda tasks: pool.map(compute_task, tasks, copy=False, chunksize=1),
+            "shmalloc.Pool, copy=True": lambda tasks: pool.map(compute_task, tasks, copy=True, chunksize=1),
             **_joblib_methods(stack),
-            "multiprocessing.Pool kept open": lambda tasks: mp_pool.map(compute, tasks, chunksize=1),
-            FLOOR: lambda tasks: mp_pool.map(compute_only, tasks, chunksize=1),
+            "multiprocessing.Pool kept open": lambda tasks: mp_pool.map(compute_task, tasks, chunksize=1),
+            FLOOR: lambda tasks: mp_pool.map(compute_task_only, tasks, chunksize=1),
             **_dask_methods(stack),
             **_ray_methods(stack),
         }
@@ -117,7 +108,7 @@ def _engines() -> Iterator[dict[str, Callable[[list], list]]]:
 def measure(rows: int, repeat: int) -> dict[str, float]:
     """Median seconds of each engine, interleaved; each is started and used once before timing."""
     tasks = [(number, rows) for number in range(workloads.ENGINES_TASKS)]
-    expected = compute(tasks[-1])
+    expected = compute_task(tasks[-1])
     with _engines() as methods:
         for label, method in methods.items():  # warm up, and check that every engine returns the frames
             got = method(tasks)

@@ -23,6 +23,7 @@ import shmalloc
 from shmalloc.parallel._options import pick_chunksize
 
 from . import interleaved_medians, print_table, workloads
+from .workloads import compute_task, compute_task_only
 
 WORKERS = 2
 # The pools kept open run threads (multiprocessing.Pool's handlers, the executors' managers): every
@@ -30,16 +31,6 @@ WORKERS = 2
 START_METHOD = "forkserver"
 BASELINE = "multiprocessing.Pool"
 FLOOR = "floor: the tasks compute, return nothing (multiprocessing.Pool)"
-
-
-def compute(task: tuple[int, int]) -> pd.DataFrame:
-    """A task ``(number, rows)``: its new frame."""
-    return workloads.task_frame(*task)
-
-
-def compute_only(task: tuple[int, int]) -> None:
-    """The floor: the task's computation, with nothing returned."""
-    workloads.task_frame(*task)
 
 
 def _std_chunksize(tasks: int) -> int:
@@ -50,25 +41,25 @@ def _std_chunksize(tasks: int) -> int:
 
 def _methods(pools: dict[str, Any]) -> dict[str, Callable[[list], list]]:
     return {
-        "shmalloc.Pool, copy=False": lambda tasks: pools["pool"].map(compute, tasks, copy=False),
-        "shmalloc.Pool, copy=True": lambda tasks: pools["pool"].map(compute, tasks, copy=True),
+        "shmalloc.Pool, copy=False": lambda tasks: pools["pool"].map(compute_task, tasks, copy=False),
+        "shmalloc.Pool, copy=True": lambda tasks: pools["pool"].map(compute_task, tasks, copy=True),
         "shmalloc.ProcessPoolExecutor, copy=False": lambda tasks: list(
-            pools["executor"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))
+            pools["executor"].map(compute_task, tasks, chunksize=_std_chunksize(len(tasks)))
         ),
         "shmalloc.map (starts its workers), copy=False": lambda tasks: shmalloc.map(
-            compute, tasks, processes=WORKERS, start_method=START_METHOD, copy=False
+            compute_task, tasks, processes=WORKERS, start_method=START_METHOD, copy=False
         ),
-        BASELINE: lambda tasks: pools["mp"].map(compute, tasks),
+        BASELINE: lambda tasks: pools["mp"].map(compute_task, tasks),
         f"{BASELINE} (started per call)": _mp_pool_per_call,
-        "concurrent.futures": lambda tasks: list(pools["cf"].map(compute, tasks, chunksize=_std_chunksize(len(tasks)))),
-        FLOOR: lambda tasks: pools["mp"].map(compute_only, tasks),
+        "concurrent.futures": lambda tasks: list(pools["cf"].map(compute_task, tasks, chunksize=_std_chunksize(len(tasks)))),
+        FLOOR: lambda tasks: pools["mp"].map(compute_task_only, tasks),
     }
 
 
 def _mp_pool_per_call(tasks: list) -> list:
     """shmalloc.map's peer: a multiprocessing.Pool started for the call."""
     with multiprocessing.get_context(START_METHOD).Pool(WORKERS) as pool:
-        return pool.map(compute, tasks)
+        return pool.map(compute_task, tasks)
 
 
 def _start_pools() -> dict[str, Any]:
@@ -97,7 +88,7 @@ def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, f
         found: dict[int, dict[str, float]] = {}
         for rows, count in tasks_by_rows.items():
             tasks = [(number, rows) for number in range(count)]
-            expected = [compute(task) for task in tasks[:2]]
+            expected = [compute_task(task) for task in tasks[:2]]
             for label, method in methods.items():  # warm up, and check that every method returns the frames
                 got = method(tasks)
                 if label == FLOOR:

@@ -80,9 +80,20 @@ def task_frame(number: int, rows: int) -> pd.DataFrame:
     return frame(rows, np.random.default_rng([SEED, number]))
 
 
+def compute_task(task: tuple[int, int]) -> pd.DataFrame:
+    """A task ``(number, rows)`` of the results and engines benchmarks: its new frame (:func:`task_frame`)."""
+    return task_frame(*task)
+
+
+def compute_task_only(task: tuple[int, int]) -> None:
+    """The floor of the results and engines benchmarks: the task's computation, with nothing returned."""
+    task_frame(*task)
+
+
 def computed_frame(source: pd.DataFrame, number: int) -> pd.DataFrame:
     """The new frame task ``number`` computes from ``source`` (a frame of :func:`frame`): x * (number + 1), not y, z + number."""
-    return pd.DataFrame({"x": source["x"] * (number + 1), "y": ~source["y"], "z": source["z"] + np.int32(number)})
+    x, y, z = (source[column].to_numpy() for column in ("x", "y", "z"))
+    return pd.DataFrame({"x": x * (number + 1), "y": ~y, "z": z + np.int32(number)})
 
 
 def pandas_frames(rows: int) -> dict[str, pd.DataFrame]:
