@@ -12,7 +12,8 @@ e.g. after joblib's registry was reset)::
 joblib's loky backend pickles every result through a pipe; here each batch
 of results is one :func:`shmalloc.copy2shm` segment, consumed by this
 process (``copy=True``, the default: into regular memory; ``copy=False``:
-arrays that own private mappings of it, no copy). The workers are those of a
+arrays that own private mappings of it, no copy), and written into the warm
+pages of a consumed one where there is one. The workers are those of a
 :class:`shmalloc.ProcessPoolExecutor`, kept across ``Parallel`` calls of the
 same number of jobs and options, as loky keeps its executor, until
 :func:`shutdown` or the end of the process. Functions travel by

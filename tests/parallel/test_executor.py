@@ -181,3 +181,101 @@ def test_is_a_concurrent_futures_executor():
         assert isinstance(pool, cf.Executor)
         done, _ = cf.wait([pool.submit(abs, -1)])
         assert done.pop().result() == 1
+
+
+def full(i: int) -> np.ndarray:
+    return np.full(1 << 20, i, dtype=np.float64)  # 8 MB: shared memory, not the pipe
+
+
+def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_large_results_are_written_into_the_objects_of_consumed_ones(start_method):
+    """A consumed result's object becomes a spare, and the next large result is written into it (its pages
+    are warm) by whichever worker runs the task: the same object each time, every result right."""
+    import multiprocessing
+
+    with shmalloc.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(start_method)) as pool:
+        np.testing.assert_array_equal(pool.submit(full, 1).result(), full(1))
+        assert len(pool._spares.free) == 1
+        sid = pool._spares.free[0].sid  # the same spare holds its descriptor, so the same object, throughout
+        for i in range(2, 6):
+            np.testing.assert_array_equal(pool.submit(full, i).result(), full(i))
+            assert [spare.sid for spare in pool._spares.free] == [sid]
+        assert pool.submit(abs, -3).result() == 3  # a small result leaves the spare as it was
+        assert [spare.sid for spare in pool._spares.free] == [sid]
+    assert pool._spares.closed and not pool._spares.free
+
+
+def test_a_zero_copy_result_keeps_its_object_until_its_arrays_are_freed():
+    """copy=False: a result's arrays map its object, which no later result is written into while they live;
+    once they are freed it becomes a spare again."""
+    import gc
+
+    with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
+        first = pool.submit(full, 1).result()
+        assert len(pool._spares.lent) == 1 and not pool._spares.free
+        others = [pool.submit(full, i).result() for i in range(2, 5)]
+        np.testing.assert_array_equal(first, full(1))
+        for i, other in enumerate(others, start=2):
+            np.testing.assert_array_equal(other, full(i))
+        first[:] = -1  # private: no later result sees it
+        lent = len(pool._spares.lent)
+        del first, others, other
+        gc.collect()
+        _wait_for(lambda: not pool._spares.lent and pool._spares.free, "freed results' objects did not come back")
+        assert lent == 4
+        np.testing.assert_array_equal(pool.submit(full, 7).result(), full(7))
+
+
+def test_a_worker_that_cannot_open_the_spare_writes_under_the_name(monkeypatch, tmp_path):
+    """Where /proc/<parent>/fd cannot be opened (hidden /proc), a large result goes under the task's name,
+    right, and nothing is left under a name."""
+    import multiprocessing
+
+    from shmalloc.parallel import _executor
+
+    refused = tmp_path / "refused"
+
+    def cannot_open(path: str | None) -> int:
+        if path is not None:
+            with open(refused, "a") as log:
+                log.write(path + "\n")
+        return -1
+
+    monkeypatch.setattr(_executor, "_open_spare", cannot_open)  # the forked workers inherit it
+    with shmalloc.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        for i in range(3):
+            np.testing.assert_array_equal(pool.submit(full, i).result(), full(i))
+        assert not pool._names
+    # The tasks after the first were given a spare (the first result's object, then others): all refused.
+    assert len(refused.read_text().splitlines()) == 2
+
+
+def test_the_spare_of_a_task_whose_worker_died_is_never_reused():
+    """A spare handed to a task whose worker was killed (a broken pool) is released, not kept: a worker
+    of the broken pool might still write into it."""
+    with shmalloc.ProcessPoolExecutor(1) as pool:
+        pool.submit(full, 1).result()
+        (spare,) = pool._spares.free
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(die_on_zero, 0).result()
+        _wait_for(lambda: not pool._spares.handed, "the dead task's spare was not given up")
+        assert spare not in pool._spares.free and not pool._spares.free
+
+
+def test_spare_limit_zero_keeps_no_spare_and_a_bad_one_is_refused():
+    """spare_limit=0: every large result gets a new object; a spare_limit that is no share or byte count is refused."""
+    with shmalloc.ProcessPoolExecutor(1, spare_limit=0) as pool:
+        for i in range(3):
+            np.testing.assert_array_equal(pool.submit(full, i).result(), full(i))
+            assert not pool._spares.free
+    with pytest.raises(ValueError, match="spare_limit"):
+        shmalloc.ProcessPoolExecutor(spare_limit=1.5)
+    with pytest.raises(TypeError, match="spare_limit"):
+        shmalloc.ProcessPoolExecutor(spare_limit="all")

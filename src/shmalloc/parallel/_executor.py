@@ -7,6 +7,15 @@ worker and consumed here as soon as the task is done, whether or not anybody
 asks for the result. Names left unconsumed (failed or cancelled tasks, a
 worker killed while writing) are unlinked then, and once more at shutdown,
 after the workers are gone.
+
+As in :class:`shmalloc.Pool`, consumed objects are kept as spares
+(:mod:`._spares`): a task also gets a free spare if there is one, and the
+worker writes a large result into it, onto pages that are already there (a
+fresh object's pages cost about five times the write). The standard pool's
+queues carry no descriptors, so the worker opens the spare through
+``/proc/<this pid>/fd/<n>``; where it cannot, the name serves. A spare handed
+to a task whose pool broke is released, never reused: a worker of that pool
+may still be writing into it.
 """
 from __future__ import annotations
 
@@ -18,6 +27,8 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -28,21 +39,41 @@ from ..errors import ShmFallbackWarning
 from . import _protocol, _relay, _serial
 from ._failures import rebuild_error, remote_error, warning_error
 from ._options import PIPE_LIMIT, check_copy, check_count
-from ._protocol import Shipped, discard, receive, ship
+from ._protocol import Shipped, check_answered_name, discard, ship, ship_into
+from ._recycling import Kept, read_result
+from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
+
+
+def _nothing_to_unmap() -> None:
+    """The workers keep no mapping of a spare."""
+
+
+def _close_spares(spares: Spares) -> None:
+    """Release every spare (lent ones stay mapped by their results' arrays); later ones are released as
+    they come back. Safe in a finalizer: waits for nothing if this thread holds the spares' lock."""
+
+    def close() -> None:
+        with spares.held():
+            spares.close()
+
+    spares.when_free(close)
 # In a worker: the handover of the last answer, completed at the next task (by then the
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
 _unsent: _ownership.Handover | None = None
 
 
-def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict) -> bytes:
+def _call_and_ship(
+    fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict, spare: str | None = None
+) -> bytes:
     """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._protocol`).
 
     The answer is pickled here, so that rebuilding it happens in
     :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
     broken pool) and fn's exceptions are described safely. ``receiver``:
-    the parent's pid.
+    the parent's pid. ``spare``: the path of a spare to write a large
+    result into (its pages are warm), else it goes under ``name``.
     """
     global _unsent
     if signal.getsignal(signal.SIGTERM) is not _ownership.unlink_owned_and_die:
@@ -52,13 +83,34 @@ def _call_and_ship(fn: Callable[..., Any], name: str, limit: int, receiver: int,
     _complete_unsent()
     _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
-    message, handover = _protocol.answer(0, lambda: ship(fn(*args, **kwargs), name, limit))
+    message, handover = _protocol.answer(0, lambda: _ship(fn(*args, **kwargs), name, limit, spare))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
         # names; the answer has been sent by then (before the worker read its stop message).
         handover.keep_at_exit()
         _unsent = handover
     return message
+
+
+def _ship(result: Any, name: str, limit: int, spare: str | None) -> Shipped:
+    """Into the spare at path ``spare`` if it can be opened, else under ``name``."""
+    fd = _open_spare(spare)
+    if fd < 0:
+        return ship(result, name, limit)
+    try:
+        return ship_into(result, fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _open_spare(path: str | None) -> int:
+    """A writable descriptor of the spare at ``path`` (the parent's descriptor under /proc), or -1."""
+    if path is None:
+        return -1
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # /proc hidden or not mounted, or another user's process: the name serves
+        return -1
 
 
 def _call_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> list[Any]:
@@ -134,6 +186,13 @@ class ProcessPoolExecutor(cf.Executor):
         results own private mappings of their segments (no copy).
     pipe_limit : int, default 65536
         Results holding fewer bytes than this go through the pipe.
+    spare_limit : float or int, default 0.25
+        The objects of consumed results are kept as spares, whose warm
+        pages the next large results are written into (a fresh object's
+        pages cost about five times the write): at most about the bytes of
+        the last ``2 * max_workers`` large results, and at most this share
+        of the free space of /dev/shm (float), or this many bytes (int).
+        0 keeps none.
     **kwargs
         Passed on to :class:`concurrent.futures.ProcessPoolExecutor`
         (e.g. ``max_tasks_per_child``).
@@ -174,13 +233,20 @@ class ProcessPoolExecutor(cf.Executor):
         *,
         copy: bool = True,
         pipe_limit: int = PIPE_LIMIT,
+        spare_limit: float | int = DEFAULT_LIMIT,
         **kwargs: Any,
     ) -> None:
         check_copy(copy)
         check_count("pipe_limit", pipe_limit, 0)
+        check_limit(spare_limit)
         self._pool = cf.ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, **kwargs)
         self._copy = copy
         self._limit = pipe_limit
+        # Workers write into a spare through /proc/<this pid>/fd: the standard pool's queues cannot
+        # carry descriptors. They keep no mapping of it, so there is nothing for them to unmap.
+        self._spares = Spares(spare_limit, _nothing_to_unmap)
+        self._recent: deque[int] = deque(maxlen=2 * (max_workers or os.cpu_count() or 1))  # large results' bytes
+        weakref.finalize(self, _close_spares, self._spares).atexit = False  # dropped without shutdown()
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
@@ -195,14 +261,46 @@ class ProcessPoolExecutor(cf.Executor):
         with self._lock:
             self._names.add(name)
         future = _Future()
+        spare = self._take_spare()
+        path = None if spare is None else f"/proc/{os.getpid()}/fd/{spare.fd}"
         try:
-            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs)
+            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs, path)
         except BaseException:
             self._forget(name)
+            self._spare_back(spare, reusable=True)
             raise
         future._task = task
-        task.add_done_callback(lambda done: self._settle(done, future, name))
+        task.add_done_callback(lambda done: self._settle(done, future, name, spare))
         return future
+
+    def _take_spare(self) -> Spare | None:
+        if self._spares.held_here():  # a signal handler or finalizer interrupted this thread in there
+            return None
+        with self._spares.held():
+            # Lent spares come back through their arrays' finalizers (no reclaim() here: it visits
+            # every lent spare, and a submit must not cost more the more results are alive).
+            return None if self._spares.closed else self._spares.take(0)
+
+    def _spare_back(self, spare: Spare | None, reusable: bool, kept: Kept | None = None) -> None:
+        """A task is over: make its ``spare`` free again (``reusable``: nobody writes into it any more) or
+        release it, and keep ``kept`` (the object a result was read from) as a spare."""
+        if spare is None and kept is None:
+            return
+        with self._spares.held():
+            spares = self._spares
+            if spare is not None and (kept is None or kept.spare is not spare):
+                if reusable and not spares.closed:
+                    spares.give(spare)
+                else:
+                    spares.release(spare)
+            if kept is not None:
+                if spares.closed:
+                    spares.release(kept.spare)
+                    return
+                kept.return_to(spares)
+                self._recent.append(kept.spare.size)
+                spares.call_bytes = sum(self._recent)
+                spares.trim()
 
     def map(
         self,
@@ -222,9 +320,11 @@ class ProcessPoolExecutor(cf.Executor):
         chunks = super().map(calls, _chunks(chunksize, iterables), timeout=timeout, **kwargs)
         return itertools.chain.from_iterable(chunks)
 
-    def _settle(self, task: cf.Future, future: _Future, name: str) -> None:
-        """Consume the task's segment at once; hand the result (or error) to the caller's future."""
-        settled = True
+    def _settle(self, task: cf.Future, future: _Future, name: str, spare: Spare | None) -> None:
+        """Consume the task's result at once; hand the result (or error) to the caller's future."""
+        settled = True  # no worker will write under the name any more
+        reusable = True  # nor into the spare, which was not found damaged
+        kept: Kept | None = None
         with self._lock:
             # This runs on the pool's manager thread, while its queue feeder thread lives too: either
             # may end before shutdown (a broken pool).
@@ -235,9 +335,9 @@ class ProcessPoolExecutor(cf.Executor):
                 return
             error = task.exception()
             if error is not None:
-                # In a broken pool another worker may still be writing under this name:
-                # keep it for the sweep in shutdown().
-                settled = not isinstance(error, BrokenProcessPool)
+                # In a broken pool another worker may still be writing under this name (or into
+                # this spare): keep the name for the sweep in shutdown(), never reuse the spare.
+                settled = reusable = not isinstance(error, BrokenProcessPool)
                 self._broken = self._broken or not settled
                 future.set_exception(error)
                 return
@@ -254,23 +354,39 @@ class ProcessPoolExecutor(cf.Executor):
                         future.set_exception(remote_error(None, payload, _LABEL))
                         return
                     shipped: Shipped = payload
-                    value = receive(shipped, name, self._copy)
+                    value, kept = self._receive(shipped, name, spare)
                 except Exception as exc:
+                    reusable = False  # whatever is in the spare, it is of no use
                     future.set_exception(rebuild_error(None, exc, _LABEL))
                     return
             finally:
                 _protocol.forget(header.names)
             if shipped.fell_back:
                 self._warn_fallback()
+            # The spare first: a caller that submits its next task once it has this result finds it free.
+            self._spare_back(spare, reusable, kept)
+            spare = kept = None
             if not future.cancelled():
                 future.set_result(value)
         except cf.InvalidStateError:
             pass  # the caller cancelled meanwhile: the result is dropped
         finally:
             discard(name)
+            self._spare_back(spare, reusable, kept)
             if settled:
                 with self._lock:
                     self._names.discard(name)
+
+    def _receive(self, shipped: Shipped, name: str, spare: Spare | None) -> tuple[Any, Kept | None]:
+        """The result, from the spare or from the segment ``name``, and the object to keep as a spare."""
+        handle = shipped.handle
+        if handle is None:
+            return shipped.value, None
+        if spare is None or handle.name != _protocol.SPARE:  # the worker could not open the spare
+            check_answered_name(handle, name)
+            spare = None
+        value, kept = read_result(handle, self._copy, spare, name, recycle=True)
+        return (value.value if shipped.boxed else value), kept
 
     def _forget(self, name: str) -> None:
         discard(name)
@@ -303,6 +419,8 @@ class ProcessPoolExecutor(cf.Executor):
                 left, self._names = self._names, set()
             for name in left:
                 discard(name)
+        # Spares still handed out are released when their tasks end.
+        _close_spares(self._spares)
 
 
 __all__ = ["ProcessPoolExecutor"]

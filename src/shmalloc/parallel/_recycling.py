@@ -8,12 +8,52 @@ every array mapping it is freed for a ``copy=False`` result (see
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _transfer
+from .._handle import ShmObj
 from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
+
+
+@dataclass
+class Kept:
+    """The object a result was read from, to keep as a spare; the arrays of a ``copy=False`` result that map it."""
+
+    spare: Spare
+    owners: list[np.ndarray]
+    stamp: int | None  # fork_stamp() taken before the arrays were made
+
+    def return_to(self, spares: Spares) -> None:
+        """Under the spares' lock: lend the spare to the result's arrays, or make it free at once (copied out)."""
+        if self.owners:
+            spares.lend(self.spare, self.owners, self.stamp)
+        else:
+            spares.give(self.spare)
+
+
+def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | None, recycle: bool) -> tuple[Any, Kept | None]:
+    """Rebuild the object ``handle`` describes: written into ``spare``, or else under ``name`` (consumed).
+
+    Returns the value and what to keep as a spare (:meth:`Kept.return_to`): ``spare`` itself, or
+    the consumed object if ``recycle``. Raises what reading raises; the caller then releases
+    ``spare``, of no use whatever is in it.
+    """
+    stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
+    if spare is not None:
+        with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
+            value, owners = _transfer.read(segment, handle, copy)
+        spare.size = max(spare.size, handle.size)
+        return value, Kept(spare, owners, stamp)
+    assert name is not None, "a result is in a spare or under a name"
+    with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
+        value, owners = _transfer.read(segment, handle, copy)
+        fd = segment.reopen_writable() if recycle else -1
+    return value, Kept(Spare(fd, handle.size), owners, stamp) if fd >= 0 else None
 
 
 class SpareResults(NamedResults):
@@ -45,34 +85,26 @@ class SpareResults(NamedResults):
     def receive(self, index: int, shipped: _protocol.Shipped) -> Any:
         handle = shipped.handle
         spare = self.lent.pop(index, None)
-        stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
         if handle is None:
             if spare is not None:
                 self.spares.give(spare)
             else:
                 del self.names[index]
             return shipped.value
-        if spare is not None:
-            try:
-                with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
-                    value, owners = _transfer.read(segment, handle, self.copy)
-            except BaseException:
-                self.spares.release(spare)
-                raise
-            spare.size = max(spare.size, handle.size)
-        else:
+        name = None
+        if spare is None:
             name = self.names[index]
             _protocol.check_answered_name(handle, name)
             del self.names[index]
-            with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
-                value, owners = _transfer.read(segment, handle, self.copy)
-                fd = segment.reopen_writable() if self.recycle else -1
-            spare = Spare(fd, handle.size) if fd >= 0 else None
+        try:
+            value, kept = read_result(handle, self.copy, spare, name, self.recycle)
+        except BaseException:
+            if spare is not None:
+                self.spares.release(spare)
+            raise
         self.consumed_bytes += handle.size
-        if spare is not None and owners:
-            self.spares.lend(spare, owners, stamp)
-        elif spare is not None:
-            self.spares.give(spare)
+        if kept is not None:
+            kept.return_to(self.spares)
         return value.value if shipped.boxed else value
 
     def redo(self, index: int) -> None:
