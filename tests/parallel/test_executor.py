@@ -242,10 +242,10 @@ def test_a_worker_that_cannot_open_the_spare_writes_under_the_name(monkeypatch, 
 
     refused = tmp_path / "refused"
 
-    def cannot_open(path: str | None) -> int:
-        if path is not None:
+    def cannot_open(spare: tuple[str, int, int] | None) -> int:
+        if spare is not None:
             with open(refused, "a") as log:
-                log.write(path + "\n")
+                log.write(spare[0] + "\n")
         return -1
 
     monkeypatch.setattr(_executor, "_open_spare", cannot_open)  # the forked workers inherit it
@@ -279,3 +279,77 @@ def test_spare_limit_zero_keeps_no_spare_and_a_bad_one_is_refused():
         shmalloc.ProcessPoolExecutor(spare_limit=1.5)
     with pytest.raises(TypeError, match="spare_limit"):
         shmalloc.ProcessPoolExecutor(spare_limit="all")
+
+
+def full_after(value: float, delay: float) -> np.ndarray:
+    time.sleep(delay)
+    return np.full(1 << 20, value)
+
+
+def test_a_task_queued_by_a_submit_that_raised_never_shares_its_spare(monkeypatch):
+    """The standard pool's submit can raise after queueing the task (a worker or its manager thread failing to
+    start); the task still runs. Its spare stays out of use until the workers are gone, so the next task's
+    copy=False result is not overwritten; its name is swept at shutdown."""
+    import gc
+
+    pool = shmalloc.ProcessPoolExecutor(2, copy=False)
+    pool.submit(full, 0).result()  # dropped at once: its object becomes the one spare
+    gc.collect()
+    _wait_for(lambda: len(pool._spares.free) == 1, "no spare")
+    start_manager = pool._pool._start_executor_manager_thread
+    calls = []
+
+    def start_then_fail() -> None:
+        start_manager()
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files (after the task was queued)")
+
+    monkeypatch.setattr(pool._pool, "_start_executor_manager_thread", start_then_fail)
+    with pytest.raises(OSError, match="after the task was queued"):
+        pool.submit(full_after, 1.0, 0.5)  # still runs: writes 1.0 half a second later
+    assert not pool._spares.free and len(pool._spares.handed) == 1
+    later = pool.submit(full_after, 2.0, 0.0).result()
+    time.sleep(1.0)  # the first task has written its result by now
+    np.testing.assert_array_equal(later, np.full(1 << 20, 2.0))
+    del later
+    pool.shutdown(wait=True)
+    assert not pool._spares.handed and not pool._spares.free
+
+
+def test_a_worker_opens_only_the_spare_it_was_told_of(tmp_path):
+    """The worker checks the object it opened through /proc: the same device and inode as the parent's spare,
+    unlinked. Another file under that descriptor number (the spare closed meanwhile) is not written."""
+    from shmalloc.parallel import _executor
+
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)  # an unlinked object, as a spare is
+    other = os.open(tmp_path / "a-file", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        st = os.fstat(fd)
+        here = f"/proc/{os.getpid()}/fd/{fd}"
+        opened = _executor._open_spare((here, st.st_dev, st.st_ino))
+        assert opened >= 0 and os.fstat(opened).st_ino == st.st_ino
+        os.close(opened)
+        assert _executor._open_spare((here, st.st_dev, st.st_ino + 1)) == -1  # another object
+        linked = os.fstat(other)
+        assert _executor._open_spare((f"/proc/{os.getpid()}/fd/{other}", linked.st_dev, linked.st_ino)) == -1  # linked
+        assert _executor._open_spare((f"/proc/{os.getpid()}/fd/999999", st.st_dev, st.st_ino)) == -1  # closed
+        assert _executor._open_spare(None) == -1
+    finally:
+        os.close(fd)
+        os.close(other)
+
+
+def test_a_small_zero_copy_result_does_not_keep_a_large_spare():
+    """copy=False: a result written into a spare several times its size cuts the spare to its size before its
+    arrays map it, so that they do not keep the rest of the object."""
+    import gc
+
+    with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
+        pool.submit(full, 0).result()  # 8 MB, dropped: the spare
+        gc.collect()
+        _wait_for(lambda: len(pool._spares.free) == 1, "no spare")
+        small = pool.submit(np.full, 100_000, 3.0).result()  # 800 KB: shared memory, into the spare
+        np.testing.assert_array_equal(small, np.full(100_000, 3.0))
+        (lent,) = pool._spares.lent
+        assert lent.size < 1 << 20 and os.fstat(lent.fd).st_size == lent.size

@@ -474,3 +474,47 @@ def test_fork_by_another_thread_during_reclaim_never_writes_into_other_files():
     """A fork in another thread while a Pool call reclaims spares never makes a later call write into a descriptor the pool closed."""
     proc = subprocess.run([sys.executable, "-c", _FORK_DURING_RECLAIM], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+_EXECUTOR_FULL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, warnings, numpy as np, shmalloc
+    MB = 1 << 20
+
+    def full(mb):
+        return np.full(mb * MB // 8, 1.0)
+
+    def free_bytes():
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+
+    report = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with shmalloc.ProcessPoolExecutor(1) as pool:
+            pool.submit(full, 8).result()
+            (spare,) = pool._spares.free
+            report["before"] = os.fstat(spare.fd).st_size
+            fd = os.open("/dev/shm/filler", os.O_CREAT | os.O_RDWR, 0o600)
+            os.posix_fallocate(fd, 0, free_bytes() - 4 * MB)  # 4 MB left: the spare cannot grow to 20 MB
+            big = pool.submit(full, 20).result()
+            report["right"] = big.size == 20 * MB // 8 and bool((big == 1.0).all())
+            report["after"] = os.fstat(spare.fd).st_size
+            report["recorded"] = [s.size for s in pool._spares.free]
+            os.close(fd)
+            os.unlink("/dev/shm/filler")
+            report["used_mb"] = (os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize - free_bytes()) / MB
+    report["warned"] = sum(issubclass(w.category, shmalloc.ShmFallbackWarning) for w in caught)
+    report["left"] = os.listdir("/dev/shm")
+    print(json.dumps(report))
+    """
+)
+
+
+def test_an_executor_spare_that_cannot_grow_keeps_its_size():
+    """A large result that does not fit into /dev/shm while growing an executor's spare comes back through the
+    pipe (one ShmFallbackWarning), and the spare is cut back to its size: it takes no space its budget does not count."""
+    report = run_in_small_shm(_EXECUTOR_FULL_SCRIPT)
+    assert report["right"] and report["warned"] == 1
+    assert report["after"] == report["before"] and report["recorded"] == [report["before"]]
+    assert report["used_mb"] < 10 and report["left"] == []

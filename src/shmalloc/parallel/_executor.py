@@ -24,6 +24,7 @@ import functools
 import itertools
 import os
 import signal
+import stat
 import sys
 import threading
 import warnings
@@ -50,12 +51,16 @@ def _nothing_to_unmap() -> None:
     """The workers keep no mapping of a spare."""
 
 
-def _close_spares(spares: Spares) -> None:
-    """Release every spare (lent ones stay mapped by their results' arrays); later ones are released as
-    they come back. Safe in a finalizer: waits for nothing if this thread holds the spares' lock."""
+def _close_spares(spares: Spares, workers_gone: bool = False) -> None:
+    """Release every spare (lent ones stay mapped by their results' arrays), also those handed out if the
+    workers are gone; later ones are released as they come back. Safe in a finalizer: waits for nothing
+    if this thread holds the spares' lock."""
 
     def close() -> None:
         with spares.held():
+            if workers_gone:
+                for spare in list(spares.handed):
+                    spares.release(spare)
             spares.close()
 
     spares.when_free(close)
@@ -64,15 +69,24 @@ def _close_spares(spares: Spares) -> None:
 _unsent: _ownership.Handover | None = None
 
 
+# Where a worker finds a spare: /proc/<parent pid>/fd/<n>, and the object's (st_dev, st_ino).
+SpareAddress = tuple[str, int, int]
+
+
+def _spare_address(spare: Spare) -> SpareAddress:
+    st = os.fstat(spare.fd)
+    return f"/proc/{os.getpid()}/fd/{spare.fd}", st.st_dev, st.st_ino
+
+
 def _call_and_ship(
-    fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict, spare: str | None = None
+    fn: Callable[..., Any], name: str, limit: int, receiver: int, args: tuple, kwargs: dict, spare: SpareAddress | None = None
 ) -> bytes:
     """Runs in a worker: call ``fn``; return the answer for the parent (result or error, see :mod:`._protocol`).
 
     The answer is pickled here, so that rebuilding it happens in
     :meth:`ProcessPoolExecutor._settle` (an error there is the task's, not a
     broken pool) and fn's exceptions are described safely. ``receiver``:
-    the parent's pid. ``spare``: the path of a spare to write a large
+    the parent's pid. ``spare``: where to find a spare to write a large
     result into (its pages are warm), else it goes under ``name``.
     """
     global _unsent
@@ -92,8 +106,8 @@ def _call_and_ship(
     return message
 
 
-def _ship(result: Any, name: str, limit: int, spare: str | None) -> Shipped:
-    """Into the spare at path ``spare`` if it can be opened, else under ``name``."""
+def _ship(result: Any, name: str, limit: int, spare: SpareAddress | None) -> Shipped:
+    """Into the spare at ``spare`` if it can be opened, else under ``name``."""
     fd = _open_spare(spare)
     if fd < 0:
         return ship(result, name, limit)
@@ -103,14 +117,27 @@ def _ship(result: Any, name: str, limit: int, spare: str | None) -> Shipped:
         os.close(fd)
 
 
-def _open_spare(path: str | None) -> int:
-    """A writable descriptor of the spare at ``path`` (the parent's descriptor under /proc), or -1."""
-    if path is None:
+def _open_spare(spare: SpareAddress | None) -> int:
+    """A writable descriptor of the spare the parent named, or -1.
+
+    The object is checked to be that spare (an unlinked regular file with its device and inode): a
+    write into whatever the parent's descriptor number names at the time would corrupt it.
+    """
+    if spare is None:
+        return -1
+    path, device, inode = spare
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # /proc hidden or not mounted, or the parent's descriptor closed: the name serves
         return -1
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:  # /proc hidden or not mounted, or another user's process: the name serves
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or (st.st_dev, st.st_ino, st.st_nlink) != (device, inode, 0) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         return -1
+    return fd
 
 
 def _call_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> list[Any]:
@@ -262,12 +289,13 @@ class ProcessPoolExecutor(cf.Executor):
             self._names.add(name)
         future = _Future()
         spare = self._take_spare()
-        path = None if spare is None else f"/proc/{os.getpid()}/fd/{spare.fd}"
+        where = None if spare is None else _spare_address(spare)
         try:
-            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs, path)
+            task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs, where)
         except BaseException:
-            self._forget(name)
-            self._spare_back(spare, reusable=True)
+            # The standard pool may have queued the task before raising (a worker or its manager
+            # thread failed to start), and then it still runs: its name waits for the sweep in
+            # shutdown(), and its spare stays handed out until the workers are gone.
             raise
         future._task = task
         task.add_done_callback(lambda done: self._settle(done, future, name, spare))
@@ -285,6 +313,9 @@ class ProcessPoolExecutor(cf.Executor):
         """A task is over: make its ``spare`` free again (``reusable``: nobody writes into it any more) or
         release it, and keep ``kept`` (the object a result was read from) as a spare."""
         if spare is None and kept is None:
+            return
+        if self._spares.held_here():  # a finalizer cancelled a future while this thread moves spares
+            self._spares.when_free(lambda: self._spare_back(spare, reusable, kept))
             return
         with self._spares.held():
             spares = self._spares
@@ -362,7 +393,11 @@ class ProcessPoolExecutor(cf.Executor):
             finally:
                 _protocol.forget(header.names)
             if shipped.fell_back:
-                self._warn_fallback()
+                try:
+                    self._warn_fallback()
+                except Exception as exc:  # the filters make the warning an error: the task's
+                    future.set_exception(warning_error(None, exc, _LABEL))
+                    return
             # The spare first: a caller that submits its next task once it has this result finds it free.
             self._spare_back(spare, reusable, kept)
             spare = kept = None
@@ -419,8 +454,9 @@ class ProcessPoolExecutor(cf.Executor):
                 left, self._names = self._names, set()
             for name in left:
                 discard(name)
-        # Spares still handed out are released when their tasks end.
-        _close_spares(self._spares)
+        # With the workers gone, a spare still handed out belongs to a task that never ended (its
+        # submit failed); otherwise those are released as their tasks end.
+        _close_spares(self._spares, workers_gone=wait)
 
 
 __all__ = ["ProcessPoolExecutor"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import pickle
 import traceback
 from collections.abc import Callable
@@ -273,8 +274,27 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: RefillMapp
 
     Through ``mapping`` (a refill mapping of ``fd``) if the result fits in
     it. A full /dev/shm (ENOSPC) sends the value through the pipe instead.
+    A write that fails or falls back leaves the spare its size: the part it
+    grew by would take /dev/shm space that the parent does not count.
     """
-    return _ship(result, limit, lambda obj: _transfer.write_held(obj, fd, mapping))
+    size = os.fstat(fd).st_size
+    try:
+        shipped = _ship(result, limit, lambda obj: _transfer.write_held(obj, fd, mapping))
+    except BaseException:
+        _shrink(fd, size)
+        raise
+    if shipped.fell_back:
+        _shrink(fd, size)
+    return shipped
+
+
+def _shrink(fd: int, size: int) -> None:
+    """Cut the spare ``fd`` back to ``size`` bytes if a failed write grew it."""
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+    except OSError:
+        pass  # the parent's budget is then off by the growth until the spare is released
 
 
 def _ship(result: Any, limit: int, write: Callable[[Any], ShmObj]) -> Shipped:

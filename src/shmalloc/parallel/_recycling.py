@@ -8,6 +8,7 @@ every array mapping it is freed for a ``copy=False`` result (see
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from .._handle import ShmObj
 from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
+
+#: A copy=False result written into a spare more than this many times its size cuts the spare to its size.
+OVERSIZE = 2
 
 
 @dataclass
@@ -45,6 +49,11 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     """
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
+        if not copy and spare.size > OVERSIZE * handle.size:
+            # Its arrays would keep the whole object for a small result, outside the spares' budget.
+            # Nothing maps it past the result: the worker writes through a mapping only what fits.
+            os.ftruncate(spare.fd, handle.size)
+            spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
             value, owners = _transfer.read(segment, handle, copy)
         spare.size = max(spare.size, handle.size)
