@@ -46,24 +46,6 @@ from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
 
-
-def _nothing_to_unmap() -> None:
-    """The workers keep no mapping of a spare."""
-
-
-def _close_spares(spares: Spares, workers_gone: bool = False) -> None:
-    """Release every spare (lent ones stay mapped by their results' arrays), also those handed out if the
-    workers are gone; later ones are released as they come back. Safe in a finalizer: waits for nothing
-    if this thread holds the spares' lock."""
-
-    def close() -> None:
-        with spares.held():
-            if workers_gone:
-                for spare in list(spares.handed):
-                    spares.release(spare)
-            spares.close()
-
-    spares.when_free(close)
 # In a worker: the handover of the last answer, completed at the next task (by then the
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
 _unsent: _ownership.Handover | None = None
@@ -190,6 +172,25 @@ class _Future(cf.Future):
                 self._notified = True
                 self.set_running_or_notify_cancel()
         return True
+
+
+def _nothing_to_unmap() -> None:
+    """The workers keep no mapping of a spare."""
+
+
+def _close_spares(spares: Spares, workers_gone: bool = False) -> None:
+    """Release every spare (lent ones stay mapped by their results' arrays), also those handed out if the
+    workers are gone; later ones are released as they come back. Safe in a finalizer: waits for nothing
+    if this thread holds the spares' lock."""
+
+    def close() -> None:
+        with spares.held():
+            if workers_gone:
+                for spare in list(spares.handed):
+                    spares.release(spare)
+            spares.close()
+
+    spares.when_free(close)
 
 
 class ProcessPoolExecutor(cf.Executor):
@@ -422,11 +423,6 @@ class ProcessPoolExecutor(cf.Executor):
             spare = None
         value, kept = read_result(handle, self._copy, spare, name, recycle=True)
         return (value.value if shipped.boxed else value), kept
-
-    def _forget(self, name: str) -> None:
-        discard(name)
-        with self._lock:
-            self._names.discard(name)
 
     def _warn_fallback(self) -> None:
         if not self._warned:
