@@ -83,8 +83,11 @@ class RefillMapping:
     """A worker's writable shared mapping of the first ``length`` bytes of a recycled object.
 
     Every byte of that range was written before the mapping was made (so no
-    page is a hole a full /dev/shm could refuse: writes through it cannot
-    SIGBUS), and the object is never shrunk. Refilling through it is a plain
+    page is a hole a full /dev/shm could refuse). The parent may later cut
+    the object below ``length`` (a small ``copy=False`` result, or a failed
+    write cut back): writes through the mapping check the object's size
+    first (``_transfer._fill_through``), which is what keeps them from a
+    SIGBUS. Refilling through it is a plain
     memcpy into mapped pages, ~2.5x faster than pwrite here. ``address`` is
     None once closed.
     """

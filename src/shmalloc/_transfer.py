@@ -46,8 +46,9 @@ def write_held(obj: Any, fd: int, mapping: RefillMapping | None = None) -> ShmOb
     """Place ``obj`` at the start of the recycled object ``fd``; return its handle (labelled SPARE_LABEL).
 
     Through ``mapping`` (a refill mapping of ``fd``) if the segment fits in
-    it, else with pwrite. The object is never shrunk (its warm pages stay
-    for later fills): it may be larger than the handle's size. A full
+    it and the object is at least the segment's size, else with pwrite. The
+    object is not shrunk here (its warm pages stay for later fills): it may
+    be larger than the handle's size. A full
     /dev/shm gives ShmError ENOSPC, with no retry: the caller falls back.
     """
     _posix.check_supported()
@@ -96,7 +97,7 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
     """Like :func:`_fill`, the buffers through ``mapping``; False (nothing written) if the segment does not fit."""
     address = mapping.address
     if address is None or plan.size > mapping.length or os.fstat(fd).st_size < plan.size:
-        return False  # never write through the mapping past the end of the object (SIGBUS)
+        return False  # never write through the mapping past the end of the object (SIGBUS): it may have been cut
     _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
     padding = np.zeros(_format.PAGE, np.uint8)
     base = address + plan.data_offset

@@ -288,8 +288,8 @@ def full_after(value: float, delay: float) -> np.ndarray:
 
 def test_a_task_queued_by_a_submit_that_raised_never_shares_its_spare(monkeypatch):
     """The standard pool's submit can raise after queueing the task (a worker or its manager thread failing to
-    start); the task still runs. Its spare stays out of use until the workers are gone, so the next task's
-    copy=False result is not overwritten; its name is swept at shutdown."""
+    start); the task still runs. Its spare is released at once, never reused, so the next task's copy=False
+    result is not overwritten; the queued task's result goes under its name, swept at shutdown."""
     import gc
 
     pool = shmalloc.ProcessPoolExecutor(2, copy=False)
@@ -308,7 +308,7 @@ def test_a_task_queued_by_a_submit_that_raised_never_shares_its_spare(monkeypatc
     monkeypatch.setattr(pool._pool, "_start_executor_manager_thread", start_then_fail)
     with pytest.raises(OSError, match="after the task was queued"):
         pool.submit(full_after, 1.0, 0.5)  # still runs: writes 1.0 half a second later
-    assert not pool._spares.free and len(pool._spares.handed) == 1
+    assert not pool._spares.free and not pool._spares.handed
     later = pool.submit(full_after, 2.0, 0.0).result()
     time.sleep(1.0)  # the first task has written its result by now
     np.testing.assert_array_equal(later, np.full(1 << 20, 2.0))

@@ -178,16 +178,12 @@ def _nothing_to_unmap() -> None:
     """The workers keep no mapping of a spare."""
 
 
-def _close_spares(spares: Spares, workers_gone: bool = False) -> None:
-    """Release every spare (lent ones stay mapped by their results' arrays), also those handed out if the
-    workers are gone; later ones are released as they come back. Safe in a finalizer: waits for nothing
-    if this thread holds the spares' lock."""
+def _close_spares(spares: Spares) -> None:
+    """Release every spare (lent ones stay mapped by their results' arrays); those handed out are released
+    as they come back. Safe in a finalizer: waits for nothing if this thread holds the spares' lock."""
 
     def close() -> None:
         with spares.held():
-            if workers_gone:
-                for spare in list(spares.handed):
-                    spares.release(spare)
             spares.close()
 
     spares.when_free(close)
@@ -296,7 +292,10 @@ class ProcessPoolExecutor(cf.Executor):
         except BaseException:
             # The standard pool may have queued the task before raising (a worker or its manager
             # thread failed to start), and then it still runs: its name waits for the sweep in
-            # shutdown(), and its spare stays handed out until the workers are gone.
+            # shutdown(), and its spare is released, never reused. Should the task run, the
+            # worker either finds the spare gone (another object, or none, under that number:
+            # it uses the name) or writes into an object nobody reads.
+            self._spare_back(spare, reusable=False)
             raise
         future._task = task
         task.add_done_callback(lambda done: self._settle(done, future, name, spare))
@@ -450,9 +449,8 @@ class ProcessPoolExecutor(cf.Executor):
                 left, self._names = self._names, set()
             for name in left:
                 discard(name)
-        # With the workers gone, a spare still handed out belongs to a task that never ended (its
-        # submit failed); otherwise those are released as their tasks end.
-        _close_spares(self._spares, workers_gone=wait)
+        # Spares still handed out are released as their tasks end.
+        _close_spares(self._spares)
 
 
 __all__ = ["ProcessPoolExecutor"]

@@ -8,8 +8,10 @@ unlinked shared memory objects held only by a descriptor of the parent. The
 next task gets a spare through its pipe (SCM_RIGHTS) and its worker writes
 into pages that already exist: with pwrite the first time, then through a
 shared mapping of the spare that the worker keeps, which is a plain memcpy
-(about 2.5 times faster than pwrite here). Spares only grow, so such a
-mapping never reaches past the end of its object; when the parent releases a
+(about 2.5 times faster than pwrite here). A spare may be cut below such a
+mapping (a small ``copy=False`` result read from a large spare, see
+:func:`._recycling.read_result`): a write through it checks the object's
+size first and uses pwrite if the result does not fit. When the parent releases a
 spare between calls, it tells the idle workers that map it to unmap it and
 waits for their answer (a task with no item), so that its space is free.
 

@@ -51,7 +51,8 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     if spare is not None:
         if not copy and spare.size > OVERSIZE * handle.size:
             # Its arrays would keep the whole object for a small result, outside the spares' budget.
-            # Nothing maps it past the result: the worker writes through a mapping only what fits.
+            # No task holds it now; a Pool worker's refill mapping may reach past the new end, but
+            # writes through one check the object's size first (_transfer._fill_through).
             os.ftruncate(spare.fd, handle.size)
             spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
