@@ -194,6 +194,25 @@ def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def test_a_dropped_result_is_freed_without_the_garbage_collector():
+    """Once the caller drops a future and its result, the result is freed by reference counting: nothing of
+    the executor keeps it in a reference cycle (a copy=False result's spare comes back at once too)."""
+    import gc
+    import weakref
+
+    with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
+        gc.disable()
+        try:
+            future = pool.submit(full, 1)
+            result = future.result()
+            freed = weakref.ref(result)
+            del future, result
+            _wait_for(lambda: freed() is None, "the result stayed alive")
+            _wait_for(lambda: len(pool._spares.free) == 1, "its spare did not come back")
+        finally:
+            gc.enable()
+
+
 @pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
 def test_large_results_are_written_into_the_objects_of_consumed_ones(start_method):
     """A consumed result's object becomes a spare, and the next large result is written into it (its pages

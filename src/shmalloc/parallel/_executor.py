@@ -406,6 +406,9 @@ class ProcessPoolExecutor(cf.Executor):
         except cf.InvalidStateError:
             pass  # the caller cancelled meanwhile: the result is dropped
         finally:
+            # The task's done callback holds the caller's future, which held the task: a cycle that
+            # would keep the result (and a copy=False result's spare) until the garbage collector runs.
+            future._task = None
             discard(name)
             self._spare_back(spare, reusable, kept)
             if settled:
