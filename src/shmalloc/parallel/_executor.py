@@ -424,7 +424,7 @@ class ProcessPoolExecutor(cf.Executor):
             check_answered_name(handle, name)
             spare = None
         value, kept = read_result(handle, self._copy, spare, name, recycle=True)
-        return (value.value if shipped.boxed else value), kept
+        return shipped.unboxed(value), kept
 
     def _warn_fallback(self) -> None:
         if not self._warned:

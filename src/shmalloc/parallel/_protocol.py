@@ -252,6 +252,10 @@ class Shipped:
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
 
+    def unboxed(self, read: Any) -> Any:
+        """The result, given what was read from the segment of :attr:`handle`."""
+        return read.value if self.boxed else read
+
 
 @dataclass
 class _Box:
@@ -315,8 +319,7 @@ def receive(shipped: Shipped, name: str, copy: bool) -> Any:
     if shipped.handle is None:
         return shipped.value
     check_answered_name(shipped.handle, name)
-    value = allocate_from_shm(shipped.handle, copy=copy)
-    return value.value if shipped.boxed else value
+    return shipped.unboxed(allocate_from_shm(shipped.handle, copy=copy))
 
 
 def check_answered_name(handle: ShmObj, name: str) -> None:

@@ -115,7 +115,7 @@ class SpareResults(NamedResults):
         self.consumed_bytes += handle.size
         if kept is not None:
             kept.return_to(self.spares)
-        return value.value if shipped.boxed else value
+        return shipped.unboxed(value)
 
     def redo(self, index: int) -> None:
         super().redo(index)
