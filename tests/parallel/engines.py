@@ -142,6 +142,14 @@ def make(kind: str, method: str) -> Engine:
     return {"map": MapEngine, "pool": PoolEngine, "executor": ExecutorEngine}[kind](method)
 
 
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
+    """Poll ``condition`` until it is true; fail with ``what`` once ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def wait_for_no_workers(timeout: float = 30.0) -> list:
     """Reap finished child processes until none is left or ``timeout`` passes; return those still alive."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-from engines import wait_for_no_workers
+from engines import wait_for_no_workers, wait_until
 
 import shmalloc
 
@@ -187,13 +187,6 @@ def full(i: int) -> np.ndarray:
     return np.full(1 << 20, i, dtype=np.float64)  # 8 MB: shared memory, not the pipe
 
 
-def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def test_a_dropped_result_is_freed_without_the_garbage_collector():
     """Once the caller drops a future and its result, the result is freed by reference counting: nothing of
     the executor keeps it in a reference cycle (a copy=False result's spare comes back at once too)."""
@@ -207,8 +200,8 @@ def test_a_dropped_result_is_freed_without_the_garbage_collector():
             result = future.result()
             freed = weakref.ref(result)
             del future, result
-            _wait_for(lambda: freed() is None, "the result stayed alive")
-            _wait_for(lambda: len(pool._spares.free) == 1, "its spare did not come back")
+            wait_until(lambda: freed() is None, "the result stayed alive")
+            wait_until(lambda: len(pool._spares.free) == 1, "its spare did not come back")
         finally:
             gc.enable()
 
@@ -247,7 +240,7 @@ def test_a_zero_copy_result_keeps_its_object_until_its_arrays_are_freed():
         lent = len(pool._spares.lent)
         del first, others, other
         gc.collect()
-        _wait_for(lambda: not pool._spares.lent and pool._spares.free, "freed results' objects did not come back")
+        wait_until(lambda: not pool._spares.lent and pool._spares.free, "freed results' objects did not come back")
         assert lent == 4
         np.testing.assert_array_equal(pool.submit(full, 7).result(), full(7))
 
@@ -284,7 +277,7 @@ def test_the_spare_of_a_task_whose_worker_died_is_never_reused():
         (spare,) = pool._spares.free
         with pytest.raises(BrokenProcessPool):
             pool.submit(die_on_zero, 0).result()
-        _wait_for(lambda: not pool._spares.handed, "the dead task's spare was not given up")
+        wait_until(lambda: not pool._spares.handed, "the dead task's spare was not given up")
         assert spare not in pool._spares.free and not pool._spares.free
 
 
@@ -314,7 +307,7 @@ def test_a_task_queued_by_a_submit_that_raised_never_shares_its_spare(monkeypatc
     pool = shmalloc.ProcessPoolExecutor(2, copy=False)
     pool.submit(full, 0).result()  # dropped at once: its object becomes the one spare
     gc.collect()
-    _wait_for(lambda: len(pool._spares.free) == 1, "no spare")
+    wait_until(lambda: len(pool._spares.free) == 1, "no spare")
     start_manager = pool._pool._start_executor_manager_thread
     calls = []
 
@@ -367,7 +360,7 @@ def test_a_small_zero_copy_result_does_not_keep_a_large_spare():
     with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
         pool.submit(full, 0).result()  # 8 MB, dropped: the spare
         gc.collect()
-        _wait_for(lambda: len(pool._spares.free) == 1, "no spare")
+        wait_until(lambda: len(pool._spares.free) == 1, "no spare")
         small = pool.submit(np.full, 100_000, 3.0).result()  # 800 KB: shared memory, into the spare
         np.testing.assert_array_equal(small, np.full(100_000, 3.0))
         (lent,) = pool._spares.lent

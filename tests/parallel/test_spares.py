@@ -15,10 +15,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
+from engines import wait_until
 
 import shmalloc
 import shmalloc.parallel._pool as pool_module
@@ -48,13 +48,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False  # exited and reaped
     return True
-
-
-def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def run_in_small_shm(script: str, mb: int = 64) -> dict:
@@ -158,7 +151,7 @@ def test_dropped_copy_false_results_come_back_without_another_call():
         del kept
         gc.collect()
         # The last call returned 4 results: 1.25 times their bytes allows 5 objects like theirs.
-        _wait_for(lambda: _fd_count() <= idle + 1 and not pool._spares.lent, "the descriptors were kept")
+        wait_until(lambda: _fd_count() <= idle + 1 and not pool._spares.lent, "the descriptors were kept")
         budget = 1.25 * pool._spares.call_bytes
         assert sum(spare.size for spare in pool._spares.free) <= budget
         again = pool.map(full, [7, 8], copy=False)
@@ -299,8 +292,8 @@ def test_pool_dropped_while_its_spares_are_held_closes_later():
         del pool
         gc.collect()  # Pool.__del__ runs here
         assert not spares.closed
-    _wait_for(lambda: spares.closed and not spares.free, "the pool was never closed")
-    _wait_for(lambda: not _alive(worker_pid), "its worker was not stopped and reaped")
+    wait_until(lambda: spares.closed and not spares.free, "the pool was never closed")
+    wait_until(lambda: not _alive(worker_pid), "its worker was not stopped and reaped")
 
 
 def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
@@ -393,7 +386,7 @@ def test_terminate_and_map_where_this_thread_holds_the_spares_do_not_hang():
     runner.join(60)
     assert not runner.is_alive(), "terminate or map waited for the lock this thread holds"
     assert "works on the pool's spares" in outcome["map"] and outcome["terminated"] and len(outcome["workers"]) == 0
-    _wait_for(lambda: not any(_alive(pid) for pid in pids), "the workers were not stopped and reaped")
+    wait_until(lambda: not any(_alive(pid) for pid in pids), "the workers were not stopped and reaped")
     assert [float(a[0]) for a in kept] == [0.0, 1.0]  # results stay readable
     del kept
     gc.collect()
