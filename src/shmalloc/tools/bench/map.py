@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor as StdExecutor
 from multiprocessing import resource_tracker
@@ -31,7 +30,7 @@ import pandas as pd
 
 import shmalloc
 
-from . import median_time, peers, print_table, workloads
+from . import interleaved_medians, peers, print_table, workloads
 
 WORKERS = 2
 RAY = "Ray object store (warm), zero-copy"
@@ -210,11 +209,7 @@ def measure(rows: int, workload: str, repeat: int, ray: Any = None) -> dict[str,
         for method in methods.values():  # warm up, and check every method returns the frames
             _check(method(), workload)
             gc.collect()
-        times: dict[str, list[float]] = {label: [] for label in methods}
-        for _ in range(repeat):
-            for label, method in methods.items():
-                times[label].append(median_time(method, 1))
-                gc.collect()
+        medians = interleaved_medians(methods, repeat)
         peaks = {label: peak_extra(methods[label]) for label in methods if label.startswith("shmalloc")}
     finally:
         for pool in _pools.values():
@@ -226,7 +221,7 @@ def measure(rows: int, workload: str, repeat: int, ray: Any = None) -> dict[str,
     _frame = None
     for label, peak in peaks.items():
         PEAKS[(workload, rows, label)] = peak / result_bytes
-    return {label: statistics.median(t) for label, t in times.items()}
+    return medians
 
 
 def stop_ray(ray: Any) -> None:
