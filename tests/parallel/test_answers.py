@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shmalloc
+from shmalloc.parallel import _protocol, _workers
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 TWO_METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
@@ -297,3 +298,104 @@ def test_executor_shutdown_leaves_no_descriptor_and_no_zombie(method):
     assert _fds() == before
     for pid in set(pids):
         assert not _is_zombie_or_alive(pid), f"worker {pid} was not reaped"
+
+
+# ---- 7. answers held back by a worker ------------------------------------------------------------
+# A worker holds back the answers of fast items whose results travel in the pipe and sends them
+# together: a death, a result that cannot be rebuilt and the items' output must come out as if each
+# answer had been sent at once.
+
+
+def print_then_die_on_seven(i: int) -> int:
+    print(f"item {i} says", flush=i % 2 == 0)  # even items flush: their output travels early
+    if i == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return -i
+
+
+def small_or_explode_on_three(i: int):
+    return ExplodesInParent("ValueError") if i == 3 else -i
+
+
+def _run_engine(engine: str, method: str, func, items, **kwargs):
+    if engine == "map":
+        return shmalloc.map(func, items, processes=1, start_method=method, **kwargs)
+    with shmalloc.Pool(1, start_method=method) as pool:
+        return pool.map(func, items, **kwargs)
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("engine", ["map", "pool"])
+def test_a_worker_dying_after_fast_items_is_blamed_for_its_item_only(engine, method, capsys):
+    """Items 0-6 finish fast, item 7 kills its worker: only item 7 fails (WorkerDiedError, SIGKILL); the others'
+    answers, held back and lost with the worker, are made again, and each item's output shows once."""
+    with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 12 items failed"):
+        got = _run_engine(engine, method, print_then_die_on_seven, range(12), chunksize=12, errors="return")
+    assert isinstance(got[7], shmalloc.WorkerDiedError) and got[7].index == 7 and got[7].exitcode == -signal.SIGKILL
+    assert [value for i, value in enumerate(got) if i != 7] == [-i for i in range(12) if i != 7]
+    out = capsys.readouterr().out
+    for i in range(12):
+        assert out.count(f"item {i} says\n") == (0 if i == 7 else 1), out
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+@pytest.mark.parametrize("engine", ["map", "pool"])
+def test_a_result_that_cannot_be_rebuilt_among_held_answers_fails_alone(engine, method):
+    """A small result whose rebuilding raises, sent together with its neighbours', is that item's error only."""
+    with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 8 items failed"):
+        got = _run_engine(engine, method, small_or_explode_on_three, range(8), chunksize=8, errors="return")
+    assert isinstance(got[3], ValueError) and "cannot rebuild here" in str(got[3])
+    assert [value for i, value in enumerate(got) if i != 3] == [-i for i in range(8) if i != 3]
+
+
+class _RecordingConnection:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+
+def _answer(index: int, padding: int = 0) -> bytes:
+    return _protocol.pickled((_protocol.OK, index, (), ())) + b"x" * padding
+
+
+def _indices(sent: list[bytes]) -> list[object]:
+    """The item of each message, or the items of the answers a batch holds."""
+    out: list[object] = []
+    for message in sent:
+        header, stream = _protocol.read_header(message)
+        if header.kind == _protocol.BATCH:
+            out.append([_protocol.read_header(answer)[0].index for answer in _protocol.read_payload(stream)])
+        else:
+            out.append(header.index)
+    return out
+
+
+def test_held_answers_go_out_in_order_before_the_next_one_and_never_wait_too_long(monkeypatch):
+    """Held answers leave as one batch, before an answer that may not wait; none waits past HOLD_SECONDS or
+    HOLD_BYTES."""
+    clock = [100.0]
+    monkeypatch.setattr(_workers.time, "monotonic", lambda: clock[0])
+    conn = _RecordingConnection()
+    unsent = _workers._Unsent(conn)  # type: ignore[arg-type]
+    unsent.send(_answer(0), True)
+    unsent.send(_answer(1), True)
+    assert conn.sent == []
+    unsent.send(_answer(2), False)
+    assert _indices(conn.sent) == [[0, 1], 2]
+    conn.sent.clear()
+    unsent.send(_answer(3), True)
+    clock[0] += _workers.HOLD_SECONDS * 1.01
+    unsent.send(_answer(4), True)  # the first held is old enough: both go
+    assert _indices(conn.sent) == [[3], 4]
+    conn.sent.clear()
+    half = _workers.HOLD_BYTES // 2
+    unsent.send(_answer(5, half), True)
+    unsent.send(_answer(6, half), True)  # would hold more than HOLD_BYTES
+    assert _indices(conn.sent) == [[5], 6]
+    conn.sent.clear()
+    unsent.send(_answer(7), True)
+    unsent.flush()
+    unsent.flush()
+    assert _indices(conn.sent) == [[7]]

@@ -128,8 +128,8 @@ def _enc_frame(df: pd.DataFrame, buffers: list[np.ndarray]) -> dict[str, Any]:
 
 def nbytes(obj: Any) -> int:
     """Roughly the bytes a pandas object holds (``memory_usage(deep=False)``'s total, without building a Series)."""
-    if isinstance(obj, pd.DataFrame):
-        return obj.index.nbytes + sum(values.nbytes for values in _column_values(obj))
+    if isinstance(obj, pd.DataFrame):  # by block: a new frame has not yet worked out where each column is
+        return obj.index.nbytes + sum(block.values.nbytes for block in obj._mgr.blocks)
     if isinstance(obj, pd.Series):
         return obj.index.nbytes + obj.nbytes
     return int(obj.nbytes) if hasattr(obj, "nbytes") else int(obj.memory_usage(deep=False).sum())

@@ -354,17 +354,19 @@ class Call:
         self._check_interrupted()
         exited, code = self.workers.bury(worker)
         if worker.pending:
-            index = worker.pending[0]
+            finished, index = worker.lost()
             how = exit_text(code) if exited else "closed its pipe"
             died = WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
             _relay.replay(self.said_early.pop(index, ()), f"item {index}")  # what it flushed before dying
             if not self._may_go_on(index):
                 raise died
-            unstarted = list(worker.pending)[1:]
+            others = [other for other in worker.pending if other != index]
             worker.pending.clear()
             worker.held = None
             self.workers.forget(worker)
-            for other in unstarted:  # handed to it, never started: not a try
+            for other in others:  # finished with its answer held back, or never started: not a try
+                if other in finished:
+                    self.said_early.pop(other, None)  # it runs again and says it again
                 self.results.redo(other)
                 self.redo.append(other)
             self._failed(index, died)
@@ -374,6 +376,10 @@ class Call:
     def _handle(self, worker: Worker, data: bytes) -> None:
         """Take one answer of ``worker``: a result, or the item's failure."""
         header, stream = _protocol.read_header(data)
+        if header.kind == _protocol.BATCH:  # answers the worker held back: each in turn
+            for answer in _protocol.read_payload(stream):
+                self._handle(worker, answer)
+            return
         index = header.index
         if header.kind == _protocol.SAID:  # flushed output of an item still running: kept for its answer
             self.said_early[index] = self.said_early.get(index, ()) + header.said

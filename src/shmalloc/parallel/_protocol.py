@@ -18,7 +18,10 @@ header) and :data:`STOP`.
 Each answer is one message (``send_bytes``): a header the parent can always
 read, then the payload. The header holds only builtins, so the parent learns
 which item an answer is for even when rebuilding the payload fails: that
-failure is then the item's error, and the pipe stays in step.
+failure is then the item's error, and the pipe stays in step. A worker may
+hold back the answers of fast items whose results travel in the pipe, and
+send them together as one :data:`BATCH` message: each message wakes the
+parent, which costs as much as rebuilding a small result.
 
 A ShmArray made by the worker and returned as (part of) a result hands the
 duty to unlink its name over to the parent: the header lists such names,
@@ -108,14 +111,16 @@ ERROR = "error"
 UNMAPPED = "unmapped"
 #: An early part of what an item said (its code flushed sys.stdout or sys.stderr); its answer follows.
 SAID = "said"
+#: Answers held back by a worker, sent together: the payload is the list of their messages.
+BATCH = "batch"
 #: The index of an ERROR answer saying that the worker's initializer raised (the worker then exits).
 INITIALIZER = -1
 
 
 @dataclass(frozen=True)
 class Header:
-    """What every answer says first: ``kind`` (OK, ERROR or SAID), the item's ``index``, handed-over ``names``,
-    and what the item said on the way (its output and warnings, see :mod:`._relay`)."""
+    """What every answer says first: ``kind`` (OK, ERROR, SAID or BATCH), the item's ``index``, handed-over
+    ``names``, and what the item said on the way (its output and warnings, see :mod:`._relay`)."""
 
     kind: str
     index: int
@@ -159,6 +164,11 @@ def answer(
         body = pickled(describe(exc))
         return pickled((ERROR, index, (), said())) + body, None  # the worker keeps what it made
     return pickled(header) + body, handover
+
+
+def batch(messages: list[bytes]) -> bytes:
+    """In a worker: one message carrying the answers ``messages`` (each as :func:`answer` made it)."""
+    return pickled((BATCH, -1, (), ())) + pickled(messages)
 
 
 def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes | None:

@@ -1,7 +1,8 @@
 """Worker processes: their main loop, and their lifecycle as the parent sees it (start, replace, stop, reap).
 
 One loop serves :func:`shmalloc.map` and :class:`shmalloc.Pool`: it answers
-each :class:`~._protocol.Task` entry with one message, placing a large
+each :class:`~._protocol.Task` entry (the answers of fast items with small
+results go together, see :class:`_Unsent`), placing a large
 result under the entry's name or into the spare whose descriptor follows
 the task, and keeps a shared mapping of the spares it filled (refilling
 through it is a plain memory copy, ~2.5x faster than pwrite here).
@@ -12,8 +13,12 @@ noticed at once (``multiprocessing.Pool`` waits forever in that case).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import signal
+import struct
+import tempfile
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +38,61 @@ Initializer = tuple[Callable[..., Any], tuple[Any, ...]]
 TERMINATE_GRACE = 2.0
 #: Refill mappings a worker keeps at most (once full, it maps no more until the parent drops some).
 WORKER_MAPPINGS = 8
+#: A worker holds back the answer of an item that took less than this many seconds, if its result
+#: travels in the pipe and more items of the task follow, and sends it with the next ones, at the
+#: latest once the first answer held is this old or the task is done.
+HOLD_SECONDS = 0.005
+#: ... and at most this many bytes of answers.
+HOLD_BYTES = 1 << 20
+
+
+class Progress:
+    """Where a worker is in its task, in a word of memory it shares with the parent (no message: that
+    would cost what holding answers back saves). When the worker dies, the parent learns from it which
+    item it was running and which ones it had finished, their answers still held back.
+
+    The word lives in a memory file (not in /dev/shm) whose descriptor the worker gets first thing.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._mapping = mmap.mmap(fd, _WORD.size)
+        self._word = memoryview(self._mapping).cast("q")
+
+    @staticmethod
+    def new_file() -> int:
+        """A descriptor of a new memory file holding one word, -1."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("shmalloc-progress", os.MFD_CLOEXEC)
+        else:
+            with tempfile.TemporaryFile() as file:  # removed at once; the descriptor keeps it
+                fd = os.dup(file.fileno())
+        try:
+            os.pwrite(fd, _WORD.pack(-1), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def close(self) -> None:
+        self._word.release()
+        self._mapping.close()  # and the descriptor it keeps
+
+    def new_task(self) -> None:
+        self._word[0] = -1
+
+    def started(self, index: int) -> None:
+        self._word[0] = 2 * index
+
+    def finished(self, index: int) -> None:
+        self._word[0] = 2 * index + 1
+
+    def last(self) -> tuple[int, bool] | None:
+        """The item of its current task the worker started last, and whether it finished it (None: none)."""
+        value = self._word[0]
+        return None if value < 0 else (value // 2, bool(value % 2))
+
+
+_WORD = struct.Struct("q")
 
 
 # ----------------------------------------------------------------------------
@@ -70,10 +130,40 @@ class _RefillMappings:
             pass  # the next refill uses pwrite
 
 
+class _Unsent:
+    """Answers a worker holds back, to send them as one message (see :data:`HOLD_SECONDS`)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.messages: list[bytes] = []
+        self.nbytes = 0
+        self.since = 0.0
+
+    def send(self, message: bytes, may_hold: bool) -> None:
+        """Send ``message``, or hold it back if ``may_hold`` and those held are recent and few."""
+        if may_hold and self.nbytes + len(message) <= HOLD_BYTES:
+            now = time.monotonic()
+            if not self.messages:
+                self.since = now
+            if now - self.since < HOLD_SECONDS:
+                self.messages.append(message)
+                self.nbytes += len(message)
+                return
+        self.flush()
+        self.conn.send_bytes(message)
+
+    def flush(self) -> None:
+        """Send what is held back."""
+        if self.messages:
+            messages, self.messages, self.nbytes = self.messages, [], 0
+            self.conn.send_bytes(_protocol.batch(messages))
+
+
 def worker_main(conn: Connection, receiver: int, inherited: Options | None, initializer: Initializer | None = None) -> None:
     """A worker's main loop: answer every entry of every task, until STOP, EOF or a task marked last.
 
-    ``receiver``: the parent's pid. ``inherited``: the options of a map whose
+    ``receiver``: the parent's pid, which first sends the descriptor of the
+    worker's :class:`Progress` word. ``inherited``: the options of a map whose
     workers were made for it (under fork they hold the items and any func);
     a task's own options take precedence. ``initializer``: ``(function,
     args)`` to call first; if it raises, the worker answers with an
@@ -88,6 +178,14 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
     signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     mappings = _RefillMappings()
     try:
+        try:
+            progress_fd = _protocol.receive_descriptor(conn)
+        except (EOFError, OSError):
+            return
+        try:
+            progress = Progress(progress_fd)
+        finally:
+            os.close(progress_fd)
         if initializer is not None:
             failure = _protocol.initialize(*initializer)
             if failure is not None:
@@ -107,16 +205,29 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
                 return
             options = task.options or inherited
             assert options is not None, "a task without options to a worker started without them"
-            for entry in task.entries:
-                _answer_entry(conn, options, entry, fds.pop(entry.index, -1), mappings)
+            progress.new_task()
+            unsent = _Unsent(conn)
+            for position, entry in enumerate(task.entries):
+                more = position + 1 < len(task.entries)
+                _answer_entry(unsent, options, entry, fds.pop(entry.index, -1), mappings, progress, more)
+            unsent.flush()
             if task.last:
                 return
     finally:
         _ownership.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
 
-def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd: int, mappings: _RefillMappings) -> None:
-    """Run one entry and send its answer; ``fd``: its spare's descriptor (closed here), or -1."""
+def _answer_entry(
+    unsent: _Unsent,
+    options: Options,
+    entry: _protocol.Entry,
+    fd: int,
+    mappings: _RefillMappings,
+    progress: Progress,
+    more: bool,
+) -> None:
+    """Run one entry and send its answer (or hold it back if ``more`` entries follow); ``fd``: its spare's
+    descriptor (closed here), or -1."""
     try:
         shipped: list[_protocol.Shipped] = []
 
@@ -132,8 +243,14 @@ def _answer_entry(conn: Connection, options: Options, entry: _protocol.Entry, fd
                 shipped.append(_protocol.ship(result, entry.name, options.limit))
             return shipped[0]
 
-        message, handover = _protocol.answer(entry.index, produce, conn.send_bytes)
-        conn.send_bytes(message)
+        progress.started(entry.index)
+        start = time.monotonic()
+        message, handover = _protocol.answer(entry.index, produce, unsent.conn.send_bytes)
+        progress.finished(entry.index)
+        # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
+        # woken often), and its handover or spare must reach the parent without delay.
+        in_pipe = handover is not None and not handover.names and shipped[0].handle is None
+        unsent.send(message, more and in_pipe and time.monotonic() - start < HOLD_SECONDS)
         if handover is not None:
             handover.complete()
         # Off the result's path: map what was just written, for the next refill.
@@ -163,9 +280,28 @@ class Worker:
 
     process: Any
     conn: Connection
+    progress: Progress
     pending: deque[int] = field(default_factory=deque)  # indices given to it (sent or held), not yet answered
     held: ChunkMessage | None = None  # its next chunk, waiting until it has answered the current one
     closing: bool = False  # its last task was sent: it exits once that is answered
+
+    def close(self) -> None:
+        """Once it is reaped: close its pipe, its sentinel and its progress word."""
+        self.conn.close()
+        self.process.close()
+        self.progress.close()
+
+    def lost(self) -> tuple[list[int], int]:
+        """After this worker died owing results: the items it had finished whose answers it still held
+        back (lost with it), and the item it died on (the first one owed if its progress does not say)."""
+        pending = list(self.pending)
+        last = self.progress.last()
+        if last is not None and last[0] in pending:
+            index, finished = last
+            position = pending.index(index) + finished
+            if position < len(pending):
+                return pending[:position], pending[position]
+        return [], pending[0]
 
 
 # The parent's ends of the workers' pipes: a forked child must not keep them open, or a worker
@@ -218,16 +354,25 @@ class Workers:
 
     def start(self) -> Worker:
         """Start one more worker; return it."""
-        parent_end, child_end = self.ctx.Pipe(duplex=True)
-        _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
-        process = self.ctx.Process(
-            target=worker_main, args=(child_end, os.getpid(), self.inherited, self.initializer), daemon=True
-        )
+        progress_fd = Progress.new_file()
         try:
-            process.start()
+            progress = Progress(progress_fd)
+            parent_end, child_end = self.ctx.Pipe(duplex=True)
+            _parent_ends.add(parent_end)  # before the fork: the child closes its copy of it too
+            process = self.ctx.Process(
+                target=worker_main, args=(child_end, os.getpid(), self.inherited, self.initializer), daemon=True
+            )
+            try:
+                process.start()
+            finally:
+                child_end.close()  # so that the parent sees EOF when the worker is gone
+            try:
+                _protocol.send_descriptor(parent_end, progress_fd, process.pid)
+            except OSError:
+                pass  # it died at once: seen as any worker's death
         finally:
-            child_end.close()  # so that the parent sees EOF when the worker is gone
-        worker = Worker(process, parent_end)
+            os.close(progress_fd)
+        worker = Worker(process, parent_end, progress)
         self.running.append(worker)
         return worker
 
@@ -237,8 +382,7 @@ class Workers:
         pids = [w.process.pid for w in gone]
         for worker in gone:
             self.running.remove(worker)
-            worker.conn.close()
-            worker.process.close()
+            worker.close()
         return pids
 
     def bury(self, worker: Worker) -> tuple[bool, int | None]:
@@ -260,8 +404,7 @@ class Workers:
     def forget(self, worker: Worker) -> None:
         """Remove a reaped worker, closing its pipe and its sentinel's descriptors."""
         self.running.remove(worker)
-        worker.conn.close()
-        worker.process.close()
+        worker.close()
 
     def stop(self, graceful: bool) -> None:
         """Tell every worker to exit and reap them (graceful), or terminate and reap them.
@@ -290,8 +433,7 @@ class Workers:
             process.join()
             if not graceful:
                 _discard_unread(worker)
-            worker.conn.close()
-            process.close()
+            worker.close()
 
 
 def _discard_unread(worker: Worker) -> None:
