@@ -218,6 +218,8 @@ def imap(
         wait here), or in the order results are ready.
     chunksize : int, default 1
         Items handed to a worker at a time (as ``multiprocessing``'s imap).
+        Within a chunk, the small results of items that take under 5 ms
+        may come together, up to 5 ms after the first of them.
     func, iterable, processes, copy, start_method, progress, seed, pipe_limit, errors, retries
         As for :func:`map`. ``processes`` is not capped by the number of
         items (unknown ahead); the items are pickled to the workers under
