@@ -365,3 +365,34 @@ def test_a_small_zero_copy_result_does_not_keep_a_large_spare():
         np.testing.assert_array_equal(small, np.full(100_000, 3.0))
         (lent,) = pool._spares.lent
         assert lent.size < 1 << 20 and os.fstat(lent.fd).st_size == lent.size
+
+
+def _burst(pool: shmalloc.ProcessPoolExecutor, values: range) -> None:
+    """A task per value, two at a time, every result kept until all are in (as a joblib call does with its default
+    pre_dispatch); check them, drop them, and wait until their objects are spares again."""
+    import gc
+
+    results, pending, todo = [], [], list(values)
+    while todo or pending:
+        while todo and len(pending) < 2:
+            pending.append(pool.submit(full, todo.pop(0)))
+        results.append(pending.pop(0).result())
+    for i, result in zip(values, results, strict=True):
+        np.testing.assert_array_equal(result, full(i))
+    del results, result
+    gc.collect()
+    wait_until(lambda: not pool._spares.lent and not pool._spares.handed, "the burst's objects did not come back")
+
+
+def test_the_next_burst_finds_an_object_for_each_result_of_the_last_one():
+    """Six zero-copy results alive at once, then dropped: all six objects stay spares, and the next burst of six
+    writes into them (no new object). Once bursts are small again, the spares shrink to about two results."""
+    with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
+        _burst(pool, range(6))
+        first = {spare.sid for spare in pool._spares.free}
+        assert len(first) == 6  # more than the last 2 * max_workers results would keep
+        _burst(pool, range(6, 12))
+        assert {spare.sid for spare in pool._spares.free} == first
+        _burst(pool, range(12, 13))  # still within the budget of the burst of six before it
+        _burst(pool, range(13, 14))
+        assert len(pool._spares.free) == 2  # 1.25 times the last two results

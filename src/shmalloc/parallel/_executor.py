@@ -214,9 +214,11 @@ class ProcessPoolExecutor(cf.Executor):
         The objects of consumed results are kept as spares, whose warm
         pages the next large results are written into (a fresh object's
         pages cost about five times the write): at most about the bytes of
-        the last ``2 * max_workers`` large results, and at most this share
-        of the free space of /dev/shm (float), or this many bytes (int).
-        0 keeps none.
+        the large results of the last burst of tasks (from a submit to an
+        idle pool until all its tasks are done, such as a joblib call) or
+        of the last ``2 * max_workers``, whichever is more, and at most this
+        share of the free space of /dev/shm (float), or this many bytes
+        (int). 0 keeps none.
     **kwargs
         Passed on to :class:`concurrent.futures.ProcessPoolExecutor`
         (e.g. ``max_tasks_per_child``).
@@ -270,6 +272,11 @@ class ProcessPoolExecutor(cf.Executor):
         # carry descriptors. They keep no mapping of it, so there is nothing for them to unmap.
         self._spares = Spares(spare_limit, _nothing_to_unmap)
         self._recent: deque[int] = deque(maxlen=2 * (max_workers or os.cpu_count() or 1))  # large results' bytes
+        # A burst: from a submit to an idle pool until no task is left (a joblib call, a map). As a
+        # Pool's call, the last burst's results may keep their objects: it is likely to come again.
+        self._unsettled = 0  # tasks submitted and not settled
+        self._burst_bytes = 0  # large results' bytes in the current burst
+        self._last_burst_bytes = 0
         weakref.finalize(self, _close_spares, self._spares).atexit = False  # dropped without shutdown()
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
@@ -284,6 +291,7 @@ class ProcessPoolExecutor(cf.Executor):
         name = _names.generate()
         with self._lock:
             self._names.add(name)
+            self._unsettled += 1
         future = _Future()
         spare = self._take_spare()
         where = None if spare is None else _spare_address(spare)
@@ -296,6 +304,7 @@ class ProcessPoolExecutor(cf.Executor):
             # worker either finds the spare gone (another object, or none, under that number:
             # it uses the name) or writes into an object nobody reads.
             self._spare_back(spare, reusable=False)
+            self._settled()
             raise
         future._task = task
         task.add_done_callback(lambda done: self._settle(done, future, name, spare))
@@ -330,8 +339,18 @@ class ProcessPoolExecutor(cf.Executor):
                     return
                 kept.return_to(spares)
                 self._recent.append(kept.spare.size)
-                spares.call_bytes = sum(self._recent)
+                with self._lock:  # taken inside the spares' lock only (never the other way round)
+                    self._burst_bytes += kept.spare.size
+                    burst_bytes = max(self._burst_bytes, self._last_burst_bytes)
+                spares.call_bytes = max(sum(self._recent), burst_bytes)
                 spares.trim()
+
+    def _settled(self) -> None:
+        """A task is over; the last one ends the burst (see ``_burst_bytes``)."""
+        with self._lock:
+            self._unsettled -= 1
+            if self._unsettled == 0:
+                self._last_burst_bytes, self._burst_bytes = self._burst_bytes, 0
 
     def map(
         self,
@@ -411,6 +430,7 @@ class ProcessPoolExecutor(cf.Executor):
             future._task = None
             discard(name)
             self._spare_back(spare, reusable, kept)
+            self._settled()
             if settled:
                 with self._lock:
                     self._names.discard(name)
