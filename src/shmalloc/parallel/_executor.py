@@ -428,9 +428,9 @@ class ProcessPoolExecutor(cf.Executor):
             # The task's done callback holds the caller's future, which held the task: a cycle that
             # would keep the result (and a copy=False result's spare) until the garbage collector runs.
             future._task = None
+            self._settled()
             discard(name)
             self._spare_back(spare, reusable, kept)
-            self._settled()
             if settled:
                 with self._lock:
                     self._names.discard(name)
