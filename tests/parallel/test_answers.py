@@ -6,6 +6,7 @@ import gc
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -317,6 +318,37 @@ def small_or_explode_on_three(i: int):
     return ExplodesInParent("ValueError") if i == 3 else -i
 
 
+def wait_for_the_consumer(arg: tuple[int, str]) -> str:
+    """Item 1 finishes only once the consumer has seen item 0's result (it creates ``flag`` then)."""
+    i, flag = arg
+    deadline = time.monotonic() + 30
+    while i == 1 and not os.path.exists(flag):
+        if time.monotonic() > deadline:
+            return "gave up: the result of item 0 never reached the consumer"
+        time.sleep(0.01)
+    return f"item {i}"
+
+
+def _raise_in_the_worker():
+    raise RuntimeError("this item cannot be rebuilt in a worker")
+
+
+class FailsToReachTheWorker:
+    """Pickles in the parent; rebuilding it in a worker raises, and the worker dies reading its task."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __reduce__(self):
+        if os.getpid() == self.parent:
+            return (_raise_in_the_worker, ())
+        return (FailsToReachTheWorker, (self.parent,))
+
+
+def same(x):
+    return x
+
+
 def _run_engine(engine: str, method: str, func, items, **kwargs):
     if engine == "map":
         return shmalloc.map(func, items, processes=1, start_method=method, **kwargs)
@@ -399,3 +431,64 @@ def test_held_answers_go_out_in_order_before_the_next_one_and_never_wait_too_lon
     unsent.flush()
     unsent.flush()
     assert _indices(conn.sent) == [[7]]
+
+
+@pytest.mark.parametrize("engine", ["imap", "pool"])
+def test_an_imap_never_holds_back_a_result_its_caller_waits_for(engine, tmp_path):
+    """In an imap, item 0's result reaches the caller while item 1 of the same chunk still runs (item 1 waits
+    for the caller to have it): answers are held back in a map only."""
+    flag = str(tmp_path / "seen")
+    items = [(0, flag), (1, flag)]
+    got = []
+
+    def consume(results):
+        for result in results:
+            got.append(result)
+            open(flag, "w").close()
+
+    if engine == "imap":
+        consume(shmalloc.imap(wait_for_the_consumer, items, processes=1, chunksize=2))
+    else:
+        with shmalloc.Pool(1) as pool:
+            consume(pool.imap(wait_for_the_consumer, items, chunksize=2))
+    assert got == ["item 0", "item 1"]
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+def test_a_worker_dying_before_it_starts_a_call_is_not_judged_by_its_last_call(method):
+    """A Pool worker that dies reading the next call's task (its first item cannot be rebuilt there) fails item 0
+    only: what it noted in its previous call (item 2 finished) names no item of this one."""
+    with shmalloc.Pool(1, start_method=method) as pool:
+        assert pool.map(same, range(3), chunksize=3) == [0, 1, 2]
+        with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 6 items failed"):
+            got = pool.map(same, [FailsToReachTheWorker(os.getpid()), 1, 2, 3, 4, 5], chunksize=6, errors="return")
+    assert isinstance(got[0], shmalloc.WorkerDiedError) and got[0].index == 0
+    assert got[1:] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("noted", "died_on"),
+    [
+        (None, 4),  # nothing noted in this call: the first item owed
+        ((6, False), 6),  # running item 6 (4 and 5 finished, their answers held back)
+        ((5, True), 6),  # just finished item 5: it died before or while starting 6
+        ((7, True), 7),  # finished every item owed: it died sending their answers
+        ((9, False), 4),  # an item it does not owe (noted in an earlier call): the first item owed
+    ],
+)
+def test_the_item_a_worker_died_on_is_read_from_its_progress(noted, died_on):
+    """The parent names the item a dead worker was on from the word the worker shares with it."""
+    fd = _workers.Progress.new_file()
+    try:
+        progress = _workers.Progress(fd)
+    finally:
+        os.close(fd)
+    try:
+        if noted is not None:
+            index, finished = noted
+            (progress.finished if finished else progress.started)(index)
+        worker = _workers.Worker(None, None, progress)  # type: ignore[arg-type]
+        worker.pending.extend([4, 5, 6, 7])
+        assert worker.died_on() == died_on
+    finally:
+        progress.close()

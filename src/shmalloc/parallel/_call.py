@@ -120,6 +120,11 @@ class Call:
         With ``errors="raise"``, raise a failure when its result's turn to
         be yielded comes, the results before it yielded first (imap), instead
         of at once (map). No new item goes out once a failure is known.
+    hold_answers : bool
+        Workers may hold back the answers of fast items and send them
+        together (a map, whose caller sees no result before it ends; never
+        an imap, whose caller may wait for one result before the next item
+        can finish).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class Call:
         retries: int = 0,
         look_ahead: int | None = None,
         fail_at_turn: bool = False,
+        hold_answers: bool = False,
     ) -> None:
         self.workers, self.options = workers, options
         self.total = len(items) if isinstance(items, Sized) else None
@@ -168,6 +174,7 @@ class Call:
         self.failed = 0  # items whose result is their exception
         self.said_early: dict[int, _relay.Events] = {}  # flushed output of items still running
         self.fail_at_turn = fail_at_turn
+        self.hold_answers = hold_answers
         self.failing = False  # a failure waits for its turn to be raised: hand out nothing more
 
     def run(self) -> list[Any]:
@@ -286,12 +293,15 @@ class Call:
             if fd is not None:
                 fds.append(fd)
         busy = bool(worker.pending)
+        if not busy:  # it is past its last note: what it says now is about this call, not an earlier one
+            worker.progress.new_task()
         worker.pending.extend(chunk)
         task = _protocol.Task(
             entries,
             options=self.options if self.persistent else None,
             last=not self.persistent and not self._work_left(),
             drops=self.results.drops_for(pid),
+            hold=self.hold_answers,
         )
         worker.closing = task.last  # it exits once answered: nothing more may go to it
         try:
@@ -354,7 +364,7 @@ class Call:
         self._check_interrupted()
         exited, code = self.workers.bury(worker)
         if worker.pending:
-            finished, index = worker.lost()
+            index = worker.died_on()
             how = exit_text(code) if exited else "closed its pipe"
             died = WorkerDiedError(f"the worker (pid {worker.process.pid}) working on item {index} {how}", index, code)
             _relay.replay(self.said_early.pop(index, ()), f"item {index}")  # what it flushed before dying
@@ -365,8 +375,7 @@ class Call:
             worker.held = None
             self.workers.forget(worker)
             for other in others:  # finished with its answer held back, or never started: not a try
-                if other in finished:
-                    self.said_early.pop(other, None)  # it runs again and says it again
+                self.said_early.pop(other, None)  # it runs again and says it again
                 self.results.redo(other)
                 self.redo.append(other)
             self._failed(index, died)

@@ -95,7 +95,10 @@ def map(
         Run a failed item again up to this many times (in another worker if
         its worker died, with the same seed); a success counts as if it had
         succeeded the first time. Items the dead worker held but had not
-        started are handed out again without counting a try.
+        started are handed out again without counting a try, as are those
+        it had finished but whose small results it still held back, to send
+        them together with the next ones (only in a map, for items under
+        5 ms): they run again.
 
     Returns
     -------
@@ -185,6 +188,7 @@ def map(
         persistent=False,
         errors=errors,
         retries=retries,
+        hold_answers=True,
     )
     return call.run()
 
@@ -218,8 +222,6 @@ def imap(
         wait here), or in the order results are ready.
     chunksize : int, default 1
         Items handed to a worker at a time (as ``multiprocessing``'s imap).
-        Within a chunk, the small results of items that take under 5 ms
-        may come together, up to 5 ms after the first of them.
     func, iterable, processes, copy, start_method, progress, seed, pipe_limit, errors, retries
         As for :func:`map`. ``processes`` is not capped by the number of
         items (unknown ahead); the items are pickled to the workers under

@@ -320,6 +320,7 @@ class Pool:
                         retries=retries,
                         look_ahead=look_ahead(self._processes, chunksize) if lazy else None,
                         fail_at_turn=lazy,
+                        hold_answers=not lazy,
                     )
                     yield from call.iterate(ordered)
             finally:

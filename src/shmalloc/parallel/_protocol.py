@@ -18,10 +18,11 @@ header) and :data:`STOP`.
 Each answer is one message (``send_bytes``): a header the parent can always
 read, then the payload. The header holds only builtins, so the parent learns
 which item an answer is for even when rebuilding the payload fails: that
-failure is then the item's error, and the pipe stays in step. A worker may
-hold back the answers of fast items whose results travel in the pipe, and
-send them together as one :data:`BATCH` message: each message wakes the
-parent, which costs as much as rebuilding a small result.
+failure is then the item's error, and the pipe stays in step. In a map
+(whose caller sees no result before the end) a worker may hold back the
+answers of fast items whose results travel in the pipe, and send them
+together as one :data:`BATCH` message: each message wakes the parent, which
+costs as much as rebuilding a small result.
 
 A ShmArray made by the worker and returned as (part of) a result hands the
 duty to unlink its name over to the parent: the header lists such names,
@@ -79,6 +80,7 @@ class Task:
     options: Options | None = None  # None: the options the worker was started with
     last: bool = False  # no more tasks will come: exit right after answering
     drops: tuple[int, ...] = ()  # spares released: unmap them first
+    hold: bool = False  # answers may be held back (a map: its caller sees no result before the end)
 
 
 @dataclass(frozen=True)

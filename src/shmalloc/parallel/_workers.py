@@ -38,9 +38,11 @@ Initializer = tuple[Callable[..., Any], tuple[Any, ...]]
 TERMINATE_GRACE = 2.0
 #: Refill mappings a worker keeps at most (once full, it maps no more until the parent drops some).
 WORKER_MAPPINGS = 8
-#: A worker holds back the answer of an item that took less than this many seconds, if its result
-#: travels in the pipe and more items of the task follow, and sends it with the next ones, at the
-#: latest once the first answer held is this old or the task is done.
+#: In a map, a worker holds back the answer of an item that took less than this many seconds, if its
+#: result travels in the pipe and more items of the task follow, and sends it with the next ones: once
+#: an item ends after the first answer held is this old, before an answer that may not wait, or when
+#: the task is done. (So an answer may wait for the next item, however long it takes: only a map,
+#: whose caller sees no result before the end, holds answers back.)
 HOLD_SECONDS = 0.005
 #: ... and at most this many bytes of answers.
 HOLD_BYTES = 1 << 20
@@ -208,9 +210,10 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
             progress.new_task()
             unsent = _Unsent(conn)
             for position, entry in enumerate(task.entries):
-                more = position + 1 < len(task.entries)
+                more = task.hold and position + 1 < len(task.entries)
                 _answer_entry(unsent, options, entry, fds.pop(entry.index, -1), mappings, progress, more)
             unsent.flush()
+            progress.new_task()  # everything is answered: a death from now on is no item's
             if task.last:
                 return
     finally:
@@ -291,17 +294,18 @@ class Worker:
         self.process.close()
         self.progress.close()
 
-    def lost(self) -> tuple[list[int], int]:
-        """After this worker died owing results: the items it had finished whose answers it still held
-        back (lost with it), and the item it died on (the first one owed if its progress does not say)."""
+    def died_on(self) -> int:
+        """After this worker died owing results: the item it died on. That is the item it was running, or
+        the next one if it had just finished one; the last one owed if it had finished all (it died
+        sending their answers); else (its progress says nothing of this call) the first one owed. The
+        items before it finished, their answers held back and lost with the worker."""
         pending = list(self.pending)
         last = self.progress.last()
         if last is not None and last[0] in pending:
             index, finished = last
             position = pending.index(index) + finished
-            if position < len(pending):
-                return pending[:position], pending[position]
-        return [], pending[0]
+            return pending[min(position, len(pending) - 1)]
+        return pending[0]
 
 
 # The parent's ends of the workers' pipes: a forked child must not keep them open, or a worker
@@ -366,13 +370,18 @@ class Workers:
                 process.start()
             finally:
                 child_end.close()  # so that the parent sees EOF when the worker is gone
+            worker = Worker(process, parent_end, progress)
             try:
                 _protocol.send_descriptor(parent_end, progress_fd, process.pid)
             except OSError:
                 pass  # it died at once: seen as any worker's death
+            except BaseException:  # interrupted (Ctrl-C): a worker not in the list must not live on
+                process.kill()
+                process.join()
+                worker.close()
+                raise
         finally:
             os.close(progress_fd)
-        worker = Worker(process, parent_end, progress)
         self.running.append(worker)
         return worker
 
