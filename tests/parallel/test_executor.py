@@ -17,6 +17,7 @@ import pytest
 from engines import wait_for_no_workers, wait_until
 
 import shmalloc
+from shmalloc.parallel._executor import BURST_GAP
 
 
 def big_or_small(i: int):
@@ -382,17 +383,21 @@ def _burst(pool: shmalloc.ProcessPoolExecutor, values: range) -> None:
     del results, result
     gc.collect()
     wait_until(lambda: not pool._spares.lent and not pool._spares.handed, "the burst's objects did not come back")
+    time.sleep(2 * BURST_GAP)  # idle: the next task starts a new burst
 
 
 def test_the_next_burst_finds_an_object_for_each_result_of_the_last_one():
     """Six zero-copy results alive at once, then dropped: all six objects stay spares, and the next burst of six
-    writes into them (no new object). Once bursts are small again, the spares shrink to about two results."""
+    writes into them (no new object). Once the last two bursts were small, the spares shrink to about the last
+    two results."""
     with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
         _burst(pool, range(6))
         first = {spare.sid for spare in pool._spares.free}
         assert len(first) == 6  # more than the last 2 * max_workers results would keep
         _burst(pool, range(6, 12))
         assert {spare.sid for spare in pool._spares.free} == first
-        _burst(pool, range(12, 13))  # still within the budget of the burst of six before it
-        _burst(pool, range(13, 14))
+        for i in range(12, 14):  # the bursts of six are among the last two: all stay
+            _burst(pool, range(i, i + 1))
+            assert len(pool._spares.free) == 6
+        _burst(pool, range(14, 15))
         assert len(pool._spares.free) == 2  # 1.25 times the last two results

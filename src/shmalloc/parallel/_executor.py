@@ -27,6 +27,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections import deque
@@ -45,6 +46,8 @@ from ._recycling import Kept, read_result
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 
 _LABEL = "shmalloc.ProcessPoolExecutor"
+#: Tasks submitted within this many seconds of the pool's last task settling belong to its burst.
+BURST_GAP = 0.1
 
 # In a worker: the handover of the last answer, completed at the next task (by then the
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
@@ -214,9 +217,9 @@ class ProcessPoolExecutor(cf.Executor):
         The objects of consumed results are kept as spares, whose warm
         pages the next large results are written into (a fresh object's
         pages cost about five times the write): at most about the bytes of
-        the large results of the last burst of tasks (from a submit to an
-        idle pool until all its tasks are done, such as a joblib call) or
-        of the last ``2 * max_workers``, whichever is more, and at most this
+        the large results of a recent burst of tasks (tasks submitted
+        without the pool being idle for 0.1 s, such as a joblib call) or of
+        the last ``2 * max_workers``, whichever is more, and at most this
         share of the free space of /dev/shm (float), or this many bytes
         (int). 0 keeps none.
     **kwargs
@@ -272,11 +275,12 @@ class ProcessPoolExecutor(cf.Executor):
         # carry descriptors. They keep no mapping of it, so there is nothing for them to unmap.
         self._spares = Spares(spare_limit, _nothing_to_unmap)
         self._recent: deque[int] = deque(maxlen=2 * (max_workers or os.cpu_count() or 1))  # large results' bytes
-        # A burst: from a submit to an idle pool until no task is left (a joblib call, a map). As a
-        # Pool's call, the last burst's results may keep their objects: it is likely to come again.
+        # A burst: tasks submitted until the pool has been idle for BURST_GAP (a joblib call, a map).
+        # As a Pool's call, a recent burst's results may keep their objects: it is likely to come again.
         self._unsettled = 0  # tasks submitted and not settled
+        self._idle_since: float | None = None  # when the last task settled, if none is left
         self._burst_bytes = 0  # large results' bytes in the current burst
-        self._last_burst_bytes = 0
+        self._bursts: deque[int] = deque(maxlen=2)  # ... and in the two before it
         weakref.finalize(self, _close_spares, self._spares).atexit = False  # dropped without shutdown()
         self._lock = threading.Lock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
@@ -291,7 +295,12 @@ class ProcessPoolExecutor(cf.Executor):
         name = _names.generate()
         with self._lock:
             self._names.add(name)
+            idle = self._idle_since
+            if idle is not None and time.monotonic() - idle > BURST_GAP:  # a new burst
+                self._bursts.append(self._burst_bytes)
+                self._burst_bytes = 0
             self._unsettled += 1
+            self._idle_since = None
         future = _Future()
         spare = self._take_spare()
         where = None if spare is None else _spare_address(spare)
@@ -341,16 +350,16 @@ class ProcessPoolExecutor(cf.Executor):
                 self._recent.append(kept.spare.size)
                 with self._lock:  # taken inside the spares' lock only (never the other way round)
                     self._burst_bytes += kept.spare.size
-                    burst_bytes = max(self._burst_bytes, self._last_burst_bytes)
+                    burst_bytes = max(self._burst_bytes, *self._bursts, 0)
                 spares.call_bytes = max(sum(self._recent), burst_bytes)
                 spares.trim()
 
     def _settled(self) -> None:
-        """A task is over; the last one ends the burst (see ``_burst_bytes``)."""
+        """A task is over; if it was the last one, the pool is idle from now (see ``_bursts``)."""
         with self._lock:
             self._unsettled -= 1
             if self._unsettled == 0:
-                self._last_burst_bytes, self._burst_bytes = self._burst_bytes, 0
+                self._idle_since = time.monotonic()
 
     def map(
         self,
