@@ -1,8 +1,8 @@
 """Worker processes: their main loop, and their lifecycle as the parent sees it (start, replace, stop, reap).
 
 One loop serves :func:`shmalloc.map` and :class:`shmalloc.Pool`: it answers
-each :class:`~._protocol.Task` entry (the answers of fast items with small
-results go together, see :class:`_Unsent`), placing a large
+each :class:`~._protocol.Task` entry (in a map, the answers of fast items
+with small results go together, see :class:`_Unsent`), placing a large
 result under the entry's name or into the spare whose descriptor follows
 the task, and keeps a shared mapping of the spares it filled (refilling
 through it is a plain memory copy, ~2.5x faster than pwrite here).
