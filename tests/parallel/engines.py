@@ -142,6 +142,14 @@ def make(kind: str, method: str) -> Engine:
     return {"map": MapEngine, "pool": PoolEngine, "executor": ExecutorEngine}[kind](method)
 
 
+def map_on(engine: str, method: str, func: Callable[[Any], Any], items: Iterable[Any], processes: int = 2, **kwargs: Any) -> list:
+    """``func`` over ``items`` with ``shmalloc.map`` (``engine`` "map") or on a new ``shmalloc.Pool`` ("pool")."""
+    if engine == "map":
+        return shmalloc.map(func, items, processes=processes, start_method=method, **kwargs)
+    with shmalloc.Pool(processes, start_method=method) as pool:
+        return pool.map(func, items, **kwargs)
+
+
 def wait_until(condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
     """Poll ``condition`` until it is true; fail with ``what`` once ``seconds`` have passed."""
     deadline = time.monotonic() + seconds

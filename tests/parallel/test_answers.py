@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from engines import map_on
 
 import shmalloc
 from shmalloc.parallel import _protocol, _workers
@@ -309,9 +310,22 @@ def test_executor_shutdown_leaves_no_descriptor_and_no_zombie(method):
 
 def print_then_die_on_seven(i: int) -> int:
     print(f"item {i} says", flush=i % 2 == 0)  # even items flush: their output travels early
+    return die_on_seven(i)
+
+
+def die_on_seven(i: int) -> int:
     if i == 7:
         os.kill(os.getpid(), signal.SIGKILL)
     return -i
+
+
+def negate(i: int) -> int:
+    return -i
+
+
+def _die_instead_of_sending(messages: list[bytes]) -> bytes:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
 
 
 def small_or_explode_on_three(i: int):
@@ -349,25 +363,41 @@ def same(x):
     return x
 
 
-def _run_engine(engine: str, method: str, func, items, **kwargs):
-    if engine == "map":
-        return shmalloc.map(func, items, processes=1, start_method=method, **kwargs)
-    with shmalloc.Pool(1, start_method=method) as pool:
-        return pool.map(func, items, **kwargs)
-
-
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("engine", ["map", "pool"])
-def test_a_worker_dying_after_fast_items_is_blamed_for_its_item_only(engine, method, capsys):
+def test_a_worker_dying_after_fast_items_is_blamed_for_its_item_only(engine, method):
     """Items 0-6 finish fast, item 7 kills its worker: only item 7 fails (WorkerDiedError, SIGKILL); the others'
-    answers, held back and lost with the worker, are made again, and each item's output shows once."""
+    answers, held back and lost with the worker, are made again."""
     with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 12 items failed"):
-        got = _run_engine(engine, method, print_then_die_on_seven, range(12), chunksize=12, errors="return")
+        got = map_on(engine, method, die_on_seven, range(12), processes=1, chunksize=12, errors="return")
     assert isinstance(got[7], shmalloc.WorkerDiedError) and got[7].index == 7 and got[7].exitcode == -signal.SIGKILL
     assert [value for i, value in enumerate(got) if i != 7] == [-i for i in range(12) if i != 7]
+
+
+@pytest.mark.parametrize("method", TWO_METHODS)
+@pytest.mark.parametrize("engine", ["map", "pool"])
+def test_what_items_said_before_a_death_is_shown_once_and_never_lost(engine, method, capsys):
+    """Items that print are never held back: when item 7 kills its worker and the call raises, what items 0-6
+    said is shown, each once (and also when the call goes on with errors="return")."""
+    with pytest.raises(shmalloc.WorkerDiedError, match="item 7"):
+        map_on(engine, method, print_then_die_on_seven, range(12), processes=1, chunksize=12)
     out = capsys.readouterr().out
-    for i in range(12):
-        assert out.count(f"item {i} says\n") == (0 if i == 7 else 1), out
+    assert [out.count(f"item {i} says\n") for i in range(8)] == [1] * 7 + [0], out
+    with pytest.warns(shmalloc.FailedItemsWarning):
+        map_on(engine, method, print_then_die_on_seven, range(12), processes=1, chunksize=12, errors="return")
+    out = capsys.readouterr().out
+    assert [out.count(f"item {i} says\n") for i in range(12)] == [1] * 7 + [0] + [1] * 4, out
+
+
+@pytest.mark.parametrize("engine", ["map", "pool"])
+def test_a_worker_dying_while_sending_held_answers_blames_the_last_item_of_its_task(engine, monkeypatch):
+    """A worker that dies sending its held answers (the next chunk already waiting for it) fails the last item
+    of the task it was answering, not the next chunk's first, which runs once like the others."""
+    monkeypatch.setattr(_protocol, "batch", _die_instead_of_sending)  # in forked workers only
+    with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 8 items failed"):
+        got = map_on(engine, "fork", negate, range(8), processes=1, chunksize=4, errors="return")
+    assert isinstance(got[3], shmalloc.WorkerDiedError) and got[3].index == 3
+    assert [value for i, value in enumerate(got) if i != 3] == [-i for i in range(8) if i != 3]
 
 
 @pytest.mark.parametrize("method", TWO_METHODS)
@@ -375,7 +405,7 @@ def test_a_worker_dying_after_fast_items_is_blamed_for_its_item_only(engine, met
 def test_a_result_that_cannot_be_rebuilt_among_held_answers_fails_alone(engine, method):
     """A small result whose rebuilding raises, sent together with its neighbours', is that item's error only."""
     with pytest.warns(shmalloc.FailedItemsWarning, match="1 of 8 items failed"):
-        got = _run_engine(engine, method, small_or_explode_on_three, range(8), chunksize=8, errors="return")
+        got = map_on(engine, method, small_or_explode_on_three, range(8), processes=1, chunksize=8, errors="return")
     assert isinstance(got[3], ValueError) and "cannot rebuild here" in str(got[3])
     assert [value for i, value in enumerate(got) if i != 3] == [-i for i in range(8) if i != 3]
 
@@ -469,11 +499,10 @@ def test_a_worker_dying_before_it_starts_a_call_is_not_judged_by_its_last_call(m
 @pytest.mark.parametrize(
     ("noted", "died_on"),
     [
-        (None, 4),  # nothing noted in this call: the first item owed
-        ((6, False), 6),  # running item 6 (4 and 5 finished, their answers held back)
-        ((5, True), 6),  # just finished item 5: it died before or while starting 6
-        ((7, True), 7),  # finished every item owed: it died sending their answers
-        ((9, False), 4),  # an item it does not owe (noted in an earlier call): the first item owed
+        (None, 4),  # nothing noted in this task: the first item owed
+        (6, 6),  # on item 6 (4 and 5 finished, their answers held back)
+        (7, 7),  # on the last item owed: running it, or sending the answers
+        (9, 4),  # an item it does not owe (noted in an earlier call): the first item owed
     ],
 )
 def test_the_item_a_worker_died_on_is_read_from_its_progress(noted, died_on):
@@ -485,8 +514,7 @@ def test_the_item_a_worker_died_on_is_read_from_its_progress(noted, died_on):
         os.close(fd)
     try:
         if noted is not None:
-            index, finished = noted
-            (progress.finished if finished else progress.started)(index)
+            progress.started(noted)
         worker = _workers.Worker(None, None, progress)  # type: ignore[arg-type]
         worker.pending.extend([4, 5, 6, 7])
         assert worker.died_on() == died_on

@@ -401,3 +401,17 @@ def test_the_next_burst_finds_an_object_for_each_result_of_the_last_one():
             assert len(pool._spares.free) == 6
         _burst(pool, range(14, 15))
         assert len(pool._spares.free) == 2  # 1.25 times the last two results
+
+
+def test_shutdown_cancelling_futures_ends_every_one():
+    """shutdown(cancel_futures=True): the futures of tasks the pool never started end cancelled (on Python 3.11
+    they stayed pending, their own cancel() refused because their task was done), the others with their result."""
+    pool = shmalloc.ProcessPoolExecutor(1)
+    futures = [pool.submit(slow_big, i) for i in range(10)]
+    time.sleep(0.1)
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert all(future.done() for future in futures)
+    assert any(future.cancelled() for future in futures)
+    for i, future in enumerate(futures):
+        if not future.cancelled():
+            np.testing.assert_array_equal(future.result(), np.full(50_000, i))

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
+from engines import map_on
 
 import shmalloc
 from shmalloc.parallel._options import resolve_processes
@@ -160,11 +161,7 @@ def _warn_unknown_category(i: int) -> int:
 ENGINES = ["map", "pool"]
 
 
-def _run(engine: str, method: str, func, items, **kwargs):
-    if engine == "map":
-        return shmalloc.map(func, items, processes=2, start_method=method, **kwargs)
-    with shmalloc.Pool(2, start_method=method) as pool:
-        return pool.map(func, items, **kwargs)
+_run = map_on
 
 
 @pytest.mark.parametrize("method", START_METHODS)

@@ -82,7 +82,7 @@ def _call_and_ship(
     _complete_unsent()
     _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
-    message, handover = _protocol.answer(0, lambda: _ship(fn(*args, **kwargs), name, limit, spare))
+    message, handover, _ = _protocol.answer(0, lambda: _ship(fn(*args, **kwargs), name, limit, spare))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
         # names; the answer has been sent by then (before the worker read its stop message).
@@ -282,7 +282,9 @@ class ProcessPoolExecutor(cf.Executor):
         self._burst_bytes = 0  # large results' bytes in the current burst
         self._bursts: deque[int] = deque(maxlen=2)  # ... and in the two before it
         weakref.finalize(self, _close_spares, self._spares).atexit = False  # dropped without shutdown()
-        self._lock = threading.Lock()
+        # Reentrant: on Python 3.12 a finalizer that cancels a future (at any bytecode, also while this
+        # thread holds the lock) settles its task at once, in this thread.
+        self._lock = threading.RLock()
         self._names: set[str] = set()  # handed out, not yet consumed or discarded
         self._warned = False
         self._broken = False  # a worker died: the standard pool serves no more tasks
@@ -295,16 +297,11 @@ class ProcessPoolExecutor(cf.Executor):
         name = _names.generate()
         with self._lock:
             self._names.add(name)
-            idle = self._idle_since
-            if idle is not None and time.monotonic() - idle > BURST_GAP:  # a new burst
-                self._bursts.append(self._burst_bytes)
-                self._burst_bytes = 0
-            self._unsettled += 1
-            self._idle_since = None
         future = _Future()
         spare = self._take_spare()
         where = None if spare is None else _spare_address(spare)
         try:
+            self._unsettle()
             task = self._pool.submit(_call_and_ship, fn, name, self._limit, os.getpid(), args, kwargs, where)
         except BaseException:
             # The standard pool may have queued the task before raising (a worker or its manager
@@ -354,6 +351,16 @@ class ProcessPoolExecutor(cf.Executor):
                 spares.call_bytes = max(sum(self._recent), burst_bytes)
                 spares.trim()
 
+    def _unsettle(self) -> None:
+        """A task is submitted: it belongs to the current burst, or starts one if the pool has been idle."""
+        with self._lock:
+            idle = self._idle_since
+            if idle is not None and time.monotonic() - idle > BURST_GAP:
+                self._bursts.append(self._burst_bytes)
+                self._burst_bytes = 0
+            self._unsettled += 1
+            self._idle_since = None
+
     def _settled(self) -> None:
         """A task is over; if it was the last one, the pool is idle from now (see ``_bursts``)."""
         with self._lock:
@@ -390,6 +397,7 @@ class ProcessPoolExecutor(cf.Executor):
             self._pool_threads |= native_ids()
         try:
             if task.cancelled():
+                future._task = None  # so that cancel() does not ask the task, which is done (Python 3.11 refuses)
                 future.cancel()
                 return
             error = task.exception()

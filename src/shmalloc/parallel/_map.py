@@ -98,7 +98,7 @@ def map(
         started are handed out again without counting a try, as are those
         it had finished but whose small results it still held back, to send
         them together with the next ones (only in a map, for items under
-        5 ms): they run again.
+        5 ms that printed and warned nothing): they run again.
 
     Returns
     -------

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -142,9 +142,16 @@ def pickled(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def answer(
-    index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], None] | None = None
-) -> tuple[bytes, _ownership.Handover | None]:
+class Answer(NamedTuple):
+    """What :func:`answer` made: the message, the handover (None for an ERROR answer), and whether the item
+    said anything (printed or warned, early or in the header)."""
+
+    message: bytes
+    handover: _ownership.Handover | None
+    spoke: bool
+
+
+def answer(index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], None] | None = None) -> Answer:
     """In a worker: run ``produce()`` for item ``index`` and return the message for the parent.
 
     Never raises for what ``produce`` (or pickling its value) raises: that
@@ -155,17 +162,25 @@ def answer(
     on the returned handover (if any) once the message is sent.
     """
     handover = _ownership.Handover()
-    early = None if on_flush is None else (lambda said: on_flush(pickled((SAID, index, (), said))))
-    run, said = _relay.capture(produce, early)
+    flushed = []
+
+    def early(said: _relay.Events) -> None:
+        flushed.append(True)
+        if on_flush is not None:
+            on_flush(pickled((SAID, index, (), said)))
+
+    run, said = _relay.capture(produce, None if on_flush is None else early)
     try:
         with handover:
             value = run()
             body = pickled(value)
-        header = (OK, index, tuple(handover.names), said())
+        events = said()
+        header = (OK, index, tuple(handover.names), events)
     except BaseException as exc:  # report everything; the parent decides
         body = pickled(describe(exc))
-        return pickled((ERROR, index, (), said())) + body, None  # the worker keeps what it made
-    return pickled(header) + body, handover
+        events = said()
+        return Answer(pickled((ERROR, index, (), events)) + body, None, bool(flushed or events))  # the worker keeps what it made
+    return Answer(pickled(header) + body, handover, bool(flushed or events))
 
 
 def batch(messages: list[bytes]) -> bytes:

@@ -50,8 +50,9 @@ HOLD_BYTES = 1 << 20
 
 class Progress:
     """Where a worker is in its task, in a word of memory it shares with the parent (no message: that
-    would cost what holding answers back saves). When the worker dies, the parent learns from it which
-    item it was running and which ones it had finished, their answers still held back.
+    would cost what holding answers back saves): the item it started last. When the worker dies, the
+    parent learns from it which item it was on, and that the items before it had finished, their answers
+    held back.
 
     The word lives in a memory file (not in /dev/shm) whose descriptor the worker gets first thing.
     """
@@ -83,15 +84,12 @@ class Progress:
         self._word[0] = -1
 
     def started(self, index: int) -> None:
-        self._word[0] = 2 * index
+        self._word[0] = index
 
-    def finished(self, index: int) -> None:
-        self._word[0] = 2 * index + 1
-
-    def last(self) -> tuple[int, bool] | None:
-        """The item of its current task the worker started last, and whether it finished it (None: none)."""
+    def last(self) -> int | None:
+        """The item of its current task the worker started last (None: none yet)."""
         value = self._word[0]
-        return None if value < 0 else (value // 2, bool(value % 2))
+        return None if value < 0 else value
 
 
 _WORD = struct.Struct("q")
@@ -248,12 +246,12 @@ def _answer_entry(
 
         progress.started(entry.index)
         start = time.monotonic()
-        message, handover = _protocol.answer(entry.index, produce, unsent.conn.send_bytes)
-        progress.finished(entry.index)
+        message, handover, spoke = _protocol.answer(entry.index, produce, unsent.conn.send_bytes)
         # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
-        # woken often), and its handover or spare must reach the parent without delay.
+        # woken often), and its handover or spare must reach the parent without delay. Nor does the
+        # answer of an item that said something: should this worker die, what it said is not lost.
         in_pipe = handover is not None and not handover.names and shipped[0].handle is None
-        unsent.send(message, more and in_pipe and time.monotonic() - start < HOLD_SECONDS)
+        unsent.send(message, more and in_pipe and not spoke and time.monotonic() - start < HOLD_SECONDS)
         if handover is not None:
             handover.complete()
         # Off the result's path: map what was just written, for the next refill.
@@ -295,17 +293,12 @@ class Worker:
         self.progress.close()
 
     def died_on(self) -> int:
-        """After this worker died owing results: the item it died on. That is the item it was running, or
-        the next one if it had just finished one; the last one owed if it had finished all (it died
-        sending their answers); else (its progress says nothing of this call) the first one owed. The
-        items before it finished, their answers held back and lost with the worker."""
-        pending = list(self.pending)
+        """After this worker died owing results: the item it died on. That is the item of its task it
+        started last, if it is owed (it was running it, or sending its answer and those held back with
+        it); else (nothing noted in this task) the first one owed. The items owed before it had finished,
+        their answers held back and lost with the worker."""
         last = self.progress.last()
-        if last is not None and last[0] in pending:
-            index, finished = last
-            position = pending.index(index) + finished
-            return pending[min(position, len(pending) - 1)]
-        return pending[0]
+        return last if last is not None and last in self.pending else self.pending[0]
 
 
 # The parent's ends of the workers' pipes: a forked child must not keep them open, or a worker
