@@ -182,7 +182,7 @@ def test_older_than_spares_young_orphans():
 def test_foreign_names_are_never_touched(shm_name):
     """Names shmalloc does not generate are neither listed nor removed, even if they look close."""
     pid = dead_pid()
-    hexpart = secrets.token_hex(6)
+    hexpart = "a" + secrets.token_hex(6)[1:]  # a letter, so that its upper case is not a name shmalloc makes
     names = [
         shm_name,
         f"/shmalloc_{pid}_{hexpart.upper()}",

@@ -20,9 +20,9 @@ read, then the payload. The header holds only builtins, so the parent learns
 which item an answer is for even when rebuilding the payload fails: that
 failure is then the item's error, and the pipe stays in step. In a map
 (whose caller sees no result before the end) a worker may hold back the
-answers of fast items whose results travel in the pipe, and send them
-together as one :data:`BATCH` message: each message wakes the parent, which
-costs as much as rebuilding a small result.
+answers of fast items that said nothing and whose results travel in the
+pipe, and send them together as one :data:`BATCH` message: each message
+wakes the parent, which costs as much as rebuilding a small result.
 
 A ShmArray made by the worker and returned as (part of) a result hands the
 duty to unlink its name over to the parent: the header lists such names,
@@ -162,7 +162,7 @@ def answer(index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], N
     on the returned handover (if any) once the message is sent.
     """
     handover = _ownership.Handover()
-    flushed = []
+    flushed: list[bool] = []  # what it said early, once per flush
 
     def early(said: _relay.Events) -> None:
         flushed.append(True)
