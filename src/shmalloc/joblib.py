@@ -20,7 +20,10 @@ same number of jobs and options, as loky keeps its executor, until
 reference where a worker can import them, else by value (cloudpickle), as
 with loky.
 
-What joblib users rely on works as with loky: automatic batching,
+What joblib users rely on works as with loky: automatic batching (except
+that once a batch's results came through shared memory, the call's
+batches hold one task each: batching saves a task's overhead, about 0.1 ms,
+while a batch keeps its large results alive in the worker until it ends),
 ``n_jobs=-1``, ``return_as="generator"`` and ``"generator_unordered"``,
 errors re-raised with their type (and the worker's traceback in a note),
 the call aborted at the first error, a killed worker reported as
@@ -121,6 +124,7 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
         self.copy = copy
         self.start_method = start_method
         self._executor: ProcessPoolExecutor | None = None
+        self._large_results = False  # a batch of this call returned its results through shared memory
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         """How many workers: ``n_jobs``, negative counted back from the usable CPUs (-1: all); 1 inside a
@@ -153,11 +157,27 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def retrieve_result_callback(self, future: Future) -> Any:
         """The batch's results (its exception is raised)."""
-        return future.result()
+        results = future.result()
+        if getattr(future, "shm_bytes", 0):
+            self._large_results = True
+        return results
+
+    def compute_batch_size(self) -> int:
+        """joblib's automatic batch size; 1 once results came through shared memory.
+
+        Batching saves each task's overhead (about 0.1 ms), which is nothing
+        beside writing and reading a large result. A batch, though, keeps its
+        results alive in the worker until its last task ends: the worker holds
+        more memory while the next one computes, and the results come later.
+        """
+        if self._large_results:
+            return 1
+        return int(super().compute_batch_size())
 
     def terminate(self) -> None:
         """The Parallel call ended: keep the workers for the next one."""
         self._executor = None
+        self._large_results = False
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:

@@ -164,6 +164,9 @@ def test_results_are_consumed_even_if_never_asked_for():
             time.sleep(0.01)
         assert not pool._names
         np.testing.assert_array_equal(future.result(), np.full(50_000, 3))
+        assert future.shm_bytes >= 50_000 * 8  # it came through shared memory
+        small = pool.submit(big_or_small, 4)
+        assert small.result() == 4 and small.shm_bytes == 0  # through the pipe
 
 
 def test_bad_arguments():

@@ -74,6 +74,28 @@ def test_lambdas_generators_and_auto_batching(monkeypatch):
     assert len(submitted) < 3000 / 4  # tasks went out in batches
 
 
+def _large(i: int) -> np.ndarray:
+    return np.full(20_000, float(i))  # 160 KB: above the pipe limit
+
+
+def test_tasks_whose_results_come_through_shared_memory_are_not_batched(monkeypatch):
+    """Once results come through shared memory, auto batching sends one task per batch; an explicit batch_size still holds."""
+    batches = []
+    submit = shmalloc.joblib.ShmallocBackend.submit
+    monkeypatch.setattr(shmalloc.joblib.ShmallocBackend, "submit", lambda self, *a, **k: batches.append(1) or submit(self, *a, **k))
+    with joblib.parallel_config(backend="shmalloc", n_jobs=2):
+        got = Parallel(batch_size="auto")(delayed(_large)(i) for i in range(300))
+        assert len(batches) == 300
+        batches.clear()
+        assert Parallel(batch_size=4)(delayed(_large)(i) for i in range(300))[-1][0] == 299.0
+        assert len(batches) <= 300 / 4 + 2  # joblib may split the last batch
+        batches.clear()
+        assert Parallel(batch_size="auto")(delayed(abs)(-i) for i in range(3000)) == list(range(3000))
+        assert len(batches) < 3000 / 4  # the next call's small results are batched again
+    for i, array in enumerate(got):
+        np.testing.assert_array_equal(array, np.full(20_000, float(i)))
+
+
 def test_n_jobs_minus_one_uses_every_usable_cpu():
     """n_jobs=-1 is every usable CPU, as with loky."""
     cpus = len(os.sched_getaffinity(0))

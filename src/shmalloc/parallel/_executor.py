@@ -152,10 +152,15 @@ _CANCEL_TASKS = sys.version_info >= (3, 12)
 
 
 class _Future(cf.Future):
-    """The caller's future; cancelling it cancels the task in the pool (Python 3.11: drops its result)."""
+    """The caller's future; cancelling it cancels the task in the pool (Python 3.11: drops its result).
+
+    ``shm_bytes``: the size of the segment the result came through, 0 if it came through the pipe (set
+    before the result).
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self.shm_bytes = 0
         self._task: cf.Future | None = None
         self._notify = threading.Lock()
         self._notified = False
@@ -237,7 +242,9 @@ class ProcessPoolExecutor(cf.Executor):
     there. A full /dev/shm
     sends results through the pipe, with one :class:`ShmFallbackWarning`.
     Every segment made for the pool is gone once :meth:`shutdown` (with
-    ``wait=True``, as the ``with`` statement does) returns.
+    ``wait=True``, as the ``with`` statement does) returns. A future of
+    this pool has ``shm_bytes``: the size of the segment its result came
+    through, 0 if it came through the pipe.
 
     An exception raised by ``fn`` is re-raised with a note giving the
     worker's traceback (a :class:`shmalloc.WorkerError` if it cannot be
@@ -422,6 +429,7 @@ class ProcessPoolExecutor(cf.Executor):
                         return
                     shipped: Shipped = payload
                     value, kept = self._receive(shipped, name, spare)
+                    future.shm_bytes = 0 if shipped.handle is None else shipped.handle.size
                 except Exception as exc:
                     reusable = False  # whatever is in the spare, it is of no use
                     future.set_exception(rebuild_error(None, exc, _LABEL))
