@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from numpy._core.multiarray import get_handler_name
 
 import shmalloc
 import shmalloc.parallel._call as call_module
@@ -43,6 +44,42 @@ def sized(n: int) -> np.ndarray:
 
 def pid_of(i: int) -> int:
     return os.getpid()
+
+
+BIG = 1 << 22  # 32 MB an array: enough to see in /proc/meminfo's Shmem
+_returned_here: list[np.ndarray] = []  # in a worker: the arrays it returned, still referenced
+
+
+def returned_and_kept(i: int) -> np.ndarray:
+    """A new array, which the worker also keeps, to write into after returning it."""
+    array = np.full(BIG, float(i))
+    _returned_here.append(array)
+    return array
+
+
+def write_into_returned(_: int) -> list[float]:
+    """Write into every array this worker returned; return what the first ten elements of each held before."""
+    seen = [float(a[:10].min()) for a in _returned_here]
+    for a in _returned_here:
+        a[:] = -2.0
+    return seen
+
+
+def with_temporaries(i: int) -> np.ndarray:
+    """A result, after large temporaries were made and dropped."""
+    for _ in range(4):
+        scratch = np.ones(BIG) * i
+        del scratch
+    return np.full(BIG, float(i))
+
+
+def _shmem_bytes() -> int:
+    """Shared memory in use on this machine (tmpfs, memfd, shared mappings), from /proc/meminfo."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Shmem line in /proc/meminfo")
 
 
 def _fds() -> set[str]:
@@ -143,6 +180,47 @@ def test_fork_while_lent_retires_the_object(monkeypatch):
             if child.exitcode is None:
                 child.kill()
                 child.join()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Shmem is read from /proc/meminfo")
+@pytest.mark.parametrize("method", START_METHODS)
+def test_copy_false_results_are_writable_private_and_freed_under_every_start_method(method):
+    """A copy=False result is writable; the parent's writes reach no worker, and a worker's later writes into the
+    array it returned (and kept) never reach the parent; a child forked while it lives keeps its view; dropped, its
+    object serves again; temporaries do not pile up; after close() Shmem is back at its level."""
+    shmem_before = _shmem_bytes()
+    ctx = mp.get_context("fork")
+    with shmalloc.Pool(2, start_method=method) as pool:
+        results = pool.map(returned_and_kept, range(4), copy=False)
+        for a in results:
+            assert a.flags.writeable and a.flags.owndata and get_handler_name(a) == "shmalloc"
+            a[:10] = -1.0  # the parent's writes
+        parent_end, child_end = ctx.Pipe()
+        child = ctx.Process(target=_child_reads, args=(child_end, results[1]))
+        child.start()
+        try:
+            seen = [v for worker_seen in pool.map(write_into_returned, range(8)) for v in worker_seen]
+            assert seen and set(seen) <= {0.0, 1.0, 2.0, 3.0, -2.0}  # never the parent's -1
+            for i, a in enumerate(results):  # never the workers' -2
+                assert (a[:10] == -1.0).all() and (a[10:] == i).all()
+            del results, a
+            gc.collect()
+            for _ in range(3):  # the objects come back and serve again; the temporaries stay in the workers
+                again = pool.map(with_temporaries, range(4), copy=False)
+                for i, a in enumerate(again):
+                    assert a[0] == i and a[-1] == i
+                del again, a
+                gc.collect()
+            parent_end.send("read")
+            assert parent_end.recv() == float(BIG - 10 - 10)  # what results[1] held when the child was forked
+        finally:
+            child.join(10)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+    _releaser.wait_for_releases()
+    # 4 results x 32 MB lived, and up to that much in spares: all of it is gone (other programs may move a little)
+    assert _shmem_bytes() - shmem_before < 16 << 20
 
 
 def test_spares_are_bounded_by_the_last_call():
