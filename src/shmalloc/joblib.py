@@ -21,9 +21,8 @@ reference where a worker can import them, else by value (cloudpickle), as
 with loky.
 
 What joblib users rely on works as with loky: automatic batching (except
-that once a batch's results came through shared memory, the call's
-batches hold one task each: batching saves a task's overhead, about 0.1 ms,
-while a batch keeps its large results alive in the worker until it ends),
+that once a batch's results took 32 MB a task or more, the call's batches
+hold one task each: see :meth:`ShmallocBackend.compute_batch_size`),
 ``n_jobs=-1``, ``return_as="generator"`` and ``"generator_unordered"``,
 errors re-raised with their type (and the worker's traceback in a note),
 the call aborted at the first error, a killed worker reported as
@@ -48,6 +47,8 @@ from .parallel._options import Portable, check_copy, resolve_processes, start_co
 
 #: The name under which the backend is registered.
 NAME = "shmalloc"
+#: Once a batch's results take this many bytes of shared memory a task, batches hold one task.
+LARGE_RESULT = 32 << 20
 
 
 class _Executors:
@@ -124,7 +125,7 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
         self.copy = copy
         self.start_method = start_method
         self._executor: ProcessPoolExecutor | None = None
-        self._large_results = False  # a batch of this call returned its results through shared memory
+        self._large_results = False  # a batch of this call returned LARGE_RESULT bytes a task or more
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         """How many workers: ``n_jobs``, negative counted back from the usable CPUs (-1: all); 1 inside a
@@ -158,17 +159,20 @@ class ShmallocBackend(AutoBatchingMixin, ParallelBackendBase):
     def retrieve_result_callback(self, future: Future) -> Any:
         """The batch's results (its exception is raised)."""
         results = future.result()
-        if getattr(future, "shm_bytes", 0):
+        tasks = len(results) if isinstance(results, list) else 1
+        if getattr(future, "shm_bytes", 0) >= LARGE_RESULT * max(tasks, 1):
             self._large_results = True
         return results
 
     def compute_batch_size(self) -> int:
-        """joblib's automatic batch size; 1 once results came through shared memory.
+        """joblib's automatic batch size; 1 once a batch's results took :data:`LARGE_RESULT` bytes a task.
 
-        Batching saves each task's overhead (about 0.1 ms), which is nothing
-        beside writing and reading a large result. A batch, though, keeps its
+        Batching saves each task's overhead, a fraction of a millisecond,
+        which is little beside moving tens of MB. A batch, though, keeps its
         results alive in the worker until its last task ends: the worker holds
         more memory while the next one computes, and the results come later.
+        Measured with 2 workers, tasks returning new frames: batching saved 6%
+        at 13 MB a result, nothing at 39 MB, and cost 13% at 130 MB.
         """
         if self._large_results:
             return 1

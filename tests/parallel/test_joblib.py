@@ -74,26 +74,29 @@ def test_lambdas_generators_and_auto_batching(monkeypatch):
     assert len(submitted) < 3000 / 4  # tasks went out in batches
 
 
-def _large(i: int) -> np.ndarray:
-    return np.full(20_000, float(i))  # 160 KB: above the pipe limit
+def _sized(i: int, n: int) -> np.ndarray:
+    return np.full(n, float(i))
 
 
-def test_tasks_whose_results_come_through_shared_memory_are_not_batched(monkeypatch):
-    """Once results come through shared memory, auto batching sends one task per batch; an explicit batch_size still holds."""
+def test_tasks_with_large_results_are_not_batched(monkeypatch):
+    """Results of LARGE_RESULT bytes a task make auto batching send one task a batch; smaller ones through shared
+    memory are batched; an explicit batch_size holds."""
+    monkeypatch.setattr(shmalloc.joblib, "LARGE_RESULT", 1 << 20)
     batches = []
     submit = shmalloc.joblib.ShmallocBackend.submit
     monkeypatch.setattr(shmalloc.joblib.ShmallocBackend, "submit", lambda self, *a, **k: batches.append(1) or submit(self, *a, **k))
+    large, medium = (1 << 20) // 8, 20_000  # 1 MB, 160 KB (above the pipe limit) an array
     with joblib.parallel_config(backend="shmalloc", n_jobs=2):
-        got = Parallel(batch_size="auto")(delayed(_large)(i) for i in range(300))
-        assert len(batches) == 300
+        got = Parallel(batch_size="auto")(delayed(_sized)(i, large) for i in range(200))
+        assert len(batches) == 200
         batches.clear()
-        assert Parallel(batch_size=4)(delayed(_large)(i) for i in range(300))[-1][0] == 299.0
-        assert len(batches) <= 300 / 4 + 2  # joblib may split the last batch
+        assert Parallel(batch_size="auto")(delayed(_sized)(i, medium) for i in range(300))[-1][0] == 299.0
+        assert len(batches) < 300 / 2  # the next call's medium results are batched again
         batches.clear()
-        assert Parallel(batch_size="auto")(delayed(abs)(-i) for i in range(3000)) == list(range(3000))
-        assert len(batches) < 3000 / 4  # the next call's small results are batched again
+        assert Parallel(batch_size=4)(delayed(_sized)(i, large) for i in range(40))[-1][0] == 39.0
+        assert len(batches) < 40 / 2  # batched (joblib splits its last batches finer)
     for i, array in enumerate(got):
-        np.testing.assert_array_equal(array, np.full(20_000, float(i)))
+        np.testing.assert_array_equal(array, np.full(large, float(i)))
 
 
 def test_n_jobs_minus_one_uses_every_usable_cpu():
