@@ -288,6 +288,15 @@ def map_private(fd: int, name: str, length: int, offset: int, out: MapOut, *, wr
         _raise_map_failure(name)
 
 
+def map_parts(fd: int, name: str, length: int, offset: int, out: MapOut, spans: Sequence[tuple[int, int]]) -> None:
+    """As :func:`map_private` (writable), but only ``spans`` ((start, length) relative to the mapping, page
+    aligned, sorted, not overlapping) stay mapped: the pages between them are unmapped in the same call."""
+    flat = ffi.new("size_t[]", [n for span in spans for n in span] or [0])
+    lib.shmalloc_map_parts(fd, length, offset, 1, flat, len(spans), out._mapped)
+    if out._mapped[0] == ffi.NULL:
+        _raise_map_failure(name)
+
+
 def map_shared(fd: int, name: str, size: int) -> int:
     """Map the first ``size`` bytes shared and writable; return the address."""
     address = lib.shmalloc_map_shared(fd, size, 0, 1)
@@ -355,3 +364,61 @@ def unmap_failures() -> tuple[int, int]:
 def any_adopted(addresses: Sequence[int]) -> bool:
     """Whether any of these addresses is still a mapping owned by an array."""
     return any(lib.shmalloc_is_adopted(ffi.cast("void *", a)) for a in addresses)
+
+
+# ---------------------------------------------------------------------------
+# The arena (see parallel._arena)
+
+_arena_ready = False
+
+
+def arena_open(address: int, length: int, head: int, fd: int, threshold: int) -> int:
+    """Serve this thread's numpy allocations of at least ``threshold`` bytes from the shared mapping of
+    ``length`` bytes at ``address`` (of the object ``fd``), past its first ``head`` bytes; return the
+    region's id. OSError if it cannot (e.g. EBUSY: an arena is open)."""
+    global _arena_ready
+    check_supported()
+    if not _arena_ready:
+        if lib.shmalloc_arena_init() < 0:
+            raise OSError(ffi.errno, "could not set up the arena")
+        _arena_ready = True
+    region = lib.shmalloc_arena_open(ffi.cast("void *", address), length, head, fd, threshold)
+    if region < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
+    return int(region)
+
+
+def arena_close() -> None:
+    """Stop serving allocations from the open arena; numpy's handler of this thread's context is restored."""
+    lib.shmalloc_arena_close()
+
+
+def arena_state(region: int) -> tuple[int, int, int, bool]:
+    """Bytes in use in ``region`` (live arrays and placed copies), live arrays, the most its large
+    allocations wanted at once when some did not fit (else 0), and whether a fork spoiled it."""
+    live_bytes, live_arrays, wanted, spoiled = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("int *")
+    lib.shmalloc_arena_state(region, live_bytes, live_arrays, wanted, spoiled)
+    return int(live_bytes[0]), int(live_arrays[0]), int(wanted[0]), bool(spoiled[0])
+
+
+def arena_place(region: int, nbytes: int) -> int | None:
+    """Offset in ``region``'s mapping of ``nbytes`` of free space (page aligned) for a copy; None if none."""
+    offset = lib.shmalloc_arena_place(region, nbytes)
+    return None if offset < 0 else int(offset)
+
+
+def arena_holds(region: int, address: int, nbytes: int) -> bool:
+    """Whether ``nbytes`` at ``address`` lie in one live array allocation of ``region``, from a page boundary."""
+    return bool(lib.shmalloc_arena_holds(region, ffi.cast("void *", address), nbytes))
+
+
+def arena_release(region: int) -> None:
+    """Forget ``region`` (no array lives in it; its mapping stays the caller's). OSError EBUSY if arrays live."""
+    if lib.shmalloc_arena_release(region) < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
+
+
+def arena_freeze(region: int) -> None:
+    """Remap ``region`` privately: from then on it owns its mapping, unmapped with its last array."""
+    if lib.shmalloc_arena_freeze(region) < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))

@@ -105,5 +105,9 @@ class RefillMapping:
             address, self.address = self.address, None
             _posix.unmap(address, self.length)
 
+    def detach(self) -> None:
+        """Forget the mapping without unmapping it (its range belongs to a frozen arena now)."""
+        self.address = None
+
     def __del__(self) -> None:
         self.close()

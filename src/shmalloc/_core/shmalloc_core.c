@@ -96,6 +96,28 @@ void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, v
     return addr;
 }
 
+/* As shmalloc_map, then unmaps the pages outside the nspans spans (start, length pairs relative to
+   the mapping: page aligned, sorted, not overlapping), all in one call: an interrupt cannot leave them
+   mapped, nor have them unmapped twice. */
+void *shmalloc_map_parts(int fd, size_t len, long long offset, int writable_private, const size_t *spans, size_t nspans,
+                         void **out)
+{
+    char *addr = shmalloc_map(fd, len, offset, writable_private, out);
+    if (!addr)
+        return NULL;
+    size_t at = 0;
+    for (size_t i = 0; i < nspans; i++) {
+        size_t start = spans[2 * i], end = start + spans[2 * i + 1];
+        if (start > at)
+            munmap(addr + at, start - at);
+        if (end > at)
+            at = end;
+    }
+    if (len > at)
+        munmap(addr + at, len - at);
+    return addr;
+}
+
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
 {
     int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;

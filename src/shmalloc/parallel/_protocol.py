@@ -52,6 +52,7 @@ from .._shared import SPARE_LABEL, RefillMapping
 from ..codecs import pandas as pandas_codec
 from ..errors import ShmError
 from . import _relay
+from ._arena import Arena
 from ._options import PIPE_LIMIT, Options
 
 #: The label of spares in error messages (they have no name).
@@ -317,6 +318,37 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: RefillMapp
     if shipped.fell_back:
         _shrink(fd, size)
     return shipped
+
+
+def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena) -> Shipped:
+    """In a worker: run the task ``produce`` with its large arrays allocated in ``arena`` (a refill
+    mapping of the spare ``fd``), and make its result ready for the parent, where it lies if it can.
+
+    See :mod:`._arena`; ``arena.settle()`` has run when this returns or raises.
+    """
+    try:
+        with arena.allocating():
+            result = produce()
+        if arena.untouched():  # nothing of the task lives there: as any result, through the mapping
+            arena.settle()
+            return ship_into(result, fd, limit, arena.mapping)
+        if not arena.spoiled() and _nbytes(result, limit) >= limit:
+            whole = isinstance(result, np.ndarray) or _is_pandas(result)
+            try:
+                handle = _transfer.write_in_place(result if whole else _Box(result), fd, arena)
+            except ShmError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                handle = None  # the object could not grow: as any result (which falls back in turn)
+            # A fork by another thread meanwhile may have kept a copy of a buffer from the object.
+            if handle is not None and not arena.spoiled():
+                del result  # the worker lets go of it: what still lives in the arena, the task kept
+                arena.settle()
+                return Shipped(handle=handle, boxed=not whole)
+        arena.settle()  # freezes: what the task made there is the worker's own memory from now on
+        return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
+    finally:
+        arena.settle()
 
 
 def _shrink(fd: int, size: int) -> None:

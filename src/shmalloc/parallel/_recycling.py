@@ -57,7 +57,8 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
             spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
             value, owners = _transfer.read(segment, handle, copy)
-        spare.size = max(spare.size, handle.size)
+        # A Pool worker grows a spare its task's arena was too small for (see _arena).
+        spare.size = max(spare.size, handle.size, os.fstat(spare.fd).st_size)
         return value, Kept(spare, owners, stamp)
     assert name is not None, "a result is in a spare or under a name"
     with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
@@ -106,13 +107,16 @@ class SpareResults(NamedResults):
             name = self.names[index]
             _protocol.check_answered_name(handle, name)
             del self.names[index]
+        size_before = 0 if spare is None else spare.size
         try:
             value, kept = read_result(handle, self.copy, spare, name, self.recycle)
         except BaseException:
             if spare is not None:
                 self.spares.release(spare)
             raise
-        self.consumed_bytes += handle.size
+        # A spare the worker grew for its task's arena counts whole: the next call's tasks want it so.
+        grown = spare.size if spare is not None and spare.size > size_before else 0
+        self.consumed_bytes += max(handle.size, grown)
         if kept is not None:
             kept.return_to(self.spares)
         return shipped.unboxed(value)
