@@ -29,6 +29,7 @@ answering: the parent then redoes the item or reports the death.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
@@ -42,10 +43,14 @@ from .._shared import RefillMapping
 HEAD = 64 * 1024
 #: numpy allocations of at least this many bytes come from the arena.
 THRESHOLD = 1 << 20
-#: How much larger than what a task wanted a spare is made (its next tasks may want a little more).
-GROWTH = 1.25
+#: How much larger than what a task wanted a spare is made. A task's first allocation that does not fit
+#: shows only part of what it wants (those after it are not counted): doubling fits in one step here.
+GROWTH = 2.0
 #: The exit code of a worker whose arena could not be made private.
 EXIT_CANNOT_FREEZE = 75
+
+#: What this process's arenas did: results shipped where they lay ("in place"), regions frozen, spares grown.
+counts: collections.Counter[str] = collections.Counter()
 
 
 class Arena:
@@ -124,6 +129,7 @@ class Arena:
             print(f"shmalloc: a worker could not make its task's arrays private ({exc}); it exits", file=sys.stderr)
             os._exit(EXIT_CANNOT_FREEZE)
         self.frozen = True
+        counts["frozen"] += 1
 
     def grow_spare(self) -> int | None:
         """If the task wanted more than the arena held: make the spare large enough for it (every page
@@ -136,4 +142,5 @@ class Arena:
             os.posix_fallocate(self.fd, 0, size)
         except OSError:
             return None  # /dev/shm is full: the next tasks use the arena there is
+        counts["grown"] += 1
         return size

@@ -51,7 +51,7 @@ from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
 from ..codecs import pandas as pandas_codec
 from ..errors import ShmError
-from . import _relay
+from . import _arena, _relay
 from ._arena import Arena
 from ._options import PIPE_LIMIT, Options
 
@@ -344,6 +344,7 @@ def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena)
             if handle is not None and not arena.spoiled():
                 del result  # the worker lets go of it: what still lives in the arena, the task kept
                 arena.settle()
+                _arena.counts["in place"] += 1
                 return Shipped(handle=handle, boxed=not whole)
         arena.settle()  # freezes: what the task made there is the worker's own memory from now on
         return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
