@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
 from shmalloc import _format, _posix, _releaser, _transfer
+from shmalloc.parallel import _arena
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -71,6 +73,12 @@ def with_temporaries(i: int) -> np.ndarray:
         scratch = np.ones(BIG) * i
         del scratch
     return np.full(BIG, float(i))
+
+
+def arena_counts(_: int) -> tuple[int, dict[str, int]]:
+    """This worker's pid and what its arenas did."""
+    time.sleep(0.05)  # so that every worker takes items
+    return os.getpid(), dict(_arena.counts)
 
 
 def _shmem_bytes() -> int:
@@ -191,6 +199,9 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
     shmem_before = _shmem_bytes()
     ctx = mp.get_context("fork")
     with shmalloc.Pool(2, start_method=method) as pool:
+        for _ in range(3):  # the workers' spares grow to what the tasks want: results are made in them
+            assert [a[0] for a in pool.map(with_temporaries, range(4), copy=False)] == [0, 1, 2, 3]
+            gc.collect()
         results = pool.map(returned_and_kept, range(4), copy=False)
         for a in results:
             assert a.flags.writeable and a.flags.owndata and get_handler_name(a) == "shmalloc"
@@ -213,13 +224,23 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
                 gc.collect()
             parent_end.send("read")
             assert parent_end.recv() == float(BIG - 10 - 10)  # what results[1] held when the child was forked
+            counts: Counter = Counter()
+            for counted in dict(pool.map(arena_counts, range(8), chunksize=1)).values():
+                counts.update(counted)
+            assert counts["in place"] and counts["frozen"]  # results made where they were shipped, and kept
         finally:
             child.join(10)
             if child.exitcode is None:
                 child.kill()
                 child.join()
     _releaser.wait_for_releases()
-    # 4 results x 32 MB lived, and up to that much in spares: all of it is gone (other programs may move a little)
+    held = shmalloc.held_objects()
+    assert not (held["pid"] == os.getpid()).any(), held  # no descriptor or mapping of an object is left here
+    # 4 results x 32 MB lived, and up to that much in spares: all of it is gone. Shmem is the machine's:
+    # give what other programs hold a moment to go.
+    deadline = time.monotonic() + 10
+    while _shmem_bytes() - shmem_before >= 16 << 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _shmem_bytes() - shmem_before < 16 << 20
 
 
