@@ -372,24 +372,35 @@ def any_adopted(addresses: Sequence[int]) -> bool:
 _arena_ready = False
 
 
-def arena_open(address: int, length: int, head: int, fd: int, threshold: int) -> int:
+class ArenaOut:
+    """The region id the core stores before :func:`arena_open` returns (-1 until then)."""
+
+    __slots__ = ("_region",)
+
+    def __init__(self) -> None:
+        self._region = ffi.new("int *", -1)
+
+    @property
+    def region(self) -> int:
+        return int(self._region[0])
+
+
+def arena_open(address: int, length: int, head: int, fd: int, threshold: int, out: ArenaOut) -> None:
     """Serve this thread's numpy allocations of at least ``threshold`` bytes from the shared mapping of
-    ``length`` bytes at ``address`` (of the object ``fd``), past its first ``head`` bytes; return the
-    region's id. OSError if it cannot (e.g. EBUSY: an arena is open)."""
+    ``length`` bytes at ``address`` (of the object ``fd``), past its first ``head`` bytes; the region's id
+    goes to ``out``. OSError if it cannot (EBUSY: an arena is open; ENFILE: every region is in use)."""
     global _arena_ready
     check_supported()
     if not _arena_ready:
         if lib.shmalloc_arena_init() < 0:
             raise OSError(ffi.errno, "could not set up the arena")
         _arena_ready = True
-    region = lib.shmalloc_arena_open(ffi.cast("void *", address), length, head, fd, threshold)
-    if region < 0:
+    if lib.shmalloc_arena_open(ffi.cast("void *", address), length, head, fd, threshold, out._region) < 0:
         raise OSError(ffi.errno, os.strerror(ffi.errno))
-    return int(region)
 
 
 def arena_close() -> None:
-    """Stop serving allocations from the open arena; numpy's handler of this thread's context is restored."""
+    """Stop serving allocations from the open arena (if any); numpy's handler of this context is restored."""
     lib.shmalloc_arena_close()
 
 
@@ -412,13 +423,11 @@ def arena_holds(region: int, address: int, nbytes: int) -> bool:
     return bool(lib.shmalloc_arena_holds(region, ffi.cast("void *", address), nbytes))
 
 
-def arena_release(region: int) -> None:
-    """Forget ``region`` (no array lives in it; its mapping stays the caller's). OSError EBUSY if arrays live."""
-    if lib.shmalloc_arena_release(region) < 0:
+def arena_settle(region: int) -> bool:
+    """Release ``region`` (no array lives in it, no fork came: its mapping stays the caller's) and return
+    False, or freeze it (from then on it owns the mapping) and return True. Idempotent. OSError if it
+    cannot be frozen (then it is still shared)."""
+    outcome = lib.shmalloc_arena_settle(region)
+    if outcome < 0:
         raise OSError(ffi.errno, os.strerror(ffi.errno))
-
-
-def arena_freeze(region: int) -> None:
-    """Remap ``region`` privately: from then on it owns its mapping, unmapped with its last array."""
-    if lib.shmalloc_arena_freeze(region) < 0:
-        raise OSError(ffi.errno, os.strerror(ffi.errno))
+    return outcome == 2

@@ -35,6 +35,7 @@
 #define SPANS 1024 /* allocations (and free ranges) a region tracks; beyond, malloc serves */
 
 enum { UNUSED, SHARED, FROZEN };
+enum { RELEASED = 1, FROZEN_BY_SETTLE = 2 };
 
 typedef struct {
     size_t off, len;
@@ -53,6 +54,7 @@ typedef struct {
     size_t nused;
     size_t in_use;    /* bytes of used spans and of placed copies */
     size_t wanted;    /* the most the task's large allocations asked for at once (0: all fitted) */
+    int outcome;      /* what settle did: 0 not yet, RELEASED, FROZEN_BY_SETTLE */
 } region;
 
 static pthread_mutex_t arena_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -78,8 +80,8 @@ static region *region_of(const void *p)
 static void *carve(region *r, size_t n, int counted)
 {
     size_t need = round_up(n ? n : 1, r->page);
-    if (counted && r->nused == SPANS)
-        return NULL;
+    if (r->state != SHARED || (counted && r->nused == SPANS))
+        return NULL; /* a frozen region's free pages are still the object's: never hand them out */
     for (size_t i = 0; i < r->nfree; i++) {
         if (r->free_spans[i].len < need)
             continue;
@@ -230,9 +232,14 @@ static int freeze(region *r)
     if (p == MAP_FAILED)
         return -1;
     for (size_t i = 0; i < r->nused; i++) {
-        volatile char *page = r->base + r->used[i].off;
+        char *span_start = r->base + r->used[i].off;
+#ifdef MADV_POPULATE_WRITE
+        /* write faults without writing: another thread's write to the span is never undone */
+        if (madvise(span_start, r->used[i].len, MADV_POPULATE_WRITE) == 0)
+            continue;
+#endif
         for (size_t k = 0; k < r->used[i].len; k += r->page)
-            page[k] = page[k];
+            __atomic_fetch_add(span_start + k, 0, __ATOMIC_RELAXED); /* a write that changes nothing */
     }
     close(r->fd);
     r->fd = -1;
@@ -254,6 +261,13 @@ static void freeze_before_fork(void)
 
 static void unlock_after_fork(void) { pthread_mutex_unlock(&arena_lock); }
 
+/* the child does not run the task's arena: its allocations come from the heap */
+static void child_after_fork(void)
+{
+    open_region = NULL;
+    pthread_mutex_unlock(&arena_lock);
+}
+
 int shmalloc_arena_init(void)
 {
     int rc = 0;
@@ -268,7 +282,7 @@ int shmalloc_arena_init(void)
             errno = ENOMEM;
             rc = -1;
         } else {
-            pthread_atfork(freeze_before_fork, unlock_after_fork, unlock_after_fork);
+            pthread_atfork(freeze_before_fork, unlock_after_fork, child_after_fork);
         }
     }
     int saved_errno = errno;
@@ -277,7 +291,7 @@ int shmalloc_arena_init(void)
     return rc;
 }
 
-int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t threshold)
+int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t threshold, int *out)
 {
     long page = sysconf(_SC_PAGESIZE);
     if (!arena_capsule || !base || page <= 0 || head % (size_t)page || len % (size_t)page || head >= len) {
@@ -310,6 +324,7 @@ int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t thre
             r->nfree = 1;
             arena_threshold = threshold;
             open_region = r;
+            *out = id; /* before returning: an interrupt right after the call still knows the region */
         }
     }
     pthread_mutex_unlock(&arena_lock);
@@ -403,41 +418,33 @@ int shmalloc_arena_holds(int id, const void *p, size_t n)
     return holds;
 }
 
-/* The task is over and no numpy allocation lives in region id: forget it (the mapping stays the
-   caller's). -1 with EBUSY if some still live. */
-int shmalloc_arena_release(int id)
+/* The task's answer is ready: release region id if no numpy allocation lives in it and no fork came
+   (the mapping stays the caller's), else freeze it (it owns the mapping from then on, and unmaps it with
+   its last array). Returns 1 if released, 2 if frozen, -1 if freezing failed (errno set: still shared).
+   Idempotent: called again, it returns what the first call did. */
+int shmalloc_arena_settle(int id)
 {
-    int rc = 0;
+    int rc;
     pthread_mutex_lock(&arena_lock);
     region *r = (id >= 0 && id < REGIONS) ? &regions[id] : NULL;
-    if (!r || r->state != SHARED || r == open_region) {
+    if (!r || r == open_region) {
         errno = EINVAL;
         rc = -1;
-    } else if (r->nused) {
-        errno = EBUSY;
-        rc = -1;
-    } else {
+    } else if (r->outcome) {
+        rc = r->outcome;
+    } else if (r->state == UNUSED) {
+        /* never served a task (its open failed), or frozen by a fork and unmapped with its last array */
+        rc = r->outcome = r->spoiled ? FROZEN_BY_SETTLE : RELEASED;
+    } else if (r->state == SHARED && !r->nused && !r->spoiled) {
         close(r->fd);
         r->state = UNUSED;
-    }
-    pthread_mutex_unlock(&arena_lock);
-    return rc;
-}
-
-/* Remap region id privately (see freeze); the region owns the mapping from then on and unmaps it
-   when its last array is freed, at once if none lives. Also for a region a fork froze already. */
-int shmalloc_arena_freeze(int id)
-{
-    int rc = 0;
-    pthread_mutex_lock(&arena_lock);
-    region *r = (id >= 0 && id < REGIONS) ? &regions[id] : NULL;
-    if (!r || r->state == UNUSED || r == open_region) {
-        errno = EINVAL;
-        rc = -1;
+        rc = r->outcome = RELEASED;
     } else if (r->state == SHARED && freeze(r) < 0) {
-        rc = -1; /* still shared, arrays and all */
-    } else if (!r->nused) {
-        unmap_region(r);
+        rc = -1;
+    } else {
+        if (r->state == FROZEN && !r->nused)
+            unmap_region(r);
+        rc = r->outcome = FROZEN_BY_SETTLE;
     }
     pthread_mutex_unlock(&arena_lock);
     return rc;

@@ -35,10 +35,10 @@ void *shmalloc_map_populated(int fd, size_t len);
 /* the arena (shmalloc_arena.c): numpy's large allocations of a Pool worker's task from the
    shared mapping of its spare; open returns a region id */
 int shmalloc_arena_init(void);
-int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t threshold);
+int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t threshold, int *out);
 int shmalloc_arena_close(void);
 int shmalloc_arena_state(int id, size_t *live_bytes, size_t *live_arrays, size_t *wanted, int *spoiled);
 long long shmalloc_arena_place(int id, size_t n);
 int shmalloc_arena_holds(int id, const void *p, size_t n);
-int shmalloc_arena_release(int id);
-int shmalloc_arena_freeze(int id);
+/* 1 released, 2 frozen, -1 freezing failed; idempotent */
+int shmalloc_arena_settle(int id);

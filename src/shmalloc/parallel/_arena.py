@@ -22,10 +22,18 @@ parent maps must not change with what the worker does later. So:
   worker's own memory from then on, and the object can be reused;
 - a fork while the region holds arrays, or while the task runs, freezes it
   at once (in the native core, before the fork): the result is then written
-  into the object as any other.
+  into the object as any other, and the task's later arrays come from the
+  heap (in the child too).
 
 If a region cannot be frozen (mmap fails), the worker exits before
-answering: the parent then redoes the item or reports the death.
+answering: the parent then redoes the item or reports the death. If no
+arena can be opened (every region holds arrays that tasks kept), the task
+runs as without one.
+
+Known costs: a frozen region's mapping keeps the whole object's pages in
+/dev/shm until its last array is freed; a ``copy=False`` result made in
+place keeps the whole object (its task's freed temporaries included) while
+it lives; a spare grows (fresh pages) until it holds what its tasks want.
 """
 from __future__ import annotations
 
@@ -36,8 +44,10 @@ import sys
 from collections.abc import Iterator
 
 from .. import _posix
+from .._format import PAGE as _PAGE
 from .._format import round_up_to_page
 from .._shared import RefillMapping
+from ._spares import shm_free_bytes
 
 #: Bytes at the start of the mapping kept for the header and recipe.
 HEAD = 64 * 1024
@@ -63,7 +73,8 @@ class Arena:
         self.length = mapping.length
         self.head = HEAD
         self.fd = fd
-        self._region: int | None = None
+        self._out = _posix.ArenaOut()  # the region's id, once opened
+        self._settled = False
         self.frozen = False  # the region owns the mapping now: it is no refill mapping any more
         self.wanted = 0  # what the task's large arrays wanted at once, if more than there was
 
@@ -78,17 +89,22 @@ class Arena:
         )
 
     @contextlib.contextmanager
-    def allocating(self) -> Iterator[None]:
-        """numpy's large allocations in this thread come from the arena inside the block."""
-        self._region = _posix.arena_open(self.address, self.length, HEAD, self.fd, THRESHOLD)
+    def allocating(self) -> Iterator[bool]:
+        """numpy's large allocations in this thread come from the arena inside the block. Yields whether
+        one could be opened (else everything comes from the heap, as without it)."""
         try:
-            yield
+            try:
+                _posix.arena_open(self.address, self.length, HEAD, self.fd, THRESHOLD, self._out)
+            except OSError:  # every region in use (arrays that tasks kept), or no memory
+                yield False
+                return
+            yield True
         finally:
             _posix.arena_close()
 
     def _state(self) -> tuple[int, int, int, bool]:
-        assert self._region is not None, "the arena was never opened"
-        return _posix.arena_state(self._region)
+        assert self._out.region >= 0, "the arena was never opened"
+        return _posix.arena_state(self._out.region)
 
     def untouched(self) -> bool:
         """Whether no array the task allocated here lives, and no fork came."""
@@ -101,35 +117,33 @@ class Arena:
 
     def holds(self, address: int, nbytes: int) -> bool:
         """Whether ``nbytes`` at ``address`` lie in one live array allocation here, from a page boundary."""
-        assert self._region is not None, "the arena was never opened"
-        return _posix.arena_holds(self._region, address, nbytes)
+        return _posix.arena_holds(self._out.region, address, nbytes)
 
     def place(self, nbytes: int) -> int | None:
         """Offset in the mapping of ``nbytes`` of free space for a copy; None if there is none."""
-        assert self._region is not None, "the arena was never opened"
-        return _posix.arena_place(self._region, nbytes)
+        return _posix.arena_place(self._out.region, nbytes)
 
     def settle(self) -> None:
         """The task's answer is ready: release the region, or freeze what lives in it (see the module).
 
-        Call it once the worker let go of the result. Idempotent.
+        Call it once the worker let go of the result. Idempotent (the core's settle is too: an
+        interrupt between it and the end of this method is harmless).
         """
-        if self._region is None:
+        region = self._out.region
+        if region < 0 or self._settled:
             return
-        region, self._region = self._region, None
-        _, live_arrays, wanted, spoiled = _posix.arena_state(region)
-        if wanted > self.length - HEAD:
-            self.wanted = wanted
-        if not live_arrays and not spoiled:
-            _posix.arena_release(region)
-            return
+        wanted = _posix.arena_state(region)[2]
         try:
-            _posix.arena_freeze(region)
+            frozen = _posix.arena_settle(region)
         except OSError as exc:  # its arrays would write into an object the parent reads or reuses
             print(f"shmalloc: a worker could not make its task's arrays private ({exc}); it exits", file=sys.stderr)
             os._exit(EXIT_CANNOT_FREEZE)
-        self.frozen = True
-        counts["frozen"] += 1
+        if wanted > self.length - HEAD:
+            self.wanted = wanted
+        if frozen and not self.frozen:
+            counts["frozen"] += 1
+        self.frozen = frozen
+        self._settled = True
 
     def grow_spare(self) -> int | None:
         """If the task wanted more than the arena held: make the spare large enough for it (every page
@@ -137,7 +151,12 @@ class Arena:
         Call it before the answer leaves: once the parent has it, another worker may get the spare."""
         if not self.wanted:
             return None
-        size = round_up_to_page(int(HEAD + self.wanted * GROWTH))
+        current = os.fstat(self.fd).st_size
+        # Never more than a quarter of what /dev/shm has free (the pools' default share for spares).
+        room = current + (shm_free_bytes() or 0) // 4
+        size = min(round_up_to_page(int(HEAD + self.wanted * GROWTH)), room - room % _PAGE)
+        if size <= current:
+            return None
         try:
             os.posix_fallocate(self.fd, 0, size)
         except OSError:

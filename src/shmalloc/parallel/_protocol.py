@@ -279,6 +279,7 @@ class Shipped:
     handle: ShmObj | None = None
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
+    in_place: bool = False  # in a spare where a Pool worker's task made it: the spare is its arena's size
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""
@@ -326,10 +327,11 @@ def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena)
 
     See :mod:`._arena`; ``arena.settle()`` has run when this returns or raises.
     """
+    size = os.fstat(fd).st_size
     try:
-        with arena.allocating():
+        with arena.allocating() as opened:
             result = produce()
-        if arena.untouched():  # nothing of the task lives there: as any result, through the mapping
+        if not opened or arena.untouched():  # nothing of the task lives there: as any result, through the mapping
             arena.settle()
             return ship_into(result, fd, limit, arena.mapping)
         if not arena.spoiled() and _nbytes(result, limit) >= limit:
@@ -345,8 +347,9 @@ def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena)
                 del result  # the worker lets go of it: what still lives in the arena, the task kept
                 arena.settle()
                 _arena.counts["in place"] += 1
-                return Shipped(handle=handle, boxed=not whole)
+                return Shipped(handle=handle, boxed=not whole, in_place=True)
         arena.settle()  # freezes: what the task made there is the worker's own memory from now on
+        _shrink(fd, size)  # what placing it grew the object by
         return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
     finally:
         arena.settle()

@@ -40,7 +40,9 @@ class Kept:
             spares.give(self.spare)
 
 
-def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | None, recycle: bool) -> tuple[Any, Kept | None]:
+def read_result(
+    handle: ShmObj, copy: bool, spare: Spare | None, name: str | None, recycle: bool, in_place: bool = False
+) -> tuple[Any, Kept | None]:
     """Rebuild the object ``handle`` describes: written into ``spare``, or else under ``name`` (consumed).
 
     Returns the value and what to keep as a spare (:meth:`Kept.return_to`): ``spare`` itself, or
@@ -49,7 +51,8 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     """
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
-        if not copy and spare.size > OVERSIZE * handle.size:
+        # A result made in place keeps the spare at the size its worker's tasks want (see _arena).
+        if not copy and not in_place and spare.size > OVERSIZE * handle.size:
             # Its arrays would keep the whole object for a small result, outside the spares' budget.
             # No task holds it now; a Pool worker's refill mapping may reach past the new end, but
             # writes through one check the object's size first (_transfer._fill_through).
@@ -109,14 +112,15 @@ class SpareResults(NamedResults):
             del self.names[index]
         size_before = 0 if spare is None else spare.size
         try:
-            value, kept = read_result(handle, self.copy, spare, name, self.recycle)
+            value, kept = read_result(handle, self.copy, spare, name, self.recycle, shipped.in_place)
         except BaseException:
             if spare is not None:
                 self.spares.release(spare)
             raise
-        # A spare the worker grew for its task's arena counts whole: the next call's tasks want it so.
-        grown = spare.size if spare is not None and spare.size > size_before else 0
-        self.consumed_bytes += max(handle.size, grown)
+        # A spare the worker grew for its task's arena, or made the result in, counts whole: the next
+        # call's tasks want it so.
+        whole = spare is not None and (shipped.in_place or spare.size > size_before)
+        self.consumed_bytes += spare.size if whole and spare is not None else handle.size
         if kept is not None:
             kept.return_to(self.spares)
         return shipped.unboxed(value)

@@ -264,7 +264,8 @@ def _answer_entry(
         if arenas:
             if arenas[0].frozen and entry.spare is not None:
                 mappings.detach(entry.spare)
-            grown = arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
+            if shipped:  # not after an error: the parent would not count the growth
+                grown = arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
         # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
         # woken often), and its handover or spare must reach the parent without delay. Nor does the
         # answer of an item that said something: should this worker die, what it said is not lost.
