@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -73,13 +74,17 @@ def write_into_kept(_: int) -> list[float]:
     return seen
 
 
-def forks_then_writes(i: int) -> np.ndarray:
-    """Forks while its result is in the arena; the child writes into its copy later, the worker right away."""
+def forks_then_writes(item: tuple[int, str]) -> np.ndarray:
+    """Forks while its result is in the arena; the child writes into its copy later (and leaves a file
+    saying it lived through it), the worker right away."""
+    i, done = item
     array = np.full(BIG, float(i))
     if os.fork() == 0:
         try:
             time.sleep(0.3)  # the worker has answered by then
             array[:] = -7.0
+            with open(done, "w") as file:
+                file.write(str(float(array.sum())))
         finally:
             os._exit(0)
     array[:10] = 5.0
@@ -144,13 +149,19 @@ def test_what_a_worker_writes_into_an_array_it_returned_and_kept_never_reaches_t
 
 
 @pytest.mark.parametrize("method", START_METHODS)
-def test_a_fork_in_the_task_keeps_its_childs_writes_and_the_workers_out_of_the_result(method):
+def test_a_fork_in_the_task_keeps_its_childs_writes_and_the_workers_out_of_the_result(method, tmp_path):
     """A task that forks while its result is in the arena: the result is what the worker returned; the child's
-    later writes into its copy reach neither the result nor the next results."""
+    later writes into its copy reach neither the result nor the next results, and the child lives on (its
+    copy is not taken from it when the parent cuts or reuses the object)."""
+    done = [str(tmp_path / f"child-{i}") for i in range(2)]
     with shmalloc.Pool(1, start_method=method) as pool:
         _warm(pool, filled, [1.0] * 2, copy=False)
-        results = pool.map(forks_then_writes, range(2), copy=False)
-        time.sleep(0.6)  # the children have written into their copies
+        results = pool.map(forks_then_writes, list(zip(range(2), done, strict=True)), copy=False)
+        deadline = time.monotonic() + 10
+        while not all(os.path.exists(path) for path in done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wrote = [Path(path).read_text() if os.path.exists(path) else "died" for path in done]
+        assert wrote == [str(-7.0 * BIG)] * 2  # both children wrote, and lived
         for i, a in enumerate(results):
             assert (a[:10] == 5.0).all() and (a[10:] == i).all()
         again = pool.map(filled, [4.0] * 2, copy=False)

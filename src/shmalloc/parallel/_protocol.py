@@ -279,7 +279,7 @@ class Shipped:
     handle: ShmObj | None = None
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
-    in_place: bool = False  # in a spare where a Pool worker's task made it: the spare is its arena's size
+    in_place: bool = False  # in the spare where a Pool worker's task made it (see _arena)
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""

@@ -40,9 +40,7 @@ class Kept:
             spares.give(self.spare)
 
 
-def read_result(
-    handle: ShmObj, copy: bool, spare: Spare | None, name: str | None, recycle: bool, in_place: bool = False
-) -> tuple[Any, Kept | None]:
+def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | None, recycle: bool) -> tuple[Any, Kept | None]:
     """Rebuild the object ``handle`` describes: written into ``spare``, or else under ``name`` (consumed).
 
     Returns the value and what to keep as a spare (:meth:`Kept.return_to`): ``spare`` itself, or
@@ -51,8 +49,7 @@ def read_result(
     """
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
-        # A result made in place keeps the spare at the size its worker's tasks want (see _arena).
-        if not copy and not in_place and spare.size > OVERSIZE * handle.size:
+        if not copy and spare.size > OVERSIZE * handle.size:
             # Its arrays would keep the whole object for a small result, outside the spares' budget.
             # No task holds it now; a Pool worker's refill mapping may reach past the new end, but
             # writes through one check the object's size first (_transfer._fill_through).
@@ -112,15 +109,20 @@ class SpareResults(NamedResults):
             del self.names[index]
         size_before = 0 if spare is None else spare.size
         try:
-            value, kept = read_result(handle, self.copy, spare, name, self.recycle, shipped.in_place)
+            value, kept = read_result(handle, self.copy, spare, name, self.recycle)
         except BaseException:
             if spare is not None:
                 self.spares.release(spare)
             raise
-        # A spare the worker grew for its task's arena, or made the result in, counts whole: the next
-        # call's tasks want it so.
-        whole = spare is not None and (shipped.in_place or spare.size > size_before)
-        self.consumed_bytes += spare.size if whole and spare is not None else handle.size
+        # The next call's tasks want spares like this one: one the worker grew for its task's arena counts
+        # whole; one a result was made in counts up to twice the result's extent (the arena grows by
+        # doubling: the budget must not cut what it just grew).
+        if spare is not None and shipped.in_place:
+            self.consumed_bytes += min(spare.size, 2 * handle.size)
+        elif spare is not None and spare.size > size_before:
+            self.consumed_bytes += spare.size
+        else:
+            self.consumed_bytes += handle.size
         if kept is not None:
             kept.return_to(self.spares)
         return shipped.unboxed(value)

@@ -124,7 +124,9 @@ class _RefillMappings:
     def remember(self, sid: int, fd: int, length: int) -> None:
         """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
         current = self.maps.get(sid)
-        if current is not None and current.length >= length:
+        # Kept if long enough, and not longer than the object (the parent may cut a spare): an arena over
+        # it would write past the object's end.
+        if current is not None and current.length >= length and os.fstat(fd).st_size >= current.length:
             return
         self.drop([sid])
         if len(self.maps) >= WORKER_MAPPINGS:
