@@ -217,6 +217,12 @@ def close(fd: int) -> None:
     lib.shmalloc_close(fd)
 
 
+def punch(fd: int, name: str, offset: int, length: int) -> None:
+    """Free the pages of ``length`` bytes at ``offset``, keeping the object's size (ShmError where it cannot)."""
+    if lib.shmalloc_punch(fd, offset, length) < 0:
+        _raise(name)
+
+
 def fallocate(fd: int, name: str, size: int) -> None:
     """Reserve every page of the first ``size`` bytes (a full /dev/shm: ShmError ENOSPC now, not SIGBUS later)."""
     if lib.shmalloc_fallocate(fd, size) < 0:

@@ -1,6 +1,7 @@
 /* shmalloc's native core: system calls on POSIX shared memory objects and a
    numpy memory handler (NEP 49) through which arrays own private mappings.
    No policy lives here: callers check sizes and owners and raise errors. */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
@@ -142,6 +143,21 @@ int shmalloc_fallocate(int fd, long long size)
         return -1;
     }
     return 0;
+}
+
+/* Free the pages of len bytes at offset, keeping the object's size: a private mapping's copied pages
+   there stay (a cut would take them, and any access past the new end would be a SIGBUS). */
+int shmalloc_punch(int fd, long long offset, long long len)
+{
+#if defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+#else
+    (void)fd;
+    (void)offset;
+    (void)len;
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 int shmalloc_unmap(void *addr, size_t len)

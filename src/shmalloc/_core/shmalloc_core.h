@@ -15,6 +15,7 @@ void *shmalloc_map_parts(int fd, size_t len, long long offset, int writable_priv
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable);
 int shmalloc_unmap(void *addr, size_t len);
 int shmalloc_fallocate(int fd, long long size);
+int shmalloc_punch(int fd, long long offset, long long len);
 void shmalloc_copy(void *dst, const void *src, size_t len, int nthreads);
 
 /* numpy memory handler (NEP 49) */

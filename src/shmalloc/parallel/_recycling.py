@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _transfer
+from .. import _posix, _transfer
+from .._format import round_up_to_page
 from .._handle import ShmObj
 from . import _protocol
 from ._call import NamedResults
@@ -50,11 +51,16 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
         if not copy and spare.size > OVERSIZE * handle.size:
-            # Its arrays would keep the whole object for a small result, outside the spares' budget.
-            # No task holds it now; a Pool worker's refill mapping may reach past the new end, but
-            # writes through one check the object's size first (_transfer._fill_through).
-            os.ftruncate(spare.fd, handle.size)
-            spare.size = handle.size
+            # Its arrays would keep the whole object for a small result, outside the spares' budget: free
+            # the pages past it, keeping the size (a cut would take a worker's copied private pages, see
+            # _arena, and its refill mapping would reach past the end). Spares.take refills them.
+            keep = round_up_to_page(handle.size)
+            try:
+                _posix.punch(spare.fd, _protocol.SPARE, keep, spare.size - keep)
+                spare.filled = keep
+            except OSError:  # no hole punching here: cut it
+                os.ftruncate(spare.fd, handle.size)
+                spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
             value, owners = _transfer.read(segment, handle, copy)
         # A Pool worker grows a spare its task's arena was too small for (see _arena).

@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import _posix, _releaser, _space
 from .._posix import SHM_DIR
+from .._shared import SPARE_LABEL
 
 #: Default share of /dev/shm's free space that the free spares of a pool may take.
 DEFAULT_LIMIT = 0.25
@@ -78,6 +79,7 @@ class Spare:
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
+    filled: int | None = None  # if its pages past this were punched out: refilled before a task gets it
 
 
 _SIDS: Iterator[int] = itertools.count(1)
@@ -236,6 +238,14 @@ class Spares:
             return None
         best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
         spare = self.free.pop(best)
+        if spare.filled is not None:
+            # Every page there before a worker writes into it: a full /dev/shm is an error here, not a SIGBUS.
+            try:
+                _posix.fallocate(spare.fd, SPARE_LABEL, spare.size)
+            except OSError:
+                self.release(spare)
+                return None
+            spare.filled = None
         self.handed.add(spare)
         return spare
 
