@@ -161,8 +161,6 @@ def _warn_unknown_category(i: int) -> int:
 ENGINES = ["map", "pool"]
 
 
-_run = map_on
-
 
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("engine", ENGINES)
@@ -170,7 +168,7 @@ def test_warnings_of_func_are_reissued_in_the_parent_with_category_and_item(engi
     """Each warning issued in func arrives in the parent once, with its class, the item's index and func's line."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = _run(engine, method, _talk, range(6), chunksize=2)
+        results = map_on(engine, method, _talk, range(6), chunksize=2)
     assert [int(r[0]) for r in results] == list(range(6))
     relayed = sorted(str(w.message) for w in caught if w.category is CustomWarning)
     assert relayed == ["odd item 1 (item 1)", "odd item 3 (item 3)", "odd item 5 (item 5)"]
@@ -181,7 +179,7 @@ def test_warnings_of_func_are_reissued_in_the_parent_with_category_and_item(engi
 def test_pytest_warns_sees_a_workers_warning(engine):
     """pytest.warns around a call sees the warning func issued in a worker."""
     with pytest.warns(CustomWarning, match=r"odd item (\d) \(item \1\)"):
-        _run(engine, "fork", _talk, range(4))
+        map_on(engine, "fork", _talk, range(4))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -191,7 +189,7 @@ def test_warnings_made_errors_in_the_parent_raise_there_and_leave_nothing(engine
     with warnings.catch_warnings():
         warnings.simplefilter("error", CustomWarning)
         with pytest.raises(CustomWarning, match=r"odd item \d \(item \d\)"):
-            _run(engine, "fork", _talk, range(6))
+            map_on(engine, "fork", _talk, range(6))
     assert set(os.listdir("/dev/shm")) <= before
 
 
@@ -201,7 +199,7 @@ def test_output_of_each_item_reaches_the_parents_streams_whole(engine, method, c
     """What func prints reaches the parent's sys.stdout / sys.stderr, each item's text in one piece."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CustomWarning)
-        _run(engine, method, _talk, range(8), chunksize=1)
+        map_on(engine, method, _talk, range(8), chunksize=1)
     out, err = capsys.readouterr()
     assert sorted(out.splitlines()) == sorted(f"item {i} starts and ends {i}" for i in range(8))
     assert sorted(err.splitlines()) == sorted(f"item {i} to stderr" for i in range(8))
@@ -211,7 +209,7 @@ def test_output_of_each_item_reaches_the_parents_streams_whole(engine, method, c
 def test_output_and_warnings_before_an_error_are_relayed_before_it_is_raised(engine, capsys):
     """An item that prints and warns, then raises: the parent gets its output and warning, then its exception."""
     with pytest.warns(RuntimeWarning, match=r"about to fail \(item 0\)"), pytest.raises(KeyError):
-        _run(engine, "fork", _talk_then_fail, [0])
+        map_on(engine, "fork", _talk_then_fail, [0])
     assert "before failing 0" in capsys.readouterr().out
 
 
@@ -261,8 +259,8 @@ def test_retries_give_the_results_of_a_first_time_success(engine, method, tmp_pa
     expected_dir.mkdir()
     for i in range(10):  # no failure: every marker exists already
         (expected_dir / f"tried-{i}").touch()
-    expected = _run(engine, method, _fail_first_try, [(str(expected_dir), i) for i in range(10)], seed=7)
-    got = _run(engine, method, _fail_first_try, items, seed=7, retries=1, chunksize=2)
+    expected = map_on(engine, method, _fail_first_try, [(str(expected_dir), i) for i in range(10)], seed=7)
+    got = map_on(engine, method, _fail_first_try, items, seed=7, retries=1, chunksize=2)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     assert sorted(p.name for p in tmp_path.glob("tried-*")) == sorted(f"tried-{i}" for i in (1, 4, 7))
 
@@ -271,7 +269,7 @@ def test_retries_give_the_results_of_a_first_time_success(engine, method, tmp_pa
 def test_retries_spent_raise_the_last_failure(engine, tmp_path):
     """An item that fails more times than it may be retried raises as without retries."""
     with pytest.raises(KeyError):
-        _run(engine, "fork", _fails_on_multiples_of_three, range(3), retries=2)
+        map_on(engine, "fork", _fails_on_multiples_of_three, range(3), retries=2)
 
 
 @pytest.mark.parametrize("method", START_METHODS)
@@ -280,7 +278,7 @@ def test_errors_return_gives_exceptions_as_results_and_one_warning(engine, metho
     """errors="return": failed items' results are their exceptions (WorkerDiedError for a death), the rest complete, one warning counts them."""
     before = set(os.listdir("/dev/shm"))
     with pytest.warns(shmalloc.FailedItemsWarning, match="4 of 9 items failed") as caught:
-        got = _run(engine, method, _fails_on_multiples_of_three, range(9), errors="return", chunksize=2)
+        got = map_on(engine, method, _fails_on_multiples_of_three, range(9), errors="return", chunksize=2)
     assert len([w for w in caught if w.category is shmalloc.FailedItemsWarning]) == 1
     for i, value in enumerate(got):
         if i % 3 == 0:
@@ -340,7 +338,7 @@ def _nested_failures(i: int) -> list:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_call_inside_a_worker_runs_serially_there_with_the_same_results(engine, inner, method):
     """map or Pool.map called from func runs in that worker (no daemonic-children error), with the results and seeds of a top-level call."""
-    got = _run(engine, method, inner, range(4), chunksize=1)
+    got = map_on(engine, method, inner, range(4), chunksize=1)
     for i, values in enumerate(got):
         expected = shmalloc.map(_square_with_seed, range(i, i + 3), processes=2, seed=i)
         assert [v[0] for v in values] == [v[0] for v in expected]
@@ -675,12 +673,12 @@ def test_the_parents_filters_by_message_and_module_apply_to_relayed_warnings(met
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.filterwarnings("ignore", **rule)
-            _run("map", method, _talk, range(4))
+            map_on("map", method, _talk, range(4))
         assert not [w for w in caught if w.category is CustomWarning], rule
     with warnings.catch_warnings(record=True) as caught:  # a filter on another module leaves them
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", module="some_other_module")
-        _run("map", method, _talk, range(4))
+        map_on("map", method, _talk, range(4))
     assert len([w for w in caught if w.category is CustomWarning]) == 2
 
 
@@ -690,7 +688,7 @@ def test_a_warning_made_an_error_is_that_items_failure(engine):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CustomWarning)
         warnings.simplefilter("ignore", shmalloc.FailedItemsWarning)
-        got = _run(engine, "fork", _talk, range(4), errors="return")
+        got = map_on(engine, "fork", _talk, range(4), errors="return")
     assert [type(v).__name__ for v in got] == ["ndarray", "CustomWarning", "ndarray", "CustomWarning"]
     assert got[1].shmalloc_index == 1
 
@@ -735,7 +733,7 @@ def test_the_streams_below_stay_reachable_in_a_worker():
 def test_flushed_output_of_an_item_whose_worker_dies_reaches_the_parent(engine, capsys):
     """print(..., flush=True) before a SIGKILL: the line still reaches the parent, as it would reach a terminal."""
     with pytest.warns(shmalloc.FailedItemsWarning):
-        got = _run(engine, "fork", _say_then_die, range(3), errors="return", chunksize=1)
+        got = map_on(engine, "fork", _say_then_die, range(3), errors="return", chunksize=1)
     assert isinstance(got[1], shmalloc.WorkerDiedError)
     assert sorted(capsys.readouterr().out.splitlines()) == [f"item {i} was here" for i in range(3)]
 

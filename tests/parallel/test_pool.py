@@ -22,7 +22,7 @@ from numpy._core.multiarray import get_handler_name
 import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
-from shmalloc import _format, _posix, _releaser, _transfer
+from shmalloc import _format, _names, _posix, _releaser, _transfer
 from shmalloc.parallel import _arena
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
@@ -238,7 +238,7 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
                 child.join()
     _releaser.wait_for_releases()
     held = shmalloc.held_objects()
-    ours = held[(held["pid"] == os.getpid()) & held["name"].str.startswith("/shmalloc_")]  # not multiprocessing's semaphores
+    ours = held[(held["pid"] == os.getpid()) & held["name"].str.startswith(_names.PREFIX)]  # not multiprocessing's semaphores
     assert ours.empty, ours  # no descriptor or mapping of an object of shmalloc's is left here
     # 4 results x 32 MB lived, and up to that much in spares: all of it is gone. Shmem is the machine's:
     # give what other programs hold a moment to go.
