@@ -351,6 +351,7 @@ class ProcessPoolExecutor(cf.Executor):
                     spares.release(kept.spare)
                     return
                 kept.return_to(spares)
+                spares.shrink_lent(kept.spare)  # a result may live for long: no call ends here
                 self._recent.append(kept.spare.size)
                 with self._lock:  # taken inside the spares' lock only (never the other way round)
                     self._burst_bytes += kept.spare.size

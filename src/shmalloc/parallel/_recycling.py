@@ -14,16 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import _posix, _transfer
-from .._format import round_up_to_page
+from .. import _transfer
 from .._handle import ShmObj
 from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
-
-#: A copy=False result written into a spare more than this many times its size cuts the spare to its size.
-OVERSIZE = 2
-
 
 @dataclass
 class Kept:
@@ -32,11 +27,12 @@ class Kept:
     spare: Spare
     owners: list[np.ndarray]
     stamp: int | None  # fork_stamp() taken before the arrays were made
+    used: int  # the bytes of the object the result takes
 
     def return_to(self, spares: Spares) -> None:
         """Under the spares' lock: lend the spare to the result's arrays, or make it free at once (copied out)."""
         if self.owners:
-            spares.lend(self.spare, self.owners, self.stamp)
+            spares.lend(self.spare, self.owners, self.stamp, self.used)
         else:
             spares.give(self.spare)
 
@@ -50,27 +46,16 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     """
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
-        if not copy and spare.size > OVERSIZE * handle.size:
-            # Its arrays would keep the whole object for a small result, outside the spares' budget: free
-            # the pages past it, keeping the size (a cut would take a worker's copied private pages, see
-            # _arena, and its refill mapping would reach past the end). Spares.take refills them.
-            keep = round_up_to_page(handle.size)
-            try:
-                _posix.punch(spare.fd, _protocol.SPARE, keep, spare.size - keep)
-                spare.filled = keep
-            except OSError:  # no hole punching here: cut it
-                os.ftruncate(spare.fd, handle.size)
-                spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
             value, owners = _transfer.read(segment, handle, copy)
         # A Pool worker grows a spare its task's arena was too small for (see _arena).
         spare.size = max(spare.size, handle.size, os.fstat(spare.fd).st_size)
-        return value, Kept(spare, owners, stamp)
+        return value, Kept(spare, owners, stamp, handle.size)
     assert name is not None, "a result is in a spare or under a name"
     with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
         value, owners = _transfer.read(segment, handle, copy)
         fd = segment.reopen_writable() if recycle else -1
-    return value, Kept(Spare(fd, handle.size), owners, stamp) if fd >= 0 else None
+    return value, Kept(Spare(fd, handle.size), owners, stamp, handle.size) if fd >= 0 else None
 
 
 class SpareResults(NamedResults):
@@ -85,6 +70,7 @@ class SpareResults(NamedResults):
 
     def begin(self, gone_pids: list[int]) -> None:
         self.spares.reclaim()
+        self.spares.shrink_lent()  # results kept past the call that made them
         for pid in gone_pids:  # their mappings died with them
             self.spares.dropped.pop(pid, None)
 

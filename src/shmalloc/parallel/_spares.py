@@ -4,8 +4,10 @@ A spare is an unlinked object: nothing of it is in /dev/shm's listing, yet
 its pages take space there until its last descriptor and mapping are gone.
 So spares are bounded:
 
-- by the last call: free spares of at most 1.25 times the bytes it returned
-  (objects only grow: the slack keeps a slightly larger one);
+- by the last calls: free spares of at most 1.25 times the bytes the
+  largest of the last three returned (objects only grow: the slack keeps a
+  slightly larger one; a workload alternating large and small calls keeps
+  the large ones' spares);
 - by the space left: at most ``limit`` (by default a quarter) of what is
   free in /dev/shm, counting the free spares' own space as free, or a fixed
   number of bytes. Other programs always keep the rest.
@@ -37,13 +39,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import _posix, _releaser, _space
+from .._format import round_up_to_page
 from .._posix import SHM_DIR
 from .._shared import SPARE_LABEL
 
 #: Default share of /dev/shm's free space that the free spares of a pool may take.
 DEFAULT_LIMIT = 0.25
-#: Free spares may exceed the bytes of the last call by this share (objects only grow).
+#: Free spares may exceed the bytes of the last calls by this share (objects only grow).
 SLACK = 0.25
+#: The budget follows the largest of this many last calls: a workload that alternates large and small
+#: calls keeps the spares of its large ones (else every large call would fault in new objects).
+RECENT_CALLS = 3
+#: A spare lent to a copy=False result that takes less than 1/OVERSIZE of it is shrunk (:meth:`Spares.shrink_lent`).
+OVERSIZE = 2
 # How long a write that found /dev/shm full waits for a pool busy in another thread.
 _BUSY_WAIT = 1.0
 
@@ -79,6 +87,7 @@ class Spare:
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
+    used: int = 0  # while lent: the bytes its result takes
     filled: int | None = None  # if its pages past this were punched out: refilled before a task gets it
 
 
@@ -133,7 +142,8 @@ class Spares:
         self.lent: list[Spare] = []
         self.handed: set[Spare] = set()  # taken for a task, not yet back
         self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
-        self.call_bytes = 0  # bytes the last call returned
+        self.call_bytes = 0  # bytes the largest of the last calls returned
+        self._recent_calls: collections.deque[int] = collections.deque(maxlen=RECENT_CALLS)
         self.closed = False
         self._unmap = weakref.WeakMethod(unmap) if hasattr(unmap, "__self__") else (lambda: unmap)
         self._lock = threading.Lock()
@@ -255,13 +265,15 @@ class Spares:
         spare.addresses, spare.unfreed, spare.stamp = [], set(), None
         self.free.append(spare)
 
-    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None) -> None:
-        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed.
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, used: int) -> None:
+        """Lend ``spare`` to a result whose ``arrays`` own mappings of its first ``used`` bytes; it comes back
+        when they are freed.
 
         ``stamp``: :func:`fork_stamp` taken before the arrays were made. If the process
         forked since, the spare is released at once (a child may read the arrays).
         """
         self.handed.discard(spare)
+        spare.used = used
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         spare.stamp = stamp
@@ -273,6 +285,24 @@ class Spares:
         for array, address in zip(arrays, spare.addresses, strict=True):
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
+    def shrink_lent(self, only: Spare | None = None) -> None:
+        """Free the pages past their results of the lent spares (or of ``only``, if lent) more than
+        :data:`OVERSIZE` times larger than their results: a small result kept for long must not keep a
+        large object (outside the budget). The size stays (a cut would take the copied private pages of a
+        worker's frozen arena, see :mod:`._arena`); :meth:`take` fills the pages in again.
+
+        A Pool shrinks the spares of results still alive when its next call begins: a workload that frees
+        its results before then (alternating small and large results) keeps its spares' pages.
+        """
+        for spare in self.lent if only is None else [only] if only in self.lent else []:
+            keep = round_up_to_page(spare.used)
+            if spare.filled is None and spare.size > OVERSIZE * spare.used:
+                try:
+                    _posix.punch(spare.fd, SPARE_LABEL, keep, spare.size - keep)
+                except OSError:  # no hole punching here: the spare keeps its pages until the result is freed
+                    continue
+                spare.filled = keep
+
     def _array_freed(self, spare: Spare, address: int) -> None:
         """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
         spare.unfreed.discard(address)
@@ -283,13 +313,13 @@ class Spares:
     # -- the budget
 
     def budget(self) -> int:
-        """Bytes of free spares to keep: within the last call's bytes, and ``limit`` of /dev/shm."""
+        """Bytes of free spares to keep: within the last calls' bytes, and ``limit`` of /dev/shm."""
         budget = int(self.call_bytes * (1 + SLACK))
         if isinstance(self.limit, int):
             return min(budget, self.limit)
         free = shm_free_bytes()
         if free is None:
-            return budget  # nothing to measure (macOS): the last call bounds them
+            return budget  # nothing to measure (macOS): the last calls bound them
         return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
 
     def trim(self) -> bool:
@@ -309,7 +339,8 @@ class Spares:
 
     def end_call(self, call_bytes: int) -> None:
         """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
-        self.call_bytes = call_bytes
+        self._recent_calls.append(call_bytes)
+        self.call_bytes = max(self._recent_calls)
         self.reclaim()
         released = self.trim()
         self._unmap_released([])
