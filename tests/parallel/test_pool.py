@@ -23,7 +23,7 @@ import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
 from shmalloc import _format, _names, _posix, _releaser, _transfer
-from shmalloc.parallel import _arena
+from shmalloc.parallel import _arena, _spares
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -248,15 +248,50 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
     assert _shmem_bytes() - shmem_before < 16 << 20
 
 
-def test_spares_are_bounded_by_the_last_call():
-    """Between calls the pool keeps at most the last call's bytes of free spares."""
+def test_spares_are_bounded_by_the_last_three_calls():
+    """Between calls the pool keeps at most 1.25 times the bytes of the largest of its last three calls in free
+    spares: a small call between large ones keeps their spares, three small ones give them back."""
     with shmalloc.Pool(2, start_method="fork") as pool:
         pool.map(sized, [4 << 20] * 4)
         big = sum(spare.size for spare in pool._spares.free)
         assert big >= 8 << 20
         pool.map(sized, [1 << 20])
+        assert sum(spare.size for spare in pool._spares.free) == big  # kept for the next large call
+        pool.map(sized, [1 << 20])
+        pool.map(sized, [1 << 20])
         kept = sum(spare.size for spare in pool._spares.free)
-        assert kept <= 1.25 * ((1 << 20) + 2 * _format.PAGE)
+        assert kept <= 1.25 * 2 * ((1 << 20) + 2 * _format.PAGE)  # a result made in its spare counts up to twice
+
+
+def test_a_spare_is_shrunk_for_a_small_result_only_if_the_result_outlives_its_call():
+    """A copy=False result much smaller than its spare leaves the spare's pages alone during its call; still alive
+    when the next call begins, it has the pages past it freed, and they are filled in again before a task gets the
+    spare. Freed before the next call, it costs the spare nothing."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(sized, [16 << 20])
+        [spare] = pool._spares.free
+
+        def allocated() -> int:
+            return os.fstat(spare.fd).st_blocks * 512
+
+        assert allocated() >= 16 << 20
+        small = pool.map(sized, [1 << 20], copy=False)
+        assert pool._spares.lent == [spare] and allocated() >= 16 << 20
+        pool.map(pid_of, [0])  # the result outlives its call
+        assert allocated() < 4 << 20 and spare.size >= 16 << 20
+        assert int(small[0].sum()) == 1 << 20
+        del small
+        gc.collect()
+        assert pool._spares.free == [spare]
+        big = pool.map(sized, [16 << 20], copy=False)
+        assert pool._spares.lent == [spare] and allocated() >= 16 << 20 and int(big[0].sum()) == 16 << 20
+        del big
+        gc.collect()
+        small = pool.map(sized, [1 << 20], copy=False)
+        del small
+        gc.collect()
+        pool.map(pid_of, [0])
+        assert pool._spares.free == [spare] and allocated() >= 16 << 20
 
 
 def test_recycle_false_makes_fresh_objects(monkeypatch):
@@ -401,7 +436,8 @@ def test_workers_refill_through_mappings_and_unmap_released_spares():
             got = pool.map(sized, [4 << 20] * 2)
             assert all(a.sum() == 4 << 20 for a in got)
         assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [1, 1]
-        pool.map(sized, [1 << 20] * 2)  # the 4 MB spares exceed what this call returned: released
+        for _ in range(_spares.RECENT_CALLS):
+            pool.map(sized, [1 << 20] * 2)  # the spares exceed what the last calls returned: released
         assert not pool._spares.free and not pool._spares.dropped
         assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [0, 0]
         assert [a.sum() for a in pool.map(sized, [1 << 20] * 2)] == [1 << 20] * 2  # the workers still serve

@@ -301,6 +301,8 @@ def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
     with shmalloc.Pool(2, start_method="fork") as pool:
         pool.map(ones, [4 * MB] * 2)
         pool.map(ones, [4 * MB] * 2)  # the workers now map the two spares
+        for _ in range(_spares.RECENT_CALLS - 1):  # the next small call is the last calls' largest
+            pool.map(ones, [MB // 2])
         real_wait = pool_module.connection.wait
 
         def interrupted(*args, **kwargs):

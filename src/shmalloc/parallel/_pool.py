@@ -80,8 +80,8 @@ class Pool:
     recycle : bool, default True
         Keep the shared memory objects of consumed results as spares for the
         next results, whose pages then need no faulting in. Between calls the
-        pool keeps free spares of at most 1.25 times the bytes its last call
-        returned, and within ``spare_limit`` (objects of ``copy=False``
+        pool keeps free spares of at most 1.25 times the bytes the largest of
+        its last three calls returned, and within ``spare_limit`` (objects of ``copy=False``
         results join them once those results are freed), and each worker
         keeps a mapping of the spares it filled, so that refilling them is a
         plain memory copy. False: every result gets a fresh object, freed

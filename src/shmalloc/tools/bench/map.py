@@ -67,7 +67,7 @@ def _fork() -> multiprocessing.context.BaseContext:
 
 
 # Made in measure(), after the frame: the workers inherit it. One per copy mode, and one for the floor (a call
-# that returns nothing would leave the others' spares cold: the last call's bytes bound them).
+# that returns nothing would leave the others' spares cold: the last calls' bytes bound them).
 _pools: dict[bool | str, "shmalloc.Pool"] = {}
 
 
