@@ -311,9 +311,10 @@ def map_shared(fd: int, name: str, size: int) -> int:
     return int(ffi.cast("uintptr_t", address))
 
 
-def map_populated(fd: int, name: str, length: int) -> int:
-    """Map the first ``length`` (already written) bytes shared, pages populated; return the address."""
-    address = lib.shmalloc_map_populated(fd, length)
+def map_populated(fd: int, name: str, length: int, populated: int) -> int:
+    """Map the first ``length`` bytes shared, the pages of the first ``populated`` (already written) of
+    them populated; return the address."""
+    address = lib.shmalloc_map_populated(fd, length, populated)
     if address == ffi.NULL:
         _raise_map_failure(name)
     return int(ffi.cast("uintptr_t", address))

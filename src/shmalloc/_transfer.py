@@ -218,14 +218,9 @@ def open_held(fd: int, label: str, size: int) -> Segment:
     return Segment(fd, label, size, owns_fd=False)
 
 
-def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
-    """Rebuild the object ``handle`` describes from ``segment``; also return the arrays that own
-    mappings of it (none when copied).
-
-    The header and recipe are checked against the handle before anything is
-    mapped. ``copy`` False maps privately (zero-copy) where the platform
-    allows it, and copies elsewhere.
-    """
+def _checked_recipe(segment: Segment, handle: ShmObj) -> tuple[dict, list[_format.BufferLayout], int]:
+    """The recipe of ``segment``, its buffers' layouts and where its data part starts, once the header and
+    recipe are checked against ``handle``."""
     if not isinstance(handle.token, bytes):
         raise CorruptHandleError(f"{segment.name}: damaged token")
     if segment.size < _format.HEADER_SIZE:
@@ -235,6 +230,27 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.nda
     stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
     recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
     _format.check_handle_matches(handle, recipe)
+    return recipe, layouts, data_offset
+
+
+def used_parts(segment: Segment, handle: ShmObj) -> list[tuple[int, int]]:
+    """The (offset, length) page ranges of ``segment`` that the object ``handle`` describes takes: its
+    header and recipe, and each buffer's pages (a Pool's worker may leave gaps between them)."""
+    _, layouts, data_offset = _checked_recipe(segment, handle)
+    return [(0, data_offset)] + [
+        (data_offset + layout.offset, _format.round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes
+    ]
+
+
+def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
+    """Rebuild the object ``handle`` describes from ``segment``; also return the arrays that own
+    mappings of it (none when copied).
+
+    The header and recipe are checked against the handle before anything is
+    mapped. ``copy`` False maps privately (zero-copy) where the platform
+    allows it, and copies elsewhere.
+    """
+    recipe, layouts, data_offset = _checked_recipe(segment, handle)
     zero_copy = not copy and _posix.ZERO_COPY
     buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []

@@ -56,7 +56,7 @@ def test_refill_through_the_mapping_and_by_pwrite_give_the_same_object(shm_name)
     fd = _held_object(shm_name, 0)
     try:
         first = _transfer.write_held(np.full(100_000, 1.0), fd)
-        mapping = RefillMapping(fd, first.size)
+        mapping = RefillMapping(fd, first.size, first.size)
         try:
             second = _transfer.write_held(np.full(100_000, 2.0), fd, mapping)  # fits: through the mapping
             with _transfer.open_held(fd, SPARE_LABEL, second.size) as segment:

@@ -254,7 +254,10 @@ static void freeze_before_fork(void)
         region *r = &regions[i];
         if (r->state == SHARED && (r->nused || r == open_region)) {
             r->spoiled = 1; /* whether or not freezing works: never shipped where it lies */
-            freeze(r);
+            /* Not frozen (no memory for a private mapping): the child must not share the task's pages;
+               it gets no mapping there at all (a fault if it reads them, never another's data). */
+            if (freeze(r) != 0)
+                madvise(r->base, r->len, MADV_DONTFORK);
         }
     }
 }

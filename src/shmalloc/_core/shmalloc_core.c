@@ -488,12 +488,20 @@ int shmalloc_is_adopted(void *addr)
 
 /* recycling: a writable shared mapping with its page tables filled at once, so
    that a worker refilling a recycled object through it copies without faults */
-void *shmalloc_map_populated(int fd, size_t len)
+void *shmalloc_map_populated(int fd, size_t len, size_t populated)
 {
+    int flags = MAP_SHARED;
 #ifdef MAP_POPULATE
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-#else
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (populated >= len)
+        flags |= MAP_POPULATE;
 #endif
-    return p == MAP_FAILED ? NULL : p;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_POPULATE_WRITE
+    /* only the first part: the rest may be holes (freed pages of a spare), which populating would fill */
+    if (populated && populated < len)
+        madvise(p, populated, MADV_POPULATE_WRITE); /* a failure leaves them to fault in when written */
+#endif
+    return p;
 }

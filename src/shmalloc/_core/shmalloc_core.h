@@ -31,7 +31,7 @@ size_t shmalloc_unmap_failures(int *last_errno);
 
 /* recycling: 1 if addr is a mapping still owned by an array, else 0 */
 int shmalloc_is_adopted(void *addr);
-void *shmalloc_map_populated(int fd, size_t len);
+void *shmalloc_map_populated(int fd, size_t len, size_t populated);
 
 /* the arena (shmalloc_arena.c): numpy's large allocations of a Pool worker's task from the
    shared mapping of its spare; open returns a region id */

@@ -43,7 +43,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from .. import _posix
+from .. import _ownership, _posix
 from .._format import PAGE as _PAGE
 from .._format import round_up_to_page
 from .._shared import RefillMapping
@@ -137,6 +137,7 @@ class Arena:
             frozen = _posix.arena_settle(region)
         except OSError as exc:  # its arrays would write into an object the parent reads or reuses
             print(f"shmalloc: a worker could not make its task's arrays private ({exc}); it exits", file=sys.stderr)
+            _ownership.unlink_owned()  # as a worker that exits otherwise: its ShmArrays' names go with it
             os._exit(EXIT_CANNOT_FREEZE)
         if wanted > self.length - HEAD:
             self.wanted = wanted

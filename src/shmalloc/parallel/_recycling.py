@@ -20,6 +20,7 @@ from . import _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
 
+
 @dataclass
 class Kept:
     """The object a result was read from, to keep as a spare; the arrays of a ``copy=False`` result that map it."""
@@ -27,12 +28,12 @@ class Kept:
     spare: Spare
     owners: list[np.ndarray]
     stamp: int | None  # fork_stamp() taken before the arrays were made
-    used: int  # the bytes of the object the result takes
+    handle: ShmObj  # the result's
 
     def return_to(self, spares: Spares) -> None:
         """Under the spares' lock: lend the spare to the result's arrays, or make it free at once (copied out)."""
         if self.owners:
-            spares.lend(self.spare, self.owners, self.stamp, self.used)
+            spares.lend(self.spare, self.owners, self.stamp, self.handle)
         else:
             spares.give(self.spare)
 
@@ -50,12 +51,12 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
             value, owners = _transfer.read(segment, handle, copy)
         # A Pool worker grows a spare its task's arena was too small for (see _arena).
         spare.size = max(spare.size, handle.size, os.fstat(spare.fd).st_size)
-        return value, Kept(spare, owners, stamp, handle.size)
+        return value, Kept(spare, owners, stamp, handle)
     assert name is not None, "a result is in a spare or under a name"
     with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
         value, owners = _transfer.read(segment, handle, copy)
         fd = segment.reopen_writable() if recycle else -1
-    return value, Kept(Spare(fd, handle.size), owners, stamp, handle.size) if fd >= 0 else None
+    return value, Kept(Spare(fd, handle.size), owners, stamp, handle) if fd >= 0 else None
 
 
 class SpareResults(NamedResults):

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _posix, _releaser, _space
-from .._format import round_up_to_page
+from .. import _posix, _releaser, _space, _transfer
+from .._handle import ShmObj
 from .._posix import SHM_DIR
 from .._shared import SPARE_LABEL
 
@@ -87,8 +87,8 @@ class Spare:
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
-    used: int = 0  # while lent: the bytes its result takes
-    filled: int | None = None  # if its pages past this were punched out: refilled before a task gets it
+    lent_to: ShmObj | None = None  # while lent: the handle of the result whose arrays map it
+    holes: int = 0  # bytes of its pages punched out (see Spares.shrink_lent): refilled before a task gets it
 
 
 _SIDS: Iterator[int] = itertools.count(1)
@@ -113,6 +113,26 @@ def fork_stamp() -> int | None:
 def forked_since(stamp: int | None) -> bool:
     """Whether this process may have forked since ``stamp`` was taken by :func:`fork_stamp`."""
     return stamp is None or _last_fork != stamp
+
+
+def _unused_parts(spare: Spare) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of ``spare`` that no array maps: all of it unless it is lent to a
+    result; then all but the header, recipe and buffers of that result (none if they cannot be read)."""
+    if spare.lent_to is None:
+        return [(0, spare.size)]
+    try:
+        with _transfer.open_held(spare.fd, SPARE_LABEL, spare.lent_to.size) as segment:
+            used = sorted(_transfer.used_parts(segment, spare.lent_to))
+    except (OSError, ValueError):
+        return []
+    holes, end = [], 0
+    for offset, length in used:
+        if offset > end:
+            holes.append((end, offset - end))
+        end = max(end, offset + length)
+    if spare.size > end:
+        holes.append((end, spare.size - end))
+    return holes
 
 
 class Spares:
@@ -223,10 +243,13 @@ class Spares:
         self.handed.discard(spare)
         for pid in spare.mappers:
             self.dropped.setdefault(pid, []).append(spare.sid)
+        # Its pages go now, not when a worker's frozen arena over it goes (see _arena): those of a lent
+        # spare that its result's arrays map stay.
+        holes = _unused_parts(spare)
         if now:
-            os.close(spare.fd)
+            _releaser.free_and_close(spare.fd, holes)
         else:
-            _releaser.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size, holes)
 
     def reclaim(self) -> None:
         """Make spares of lent objects whose arrays are all gone; release those lent across a fork."""
@@ -248,32 +271,32 @@ class Spares:
             return None
         best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
         spare = self.free.pop(best)
-        if spare.filled is not None:
+        if spare.holes:
             # Every page there before a worker writes into it: a full /dev/shm is an error here, not a SIGBUS.
             try:
                 _posix.fallocate(spare.fd, SPARE_LABEL, spare.size)
             except OSError:
                 self.release(spare)
                 return None
-            spare.filled = None
+            spare.holes = 0
         self.handed.add(spare)
         return spare
 
     def give(self, spare: Spare) -> None:
         """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
-        spare.addresses, spare.unfreed, spare.stamp = [], set(), None
+        spare.addresses, spare.unfreed, spare.stamp, spare.lent_to = [], set(), None, None
         self.free.append(spare)
 
-    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, used: int) -> None:
-        """Lend ``spare`` to a result whose ``arrays`` own mappings of its first ``used`` bytes; it comes back
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, handle: ShmObj) -> None:
+        """Lend ``spare`` to the result of ``handle``, whose ``arrays`` own mappings of it; it comes back
         when they are freed.
 
         ``stamp``: :func:`fork_stamp` taken before the arrays were made. If the process
         forked since, the spare is released at once (a child may read the arrays).
         """
         self.handed.discard(spare)
-        spare.used = used
+        spare.lent_to = handle
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         spare.stamp = stamp
@@ -286,22 +309,24 @@ class Spares:
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
     def shrink_lent(self, only: Spare | None = None) -> None:
-        """Free the pages past their results of the lent spares (or of ``only``, if lent) more than
-        :data:`OVERSIZE` times larger than their results: a small result kept for long must not keep a
-        large object (outside the budget). The size stays (a cut would take the copied private pages of a
-        worker's frozen arena, see :mod:`._arena`); :meth:`take` fills the pages in again.
+        """Free the pages of the lent spares (or of ``only``, if lent) that their results do not take, where
+        those take less than 1/:data:`OVERSIZE` of them: a small result kept for long must not keep a large
+        object (outside the budget). The size stays (a cut would take the copied private pages of a
+        worker's frozen arena, see :mod:`._arena`); :meth:`take` allocates the pages again.
 
         A Pool shrinks the spares of results still alive when its next call begins: a workload that frees
         its results before then (alternating small and large results) keeps its spares' pages.
         """
         for spare in self.lent if only is None else [only] if only in self.lent else []:
-            keep = round_up_to_page(spare.used)
-            if spare.filled is None and spare.size > OVERSIZE * spare.used:
+            holes = _unused_parts(spare)
+            unused = sum(length for _, length in holes)
+            if not spare.holes and OVERSIZE * (spare.size - unused) < spare.size:
                 try:
-                    _posix.punch(spare.fd, SPARE_LABEL, keep, spare.size - keep)
+                    for offset, length in holes:
+                        _posix.punch(spare.fd, SPARE_LABEL, offset, length)
                 except OSError:  # no hole punching here: the spare keeps its pages until the result is freed
                     continue
-                spare.filled = keep
+                spare.holes = unused
 
     def _array_freed(self, spare: Spare, address: int) -> None:
         """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
@@ -320,7 +345,8 @@ class Spares:
         free = shm_free_bytes()
         if free is None:
             return budget  # nothing to measure (macOS): the last calls bound them
-        return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
+        # A free spare's punched pages are free space already.
+        return min(budget, int(self.limit * (free + sum(spare.size - spare.holes for spare in self.free))))
 
     def trim(self) -> bool:
         """Keep free spares (largest first) within :meth:`budget`; release the others; whether any was."""
@@ -410,7 +436,7 @@ class Spares:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
         for spare in self.free + self.lent:
-            _releaser.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size, _unused_parts(spare))
         self.free, self.lent, self.dropped = [], [], {}
 
     # -- fork

@@ -121,8 +121,10 @@ class _RefillMappings:
             if mapping is not None:
                 mapping.close()
 
-    def remember(self, sid: int, fd: int, length: int) -> None:
-        """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
+    def remember(self, sid: int, fd: int, written: int) -> None:
+        """Map the whole object ``fd``, whose first ``written`` bytes were just written, for the next refill
+        (and the next task's arena)."""
+        length = max(written, os.fstat(fd).st_size)
         current = self.maps.get(sid)
         # Kept if long enough, and not longer than the object (the parent may cut a spare): an arena over
         # it would write past the object's end.
@@ -134,7 +136,7 @@ class _RefillMappings:
             # (a long map of medium results) once, and drop the mapping before it is used again.
             return
         try:
-            self.maps[sid] = RefillMapping(fd, length)
+            self.maps[sid] = RefillMapping(fd, length, written)
         except (OSError, ValueError):
             pass  # the next refill uses pwrite
 
@@ -262,12 +264,11 @@ def _answer_entry(
         progress.started(entry.index)
         start = time.monotonic()
         message, handover, spoke = _protocol.answer(entry.index, produce, unsent.conn.send_bytes)
-        grown = None
         if arenas:
             if arenas[0].frozen and entry.spare is not None:
                 mappings.detach(entry.spare)
             if shipped:  # not after an error: the parent would not count the growth
-                grown = arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
+                arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
         # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
         # woken often), and its handover or spare must reach the parent without delay. Nor does the
         # answer of an item that said something: should this worker die, what it said is not lost.
@@ -275,9 +276,9 @@ def _answer_entry(
         unsent.send(message, more and in_pipe and not spoke and time.monotonic() - start < HOLD_SECONDS)
         if handover is not None:
             handover.complete()
-        # Off the result's path: map what was just written (all of a grown spare), for the next refill.
+        # Off the result's path: map the object, for the next refill.
         if entry.spare is not None and handover is not None and shipped and shipped[0].handle is not None:
-            mappings.remember(entry.spare, fd, max(shipped[0].handle.size, grown or 0))
+            mappings.remember(entry.spare, fd, shipped[0].handle.size)
     finally:
         if fd >= 0:
             os.close(fd)
