@@ -413,7 +413,7 @@ def arena_close() -> None:
 
 def arena_state(region: int) -> tuple[int, int, int, bool]:
     """Bytes in use in ``region`` (live arrays and placed copies), live arrays, the most its large
-    allocations wanted at once when some did not fit (else 0), and whether a fork spoiled it."""
+    allocations and placed copies took or asked for at once, and whether a fork spoiled it."""
     live_bytes, live_arrays, wanted, spoiled = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("int *")
     lib.shmalloc_arena_state(region, live_bytes, live_arrays, wanted, spoiled)
     return int(live_bytes[0]), int(live_arrays[0]), int(wanted[0]), bool(spoiled[0])

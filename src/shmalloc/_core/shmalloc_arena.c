@@ -53,7 +53,7 @@ typedef struct {
     span used[SPANS]; /* numpy's allocations: what lives in the region */
     size_t nused;
     size_t in_use;    /* bytes of used spans and of placed copies */
-    size_t wanted;    /* the most the task's large allocations asked for at once (0: all fitted) */
+    size_t wanted;    /* the most the task's large allocations (and placed copies) took or asked for at once */
     int outcome;      /* what settle did: 0 not yet, RELEASED, FROZEN_BY_SETTLE */
 } region;
 
@@ -95,6 +95,8 @@ static void *carve(region *r, size_t n, int counted)
             r->used[r->nused++].len = need;
         }
         r->in_use += need;
+        if (r->in_use > r->wanted)
+            r->wanted = r->in_use;
         return r->base + off;
     }
     return NULL;
@@ -373,7 +375,7 @@ int shmalloc_arena_close(void)
 }
 
 /* what region id holds: bytes of live numpy allocations and placed copies; the most its task's large
-   allocations wanted at once if some did not fit (else 0); 1 if a fork spoiled it */
+   allocations and placed copies took or asked for at once; 1 if a fork spoiled it */
 int shmalloc_arena_state(int id, size_t *live_bytes, size_t *live_arrays, size_t *wanted, int *spoiled)
 {
     if (id < 0 || id >= REGIONS) {

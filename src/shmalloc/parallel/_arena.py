@@ -77,6 +77,7 @@ class Arena:
         self._settled = False
         self.frozen = False  # the region owns the mapping now: it is no refill mapping any more
         self.wanted = 0  # what the task's large arrays wanted at once, if more than there was
+        self.peak = 0  # the most of the mapping the task's large arrays took or wanted at once, HEAD included
 
     @staticmethod
     def fits(mapping: RefillMapping | None, fd: int) -> bool:
@@ -139,6 +140,7 @@ class Arena:
             print(f"shmalloc: a worker could not make its task's arrays private ({exc}); it exits", file=sys.stderr)
             _ownership.unlink_owned()  # as a worker that exits otherwise: its ShmArrays' names go with it
             os._exit(EXIT_CANNOT_FREEZE)
+        self.peak = HEAD + wanted if wanted else 0
         if wanted > self.length - HEAD:
             self.wanted = wanted
         if frozen and not self.frozen:

@@ -110,6 +110,18 @@ class Pool:
     reference where a worker can import them, else by value (cloudpickle),
     so lambdas and closures work; the items are pickled.
 
+    Results are made where they are shipped: while ``func`` runs, numpy's
+    allocations of 1 MiB or more in its thread come from the warm shared
+    memory of the spare its result will go into (once the worker has
+    filled that spare), and a result whose arrays lie there goes to the
+    parent without a copy. Arrays ``func`` keeps (in a global, a cache)
+    stay valid and the worker's own: before the answer leaves, their pages
+    are copied into private memory of the worker (a fork does the same).
+    The spare then grows to what the tasks want; a ``copy=False`` result
+    made in place keeps the spare's pages until the next call begins (or
+    :meth:`close`), then only its own if it takes less than half of them.
+    See the design notes, "Results made where they are shipped".
+
     A pool made inside a worker of shmalloc's (from ``func``) starts no
     workers: its calls run their items in that worker, one after the other.
 

@@ -38,7 +38,7 @@ import os
 import pickle
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple
@@ -279,7 +279,7 @@ class Shipped:
     handle: ShmObj | None = None
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
-    in_place: bool = False  # in the spare where a Pool worker's task made it (see _arena)
+    spare_use: int = 0  # the most of its spare a Pool worker's task took or wanted at once (see _arena)
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""
@@ -327,32 +327,38 @@ def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena)
 
     See :mod:`._arena`; ``arena.settle()`` has run when this returns or raises.
     """
-    size = os.fstat(fd).st_size
     try:
-        with arena.allocating() as opened:
-            result = produce()
-        if not opened or arena.untouched():  # nothing of the task lives there: as any result, through the mapping
-            arena.settle()
-            return ship_into(result, fd, limit, arena.mapping)
-        if not arena.spoiled() and _nbytes(result, limit) >= limit:
-            whole = isinstance(result, np.ndarray) or _is_pandas(result)
-            try:
-                handle = _transfer.write_in_place(result if whole else _Box(result), fd, arena)
-            except ShmError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                handle = None  # the object could not grow: as any result (which falls back in turn)
-            # A fork by another thread meanwhile may have kept a copy of a buffer from the object.
-            if handle is not None and not arena.spoiled():
-                del result  # the worker lets go of it: what still lives in the arena, the task kept
-                arena.settle()
-                _arena.counts["in place"] += 1
-                return Shipped(handle=handle, boxed=not whole, in_place=True)
-        arena.settle()  # freezes: what the task made there is the worker's own memory from now on
-        _shrink(fd, size)  # what placing it grew the object by
-        return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
+        shipped = _ship_from(produce, fd, limit, arena)
     finally:
         arena.settle()
+    return replace(shipped, spare_use=arena.peak)
+
+
+def _ship_from(produce: Callable[[], Any], fd: int, limit: int, arena: Arena) -> Shipped:
+    """The body of :func:`ship_in_place`."""
+    size = os.fstat(fd).st_size
+    with arena.allocating() as opened:
+        result = produce()
+    if not opened or arena.untouched():  # nothing of the task lives there: as any result, through the mapping
+        arena.settle()
+        return ship_into(result, fd, limit, arena.mapping)
+    if not arena.spoiled() and _nbytes(result, limit) >= limit:
+        whole = isinstance(result, np.ndarray) or _is_pandas(result)
+        try:
+            handle = _transfer.write_in_place(result if whole else _Box(result), fd, arena)
+        except ShmError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            handle = None  # the object could not grow: as any result (which falls back in turn)
+        # A fork by another thread meanwhile may have kept a copy of a buffer from the object.
+        if handle is not None and not arena.spoiled():
+            del result  # the worker lets go of it: what still lives in the arena, the task kept
+            arena.settle()
+            _arena.counts["in place"] += 1
+            return Shipped(handle=handle, boxed=not whole)
+    arena.settle()  # freezes: what the task made there is the worker's own memory from now on
+    _shrink(fd, size)  # what placing it grew the object by
+    return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
 
 
 def _shrink(fd: int, size: int) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _transfer
 from .._handle import ShmObj
-from . import _protocol
+from . import _arena, _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
 
@@ -100,20 +100,17 @@ class SpareResults(NamedResults):
             name = self.names[index]
             _protocol.check_answered_name(handle, name)
             del self.names[index]
-        size_before = 0 if spare is None else spare.size
         try:
             value, kept = read_result(handle, self.copy, spare, name, self.recycle)
         except BaseException:
             if spare is not None:
                 self.spares.release(spare)
             raise
-        # The next call's tasks want spares like this one: one the worker grew for its task's arena counts
-        # whole; one a result was made in counts up to twice the result's extent (the arena grows by
-        # doubling: the budget must not cut what it just grew).
-        if spare is not None and shipped.in_place:
-            self.consumed_bytes += min(spare.size, 2 * handle.size)
-        elif spare is not None and spare.size > size_before:
-            self.consumed_bytes += spare.size
+        # The next call's tasks want spares like this one: one a task used as its arena counts as what
+        # the task took at once, times the arena's growth (the budget must not cut what it just grew),
+        # up to its size.
+        if spare is not None and shipped.spare_use:
+            self.consumed_bytes += min(spare.size, int(_arena.GROWTH * max(handle.size, shipped.spare_use)))
         else:
             self.consumed_bytes += handle.size
         if kept is not None:
