@@ -210,3 +210,28 @@ def _small_and_threaded(i: int) -> tuple[np.ndarray, np.ndarray]:
     thread.start()
     thread.join()
     return np.full(1000, float(i)), out[0]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_executor_tasks_compute_in_their_spares_and_what_workers_keep_stays_theirs(method):
+    """shmalloc.ProcessPoolExecutor (and so the joblib backend): frames computed in the tasks' spares come back
+    equal; an array a task returned and kept in its worker is the worker's own afterwards (its writes never reach
+    the result, nor the parent's writes it)."""
+    expected = [computed(i) for i in range(4)]
+    with shmalloc.ProcessPoolExecutor(2, mp_context=mp.get_context(method), copy=False) as pool:
+        for _ in range(4):  # spares, then spares the tasks' arenas fit in
+            got = list(pool.map(computed, range(4)))
+            for frame, wanted in zip(got, expected, strict=True):
+                assert frame.dtypes.equals(wanted.dtypes) and frame.equals(wanted)
+            del got, frame
+            gc.collect()
+            time.sleep(0.15)  # a new burst: results alive at its start would be shrunk
+        results = list(pool.map(kept_and_returned, range(2)))
+        results[0][:5] = -1.0  # the parent's write
+        seen = [v for worker_seen in pool.map(write_into_kept, range(4)) for v in worker_seen]
+        assert seen and -1.0 not in seen  # never the parent's write
+        assert (results[0][:5] == -1.0).all() and (results[0][5:] == 0.0).all() and (results[1] == 1.0).all()
+        counts: Counter = Counter()
+        for counted in dict(pool.map(arena_counts, range(8))).values():
+            counts.update(counted)
+    assert counts["in place"] >= 4, counts  # results shipped where the tasks made them

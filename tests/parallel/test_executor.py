@@ -356,10 +356,13 @@ def test_a_worker_opens_only_the_spare_it_was_told_of(tmp_path):
         os.close(other)
 
 
-def test_a_small_zero_copy_result_does_not_keep_a_large_spare():
-    """copy=False: a result written into a spare several times its size frees the spare's pages past it before
-    its arrays map it, so that they do not keep the rest of the object."""
+def test_a_small_zero_copy_result_does_not_keep_a_large_spare_past_its_burst():
+    """copy=False: a result written into a spare several times its size keeps the spare's pages while its burst of
+    tasks lasts; still alive when the next burst begins, it has the pages past it freed."""
     import gc
+    import time
+
+    from shmalloc.parallel import _executor
 
     with shmalloc.ProcessPoolExecutor(1, copy=False) as pool:
         pool.submit(full, 0).result()  # 8 MB, dropped: the spare
@@ -368,7 +371,11 @@ def test_a_small_zero_copy_result_does_not_keep_a_large_spare():
         small = pool.submit(np.full, 100_000, 3.0).result()  # 800 KB: shared memory, into the spare
         np.testing.assert_array_equal(small, np.full(100_000, 3.0))
         (lent,) = pool._spares.lent
+        assert os.fstat(lent.fd).st_blocks * 512 >= 8 << 20  # a next task of the burst may want them
+        time.sleep(2 * _executor.BURST_GAP)
+        assert pool.submit(abs, -1).result() == 1  # a new burst
         assert os.fstat(lent.fd).st_blocks * 512 < 1 << 20  # its pages past the result are freed
+        np.testing.assert_array_equal(small, np.full(100_000, 3.0))
 
 
 def _burst(pool: shmalloc.ProcessPoolExecutor, values: range) -> None:

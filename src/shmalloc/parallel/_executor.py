@@ -36,12 +36,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .. import _names, _ownership
+from .._shared import RefillMapping
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
 from . import _protocol, _relay, _serial
 from ._failures import rebuild_error, remote_error, warning_error
 from ._options import PIPE_LIMIT, check_copy, check_count
-from ._protocol import Shipped, check_answered_name, discard, ship, ship_into
+from ._arena import Arena
+from ._protocol import Shipped, check_answered_name, discard, ship, ship_in_place, ship_into
 from ._recycling import Kept, read_result
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 
@@ -53,6 +55,10 @@ BURST_GAP = 0.1
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
 _unsent: _ownership.Handover | None = None
 
+
+#: Spare mappings a worker keeps for its next tasks (see _spare_mapping).
+SPARE_MAPPINGS = 4
+_spare_maps: dict[tuple[int, int], RefillMapping] = {}  # in a worker, by the object's (st_dev, st_ino)
 
 # Where a worker finds a spare: /proc/<parent pid>/fd/<n>, and the object's (st_dev, st_ino).
 SpareAddress = tuple[str, int, int]
@@ -82,7 +88,7 @@ def _call_and_ship(
     _complete_unsent()
     _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
-    message, handover, _ = _protocol.answer(0, lambda: _ship(fn(*args, **kwargs), name, limit, spare))
+    message, handover, _ = _protocol.answer(0, lambda: _ship(lambda: fn(*args, **kwargs), name, limit, spare))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
         # names; the answer has been sent by then (before the worker read its stop message).
@@ -91,15 +97,58 @@ def _call_and_ship(
     return message
 
 
-def _ship(result: Any, name: str, limit: int, spare: SpareAddress | None) -> Shipped:
-    """Into the spare at ``spare`` if it can be opened, else under ``name``."""
+def _ship(produce: Callable[[], Any], name: str, limit: int, spare: SpareAddress | None) -> Shipped:
+    """Run the task ``produce``; its result goes into the spare at ``spare`` if it can be opened (the task
+    computing in it, see :mod:`._arena`), else under ``name``."""
     fd = _open_spare(spare)
     if fd < 0:
-        return ship(result, name, limit)
+        return ship(produce(), name, limit)
     try:
-        return ship_into(result, fd, limit)
+        mapping = _spare_mapping(fd)
+        if mapping is None or not Arena.fits(mapping, fd):
+            return ship_into(produce(), fd, limit, mapping)
+        arena = Arena(mapping, fd)
+        try:
+            shipped = ship_in_place(produce, fd, limit, arena)
+        finally:
+            if arena.frozen:  # the region owns the mapping now
+                _forget_mapping(mapping)
+        arena.grow_spare()  # before the answer leaves; the next task with this spare maps it again
+        return shipped
     finally:
         os.close(fd)
+
+
+def _spare_mapping(fd: int) -> RefillMapping | None:
+    """This worker's mapping of the whole spare ``fd``, kept for its next tasks with it; None if it cannot
+    be mapped.
+
+    A new mapping would fault every page in again. A spare the parent releases has its pages freed
+    first, so a mapping kept of it holds no memory; the oldest is unmapped beyond :data:`SPARE_MAPPINGS`.
+    """
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)  # no other object gets this inode while the mapping holds it
+    mapping = _spare_maps.pop(key, None)
+    if mapping is not None and (mapping.address is None or mapping.length != st.st_size):
+        mapping.close()  # the spare grew (or was cut back after a failed write)
+        mapping = None
+    if mapping is None:
+        try:
+            mapping = RefillMapping(fd, st.st_size, st.st_size)  # all its pages are there: written or allocated
+        except (OSError, ValueError):
+            return None
+    _spare_maps[key] = mapping  # the most recently used last
+    while len(_spare_maps) > SPARE_MAPPINGS:
+        _spare_maps.pop(next(iter(_spare_maps))).close()
+    return mapping
+
+
+def _forget_mapping(mapping: RefillMapping) -> None:
+    """Drop ``mapping`` from the kept ones without unmapping it (a frozen arena owns its range)."""
+    for key, kept in list(_spare_maps.items()):
+        if kept is mapping:
+            del _spare_maps[key]
+    mapping.detach()
 
 
 def _open_spare(spare: SpareAddress | None) -> int:
@@ -329,7 +378,15 @@ class ProcessPoolExecutor(cf.Executor):
         with self._spares.held():
             # Lent spares come back through their arrays' finalizers (no reclaim() here: it visits
             # every lent spare, and a submit must not cost more the more results are alive).
-            return None if self._spares.closed else self._spares.take(0)
+            if self._spares.closed:
+                return None
+            with self._lock:  # taken inside the spares' lock only (never the other way round)
+                idle = self._idle_since
+            if idle is not None and time.monotonic() - idle > BURST_GAP:
+                # A new burst: results of earlier ones still alive keep only their own pages (as at the start
+                # of a Pool's call). A result freed before costs its spare nothing.
+                self._spares.shrink_lent()
+            return self._spares.take(0)
 
     def _spare_back(self, spare: Spare | None, reusable: bool, kept: Kept | None = None) -> None:
         """A task is over: make its ``spare`` free again (``reusable``: nobody writes into it any more) or
@@ -351,7 +408,6 @@ class ProcessPoolExecutor(cf.Executor):
                     spares.release(kept.spare)
                     return
                 kept.return_to(spares)
-                spares.shrink_lent(kept.spare)  # a result may live for long: no call ends here
                 self._recent.append(kept.spare.size)
                 with self._lock:  # taken inside the spares' lock only (never the other way round)
                     self._burst_bytes += kept.spare.size

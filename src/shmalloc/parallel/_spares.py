@@ -89,6 +89,7 @@ class Spare:
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
     lent_to: ShmObj | None = None  # while lent: the handle of the result whose arrays map it
     holes: int = 0  # bytes of its pages punched out (see Spares.shrink_lent): refilled before a task gets it
+    shrunk: bool = False  # while lent: Spares.shrink_lent looked at it
 
 
 _SIDS: Iterator[int] = itertools.count(1)
@@ -285,7 +286,7 @@ class Spares:
     def give(self, spare: Spare) -> None:
         """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
-        spare.addresses, spare.unfreed, spare.stamp, spare.lent_to = [], set(), None, None
+        spare.addresses, spare.unfreed, spare.stamp, spare.lent_to, spare.shrunk = [], set(), None, None, False
         self.free.append(spare)
 
     def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, handle: ShmObj) -> None:
@@ -308,25 +309,29 @@ class Spares:
         for array, address in zip(arrays, spare.addresses, strict=True):
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
-    def shrink_lent(self, only: Spare | None = None) -> None:
-        """Free the pages of the lent spares (or of ``only``, if lent) that their results do not take, where
-        those take less than 1/:data:`OVERSIZE` of them: a small result kept for long must not keep a large
-        object (outside the budget). The size stays (a cut would take the copied private pages of a
+    def shrink_lent(self) -> None:
+        """Free the pages of the lent spares that their results do not take, where those take less than
+        1/:data:`OVERSIZE` of them: a small result kept for long must not keep a large object (outside the
+        budget). The size stays (a cut would take the copied private pages of a
         worker's frozen arena, see :mod:`._arena`); :meth:`take` allocates the pages again.
 
-        A Pool shrinks the spares of results still alive when its next call begins: a workload that frees
-        its results before then (alternating small and large results) keeps its spares' pages.
+        A Pool shrinks the spares of results still alive when its next call begins, an executor when its
+        next burst does: a workload that frees its results before then (alternating small and large
+        results) keeps its spares' pages.
         """
-        for spare in self.lent if only is None else [only] if only in self.lent else []:
+        for spare in self.lent:
+            if spare.shrunk:
+                continue
+            spare.shrunk = True
             holes = _unused_parts(spare)
             unused = sum(length for _, length in holes)
-            if not spare.holes and OVERSIZE * (spare.size - unused) < spare.size:
+            if OVERSIZE * (spare.size - unused) < spare.size:
+                spare.holes = unused  # first: take() refills whatever was punched, should a punch fail midway
                 try:
                     for offset, length in holes:
                         _posix.punch(spare.fd, SPARE_LABEL, offset, length)
                 except OSError:  # no hole punching here: the spare keeps its pages until the result is freed
                     continue
-                spare.holes = unused
 
     def _array_freed(self, spare: Spare, address: int) -> None:
         """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
