@@ -40,9 +40,9 @@ from .._shared import RefillMapping
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
 from . import _protocol, _relay, _serial
+from ._arena import Arena
 from ._failures import rebuild_error, remote_error, warning_error
 from ._options import PIPE_LIMIT, check_copy, check_count
-from ._arena import Arena
 from ._protocol import Shipped, check_answered_name, discard, ship, ship_in_place, ship_into
 from ._recycling import Kept, read_result
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
