@@ -11,11 +11,14 @@ after the workers are gone.
 As in :class:`shmalloc.Pool`, consumed objects are kept as spares
 (:mod:`._spares`): a task also gets a free spare if there is one, and the
 worker writes a large result into it, onto pages that are already there (a
-fresh object's pages cost about five times the write). The standard pool's
+fresh object's pages cost about five times the write); the task computes its
+large arrays in it too, as a Pool's do (:mod:`._arena`). The standard pool's
 queues carry no descriptors, so the worker opens the spare through
-``/proc/<this pid>/fd/<n>``; where it cannot, the name serves. A spare handed
-to a task whose pool broke is released, never reused: a worker of that pool
-may still be writing into it.
+``/proc/<this pid>/fd/<n>``; where it cannot, the name serves. A worker keeps
+a mapping of its last few spares; the parent frees a spare's pages when it
+releases it, so such a mapping never keeps them. A spare handed to a task
+whose pool broke is released, never reused: a worker of that pool may still
+be writing into it.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ _unsent: _ownership.Handover | None = None
 
 
 #: Spare mappings a worker keeps for its next tasks (see _spare_mapping).
-SPARE_MAPPINGS = 4
+SPARE_MAPPINGS = 16
 _spare_maps: dict[tuple[int, int], RefillMapping] = {}  # in a worker, by the object's (st_dev, st_ino)
 
 # Where a worker finds a spare: /proc/<parent pid>/fd/<n>, and the object's (st_dev, st_ino).
@@ -327,8 +330,8 @@ class ProcessPoolExecutor(cf.Executor):
         self._pool = cf.ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, **kwargs)
         self._copy = copy
         self._limit = pipe_limit
-        # Workers write into a spare through /proc/<this pid>/fd: the standard pool's queues cannot
-        # carry descriptors. They keep no mapping of it, so there is nothing for them to unmap.
+        # Workers open a spare through /proc/<this pid>/fd: the standard pool's queues cannot carry
+        # descriptors. The mappings they keep need no unmapping: a released spare's pages are freed here.
         self._spares = Spares(spare_limit, _nothing_to_unmap)
         self._recent: deque[int] = deque(maxlen=2 * (max_workers or os.cpu_count() or 1))  # large results' bytes
         # A burst: tasks submitted until the pool has been idle for BURST_GAP (a joblib call, a map).
