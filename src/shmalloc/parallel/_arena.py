@@ -155,10 +155,11 @@ class Arena:
         if not self.wanted:
             return None
         current = os.fstat(self.fd).st_size
-        # Never more than a quarter of what /dev/shm has free (the pools' default share for spares).
+        # Never more than a quarter of what /dev/shm has free (the pools' default share for spares), and
+        # not at all if the task would still not fit: that would take space for nothing.
         room = current + (shm_free_bytes() or 0) // 4
         size = min(round_up_to_page(int(HEAD + self.wanted * GROWTH)), room - room % _PAGE)
-        if size <= current:
+        if size <= current or size < HEAD + self.wanted:
             return None
         try:
             os.posix_fallocate(self.fd, 0, size)

@@ -59,6 +59,15 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     return value, Kept(Spare(fd, handle.size), owners, stamp, handle) if fd >= 0 else None
 
 
+def _counted(spare: Spare, result_bytes: int, spare_use: int) -> int:
+    """What a result of ``result_bytes`` in ``spare`` counts for the budget of the next call's spares: its
+    bytes, or, if its task used the spare as its arena, what the task took there at once, times the arena's
+    growth (the budget must not cut what it just grew), up to the spare's size."""
+    if not spare_use:
+        return result_bytes
+    return min(spare.size, int(_arena.GROWTH * max(result_bytes, spare_use)))
+
+
 class SpareResults(NamedResults):
     """Destinations of a Pool's results: spares where there are, fresh names otherwise."""
 
@@ -91,6 +100,7 @@ class SpareResults(NamedResults):
         spare = self.lent.pop(index, None)
         if handle is None:
             if spare is not None:
+                self.consumed_bytes += _counted(spare, 0, shipped.spare_use)  # its task's arena
                 self.spares.give(spare)
             else:
                 del self.names[index]
@@ -106,13 +116,7 @@ class SpareResults(NamedResults):
             if spare is not None:
                 self.spares.release(spare)
             raise
-        # The next call's tasks want spares like this one: one a task used as its arena counts as what
-        # the task took at once, times the arena's growth (the budget must not cut what it just grew),
-        # up to its size.
-        if spare is not None and shipped.spare_use:
-            self.consumed_bytes += min(spare.size, int(_arena.GROWTH * max(handle.size, shipped.spare_use)))
-        else:
-            self.consumed_bytes += handle.size
+        self.consumed_bytes += handle.size if spare is None else _counted(spare, handle.size, shipped.spare_use)
         if kept is not None:
             kept.return_to(self.spares)
         return shipped.unboxed(value)

@@ -287,6 +287,7 @@ class Spares:
         """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
         spare.addresses, spare.unfreed, spare.stamp, spare.lent_to, spare.shrunk = [], set(), None, None, False
+        spare.size = max(spare.size, os.fstat(spare.fd).st_size)  # a Pool's worker may have grown it (see _arena)
         self.free.append(spare)
 
     def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, handle: ShmObj) -> None:
