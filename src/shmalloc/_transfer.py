@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -233,18 +233,17 @@ def _checked_recipe(segment: Segment, handle: ShmObj) -> tuple[dict, list[_forma
     return recipe, layouts, data_offset
 
 
-def used_parts(segment: Segment, handle: ShmObj) -> list[tuple[int, int]]:
-    """The (offset, length) page ranges of ``segment`` that the object ``handle`` describes takes: its
-    header and recipe, and each buffer's pages (a Pool's worker may leave gaps between them)."""
-    _, layouts, data_offset = _checked_recipe(segment, handle)
-    return [(0, data_offset)] + [
-        (data_offset + layout.offset, _format.round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes
-    ]
+class Read(NamedTuple):
+    """What :func:`read` rebuilt from a segment."""
+
+    value: Any
+    owners: list[np.ndarray]  # the arrays that own mappings of the segment (none when copied)
+    parts: list[tuple[int, int]]  # (offset, length): the header and recipe's pages, and each buffer's
 
 
-def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
-    """Rebuild the object ``handle`` describes from ``segment``; also return the arrays that own
-    mappings of it (none when copied).
+def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
+    """Rebuild the object ``handle`` describes from ``segment``; also say which arrays own mappings of it
+    (none when copied) and which pages of it the object takes (a Pool's worker may leave gaps).
 
     The header and recipe are checked against the handle before anything is
     mapped. ``copy`` False maps privately (zero-copy) where the platform
@@ -254,4 +253,7 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.nda
     zero_copy = not copy and _posix.ZERO_COPY
     buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []
-    return codecs.decode(recipe["attributes"], buffers), owners
+    parts = [(0, data_offset)] + [
+        (data_offset + layout.offset, _format.round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes
+    ]
+    return Read(codecs.decode(recipe["attributes"], buffers), owners, parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,6 +98,14 @@ def fails_on_odd(i: int) -> np.ndarray:
     array = np.full(BIG, float(i))
     if i % 2:
         raise ValueError(f"item {i} fails")
+    return array
+
+
+def dies_while_computing(i: int) -> np.ndarray:
+    """Fills an array in the arena; item 1 kills its worker before returning it."""
+    array = np.full(BIG, float(i))
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
     return array
 
 
@@ -235,3 +244,24 @@ def test_executor_tasks_compute_in_their_spares_and_what_workers_keep_stays_thei
         for counted in dict(pool.map(arena_counts, range(8))).values():
             counts.update(counted)
     assert counts["in place"] >= 4, counts  # results shipped where the tasks made them
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_a_worker_killed_while_its_task_computes_in_the_arena_leaves_every_result_right(method):
+    """A worker killed while its task computes in its spare: that item is a WorkerDiedError, the others and the
+    results alive meanwhile (made in place) stay right, and the spares serve the next calls with the right data."""
+    with shmalloc.Pool(2, start_method=method) as pool:
+        _warm(pool, filled, [1.0] * 4, copy=False)
+        alive = pool.map(filled, [2.0] * 2, copy=False)
+        with pytest.warns(shmalloc.FailedItemsWarning):
+            got = pool.map(dies_while_computing, range(4), copy=False, errors="return")
+        assert isinstance(got[1], shmalloc.WorkerDiedError)
+        assert all((got[i] == i).all() for i in (0, 2, 3))
+        for _ in range(3):
+            again = pool.map(filled, [float(k) for k in range(4)], copy=False)
+            assert all((a == k).all() for k, a in enumerate(again))
+            del again
+            gc.collect()
+        assert all((a == 2.0).all() for a in alive)
+        counts = total_counts(pool)
+    assert counts["in place"] >= 4, counts

@@ -61,7 +61,8 @@ _unsent: _ownership.Handover | None = None
 
 #: Spare mappings a worker keeps for its next tasks (see _spare_mapping).
 SPARE_MAPPINGS = 16
-_spare_maps: dict[tuple[int, int], RefillMapping] = {}  # in a worker, by the object's (st_dev, st_ino)
+# In a worker: its kept spare mappings and the paths it opened them by, by the object's (st_dev, st_ino).
+_spare_maps: dict[tuple[int, int], tuple[str, RefillMapping]] = {}
 
 # Where a worker finds a spare: /proc/<parent pid>/fd/<n>, and the object's (st_dev, st_ino).
 SpareAddress = tuple[str, int, int]
@@ -106,8 +107,9 @@ def _ship(produce: Callable[[], Any], name: str, limit: int, spare: SpareAddress
     fd = _open_spare(spare)
     if fd < 0:
         return ship(produce(), name, limit)
+    assert spare is not None, "a spare was opened"
     try:
-        mapping = _spare_mapping(fd)
+        mapping = _spare_mapping(fd, spare[0])
         if mapping is None or not Arena.fits(mapping, fd):
             return ship_into(produce(), fd, limit, mapping)
         arena = Arena(mapping, fd)
@@ -122,16 +124,22 @@ def _ship(produce: Callable[[], Any], name: str, limit: int, spare: SpareAddress
         os.close(fd)
 
 
-def _spare_mapping(fd: int) -> RefillMapping | None:
-    """This worker's mapping of the whole spare ``fd``, kept for its next tasks with it; None if it cannot
-    be mapped.
+def _spare_mapping(fd: int, path: str) -> RefillMapping | None:
+    """This worker's mapping of the whole spare ``fd`` (opened through ``path``), kept for its next tasks
+    with it; None if it cannot be mapped.
 
-    A new mapping would fault every page in again. A spare the parent releases has its pages freed
-    first, so a mapping kept of it holds no memory; the oldest is unmapped beyond :data:`SPARE_MAPPINGS`.
+    A new mapping would fault every page in again. The parent frees a free spare's pages when it releases
+    it, so a mapping kept of it holds no memory; one of a spare the parent no longer holds is unmapped here
+    (a released spare lent to a result across a fork keeps the result's pages), and the oldest beyond
+    :data:`SPARE_MAPPINGS`.
     """
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)  # no other object gets this inode while the mapping holds it
-    mapping = _spare_maps.pop(key, None)
+    for other, (other_path, kept) in list(_spare_maps.items()):
+        if other != key and _object_key(other_path) != other:  # the parent closed that descriptor
+            del _spare_maps[other]
+            kept.close()
+    _, mapping = _spare_maps.pop(key, (path, None))
     if mapping is not None and (mapping.address is None or mapping.length != st.st_size):
         mapping.close()  # the spare grew (or was cut back after a failed write)
         mapping = None
@@ -140,15 +148,23 @@ def _spare_mapping(fd: int) -> RefillMapping | None:
             mapping = RefillMapping(fd, st.st_size, st.st_size)  # all its pages are there: written or allocated
         except (OSError, ValueError):
             return None
-    _spare_maps[key] = mapping  # the most recently used last
+    _spare_maps[key] = (path, mapping)  # the most recently used last
     while len(_spare_maps) > SPARE_MAPPINGS:
-        _spare_maps.pop(next(iter(_spare_maps))).close()
+        _spare_maps.pop(next(iter(_spare_maps)))[1].close()
     return mapping
+
+
+def _object_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _forget_mapping(mapping: RefillMapping) -> None:
     """Drop ``mapping`` from the kept ones without unmapping it (a frozen arena owns its range)."""
-    for key, kept in list(_spare_maps.items()):
+    for key, (_, kept) in list(_spare_maps.items()):
         if kept is mapping:
             del _spare_maps[key]
     mapping.detach()

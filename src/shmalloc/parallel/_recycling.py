@@ -28,12 +28,12 @@ class Kept:
     spare: Spare
     owners: list[np.ndarray]
     stamp: int | None  # fork_stamp() taken before the arrays were made
-    handle: ShmObj  # the result's
+    parts: list[tuple[int, int]]  # the pages of the object the result takes (see _transfer.Read)
 
     def return_to(self, spares: Spares) -> None:
         """Under the spares' lock: lend the spare to the result's arrays, or make it free at once (copied out)."""
         if self.owners:
-            spares.lend(self.spare, self.owners, self.stamp, self.handle)
+            spares.lend(self.spare, self.owners, self.stamp, self.parts)
         else:
             spares.give(self.spare)
 
@@ -48,15 +48,15 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
-            value, owners = _transfer.read(segment, handle, copy)
+            read = _transfer.read(segment, handle, copy)
         # A Pool worker grows a spare its task's arena was too small for (see _arena).
         spare.size = max(spare.size, handle.size, os.fstat(spare.fd).st_size)
-        return value, Kept(spare, owners, stamp, handle)
+        return read.value, Kept(spare, read.owners, stamp, read.parts)
     assert name is not None, "a result is in a spare or under a name"
     with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
-        value, owners = _transfer.read(segment, handle, copy)
+        read = _transfer.read(segment, handle, copy)
         fd = segment.reopen_writable() if recycle else -1
-    return value, Kept(Spare(fd, handle.size), owners, stamp, handle) if fd >= 0 else None
+    return read.value, Kept(Spare(fd, handle.size), read.owners, stamp, read.parts) if fd >= 0 else None
 
 
 def _counted(spare: Spare, result_bytes: int, spare_use: int) -> int:

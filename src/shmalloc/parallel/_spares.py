@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _posix, _releaser, _space, _transfer
-from .._handle import ShmObj
+from .. import _posix, _releaser, _space
 from .._posix import SHM_DIR
 from .._shared import SPARE_LABEL
 
@@ -50,8 +49,10 @@ SLACK = 0.25
 #: The budget follows the largest of this many last calls: a workload that alternates large and small
 #: calls keeps the spares of its large ones (else every large call would fault in new objects).
 RECENT_CALLS = 3
-#: A spare lent to a copy=False result that takes less than 1/OVERSIZE of it is shrunk (:meth:`Spares.shrink_lent`).
+#: A spare lent to a copy=False result that takes less than 1/OVERSIZE of it is shrunk (:meth:`Spares.shrink_lent`)
+#: when the SHRINK_AFTER-th call (or burst) since it was lent begins.
 OVERSIZE = 2
+SHRINK_AFTER = 2
 # How long a write that found /dev/shm full waits for a pool busy in another thread.
 _BUSY_WAIT = 1.0
 
@@ -87,9 +88,9 @@ class Spare:
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
-    lent_to: ShmObj | None = None  # while lent: the handle of the result whose arrays map it
+    used: list[tuple[int, int]] | None = None  # while lent: (offset, length) of the pages its result takes
     holes: int = 0  # bytes of its pages punched out (see Spares.shrink_lent): refilled before a task gets it
-    shrunk: bool = False  # while lent: Spares.shrink_lent looked at it
+    lent_starts: int = 0  # while lent: the calls (or bursts) begun since (see Spares.shrink_lent)
 
 
 _SIDS: Iterator[int] = itertools.count(1)
@@ -116,23 +117,22 @@ def forked_since(stamp: int | None) -> bool:
     return stamp is None or _last_fork != stamp
 
 
-def _unused_parts(spare: Spare) -> list[tuple[int, int]]:
-    """The (offset, length) ranges of ``spare`` that no array maps: all of it unless it is lent to a
-    result; then all but the header, recipe and buffers of that result (none if they cannot be read)."""
-    if spare.lent_to is None:
-        return [(0, spare.size)]
-    try:
-        with _transfer.open_held(spare.fd, SPARE_LABEL, spare.lent_to.size) as segment:
-            used = sorted(_transfer.used_parts(segment, spare.lent_to))
-    except (OSError, ValueError):
+def _unused_parts(spare: Spare, whole: bool) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of ``spare`` that no array maps: all of it if ``whole`` (a free spare),
+    else all but the pages of the result it is lent to; none if it is neither (handed out, or its result
+    failed to be read: arrays may map any of it)."""
+    size = max(spare.size, os.fstat(spare.fd).st_size)  # a worker may have grown it
+    if whole:
+        return [(0, size)]
+    if spare.used is None:
         return []
     holes, end = [], 0
-    for offset, length in used:
+    for offset, length in sorted(spare.used):
         if offset > end:
             holes.append((end, offset - end))
         end = max(end, offset + length)
-    if spare.size > end:
-        holes.append((end, spare.size - end))
+    if size > end:
+        holes.append((end, size - end))
     return holes
 
 
@@ -235,18 +235,18 @@ class Spares:
 
     # -- moving spares
 
-    def release(self, spare: Spare, now: bool = False) -> None:
+    def release(self, spare: Spare, now: bool = False, whole: bool = False) -> None:
         """Close the parent's descriptor; tell the workers that map it to unmap it (their next task).
 
         ``now``: close it on this thread (the budget wants the space free when it returns);
-        else a large object is closed on the background thread.
+        else a large object is closed on the background thread. Its pages no array maps are freed
+        first (``whole``: a free spare, all of them), so that no worker's mapping keeps them (a
+        frozen arena, see _arena, or an executor worker's kept mapping).
         """
         self.handed.discard(spare)
         for pid in spare.mappers:
             self.dropped.setdefault(pid, []).append(spare.sid)
-        # Its pages go now, not when a worker's frozen arena over it goes (see _arena): those of a lent
-        # spare that its result's arrays map stay.
-        holes = _unused_parts(spare)
+        holes = _unused_parts(spare, whole)
         if now:
             _releaser.free_and_close(spare.fd, holes)
         else:
@@ -277,7 +277,7 @@ class Spares:
             try:
                 _posix.fallocate(spare.fd, SPARE_LABEL, spare.size)
             except OSError:
-                self.release(spare)
+                self.release(spare, whole=True)
                 return None
             spare.holes = 0
         self.handed.add(spare)
@@ -286,19 +286,19 @@ class Spares:
     def give(self, spare: Spare) -> None:
         """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
-        spare.addresses, spare.unfreed, spare.stamp, spare.lent_to, spare.shrunk = [], set(), None, None, False
+        spare.addresses, spare.unfreed, spare.stamp, spare.used, spare.lent_starts = [], set(), None, None, 0
         spare.size = max(spare.size, os.fstat(spare.fd).st_size)  # a Pool's worker may have grown it (see _arena)
         self.free.append(spare)
 
-    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, handle: ShmObj) -> None:
-        """Lend ``spare`` to the result of ``handle``, whose ``arrays`` own mappings of it; it comes back
-        when they are freed.
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, used: list[tuple[int, int]]) -> None:
+        """Lend ``spare`` to a result that takes the pages ``used`` (offset, length) of it, whose ``arrays``
+        own mappings of it; it comes back when they are freed.
 
         ``stamp``: :func:`fork_stamp` taken before the arrays were made. If the process
         forked since, the spare is released at once (a child may read the arrays).
         """
         self.handed.discard(spare)
-        spare.lent_to = handle
+        spare.used = used
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         spare.stamp = stamp
@@ -311,20 +311,20 @@ class Spares:
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
     def shrink_lent(self) -> None:
-        """Free the pages of the lent spares that their results do not take, where those take less than
-        1/:data:`OVERSIZE` of them: a small result kept for long must not keep a large object (outside the
-        budget). The size stays (a cut would take the copied private pages of a
-        worker's frozen arena, see :mod:`._arena`); :meth:`take` allocates the pages again.
+        """At the start of a call (or burst): free the pages of the lent spares that their results do not
+        take, where those take less than 1/:data:`OVERSIZE` of them, once the results have lived through
+        :data:`SHRINK_AFTER` starts: a small result kept for long must not keep a large object (outside
+        the budget). The size stays (a cut would take the copied private pages of a worker's frozen arena,
+        see :mod:`._arena`); :meth:`take` allocates the pages again.
 
-        A Pool shrinks the spares of results still alive when its next call begins, an executor when its
-        next burst does: a workload that frees its results before then (alternating small and large
-        results) keeps its spares' pages.
+        A loop that rebinds its results (``r = pool.map(...)``) frees each call's results during the next
+        call: those are never shrunk, and their spares keep their warm pages.
         """
         for spare in self.lent:
-            if spare.shrunk:
+            spare.lent_starts += 1
+            if spare.lent_starts != SHRINK_AFTER:
                 continue
-            spare.shrunk = True
-            holes = _unused_parts(spare)
+            holes = _unused_parts(spare, whole=False)
             unused = sum(length for _, length in holes)
             if OVERSIZE * (spare.size - unused) < spare.size:
                 spare.holes = unused  # first: take() refills whatever was punched, should a punch fail midway
@@ -364,7 +364,7 @@ class Spares:
                 kept.append(spare)
                 total += spare.size
             else:
-                self.release(spare, now=True)
+                self.release(spare, now=True, whole=True)
         released = len(kept) < len(self.free)
         self.free = kept
         return released
@@ -429,7 +429,7 @@ class Spares:
             self.reclaim()
             given = sum(spare.size for spare in self.free)
             for spare in self.free:
-                self.release(spare, now=True)
+                self.release(spare, now=True, whole=True)
             self.free = []
             self._unmap_released(pool_refs)
             _releaser.wait_for_releases()  # those lent across a fork, closed on the background thread
@@ -442,7 +442,7 @@ class Spares:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
         for spare in self.free + self.lent:
-            _releaser.release_fd(spare.fd, spare.size, _unused_parts(spare))
+            _releaser.release_fd(spare.fd, spare.size, _unused_parts(spare, whole=spare.used is None))
         self.free, self.lent, self.dropped = [], [], {}
 
     # -- fork
