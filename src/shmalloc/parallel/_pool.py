@@ -118,8 +118,9 @@ class Pool:
     stay valid and the worker's own: before the answer leaves, their pages
     are copied into private memory of the worker (a fork does the same).
     The spare then grows to what the tasks want; a ``copy=False`` result
-    made in place keeps the spare's pages until the next call begins (or
-    :meth:`close`), then only its own if it takes less than half of them.
+    made in place keeps the spare's pages until the second call after it
+    begins (or :meth:`close`), then only its own if it takes less than half
+    of them.
     See the design notes, "Results made where they are shipped".
 
     A pool made inside a worker of shmalloc's (from ``func``) starts no
