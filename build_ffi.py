@@ -14,7 +14,7 @@ with open(f"{CORE}/shmalloc_core.h") as header:
 ffibuilder.set_source(
     "shmalloc._native",
     '#include "shmalloc_core.h"',
-    sources=[f"{CORE}/shmalloc_core.c"],
+    sources=[f"{CORE}/shmalloc_core.c", f"{CORE}/shmalloc_arena.c"],
     include_dirs=[CORE, numpy.get_include()],
     # numpy's headers need the full C API, which cffi hides unless told not to.
     define_macros=[("_CFFI_NO_LIMITED_API", None)],

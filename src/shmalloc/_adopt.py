@@ -32,9 +32,12 @@ def arrays(fd: int, name: str, data_offset: int, data_size: int, layouts: list[B
     # before returning, so an interrupt right after any call cannot lose track of them.
     out = _posix.MapOut(len(layouts))
     try:
-        _posix.map_private(fd, name, data_size, data_offset, out, writable=not copy)
         if copy:
+            _posix.map_private(fd, name, data_size, data_offset, out, writable=False)
             return [_copied(layout, out.address) for layout in layouts]
+        # Only the buffers' pages stay mapped: a Pool's worker may leave space between them.
+        spans = sorted((layout.offset, round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes)
+        _posix.map_parts(fd, name, data_size, data_offset, out, spans)
         return _adopt_all(name, out.address, layouts, out)
     except BaseException:
         if out.address and not copy:

@@ -102,7 +102,7 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
     if not isinstance(obj.token, bytes):
         raise CorruptHandleError(f"{name}: damaged token")
     with _transfer.open_named(name, obj.size) as segment:
-        value, _ = _transfer.read(segment, obj, copy)
+        value = _transfer.read(segment, obj, copy).value
     return value
 
 

@@ -59,12 +59,16 @@ class BufferLayout:
         return self.dtype.itemsize * math.prod(self.shape)
 
 
+def _layout(buf: np.ndarray, offset: int) -> BufferLayout:
+    fortran = bool(buf.flags.f_contiguous and not buf.flags.c_contiguous)
+    return BufferLayout(offset, buf.dtype, tuple(buf.shape), fortran)
+
+
 def layout_buffers(buffers: Sequence[np.ndarray]) -> tuple[list[BufferLayout], int]:
     """Place buffers on page boundaries; return their layouts and the data part's size."""
     layouts, offset = [], 0
     for buf in buffers:
-        fortran = bool(buf.flags.f_contiguous and not buf.flags.c_contiguous)
-        layouts.append(BufferLayout(offset, buf.dtype, tuple(buf.shape), fortran))
+        layouts.append(_layout(buf, offset))
         offset += round_up_to_page(buf.nbytes)
     return layouts, offset
 
@@ -81,14 +85,37 @@ class Plan(NamedTuple):
 def plan_segment(token: bytes, recipe: dict, buffers: Sequence[np.ndarray]) -> Plan:
     """Lay out a segment holding ``recipe`` (given its buffers' layouts) and ``buffers``."""
     layouts, data_size = layout_buffers(buffers)
-    table = [(layout.offset, layout.dtype, layout.shape, layout.fortran) for layout in layouts]
-    recipe_bytes = pickle.dumps(dict(recipe, buffers=table), protocol=5)
+    recipe_bytes = _recipe_bytes(recipe, layouts)
     data_offset = round_up_to_page(HEADER_SIZE + len(recipe_bytes))
-    size = data_offset + data_size
-    head = bytearray(data_offset)
+    head = bytearray(data_offset)  # padding included: every byte of the segment is written
+    _write_head(head, token, recipe_bytes, data_offset, data_offset + data_size)
+    return Plan(head, layouts, data_offset, data_offset + data_size)
+
+
+def plan_in_place(
+    token: bytes, recipe: dict, buffers: Sequence[np.ndarray], offsets: Sequence[int], data_offset: int
+) -> Plan | None:
+    """Lay out a segment whose ``buffers`` already lie at ``offsets`` of its data part (page aligned, in
+    any order, not sharing a page), which starts at ``data_offset``; None if the header and recipe do not
+    fit before it. The head is only the header and recipe: the bytes up to the data part are not read."""
+    layouts = [_layout(buf, offset) for buf, offset in zip(buffers, offsets, strict=True)]
+    recipe_bytes = _recipe_bytes(recipe, layouts)
+    if HEADER_SIZE + len(recipe_bytes) > data_offset:
+        return None
+    size = data_offset + max((layout.offset + round_up_to_page(layout.nbytes) for layout in layouts), default=0)
+    head = bytearray(HEADER_SIZE + len(recipe_bytes))
+    _write_head(head, token, recipe_bytes, data_offset, size)
+    return Plan(head, layouts, data_offset, size)
+
+
+def _recipe_bytes(recipe: dict, layouts: list[BufferLayout]) -> bytes:
+    table = [(layout.offset, layout.dtype, layout.shape, layout.fortran) for layout in layouts]
+    return pickle.dumps(dict(recipe, buffers=table), protocol=5)
+
+
+def _write_head(head: bytearray, token: bytes, recipe_bytes: bytes, data_offset: int, size: int) -> None:
     HEADER.pack_into(head, 0, MAGIC, VERSION, 0, token, len(recipe_bytes), data_offset, size)
     head[HEADER_SIZE : HEADER_SIZE + len(recipe_bytes)] = recipe_bytes
-    return Plan(head, layouts, data_offset, size)
 
 
 def check_header(name: str, header: bytes | bytearray, token: bytes, size: int) -> tuple[int, int]:
@@ -129,7 +156,8 @@ def _checked_layouts(name: str, table: object, data_size: int) -> list[BufferLay
         raise CorruptHandleError(f"{name}: damaged buffer table")
     layouts = [BufferLayout(*entry) for entry in table]
     end = 0
-    for layout in layouts:
+    # In offset order: a Pool's worker may leave its buffers where they were computed, in any order.
+    for layout in sorted(layouts, key=lambda layout: layout.offset if type(layout.offset) is int else -1):
         if not (
             type(layout.offset) is int
             and isinstance(layout.dtype, np.dtype)
@@ -142,7 +170,7 @@ def _checked_layouts(name: str, table: object, data_size: int) -> list[BufferLay
             raise CorruptHandleError(f"{name}: damaged buffer table entry")
         if layout.offset % PAGE or layout.offset < end or layout.offset + layout.nbytes > data_size:
             raise CorruptHandleError(f"{name}: buffer table does not fit the segment")
-        end = layout.offset + round_up_to_page(layout.nbytes)
+        end = max(end, layout.offset + round_up_to_page(layout.nbytes))
     if end != data_size:
         raise CorruptHandleError(f"{name}: buffer table does not cover the segment")
     return layouts

@@ -217,6 +217,12 @@ def close(fd: int) -> None:
     lib.shmalloc_close(fd)
 
 
+def punch(fd: int, name: str, offset: int, length: int) -> None:
+    """Free the pages of ``length`` bytes at ``offset``, keeping the object's size (ShmError where it cannot)."""
+    if lib.shmalloc_punch(fd, offset, length) < 0:
+        _raise(name)
+
+
 def fallocate(fd: int, name: str, size: int) -> None:
     """Reserve every page of the first ``size`` bytes (a full /dev/shm: ShmError ENOSPC now, not SIGBUS later)."""
     if lib.shmalloc_fallocate(fd, size) < 0:
@@ -288,6 +294,15 @@ def map_private(fd: int, name: str, length: int, offset: int, out: MapOut, *, wr
         _raise_map_failure(name)
 
 
+def map_parts(fd: int, name: str, length: int, offset: int, out: MapOut, spans: Sequence[tuple[int, int]]) -> None:
+    """As :func:`map_private` (writable), but only ``spans`` ((start, length) relative to the mapping, page
+    aligned, sorted, not overlapping) stay mapped: the pages between them are unmapped in the same call."""
+    flat = ffi.new("size_t[]", [n for span in spans for n in span] or [0])
+    lib.shmalloc_map_parts(fd, length, offset, 1, flat, len(spans), out._mapped)
+    if out._mapped[0] == ffi.NULL:
+        _raise_map_failure(name)
+
+
 def map_shared(fd: int, name: str, size: int) -> int:
     """Map the first ``size`` bytes shared and writable; return the address."""
     address = lib.shmalloc_map_shared(fd, size, 0, 1)
@@ -296,9 +311,10 @@ def map_shared(fd: int, name: str, size: int) -> int:
     return int(ffi.cast("uintptr_t", address))
 
 
-def map_populated(fd: int, name: str, length: int) -> int:
-    """Map the first ``length`` (already written) bytes shared, pages populated; return the address."""
-    address = lib.shmalloc_map_populated(fd, length)
+def map_populated(fd: int, name: str, length: int, populated: int) -> int:
+    """Map the first ``length`` bytes shared, the pages of the first ``populated`` (already written) of
+    them populated; return the address."""
+    address = lib.shmalloc_map_populated(fd, length, populated)
     if address == ffi.NULL:
         _raise_map_failure(name)
     return int(ffi.cast("uintptr_t", address))
@@ -355,3 +371,70 @@ def unmap_failures() -> tuple[int, int]:
 def any_adopted(addresses: Sequence[int]) -> bool:
     """Whether any of these addresses is still a mapping owned by an array."""
     return any(lib.shmalloc_is_adopted(ffi.cast("void *", a)) for a in addresses)
+
+
+# ---------------------------------------------------------------------------
+# The arena (see parallel._arena)
+
+_arena_ready = False
+
+
+class ArenaOut:
+    """The region id the core stores before :func:`arena_open` returns (-1 until then)."""
+
+    __slots__ = ("_region",)
+
+    def __init__(self) -> None:
+        self._region = ffi.new("int *", -1)
+
+    @property
+    def region(self) -> int:
+        return int(self._region[0])
+
+
+def arena_open(address: int, length: int, head: int, fd: int, threshold: int, out: ArenaOut) -> None:
+    """Serve this thread's numpy allocations of at least ``threshold`` bytes from the shared mapping of
+    ``length`` bytes at ``address`` (of the object ``fd``), past its first ``head`` bytes; the region's id
+    goes to ``out``. OSError if it cannot (EBUSY: an arena is open; ENFILE: every region is in use)."""
+    global _arena_ready
+    check_supported()
+    if not _arena_ready:
+        if lib.shmalloc_arena_init() < 0:
+            raise OSError(ffi.errno, "could not set up the arena")
+        _arena_ready = True
+    if lib.shmalloc_arena_open(ffi.cast("void *", address), length, head, fd, threshold, out._region) < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
+
+
+def arena_close() -> None:
+    """Stop serving allocations from the open arena (if any); numpy's handler of this context is restored."""
+    lib.shmalloc_arena_close()
+
+
+def arena_state(region: int) -> tuple[int, int, int, bool]:
+    """Bytes in use in ``region`` (live arrays and placed copies), live arrays, the most its large
+    allocations and placed copies took or asked for at once, and whether a fork spoiled it."""
+    live_bytes, live_arrays, wanted, spoiled = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("int *")
+    lib.shmalloc_arena_state(region, live_bytes, live_arrays, wanted, spoiled)
+    return int(live_bytes[0]), int(live_arrays[0]), int(wanted[0]), bool(spoiled[0])
+
+
+def arena_place(region: int, nbytes: int) -> int | None:
+    """Offset in ``region``'s mapping of ``nbytes`` of free space (page aligned) for a copy; None if none."""
+    offset = lib.shmalloc_arena_place(region, nbytes)
+    return None if offset < 0 else int(offset)
+
+
+def arena_holds(region: int, address: int, nbytes: int) -> bool:
+    """Whether ``nbytes`` at ``address`` lie in one live array allocation of ``region``, from a page boundary."""
+    return bool(lib.shmalloc_arena_holds(region, ffi.cast("void *", address), nbytes))
+
+
+def arena_settle(region: int) -> bool:
+    """Release ``region`` (no array lives in it, no fork came: its mapping stays the caller's) and return
+    False, or freeze it (from then on it owns the mapping) and return True. Idempotent. OSError if it
+    cannot be frozen (then it is still shared)."""
+    outcome = lib.shmalloc_arena_settle(region)
+    if outcome < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
+    return outcome == 2

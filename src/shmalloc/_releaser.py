@@ -8,9 +8,13 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Sequence
 
 from . import _posix
 from ._threads import wait_until_gone
+
+#: (offset, length) ranges of an object.
+Holes = Sequence[tuple[int, int]]
 
 # Dropping the last reference to a large unlinked object frees its pages, which
 # takes ~50 ms per 400 MB here; a background thread does that off the caller's path
@@ -38,7 +42,7 @@ class _Releaser:
     def __init__(self) -> None:
         # Reentrant: a signal handler may fork while its thread is inside close_later.
         self._changed = threading.Condition(threading.RLock())
-        self._queue: collections.deque[int] = collections.deque()
+        self._queue: collections.deque[tuple[int, Holes]] = collections.deque()
         self._closing = 0  # descriptors the thread took and is closing
         self._thread: threading.Thread | None = None
         self._stop = False  # a fork is under way: the thread exits and no new one starts
@@ -52,10 +56,10 @@ class _Releaser:
                 after_in_child=self._after_fork_in_child,
             )
 
-    def close_later(self, fd: int) -> None:
-        """Close ``fd`` on the background thread."""
+    def close_later(self, fd: int, holes: Holes = ()) -> None:
+        """Free the ``holes`` of ``fd``'s object and close ``fd`` on the background thread."""
         with self._changed:
-            self._queue.append(fd)
+            self._queue.append((fd, holes))
             if self._thread is None and not self._stop:  # _stop: _before_fork closes the queue
                 self._starting = True  # before _thread is set: see _before_fork
                 self._thread = threading.Thread(target=self._run, name="shmalloc-release", daemon=True)
@@ -85,10 +89,10 @@ class _Releaser:
                     self._thread = None
                     self._changed.notify_all()  # for _before_fork
                     return
-                fd = self._queue.popleft()
+                fd, holes = self._queue.popleft()
                 self._closing += 1
             try:
-                _posix.close(fd)  # outside the lock: this is the slow part
+                free_and_close(fd, holes)  # outside the lock: this is the slow part
             finally:
                 with self._changed:
                     self._closing -= 1
@@ -96,7 +100,7 @@ class _Releaser:
 
     def _close_queued(self) -> None:
         while self._queue:
-            _posix.close(self._queue.popleft())
+            free_and_close(*self._queue.popleft())
         self._changed.notify_all()  # for wait()
 
     def _before_fork(self) -> None:
@@ -141,12 +145,27 @@ class _Releaser:
 _releaser = _Releaser()
 
 
-def release_fd(fd: int, size: int) -> None:
-    """Close a descriptor; a large object's pages are freed on the background thread."""
+def free_and_close(fd: int, holes: Holes = ()) -> None:
+    """Free the pages of ``holes`` (offset, length) of ``fd``'s object, then close ``fd``, on this thread."""
+    for offset, length in holes:
+        try:
+            _posix.punch(fd, "a released object", offset, length)
+        except OSError:  # no hole punching here: the pages go when the last mapping does
+            break
+    _posix.close(fd)
+
+
+def release_fd(fd: int, size: int, holes: Holes = ()) -> None:
+    """Close a descriptor; a large object's pages are freed on the background thread.
+
+    ``holes``: (offset, length) ranges of the object whose pages to free first. Other mappings of
+    the object keep all its pages until they go (a Pool worker's frozen arena, see
+    :mod:`shmalloc.parallel._arena`): those no array reads can be freed at once.
+    """
     if size >= RELEASE_LATER_BYTES:
-        _releaser.close_later(fd)
+        _releaser.close_later(fd, holes)
     else:
-        _posix.close(fd)
+        free_and_close(fd, holes)
 
 
 def wait_for_releases() -> None:

@@ -80,30 +80,35 @@ def open_shared(name: str, size: int, inode: int | None = None) -> SharedMapping
 
 
 class RefillMapping:
-    """A worker's writable shared mapping of the first ``length`` bytes of a recycled object.
+    """A worker's writable shared mapping of the first ``length`` bytes of a recycled object, the pages
+    of the first ``populated`` bytes (just written) in its page tables at once.
 
-    Every byte of that range was written before the mapping was made (so no
-    page is a hole a full /dev/shm could refuse). The parent may later cut
-    the object below ``length`` (a small ``copy=False`` result, or a failed
-    write cut back): writes through the mapping check the object's size
-    first (``_transfer._fill_through``), which is what keeps them from a
-    SIGBUS. Refilling through it is a plain
+    The rest was written or allocated before (the parent allocates a spare's
+    freed pages again before a task gets it), so no page a task writes
+    through the mapping is a hole a full /dev/shm could refuse. A failed
+    write may cut the object back below ``length``: writes through the
+    mapping check the object's size first (``_transfer._fill_through``),
+    which is what keeps them from a SIGBUS. Refilling through it is a plain
     memcpy into mapped pages, ~2.5x faster than pwrite here. ``address`` is
     None once closed.
     """
 
-    def __init__(self, fd: int, length: int) -> None:
+    def __init__(self, fd: int, length: int, populated: int) -> None:
         self.address: int | None = None  # for __del__, should this fail
         self.length = length
         _posix.check_supported()
         if length <= 0 or os.fstat(fd).st_size < length:
             raise ValueError("a refill mapping must cover written bytes of the object")
-        self.address = _posix.map_populated(fd, SPARE_LABEL, length)
+        self.address = _posix.map_populated(fd, SPARE_LABEL, length, populated)
 
     def close(self) -> None:
         if self.address is not None:
             address, self.address = self.address, None
             _posix.unmap(address, self.length)
+
+    def detach(self) -> None:
+        """Forget the mapping without unmapping it (its range belongs to a frozen arena now)."""
+        self.address = None
 
     def __del__(self) -> None:
         self.close()

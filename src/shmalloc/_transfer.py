@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -58,6 +58,60 @@ def write_held(obj: Any, fd: int, mapping: RefillMapping | None = None) -> ShmOb
     plan = _format.plan_segment(token, recipe, encoded.buffers)
     if mapping is None or not _fill_through(mapping, fd, plan, encoded.buffers):
         _fill(fd, SPARE_LABEL, plan, encoded.buffers)
+    return ShmObj(SPARE_LABEL, encoded.type, encoded.length, plan.size, encoded.attributes, True, token)
+
+
+class Arena(Protocol):
+    """Where a Pool worker's task allocated its large arrays: a shared mapping of the first ``length``
+    bytes of the task's spare (see :mod:`shmalloc.parallel._arena`), its first ``head`` bytes kept free
+    for the header and recipe."""
+
+    address: int
+    length: int
+    head: int
+
+    def holds(self, address: int, nbytes: int) -> bool: ...
+
+    def place(self, nbytes: int) -> int | None: ...
+
+
+def write_in_place(obj: Any, fd: int, arena: Arena) -> ShmObj | None:
+    """Make ``obj`` a segment of the spare ``fd`` where it lies: its buffers that are arrays the task
+    allocated in ``arena`` stay where they are, the others are copied into the arena's free space, or
+    past the mapping's end (the object grows), and the header and recipe go at the start. Returns its
+    handle (labelled SPARE_LABEL), or None if the header and recipe do not fit (then none was written).
+    A full /dev/shm gives ShmError ENOSPC."""
+    _posix.check_supported()
+    encoded = codecs.encode(obj)
+    offsets: list[int | None] = []  # in the object; None for an empty buffer
+    taken: list[tuple[int, int]] = []  # the pages of each buffer placed: (offset, length)
+    beyond = max(arena.length, _format.round_up_to_page(os.fstat(fd).st_size))  # where the object grows
+    for buf in encoded.buffers:
+        nbytes = buf.nbytes
+        if not nbytes:
+            offsets.append(None)
+            continue
+        address = _posix.data_address(buf)
+        at, span = address - arena.address, _format.round_up_to_page(nbytes)
+        if not arena.holds(address, nbytes) or any(start < at + span and at < start + n for start, n in taken):
+            placed = arena.place(nbytes)
+            if placed is not None:
+                at = placed
+                _posix.copy(arena.address + at, address, nbytes, 1)
+            else:
+                at, beyond = beyond, beyond + span
+                _posix.fallocate(fd, SPARE_LABEL, beyond)  # every page there, padding included
+                _posix.write(fd, SPARE_LABEL, address, nbytes, at)
+        taken.append((at, span))
+        offsets.append(at)
+    end = max((start + n for start, n in taken), default=arena.head)  # empty buffers go at the end
+    relative = [(end if at is None else at) - arena.head for at in offsets]
+    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
+    plan = _format.plan_in_place(token, recipe, encoded.buffers, relative, arena.head)
+    if plan is None:
+        return None
+    _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
     return ShmObj(SPARE_LABEL, encoded.type, encoded.length, plan.size, encoded.attributes, True, token)
 
 
@@ -164,14 +218,9 @@ def open_held(fd: int, label: str, size: int) -> Segment:
     return Segment(fd, label, size, owns_fd=False)
 
 
-def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.ndarray]]:
-    """Rebuild the object ``handle`` describes from ``segment``; also return the arrays that own
-    mappings of it (none when copied).
-
-    The header and recipe are checked against the handle before anything is
-    mapped. ``copy`` False maps privately (zero-copy) where the platform
-    allows it, and copies elsewhere.
-    """
+def _checked_recipe(segment: Segment, handle: ShmObj) -> tuple[dict, list[_format.BufferLayout], int]:
+    """The recipe of ``segment``, its buffers' layouts and where its data part starts, once the header and
+    recipe are checked against ``handle``."""
     if not isinstance(handle.token, bytes):
         raise CorruptHandleError(f"{segment.name}: damaged token")
     if segment.size < _format.HEADER_SIZE:
@@ -181,7 +230,30 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> tuple[Any, list[np.nda
     stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
     recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
     _format.check_handle_matches(handle, recipe)
+    return recipe, layouts, data_offset
+
+
+class Read(NamedTuple):
+    """What :func:`read` rebuilt from a segment."""
+
+    value: Any
+    owners: list[np.ndarray]  # the arrays that own mappings of the segment (none when copied)
+    parts: list[tuple[int, int]]  # (offset, length): the header and recipe's pages, and each buffer's
+
+
+def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
+    """Rebuild the object ``handle`` describes from ``segment``; also say which arrays own mappings of it
+    (none when copied) and which pages of it the object takes (a Pool's worker may leave gaps).
+
+    The header and recipe are checked against the handle before anything is
+    mapped. ``copy`` False maps privately (zero-copy) where the platform
+    allows it, and copies elsewhere.
+    """
+    recipe, layouts, data_offset = _checked_recipe(segment, handle)
     zero_copy = not copy and _posix.ZERO_COPY
     buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []
-    return codecs.decode(recipe["attributes"], buffers), owners
+    parts = [(0, data_offset)] + [
+        (data_offset + layout.offset, _format.round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes
+    ]
+    return Read(codecs.decode(recipe["attributes"], buffers), owners, parts)

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import shmalloc
 import shmalloc.parallel._call as call_module
 import shmalloc.parallel._protocol as protocol_module
 from shmalloc import _format, _names, _posix, _releaser, _transfer
+from shmalloc.parallel import _arena, _spares
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 N = 100_000  # 800 kB an array: above the pipe limit
@@ -71,6 +73,12 @@ def with_temporaries(i: int) -> np.ndarray:
         scratch = np.ones(BIG) * i
         del scratch
     return np.full(BIG, float(i))
+
+
+def arena_counts(_: int) -> tuple[int, dict[str, int]]:
+    """This worker's pid and what its arenas did."""
+    time.sleep(0.05)  # so that every worker takes items
+    return os.getpid(), dict(_arena.counts)
 
 
 def _shmem_bytes() -> int:
@@ -191,6 +199,9 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
     shmem_before = _shmem_bytes()
     ctx = mp.get_context("fork")
     with shmalloc.Pool(2, start_method=method) as pool:
+        for _ in range(3):  # the workers' spares grow to what the tasks want: results are made in them
+            assert [a[0] for a in pool.map(with_temporaries, range(4), copy=False)] == [0, 1, 2, 3]
+            gc.collect()
         results = pool.map(returned_and_kept, range(4), copy=False)
         for a in results:
             assert a.flags.writeable and a.flags.owndata and get_handler_name(a) == "shmalloc"
@@ -211,11 +222,15 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
                     assert a[0] == i and a[-1] == i
                 del again, a
                 gc.collect()
-            # The child's result (32 MB) and the spares (about 4 x 32 MB) live; 48 temporaries of 32 MB piling up
-            # in shared memory would add 1.5 GB.
-            assert _shmem_bytes() - shmem_before < 400 << 20
+            # The child's result (32 MB) and the spares live, each the size of its task's arena (4 x about 128 MB);
+            # 48 temporaries of 32 MB piling up in shared memory would add 1.5 GB.
+            assert _shmem_bytes() - shmem_before < 800 << 20
             parent_end.send("read")
             assert parent_end.recv() == float(BIG - 10 - 10)  # what results[1] held when the child was forked
+            counts: Counter = Counter()
+            for counted in dict(pool.map(arena_counts, range(8), chunksize=1)).values():
+                counts.update(counted)
+            assert counts["in place"] and counts["frozen"]  # results made where they were shipped, and kept
         finally:
             child.join(10)
             if child.exitcode is None:
@@ -233,15 +248,46 @@ def test_copy_false_results_are_writable_private_and_freed_under_every_start_met
     assert _shmem_bytes() - shmem_before < 16 << 20
 
 
-def test_spares_are_bounded_by_the_last_call():
-    """Between calls the pool keeps at most the last call's bytes of free spares."""
+def test_spares_are_bounded_by_the_last_three_calls():
+    """Between calls the pool keeps at most 1.25 times the bytes of the largest of its last three calls in free
+    spares: a small call between large ones keeps their spares, three small ones give them back."""
     with shmalloc.Pool(2, start_method="fork") as pool:
         pool.map(sized, [4 << 20] * 4)
         big = sum(spare.size for spare in pool._spares.free)
         assert big >= 8 << 20
         pool.map(sized, [1 << 20])
+        assert sum(spare.size for spare in pool._spares.free) == big  # kept for the next large call
+        pool.map(sized, [1 << 20])
+        pool.map(sized, [1 << 20])
         kept = sum(spare.size for spare in pool._spares.free)
-        assert kept <= 1.25 * ((1 << 20) + 2 * _format.PAGE)
+        assert kept <= 1.25 * 2 * ((1 << 20) + 2 * _format.PAGE)  # a result made in its spare counts up to twice
+
+
+def test_a_spare_is_shrunk_for_a_small_result_only_if_the_result_outlives_two_calls():
+    """A copy=False result much smaller than its spare leaves the spare's pages alone during its call and the next
+    (a loop that rebinds its results frees them then); still alive when the call after begins, it has the pages
+    past it freed, and they are filled in again before a task gets the spare."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        pool.map(sized, [16 << 20])
+        [spare] = pool._spares.free
+
+        def allocated() -> int:
+            return os.fstat(spare.fd).st_blocks * 512
+
+        assert allocated() >= 16 << 20
+        small = pool.map(sized, [1 << 20], copy=False)
+        assert pool._spares.lent == [spare] and allocated() >= 16 << 20
+        # Results kept alive, each in a new object (the spare is lent), which keep the budget at 16 MB.
+        kept = [pool.map(sized, [16 << 20], copy=False)]  # the small result outlives its call
+        assert allocated() >= 16 << 20
+        kept.append(pool.map(sized, [16 << 20], copy=False))  # ... and the next: it is kept for long
+        assert allocated() < 4 << 20 and spare.size >= 16 << 20
+        assert int(small[0].sum()) == 1 << 20
+        del small
+        gc.collect()
+        assert pool._spares.free == [spare]
+        big = pool.map(sized, [16 << 20], copy=False)
+        assert allocated() >= 16 << 20 and int(big[0].sum()) == 16 << 20 and spare in pool._spares.lent
 
 
 def test_recycle_false_makes_fresh_objects(monkeypatch):
@@ -386,7 +432,8 @@ def test_workers_refill_through_mappings_and_unmap_released_spares():
             got = pool.map(sized, [4 << 20] * 2)
             assert all(a.sum() == 4 << 20 for a in got)
         assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [1, 1]
-        pool.map(sized, [1 << 20] * 2)  # the 4 MB spares exceed what this call returned: released
+        for _ in range(_spares.RECENT_CALLS):
+            pool.map(sized, [1 << 20] * 2)  # the spares exceed what the last calls returned: released
         assert not pool._spares.free and not pool._spares.dropped
         assert [_shm_mappings(pid) - n for pid, n in zip(pids, inherited, strict=True)] == [0, 0]
         assert [a.sum() for a in pool.map(sized, [1 << 20] * 2)] == [1 << 20] * 2  # the workers still serve
@@ -457,7 +504,8 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
     forked: list[int] = []
 
     def consume_then_fork(segment, handle, copy):
-        value, owners = consume(segment, handle, copy)
+        read = consume(segment, handle, copy)
+        value = read.value
         if not forked:
             pid = os.fork()
             if pid == 0:  # the child reads the result it inherited once the parent reused its spares
@@ -467,7 +515,7 @@ def test_fork_between_mapping_a_result_and_lending_its_object_retires_the_object
                 finally:
                     os._exit(0)
             forked.append(pid)
-        return value, owners
+        return read
 
     with shmalloc.Pool(1, start_method="fork") as pool:
         pool.map(full, [1], copy=True)  # the next call gets a spare

@@ -301,6 +301,8 @@ def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
     with shmalloc.Pool(2, start_method="fork") as pool:
         pool.map(ones, [4 * MB] * 2)
         pool.map(ones, [4 * MB] * 2)  # the workers now map the two spares
+        for _ in range(_spares.RECENT_CALLS - 1):  # the next small call is the last calls' largest
+            pool.map(ones, [MB // 2])
         real_wait = pool_module.connection.wait
 
         def interrupted(*args, **kwargs):
@@ -511,3 +513,69 @@ def test_an_executor_spare_that_cannot_grow_keeps_its_size():
     assert report["right"] and report["warned"] == 1
     assert report["after"] == report["before"] and report["recorded"] == [report["before"]]
     assert report["used_mb"] < 10 and report["left"] == []
+
+
+_KEPT_ARRAYS_SCRIPT = textwrap.dedent(
+    """
+    import gc, json, os, numpy as np, shmalloc
+    from shmalloc import _releaser
+    MB = 1 << 20
+    KEPT = []
+
+    def keeps(i):
+        import __main__  # the worker's (fork): what it keeps lasts across tasks
+        scratch = np.ones(48 * MB // 8)  # temporaries, made in the task's spare
+        kept = np.full(MB // 8, 7.0)
+        del scratch
+        __main__.KEPT.append(kept)  # kept by the worker: its arena is frozen before the answer leaves
+        return np.full(2 * MB // 8, float(i))
+
+    def kept_values(_):
+        import __main__
+        return sorted({float(v) for k in __main__.KEPT for v in (k.min(), k.max())}), len(__main__.KEPT)
+
+    def used_mb():
+        _releaser.wait_for_releases()  # large objects are closed on its thread
+        st = os.statvfs("/dev/shm")
+        return (st.f_blocks - st.f_bavail) * st.f_frsize / MB
+
+    report = {"right": True}
+    pool = shmalloc.Pool(2, start_method="fork")
+    for _ in range(5):  # the spares grow to what the tasks allocate; every region is frozen
+        got = pool.map(keeps, range(4), copy=False)
+        report["right"] &= [float(a[-1]) for a in got] == [0.0, 1.0, 2.0, 3.0]
+        del got
+        gc.collect()
+    report["spares_mb"] = sum(spare.size for spare in pool._spares.free) / MB
+    for _ in range(4):
+        pool.map(abs, range(4))  # tiny results: the budget falls, and the spares are released
+    report["released_used_mb"] = used_mb()
+    report["kept"] = [seen for seen in pool.map(kept_values, range(4), chunksize=1)]
+    for _ in range(3):  # spares again
+        del pool.map(keeps, range(4), copy=False)[:]
+        gc.collect()
+    results = pool.map(keeps, range(4), copy=False)
+    pool.close()
+    report["closed_used_mb"] = used_mb()
+    report["right"] &= [float(a[0]) for a in results] == [0.0, 1.0, 2.0, 3.0]
+    del results
+    gc.collect()
+    report["end_used_mb"] = used_mb()
+    print(json.dumps(report))
+    """
+)
+
+
+def test_released_spares_and_kept_results_leave_their_space_though_workers_keep_arrays():
+    """Workers keep arrays their tasks made in their spares (frozen arenas, which map those objects): once the pool
+    releases the spares, their space is free all the same, and the kept arrays keep their values; copy=False results
+    alive at close() keep only their own pages, not their spares'."""
+    report = run_in_small_shm(_KEPT_ARRAYS_SCRIPT, mb=2048)
+    assert report["right"], report
+    assert report["spares_mb"] >= 4 * 48, report  # the temporaries were made in the spares
+    # The pool holds nothing; the workers' kept arrays (1 MB a task) are their private memory.
+    assert report["released_used_mb"] < 8, report
+    for values, count in report["kept"]:
+        assert values == [7.0] and count >= 1, report
+    assert report["closed_used_mb"] <= 4 * 2 + 1, report  # the 4 results of 2 MB, and their headers
+    assert report["end_used_mb"] < 1, report

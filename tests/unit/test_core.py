@@ -720,7 +720,7 @@ class _MapFailsWith:
         _posix.ffi.errno = self.code
         return _posix.ffi.NULL
 
-    shmalloc_map = shmalloc_map_shared = shmalloc_map_populated = _fail
+    shmalloc_map = shmalloc_map_parts = shmalloc_map_shared = shmalloc_map_populated = _fail
 
 
 _REAL_LIB = _posix.lib

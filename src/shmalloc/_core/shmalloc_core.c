@@ -1,6 +1,7 @@
 /* shmalloc's native core: system calls on POSIX shared memory objects and a
    numpy memory handler (NEP 49) through which arrays own private mappings.
    No policy lives here: callers check sizes and owners and raise errors. */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
@@ -96,6 +97,28 @@ void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, v
     return addr;
 }
 
+/* As shmalloc_map, then unmaps the pages outside the nspans spans (start, length pairs relative to
+   the mapping: page aligned, sorted, not overlapping), all in one call: an interrupt cannot leave them
+   mapped, nor have them unmapped twice. */
+void *shmalloc_map_parts(int fd, size_t len, long long offset, int writable_private, const size_t *spans, size_t nspans,
+                         void **out)
+{
+    char *addr = shmalloc_map(fd, len, offset, writable_private, out);
+    if (!addr)
+        return NULL;
+    size_t at = 0;
+    for (size_t i = 0; i < nspans; i++) {
+        size_t start = spans[2 * i], end = start + spans[2 * i + 1];
+        if (start > at)
+            munmap(addr + at, start - at);
+        if (end > at)
+            at = end;
+    }
+    if (len > at)
+        munmap(addr + at, len - at);
+    return addr;
+}
+
 void *shmalloc_map_shared(int fd, size_t len, long long offset, int writable)
 {
     int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
@@ -120,6 +143,21 @@ int shmalloc_fallocate(int fd, long long size)
         return -1;
     }
     return 0;
+}
+
+/* Free the pages of len bytes at offset, keeping the object's size: a private mapping's copied pages
+   there stay (a cut would take them, and any access past the new end would be a SIGBUS). */
+int shmalloc_punch(int fd, long long offset, long long len)
+{
+#if defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)len);
+#else
+    (void)fd;
+    (void)offset;
+    (void)len;
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 int shmalloc_unmap(void *addr, size_t len)
@@ -450,12 +488,20 @@ int shmalloc_is_adopted(void *addr)
 
 /* recycling: a writable shared mapping with its page tables filled at once, so
    that a worker refilling a recycled object through it copies without faults */
-void *shmalloc_map_populated(int fd, size_t len)
+void *shmalloc_map_populated(int fd, size_t len, size_t populated)
 {
+    int flags = MAP_SHARED;
 #ifdef MAP_POPULATE
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-#else
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (populated >= len)
+        flags |= MAP_POPULATE;
 #endif
-    return p == MAP_FAILED ? NULL : p;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_POPULATE_WRITE
+    /* only the first part: the rest may be holes (freed pages of a spare), which populating would fill */
+    if (populated && populated < len)
+        madvise(p, populated, MADV_POPULATE_WRITE); /* a failure leaves them to fault in when written */
+#endif
+    return p;
 }

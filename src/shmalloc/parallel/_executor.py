@@ -11,11 +11,14 @@ after the workers are gone.
 As in :class:`shmalloc.Pool`, consumed objects are kept as spares
 (:mod:`._spares`): a task also gets a free spare if there is one, and the
 worker writes a large result into it, onto pages that are already there (a
-fresh object's pages cost about five times the write). The standard pool's
+fresh object's pages cost about five times the write); the task computes its
+large arrays in it too, as a Pool's do (:mod:`._arena`). The standard pool's
 queues carry no descriptors, so the worker opens the spare through
-``/proc/<this pid>/fd/<n>``; where it cannot, the name serves. A spare handed
-to a task whose pool broke is released, never reused: a worker of that pool
-may still be writing into it.
+``/proc/<this pid>/fd/<n>``; where it cannot, the name serves. A worker keeps
+a mapping of its last few spares; the parent frees a spare's pages when it
+releases it, so such a mapping never keeps them. A spare handed to a task
+whose pool broke is released, never reused: a worker of that pool may still
+be writing into it.
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .. import _names, _ownership
+from .._shared import RefillMapping
 from .._threads import native_ids, wait_until_gone
 from ..errors import ShmFallbackWarning
 from . import _protocol, _relay, _serial
+from ._arena import Arena
 from ._failures import rebuild_error, remote_error, warning_error
 from ._options import PIPE_LIMIT, check_copy, check_count
-from ._protocol import Shipped, check_answered_name, discard, ship, ship_into
+from ._protocol import Shipped, check_answered_name, discard, ship, ship_in_place, ship_into
 from ._recycling import Kept, read_result
 from ._spares import DEFAULT_LIMIT, Spare, Spares, check_limit
 
@@ -53,6 +58,11 @@ BURST_GAP = 0.1
 # answer has been sent). Until then the worker keeps the ShmArrays alive.
 _unsent: _ownership.Handover | None = None
 
+
+#: Spare mappings a worker keeps for its next tasks (see _spare_mapping).
+SPARE_MAPPINGS = 16
+# In a worker: its kept spare mappings and the paths it opened them by, by the object's (st_dev, st_ino).
+_spare_maps: dict[tuple[int, int], tuple[str, RefillMapping]] = {}
 
 # Where a worker finds a spare: /proc/<parent pid>/fd/<n>, and the object's (st_dev, st_ino).
 SpareAddress = tuple[str, int, int]
@@ -82,7 +92,7 @@ def _call_and_ship(
     _complete_unsent()
     _serial.enter_worker()
     _ownership.name_for_receiver(receiver)
-    message, handover, _ = _protocol.answer(0, lambda: _ship(fn(*args, **kwargs), name, limit, spare))
+    message, handover, _ = _protocol.answer(0, lambda: _ship(lambda: fn(*args, **kwargs), name, limit, spare))
     if handover is not None and handover.names:
         # Spawn and forkserver workers exit through sys.exit, whose finalisers would unlink these
         # names; the answer has been sent by then (before the worker read its stop message).
@@ -91,15 +101,73 @@ def _call_and_ship(
     return message
 
 
-def _ship(result: Any, name: str, limit: int, spare: SpareAddress | None) -> Shipped:
-    """Into the spare at ``spare`` if it can be opened, else under ``name``."""
+def _ship(produce: Callable[[], Any], name: str, limit: int, spare: SpareAddress | None) -> Shipped:
+    """Run the task ``produce``; its result goes into the spare at ``spare`` if it can be opened (the task
+    computing in it, see :mod:`._arena`), else under ``name``."""
     fd = _open_spare(spare)
     if fd < 0:
-        return ship(result, name, limit)
+        return ship(produce(), name, limit)
+    assert spare is not None, "a spare was opened"
     try:
-        return ship_into(result, fd, limit)
+        mapping = _spare_mapping(fd, spare[0])
+        if mapping is None or not Arena.fits(mapping, fd):
+            return ship_into(produce(), fd, limit, mapping)
+        arena = Arena(mapping, fd)
+        try:
+            shipped = ship_in_place(produce, fd, limit, arena)
+        finally:
+            if arena.frozen:  # the region owns the mapping now
+                _forget_mapping(mapping)
+        arena.grow_spare()  # before the answer leaves; the next task with this spare maps it again
+        return shipped
     finally:
         os.close(fd)
+
+
+def _spare_mapping(fd: int, path: str) -> RefillMapping | None:
+    """This worker's mapping of the whole spare ``fd`` (opened through ``path``), kept for its next tasks
+    with it; None if it cannot be mapped.
+
+    A new mapping would fault every page in again. The parent frees a free spare's pages when it releases
+    it, so a mapping kept of it holds no memory; one of a spare the parent no longer holds is unmapped here
+    (a released spare lent to a result across a fork keeps the result's pages), and the oldest beyond
+    :data:`SPARE_MAPPINGS`.
+    """
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)  # no other object gets this inode while the mapping holds it
+    for other, (other_path, kept) in list(_spare_maps.items()):
+        if other != key and _object_key(other_path) != other:  # the parent closed that descriptor
+            del _spare_maps[other]
+            kept.close()
+    _, mapping = _spare_maps.pop(key, (path, None))
+    if mapping is not None and (mapping.address is None or mapping.length != st.st_size):
+        mapping.close()  # the spare grew (or was cut back after a failed write)
+        mapping = None
+    if mapping is None:
+        try:
+            mapping = RefillMapping(fd, st.st_size, st.st_size)  # all its pages are there: written or allocated
+        except (OSError, ValueError):
+            return None
+    _spare_maps[key] = (path, mapping)  # the most recently used last
+    while len(_spare_maps) > SPARE_MAPPINGS:
+        _spare_maps.pop(next(iter(_spare_maps)))[1].close()
+    return mapping
+
+
+def _object_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _forget_mapping(mapping: RefillMapping) -> None:
+    """Drop ``mapping`` from the kept ones without unmapping it (a frozen arena owns its range)."""
+    for key, (_, kept) in list(_spare_maps.items()):
+        if kept is mapping:
+            del _spare_maps[key]
+    mapping.detach()
 
 
 def _open_spare(spare: SpareAddress | None) -> int:
@@ -278,8 +346,8 @@ class ProcessPoolExecutor(cf.Executor):
         self._pool = cf.ProcessPoolExecutor(max_workers, mp_context, initializer, initargs, **kwargs)
         self._copy = copy
         self._limit = pipe_limit
-        # Workers write into a spare through /proc/<this pid>/fd: the standard pool's queues cannot
-        # carry descriptors. They keep no mapping of it, so there is nothing for them to unmap.
+        # Workers open a spare through /proc/<this pid>/fd: the standard pool's queues cannot carry
+        # descriptors. The mappings they keep need no unmapping: a released spare's pages are freed here.
         self._spares = Spares(spare_limit, _nothing_to_unmap)
         self._recent: deque[int] = deque(maxlen=2 * (max_workers or os.cpu_count() or 1))  # large results' bytes
         # A burst: tasks submitted until the pool has been idle for BURST_GAP (a joblib call, a map).
@@ -329,7 +397,15 @@ class ProcessPoolExecutor(cf.Executor):
         with self._spares.held():
             # Lent spares come back through their arrays' finalizers (no reclaim() here: it visits
             # every lent spare, and a submit must not cost more the more results are alive).
-            return None if self._spares.closed else self._spares.take(0)
+            if self._spares.closed:
+                return None
+            with self._lock:  # taken inside the spares' lock only (never the other way round)
+                idle = self._idle_since
+            if idle is not None and time.monotonic() - idle > BURST_GAP:
+                # A new burst: results of earlier ones still alive keep only their own pages (as at the start
+                # of a Pool's call). A result freed before costs its spare nothing.
+                self._spares.shrink_lent()
+            return self._spares.take(0)
 
     def _spare_back(self, spare: Spare | None, reusable: bool, kept: Kept | None = None) -> None:
         """A task is over: make its ``spare`` free again (``reusable``: nobody writes into it any more) or

@@ -80,8 +80,8 @@ class Pool:
     recycle : bool, default True
         Keep the shared memory objects of consumed results as spares for the
         next results, whose pages then need no faulting in. Between calls the
-        pool keeps free spares of at most 1.25 times the bytes its last call
-        returned, and within ``spare_limit`` (objects of ``copy=False``
+        pool keeps free spares of at most 1.25 times the bytes the largest of
+        its last three calls returned, and within ``spare_limit`` (objects of ``copy=False``
         results join them once those results are freed), and each worker
         keeps a mapping of the spares it filled, so that refilling them is a
         plain memory copy. False: every result gets a fresh object, freed
@@ -109,6 +109,19 @@ class Pool:
     the new data). ``func`` and ``initializer`` travel to the workers by
     reference where a worker can import them, else by value (cloudpickle),
     so lambdas and closures work; the items are pickled.
+
+    Results are made where they are shipped: while ``func`` runs, numpy's
+    allocations of 1 MiB or more in its thread come from the warm shared
+    memory of the spare its result will go into (once the worker has
+    filled that spare), and a result whose arrays lie there goes to the
+    parent without a copy. Arrays ``func`` keeps (in a global, a cache)
+    stay valid and the worker's own: before the answer leaves, their pages
+    are copied into private memory of the worker (a fork does the same).
+    The spare then grows to what the tasks want; a ``copy=False`` result
+    made in place keeps the spare's pages until the second call after it
+    begins (or :meth:`close`), then only its own if it takes less than half
+    of them.
+    See the design notes, "Results made where they are shipped".
 
     A pool made inside a worker of shmalloc's (from ``func``) starts no
     workers: its calls run their items in that worker, one after the other.

@@ -38,7 +38,7 @@ import os
 import pickle
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import reduction
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple
@@ -51,7 +51,8 @@ from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
 from ..codecs import pandas as pandas_codec
 from ..errors import ShmError
-from . import _relay
+from . import _arena, _relay
+from ._arena import Arena
 from ._options import PIPE_LIMIT, Options
 
 #: The label of spares in error messages (they have no name).
@@ -278,6 +279,7 @@ class Shipped:
     handle: ShmObj | None = None
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
+    spare_use: int = 0  # the most of its spare a Pool worker's task took or wanted at once (see _arena)
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""
@@ -317,6 +319,46 @@ def ship_into(result: Any, fd: int, limit: int = PIPE_LIMIT, mapping: RefillMapp
     if shipped.fell_back:
         _shrink(fd, size)
     return shipped
+
+
+def ship_in_place(produce: Callable[[], Any], fd: int, limit: int, arena: Arena) -> Shipped:
+    """In a worker: run the task ``produce`` with its large arrays allocated in ``arena`` (a refill
+    mapping of the spare ``fd``), and make its result ready for the parent, where it lies if it can.
+
+    See :mod:`._arena`; ``arena.settle()`` has run when this returns or raises.
+    """
+    try:
+        shipped = _ship_from(produce, fd, limit, arena)
+    finally:
+        arena.settle()
+    return replace(shipped, spare_use=arena.peak)
+
+
+def _ship_from(produce: Callable[[], Any], fd: int, limit: int, arena: Arena) -> Shipped:
+    """The body of :func:`ship_in_place`."""
+    size = os.fstat(fd).st_size
+    with arena.allocating() as opened:
+        result = produce()
+    if not opened or arena.untouched():  # nothing of the task lives there: as any result, through the mapping
+        arena.settle()
+        return ship_into(result, fd, limit, arena.mapping)
+    if not arena.spoiled() and _nbytes(result, limit) >= limit:
+        whole = isinstance(result, np.ndarray) or _is_pandas(result)
+        try:
+            handle = _transfer.write_in_place(result if whole else _Box(result), fd, arena)
+        except ShmError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            handle = None  # the object could not grow: as any result (which falls back in turn)
+        # A fork by another thread meanwhile may have kept a copy of a buffer from the object.
+        if handle is not None and not arena.spoiled():
+            del result  # the worker lets go of it: what still lives in the arena, the task kept
+            arena.settle()
+            _arena.counts["in place"] += 1
+            return Shipped(handle=handle, boxed=not whole)
+    arena.settle()  # freezes: what the task made there is the worker's own memory from now on
+    _shrink(fd, size)  # what placing it grew the object by
+    return ship_into(result, fd, limit)  # with pwrite: the mapping is no longer the spare's
 
 
 def _shrink(fd: int, size: int) -> None:

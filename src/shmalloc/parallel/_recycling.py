@@ -16,12 +16,9 @@ import numpy as np
 
 from .. import _transfer
 from .._handle import ShmObj
-from . import _protocol
+from . import _arena, _protocol
 from ._call import NamedResults
 from ._spares import Spare, Spares, fork_stamp
-
-#: A copy=False result written into a spare more than this many times its size cuts the spare to its size.
-OVERSIZE = 2
 
 
 @dataclass
@@ -31,11 +28,12 @@ class Kept:
     spare: Spare
     owners: list[np.ndarray]
     stamp: int | None  # fork_stamp() taken before the arrays were made
+    parts: list[tuple[int, int]]  # the pages of the object the result takes (see _transfer.Read)
 
     def return_to(self, spares: Spares) -> None:
         """Under the spares' lock: lend the spare to the result's arrays, or make it free at once (copied out)."""
         if self.owners:
-            spares.lend(self.spare, self.owners, self.stamp)
+            spares.lend(self.spare, self.owners, self.stamp, self.parts)
         else:
             spares.give(self.spare)
 
@@ -49,21 +47,25 @@ def read_result(handle: ShmObj, copy: bool, spare: Spare | None, name: str | Non
     """
     stamp = fork_stamp()  # before the result's arrays map the object: a fork from now on retires it
     if spare is not None:
-        if not copy and spare.size > OVERSIZE * handle.size:
-            # Its arrays would keep the whole object for a small result, outside the spares' budget.
-            # No task holds it now; a Pool worker's refill mapping may reach past the new end, but
-            # writes through one check the object's size first (_transfer._fill_through).
-            os.ftruncate(spare.fd, handle.size)
-            spare.size = handle.size
         with _transfer.open_held(spare.fd, _protocol.SPARE, handle.size) as segment:
-            value, owners = _transfer.read(segment, handle, copy)
-        spare.size = max(spare.size, handle.size)
-        return value, Kept(spare, owners, stamp)
+            read = _transfer.read(segment, handle, copy)
+        # A Pool worker grows a spare its task's arena was too small for (see _arena).
+        spare.size = max(spare.size, handle.size, os.fstat(spare.fd).st_size)
+        return read.value, Kept(spare, read.owners, stamp, read.parts)
     assert name is not None, "a result is in a spare or under a name"
     with _transfer.open_named(name, handle.size) as segment:  # opens and unlinks the name
-        value, owners = _transfer.read(segment, handle, copy)
+        read = _transfer.read(segment, handle, copy)
         fd = segment.reopen_writable() if recycle else -1
-    return value, Kept(Spare(fd, handle.size), owners, stamp) if fd >= 0 else None
+    return read.value, Kept(Spare(fd, handle.size), read.owners, stamp, read.parts) if fd >= 0 else None
+
+
+def _counted(spare: Spare, result_bytes: int, spare_use: int) -> int:
+    """What a result of ``result_bytes`` in ``spare`` counts for the budget of the next call's spares: its
+    bytes, or, if its task used the spare as its arena, what the task took there at once, times the arena's
+    growth (the budget must not cut what it just grew), up to the spare's size."""
+    if not spare_use:
+        return result_bytes
+    return min(spare.size, int(_arena.GROWTH * max(result_bytes, spare_use)))
 
 
 class SpareResults(NamedResults):
@@ -78,6 +80,7 @@ class SpareResults(NamedResults):
 
     def begin(self, gone_pids: list[int]) -> None:
         self.spares.reclaim()
+        self.spares.shrink_lent()  # results kept past the call that made them
         for pid in gone_pids:  # their mappings died with them
             self.spares.dropped.pop(pid, None)
 
@@ -97,6 +100,7 @@ class SpareResults(NamedResults):
         spare = self.lent.pop(index, None)
         if handle is None:
             if spare is not None:
+                self.consumed_bytes += _counted(spare, 0, shipped.spare_use)  # its task's arena
                 self.spares.give(spare)
             else:
                 del self.names[index]
@@ -112,7 +116,7 @@ class SpareResults(NamedResults):
             if spare is not None:
                 self.spares.release(spare)
             raise
-        self.consumed_bytes += handle.size
+        self.consumed_bytes += handle.size if spare is None else _counted(spare, handle.size, shipped.spare_use)
         if kept is not None:
             kept.return_to(self.spares)
         return shipped.unboxed(value)

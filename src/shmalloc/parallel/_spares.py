@@ -4,8 +4,10 @@ A spare is an unlinked object: nothing of it is in /dev/shm's listing, yet
 its pages take space there until its last descriptor and mapping are gone.
 So spares are bounded:
 
-- by the last call: free spares of at most 1.25 times the bytes it returned
-  (objects only grow: the slack keeps a slightly larger one);
+- by the last calls: free spares of at most 1.25 times the bytes the
+  largest of the last three returned (objects only grow: the slack keeps a
+  slightly larger one; a workload alternating large and small calls keeps
+  the large ones' spares);
 - by the space left: at most ``limit`` (by default a quarter) of what is
   free in /dev/shm, counting the free spares' own space as free, or a fixed
   number of bytes. Other programs always keep the rest.
@@ -38,11 +40,19 @@ import numpy as np
 
 from .. import _posix, _releaser, _space
 from .._posix import SHM_DIR
+from .._shared import SPARE_LABEL
 
 #: Default share of /dev/shm's free space that the free spares of a pool may take.
 DEFAULT_LIMIT = 0.25
-#: Free spares may exceed the bytes of the last call by this share (objects only grow).
+#: Free spares may exceed the bytes of the last calls by this share (objects only grow).
 SLACK = 0.25
+#: The budget follows the largest of this many last calls: a workload that alternates large and small
+#: calls keeps the spares of its large ones (else every large call would fault in new objects).
+RECENT_CALLS = 3
+#: A spare lent to a copy=False result that takes less than 1/OVERSIZE of it is shrunk (:meth:`Spares.shrink_lent`)
+#: when the SHRINK_AFTER-th call (or burst) since it was lent begins.
+OVERSIZE = 2
+SHRINK_AFTER = 2
 # How long a write that found /dev/shm full waits for a pool busy in another thread.
 _BUSY_WAIT = 1.0
 
@@ -78,6 +88,9 @@ class Spare:
     addresses: list[int] = field(default_factory=list)  # while lent: the arrays' mappings
     unfreed: set[int] = field(default_factory=set)  # while lent: those whose array is not yet finalized
     stamp: int | None = None  # while lent: fork_stamp() taken before its arrays were made
+    used: list[tuple[int, int]] | None = None  # while lent: (offset, length) of the pages its result takes
+    holes: int = 0  # bytes of its pages punched out (see Spares.shrink_lent): refilled before a task gets it
+    lent_starts: int = 0  # while lent: the calls (or bursts) begun since (see Spares.shrink_lent)
 
 
 _SIDS: Iterator[int] = itertools.count(1)
@@ -102,6 +115,25 @@ def fork_stamp() -> int | None:
 def forked_since(stamp: int | None) -> bool:
     """Whether this process may have forked since ``stamp`` was taken by :func:`fork_stamp`."""
     return stamp is None or _last_fork != stamp
+
+
+def _unused_parts(spare: Spare, whole: bool) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of ``spare`` that no array maps: all of it if ``whole`` (a free spare),
+    else all but the pages of the result it is lent to; none if it is neither (handed out, or its result
+    failed to be read: arrays may map any of it)."""
+    size = max(spare.size, os.fstat(spare.fd).st_size)  # a worker may have grown it
+    if whole:
+        return [(0, size)]
+    if spare.used is None:
+        return []
+    holes, end = [], 0
+    for offset, length in sorted(spare.used):
+        if offset > end:
+            holes.append((end, offset - end))
+        end = max(end, offset + length)
+    if size > end:
+        holes.append((end, size - end))
+    return holes
 
 
 class Spares:
@@ -131,7 +163,8 @@ class Spares:
         self.lent: list[Spare] = []
         self.handed: set[Spare] = set()  # taken for a task, not yet back
         self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
-        self.call_bytes = 0  # bytes the last call returned
+        self.call_bytes = 0  # bytes the largest of the last calls returned
+        self._recent_calls: collections.deque[int] = collections.deque(maxlen=RECENT_CALLS)
         self.closed = False
         self._unmap = weakref.WeakMethod(unmap) if hasattr(unmap, "__self__") else (lambda: unmap)
         self._lock = threading.Lock()
@@ -202,19 +235,22 @@ class Spares:
 
     # -- moving spares
 
-    def release(self, spare: Spare, now: bool = False) -> None:
+    def release(self, spare: Spare, now: bool = False, whole: bool = False) -> None:
         """Close the parent's descriptor; tell the workers that map it to unmap it (their next task).
 
         ``now``: close it on this thread (the budget wants the space free when it returns);
-        else a large object is closed on the background thread.
+        else a large object is closed on the background thread. Its pages no array maps are freed
+        first (``whole``: a free spare, all of them), so that no worker's mapping keeps them (a
+        frozen arena, see _arena, or an executor worker's kept mapping).
         """
         self.handed.discard(spare)
         for pid in spare.mappers:
             self.dropped.setdefault(pid, []).append(spare.sid)
+        holes = _unused_parts(spare, whole)
         if now:
-            os.close(spare.fd)
+            _releaser.free_and_close(spare.fd, holes)
         else:
-            _releaser.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size, holes)
 
     def reclaim(self) -> None:
         """Make spares of lent objects whose arrays are all gone; release those lent across a fork."""
@@ -236,22 +272,33 @@ class Spares:
             return None
         best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
         spare = self.free.pop(best)
+        if spare.holes:
+            # Every page there before a worker writes into it: a full /dev/shm is an error here, not a SIGBUS.
+            try:
+                _posix.fallocate(spare.fd, SPARE_LABEL, spare.size)
+            except OSError:
+                self.release(spare, whole=True)
+                return None
+            spare.holes = 0
         self.handed.add(spare)
         return spare
 
     def give(self, spare: Spare) -> None:
         """Make ``spare`` free for the next tasks (no array maps it)."""
         self.handed.discard(spare)
-        spare.addresses, spare.unfreed, spare.stamp = [], set(), None
+        spare.addresses, spare.unfreed, spare.stamp, spare.used, spare.lent_starts = [], set(), None, None, 0
+        spare.size = max(spare.size, os.fstat(spare.fd).st_size)  # a Pool's worker may have grown it (see _arena)
         self.free.append(spare)
 
-    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None) -> None:
-        """Lend ``spare`` to a result whose ``arrays`` own mappings of it; it comes back when they are freed.
+    def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, used: list[tuple[int, int]]) -> None:
+        """Lend ``spare`` to a result that takes the pages ``used`` (offset, length) of it, whose ``arrays``
+        own mappings of it; it comes back when they are freed.
 
         ``stamp``: :func:`fork_stamp` taken before the arrays were made. If the process
         forked since, the spare is released at once (a child may read the arrays).
         """
         self.handed.discard(spare)
+        spare.used = used
         spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
         spare.unfreed = set(spare.addresses)
         spare.stamp = stamp
@@ -263,6 +310,30 @@ class Spares:
         for array, address in zip(arrays, spare.addresses, strict=True):
             weakref.finalize(array, self._array_freed, spare, address).atexit = False
 
+    def shrink_lent(self) -> None:
+        """At the start of a call (or burst): free the pages of the lent spares that their results do not
+        take, where those take less than 1/:data:`OVERSIZE` of them, once the results have lived through
+        :data:`SHRINK_AFTER` starts: a small result kept for long must not keep a large object (outside
+        the budget). The size stays (a cut would take the copied private pages of a worker's frozen arena,
+        see :mod:`._arena`); :meth:`take` allocates the pages again.
+
+        A loop that rebinds its results (``r = pool.map(...)``) frees each call's results during the next
+        call: those are never shrunk, and their spares keep their warm pages.
+        """
+        for spare in self.lent:
+            spare.lent_starts += 1
+            if spare.lent_starts != SHRINK_AFTER:
+                continue
+            holes = _unused_parts(spare, whole=False)
+            unused = sum(length for _, length in holes)
+            if OVERSIZE * (spare.size - unused) < spare.size:
+                spare.holes = unused  # first: take() refills whatever was punched, should a punch fail midway
+                try:
+                    for offset, length in holes:
+                        _posix.punch(spare.fd, SPARE_LABEL, offset, length)
+                except OSError:  # no hole punching here: the spare keeps its pages until the result is freed
+                    continue
+
     def _array_freed(self, spare: Spare, address: int) -> None:
         """Finalizer of an array that owns a mapping of a lent spare: the last one gives it back."""
         spare.unfreed.discard(address)
@@ -273,14 +344,15 @@ class Spares:
     # -- the budget
 
     def budget(self) -> int:
-        """Bytes of free spares to keep: within the last call's bytes, and ``limit`` of /dev/shm."""
+        """Bytes of free spares to keep: within the last calls' bytes, and ``limit`` of /dev/shm."""
         budget = int(self.call_bytes * (1 + SLACK))
         if isinstance(self.limit, int):
             return min(budget, self.limit)
         free = shm_free_bytes()
         if free is None:
-            return budget  # nothing to measure (macOS): the last call bounds them
-        return min(budget, int(self.limit * (free + sum(spare.size for spare in self.free))))
+            return budget  # nothing to measure (macOS): the last calls bound them
+        # A free spare's punched pages are free space already.
+        return min(budget, int(self.limit * (free + sum(spare.size - spare.holes for spare in self.free))))
 
     def trim(self) -> bool:
         """Keep free spares (largest first) within :meth:`budget`; release the others; whether any was."""
@@ -292,14 +364,15 @@ class Spares:
                 kept.append(spare)
                 total += spare.size
             else:
-                self.release(spare, now=True)
+                self.release(spare, now=True, whole=True)
         released = len(kept) < len(self.free)
         self.free = kept
         return released
 
     def end_call(self, call_bytes: int) -> None:
         """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
-        self.call_bytes = call_bytes
+        self._recent_calls.append(call_bytes)
+        self.call_bytes = max(self._recent_calls)
         self.reclaim()
         released = self.trim()
         self._unmap_released([])
@@ -356,7 +429,7 @@ class Spares:
             self.reclaim()
             given = sum(spare.size for spare in self.free)
             for spare in self.free:
-                self.release(spare, now=True)
+                self.release(spare, now=True, whole=True)
             self.free = []
             self._unmap_released(pool_refs)
             _releaser.wait_for_releases()  # those lent across a fork, closed on the background thread
@@ -369,7 +442,7 @@ class Spares:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
         for spare in self.free + self.lent:
-            _releaser.release_fd(spare.fd, spare.size)
+            _releaser.release_fd(spare.fd, spare.size, _unused_parts(spare, whole=spare.used is None))
         self.free, self.lent, self.dropped = [], [], {}
 
     # -- fork

@@ -29,6 +29,7 @@ from typing import Any
 from .. import _ownership
 from .._shared import RefillMapping
 from . import _protocol, _serial
+from ._arena import Arena
 from ._options import Options, seed_item
 
 #: A function to call in each worker when it starts, and its arguments.
@@ -108,26 +109,37 @@ class _RefillMappings:
     def get(self, sid: int | None) -> RefillMapping | None:
         return None if sid is None else self.maps.get(sid)
 
+    def detach(self, sid: int) -> None:
+        """Forget the mapping of ``sid`` without unmapping it: an arena's region owns it now."""
+        mapping = self.maps.pop(sid, None)
+        if mapping is not None:
+            mapping.detach()
+
     def drop(self, sids: Iterable[int]) -> None:
         for sid in sids:
             mapping = self.maps.pop(sid, None)
             if mapping is not None:
                 mapping.close()
 
-    def remember(self, sid: int, fd: int, length: int) -> None:
-        """Map the first ``length`` bytes of ``fd`` (just written) for the next refill."""
+    def remember(self, sid: int, fd: int, written: int) -> RefillMapping | None:
+        """Map the whole object ``fd``, whose first ``written`` bytes were just written, for the next refill
+        (and the next task's arena); return the mapping (None if there is none)."""
+        length = max(written, os.fstat(fd).st_size)
         current = self.maps.get(sid)
-        if current is not None and current.length >= length:
-            return
+        # Kept if long enough, and not longer than the object (the parent may cut a spare): an arena over
+        # it would write past the object's end.
+        if current is not None and current.length >= length and os.fstat(fd).st_size >= current.length:
+            return current
         self.drop([sid])
         if len(self.maps) >= WORKER_MAPPINGS:
             # Full: keep the mappings there are. Making room would map each of many results
             # (a long map of medium results) once, and drop the mapping before it is used again.
-            return
+            return None
         try:
-            self.maps[sid] = RefillMapping(fd, length)
+            self.maps[sid] = RefillMapping(fd, length, written)
         except (OSError, ValueError):
-            pass  # the next refill uses pwrite
+            return None  # the next refill uses pwrite
+        return self.maps[sid]
 
 
 class _Unsent:
@@ -231,14 +243,24 @@ def _answer_entry(
     descriptor (closed here), or -1."""
     try:
         shipped: list[_protocol.Shipped] = []
+        arenas: list[Arena] = []
 
         def produce() -> _protocol.Shipped:
             if options.seed is not None:
                 seed_item(options.seed, entry.index)
             item = options.items[entry.index] if options.items is not None else entry.item
+            mapping = mappings.get(entry.spare)
+            if mapping is None and entry.spare is not None:
+                # A spare this worker has not mapped yet: all its pages are there (written, or allocated by
+                # the parent), so its task can have an arena at once.
+                mapping = mappings.remember(entry.spare, fd, os.fstat(fd).st_size)
+            if mapping is not None and Arena.fits(mapping, fd):
+                arenas.append(Arena(mapping, fd))
+                shipped.append(_protocol.ship_in_place(lambda: options.func(item), fd, options.limit, arenas[0]))
+                return shipped[0]
             result = options.func(item)
             if entry.spare is not None:
-                shipped.append(_protocol.ship_into(result, fd, options.limit, mappings.get(entry.spare)))
+                shipped.append(_protocol.ship_into(result, fd, options.limit, mapping))
             else:
                 assert entry.name is not None, "an entry has a name or a spare"
                 shipped.append(_protocol.ship(result, entry.name, options.limit))
@@ -247,6 +269,12 @@ def _answer_entry(
         progress.started(entry.index)
         start = time.monotonic()
         message, handover, spoke = _protocol.answer(entry.index, produce, unsent.conn.send_bytes)
+        grown = None
+        if arenas:
+            if arenas[0].frozen and entry.spare is not None:
+                mappings.detach(entry.spare)
+            if shipped:  # not after an error: the parent would not count the growth
+                grown = arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
         # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
         # woken often), and its handover or spare must reach the parent without delay. Nor does the
         # answer of an item that said something: should this worker die, what it said is not lost.
@@ -254,9 +282,10 @@ def _answer_entry(
         unsent.send(message, more and in_pipe and not spoke and time.monotonic() - start < HOLD_SECONDS)
         if handover is not None:
             handover.complete()
-        # Off the result's path: map what was just written, for the next refill.
-        if entry.spare is not None and handover is not None and shipped[0].handle is not None:
-            mappings.remember(entry.spare, fd, shipped[0].handle.size)
+        # Off the result's path: map the object, for the next refill (all its pages at once if it grew: they
+        # were just allocated).
+        if entry.spare is not None and handover is not None and shipped and shipped[0].handle is not None:
+            mappings.remember(entry.spare, fd, max(shipped[0].handle.size, grown or 0))
     finally:
         if fd >= 0:
             os.close(fd)

@@ -44,15 +44,22 @@ def median_time(func: Callable[[], object], repeat: int, setup: Callable[[], obj
     return statistics.median(times)
 
 
-def interleaved_medians(methods: Mapping[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+#: Rounds of calls before the timed ones: a Pool's or executor's tasks compute in their warm spares from
+#: about the third call on (the first makes the spares, the second grows them to what the tasks use).
+WARM_ROUNDS = 3
+
+
+def interleaved_medians(methods: Mapping[str, Callable[[], object]], repeat: int, warm: int = 0) -> dict[str, float]:
     """Median wall time of each method over ``repeat`` rounds, the methods run in turn in each round
-    (so that all see the same machine), with a garbage collection after each run."""
+    (so that all see the same machine), with a garbage collection after each run; ``warm`` rounds
+    run untimed first."""
     times: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(repeat):
+    for round_number in range(warm + repeat):
         for label, method in methods.items():
             start = time.perf_counter()
             method()
-            times[label].append(time.perf_counter() - start)
+            if round_number >= warm:
+                times[label].append(time.perf_counter() - start)
             gc.collect()
     return {label: statistics.median(t) for label, t in times.items()}
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 import shmalloc
 
-from . import interleaved_medians, print_table, workloads
+from . import WARM_ROUNDS, interleaved_medians, print_table, workloads
 from .workloads import compute_task, compute_task_only
 
 WORKERS = 2
@@ -105,8 +105,9 @@ def _engines() -> Iterator[dict[str, Callable[[list], list]]]:
         yield methods
 
 
-def measure(rows: int, repeat: int) -> dict[str, float]:
-    """Median seconds of each engine, interleaved; each is started and used once before timing."""
+def measure(rows: int, repeat: int, warm: int = WARM_ROUNDS) -> dict[str, float]:
+    """Median seconds of each engine, interleaved; each is started and used ``warm`` times (at least once)
+    before timing."""
     tasks = [(number, rows) for number in range(workloads.ENGINES_TASKS)]
     expected = compute_task(tasks[-1])
     with _engines() as methods:
@@ -117,14 +118,15 @@ def measure(rows: int, repeat: int) -> dict[str, float]:
                 pd.testing.assert_frame_equal(got[-1], expected, check_column_type=False, check_index_type=False)
             del got
             gc.collect()
-        return interleaved_medians({label: functools.partial(method, tasks) for label, method in methods.items()}, repeat)
+        runs = {label: functools.partial(method, tasks) for label, method in methods.items()}
+        return interleaved_medians(runs, repeat, warm - 1)
 
 
 def run(quick: bool = False, repeat: int = 5) -> None:
     """Print the table: milliseconds per call and the ratio to joblib's loky backend."""
     rows = workloads.ENGINES_ROWS.pick(quick)[0]
     repeat = min(repeat, 2) if quick else repeat
-    medians = measure(rows, repeat)
+    medians = measure(rows, repeat, 1 if quick else WARM_ROUNDS)
     baseline = medians.get(BASELINE)
     table = [[label, seconds * 1e3, seconds / baseline if baseline else "-"] for label, seconds in medians.items()]
     print_table(

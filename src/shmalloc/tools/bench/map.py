@@ -30,7 +30,7 @@ import pandas as pd
 
 import shmalloc
 
-from . import interleaved_medians, peers, print_table, workloads
+from . import WARM_ROUNDS, interleaved_medians, peers, print_table, workloads
 
 WORKERS = 2
 RAY = "Ray object store (warm), zero-copy"
@@ -67,7 +67,7 @@ def _fork() -> multiprocessing.context.BaseContext:
 
 
 # Made in measure(), after the frame: the workers inherit it. One per copy mode, and one for the floor (a call
-# that returns nothing would leave the others' spares cold: the last call's bytes bound them).
+# that returns nothing would leave the others' spares cold: the last calls' bytes bound them).
 _pools: dict[bool | str, "shmalloc.Pool"] = {}
 
 
@@ -193,10 +193,11 @@ def peak_extra(method: Callable[[], list]) -> float:
     return (peak - before) * 1024.0
 
 
-def measure(rows: int, workload: str, repeat: int, ray: Any = None) -> dict[str, float]:
+def measure(rows: int, workload: str, repeat: int, ray: Any = None, warm: int = WARM_ROUNDS) -> dict[str, float]:
     """Median seconds of each method for ``workload`` on a frame of ``rows`` rows, interleaved.
 
-    ``ray``: the module, started (:func:`start_ray`), to measure it too.
+    ``ray``: the module, started (:func:`start_ray`), to measure it too. Each method runs ``warm`` times
+    (at least once, checked) before timing.
     """
     global _frame
     _frame = workloads.frame(rows)
@@ -209,7 +210,7 @@ def measure(rows: int, workload: str, repeat: int, ray: Any = None) -> dict[str,
         for method in methods.values():  # warm up, and check every method returns the frames
             _check(method(), workload)
             gc.collect()
-        medians = interleaved_medians(methods, repeat)
+        medians = interleaved_medians(methods, repeat, warm - 1)
         peaks = {label: peak_extra(methods[label]) for label in methods if label.startswith("shmalloc")}
     finally:
         for pool in _pools.values():
@@ -248,7 +249,8 @@ def run(quick: bool = False, repeat: int = 5) -> None:
     ray = start_ray()
     try:
         results = {
-            workload: {rows: measure(rows, workload, repeat, ray) for rows in sizes} for workload in workloads.MAP_WORKLOADS
+            workload: {rows: measure(rows, workload, repeat, ray, 1 if quick else WARM_ROUNDS) for rows in sizes}
+            for workload in workloads.MAP_WORKLOADS
         }
     finally:
         if ray is not None:

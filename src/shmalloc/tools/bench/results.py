@@ -22,7 +22,7 @@ import pandas as pd
 import shmalloc
 from shmalloc.parallel._options import pick_chunksize
 
-from . import interleaved_medians, print_table, workloads
+from . import WARM_ROUNDS, interleaved_medians, print_table, workloads
 from .workloads import compute_task, compute_task_only
 
 WORKERS = 2
@@ -80,8 +80,9 @@ def _close(pools: dict[str, Any]) -> None:
     pools["cf"].shutdown(wait=True)
 
 
-def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, float]]:
-    """Median seconds of each method for each size, methods interleaved."""
+def measure(tasks_by_rows: dict[int, int], repeat: int, warm: int = WARM_ROUNDS) -> dict[int, dict[str, float]]:
+    """Median seconds of each method for each size, methods interleaved, each run ``warm`` times (at least
+    once, checked) before timing."""
     pools = _start_pools()
     try:
         methods = _methods(pools)
@@ -99,7 +100,7 @@ def measure(tasks_by_rows: dict[int, int], repeat: int) -> dict[int, dict[str, f
                 del got
                 gc.collect()
             runs = {label: functools.partial(method, tasks) for label, method in methods.items()}
-            found[rows] = interleaved_medians(runs, repeat)
+            found[rows] = interleaved_medians(runs, repeat, warm - 1)
     finally:
         _close(pools)
     return found
@@ -109,7 +110,7 @@ def run(quick: bool = False, repeat: int = 5) -> None:
     """Print the table: seconds per call and the ratio to multiprocessing.Pool, per size of result."""
     tasks_by_rows = workloads.RESULTS_QUICK_TASKS_BY_ROWS if quick else workloads.RESULTS_TASKS_BY_ROWS
     repeat = min(repeat, 2) if quick else repeat
-    results = measure(tasks_by_rows, repeat)
+    results = measure(tasks_by_rows, repeat, 1 if quick else WARM_ROUNDS)
     sizes = list(tasks_by_rows)
     labels = list(results[sizes[0]])
     header = ["method"] + [f"{rows:.0e} rows x {tasks_by_rows[rows]}: x {BASELINE}" for rows in sizes]
