@@ -1,4 +1,4 @@
-/* The arena: while a Pool worker runs a task, numpy's allocations of at least
+/* The arena: while a pool's worker runs a task, numpy's allocations of at least
    a threshold made in that thread's context are carved out of the worker's
    shared mapping of the task's spare, whose pages are already there. A result
    computed there is shipped where it lies, without a copy, and faster than

@@ -1,4 +1,4 @@
-"""A Pool worker's arena: the large arrays its task allocates come from its shared mapping of the task's spare.
+"""A worker's arena (a Pool's or an executor's): its task's large arrays come from its shared mapping of the task's spare.
 
 The spare's pages are already there, mapped in the worker, where fresh
 memory must be faulted in page by page: a new 1e7-row frame computed into
@@ -30,10 +30,13 @@ answering: the parent then redoes the item or reports the death. If no
 arena can be opened (every region holds arrays that tasks kept), the task
 runs as without one.
 
-Known costs: a frozen region's mapping keeps the whole object's pages in
-/dev/shm until its last array is freed; a ``copy=False`` result made in
-place keeps the whole object (its task's freed temporaries included) while
-it lives; a spare grows (fresh pages) until it holds what its tasks want.
+Known costs: a spare grows (fresh pages) until it holds what its tasks
+allocate at once, temporaries included; a ``copy=False`` result made in
+place keeps the whole object (its task's freed temporaries included) until
+the second call after it begins (see :meth:`._spares.Spares.shrink_lent`). A
+frozen region's mapping keeps the object alive until its last array is
+freed, but not its pages: the parent frees those no array maps when it
+releases the spare.
 """
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ class Shipped:
     handle: ShmObj | None = None
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
-    spare_use: int = 0  # the most of its spare a Pool worker's task took or wanted at once (see _arena)
+    spare_use: int = 0  # the most of its spare a worker's task took or wanted at once (see _arena)
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""

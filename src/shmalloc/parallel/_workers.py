@@ -126,7 +126,7 @@ class _RefillMappings:
         (and the next task's arena); return the mapping (None if there is none)."""
         length = max(written, os.fstat(fd).st_size)
         current = self.maps.get(sid)
-        # Kept if long enough, and not longer than the object (the parent may cut a spare): an arena over
+        # Kept if long enough, and not longer than the object (a failed write is cut back): an arena over
         # it would write past the object's end.
         if current is not None and current.length >= length and os.fstat(fd).st_size >= current.length:
             return current
