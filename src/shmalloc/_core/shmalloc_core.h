@@ -33,7 +33,7 @@ size_t shmalloc_unmap_failures(int *last_errno);
 int shmalloc_is_adopted(void *addr);
 void *shmalloc_map_populated(int fd, size_t len, size_t populated);
 
-/* the arena (shmalloc_arena.c): numpy's large allocations of a Pool worker's task from the
+/* the arena (shmalloc_arena.c): numpy's large allocations of a pool worker's task from the
    shared mapping of its spare; open returns a region id */
 int shmalloc_arena_init(void);
 int shmalloc_arena_open(void *base, size_t len, size_t head, int fd, size_t threshold, int *out);
