@@ -1,5 +1,6 @@
-"""A Pool worker's arena: results computed in the worker are shipped where they lie (no copy), and nothing the
-worker does afterwards, nor a fork it makes, ever reaches them. Across real worker processes."""
+"""A worker's arena (a Pool's or an executor's): results computed in the worker are shipped where they lie (no
+copy), and nothing the worker does afterwards, nor a fork it makes, ever reaches them. Across real worker
+processes."""
 from __future__ import annotations
 
 import gc
@@ -162,7 +163,7 @@ def test_what_a_worker_writes_into_an_array_it_returned_and_kept_never_reaches_t
 def test_a_fork_in_the_task_keeps_its_childs_writes_and_the_workers_out_of_the_result(method, tmp_path):
     """A task that forks while its result is in the arena: the result is what the worker returned; the child's
     later writes into its copy reach neither the result nor the next results, and the child lives on (its
-    copy is not taken from it when the parent cuts or reuses the object)."""
+    copy is not taken from it when the parent frees or reuses the object's pages)."""
     done = [str(tmp_path / f"child-{i}") for i in range(2)]
     with shmalloc.Pool(1, start_method=method) as pool:
         _warm(pool, filled, [1.0] * 2, copy=False)
