@@ -13,7 +13,7 @@ import numpy as np
 from numpy._core.multiarray import get_handler_name
 
 from . import _posix
-from ._format import BufferLayout, round_up_to_page
+from ._format import BufferLayout, buffer_spans, round_up_to_page
 from .errors import ShmError
 
 #: Large copies use the usable cores, at most this many.
@@ -36,8 +36,7 @@ def arrays(fd: int, name: str, data_offset: int, data_size: int, layouts: list[B
             _posix.map_private(fd, name, data_size, data_offset, out, writable=False)
             return [_copied(layout, out.address) for layout in layouts]
         # Only the buffers' pages stay mapped: a Pool's worker may leave space between them.
-        spans = sorted((layout.offset, round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes)
-        _posix.map_parts(fd, name, data_size, data_offset, out, spans)
+        _posix.map_parts(fd, name, data_size, data_offset, out, buffer_spans(layouts))
         return _adopt_all(name, out.address, layouts, out)
     except BaseException:
         if out.address and not copy:

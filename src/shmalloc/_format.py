@@ -59,6 +59,11 @@ class BufferLayout:
         return self.dtype.itemsize * math.prod(self.shape)
 
 
+def buffer_spans(layouts: Sequence[BufferLayout]) -> list[tuple[int, int]]:
+    """The (offset in the data part, length) of each non-empty buffer's pages, in offset order."""
+    return sorted((layout.offset, round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes)
+
+
 def _layout(buf: np.ndarray, offset: int) -> BufferLayout:
     fortran = bool(buf.flags.f_contiguous and not buf.flags.c_contiguous)
     return BufferLayout(offset, buf.dtype, tuple(buf.shape), fortran)

@@ -223,6 +223,12 @@ def punch(fd: int, name: str, offset: int, length: int) -> None:
         _raise(name)
 
 
+def punch_parts(fd: int, name: str, parts: Sequence[tuple[int, int]]) -> None:
+    """:func:`punch` each (offset, length) of ``parts``; ShmError at the first that cannot be."""
+    for offset, length in parts:
+        punch(fd, name, offset, length)
+
+
 def fallocate(fd: int, name: str, size: int) -> None:
     """Reserve every page of the first ``size`` bytes (a full /dev/shm: ShmError ENOSPC now, not SIGBUS later)."""
     if lib.shmalloc_fallocate(fd, size) < 0:

@@ -147,11 +147,10 @@ _releaser = _Releaser()
 
 def free_and_close(fd: int, holes: Holes = ()) -> None:
     """Free the pages of ``holes`` (offset, length) of ``fd``'s object, then close ``fd``, on this thread."""
-    for offset, length in holes:
-        try:
-            _posix.punch(fd, "a released object", offset, length)
-        except OSError:  # no hole punching here: the pages go when the last mapping does
-            break
+    try:
+        _posix.punch_parts(fd, "a released object", holes)
+    except OSError:  # no hole punching here: the pages go when the last mapping does
+        pass
     _posix.close(fd)
 
 

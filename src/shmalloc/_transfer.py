@@ -218,21 +218,6 @@ def open_held(fd: int, label: str, size: int) -> Segment:
     return Segment(fd, label, size, owns_fd=False)
 
 
-def _checked_recipe(segment: Segment, handle: ShmObj) -> tuple[dict, list[_format.BufferLayout], int]:
-    """The recipe of ``segment``, its buffers' layouts and where its data part starts, once the header and
-    recipe are checked against ``handle``."""
-    if not isinstance(handle.token, bytes):
-        raise CorruptHandleError(f"{segment.name}: damaged token")
-    if segment.size < _format.HEADER_SIZE:
-        raise CorruptHandleError(f"{segment.name}: {segment.size} bytes cannot hold a shmalloc segment")
-    header = _posix.read_bytes(segment.fd, segment.name, _format.HEADER.size, 0)
-    recipe_len, data_offset = _format.check_header(segment.name, header, handle.token, segment.size)
-    stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
-    recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
-    _format.check_handle_matches(handle, recipe)
-    return recipe, layouts, data_offset
-
-
 class Read(NamedTuple):
     """What :func:`read` rebuilt from a segment."""
 
@@ -249,11 +234,17 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
     mapped. ``copy`` False maps privately (zero-copy) where the platform
     allows it, and copies elsewhere.
     """
-    recipe, layouts, data_offset = _checked_recipe(segment, handle)
+    if not isinstance(handle.token, bytes):
+        raise CorruptHandleError(f"{segment.name}: damaged token")
+    if segment.size < _format.HEADER_SIZE:
+        raise CorruptHandleError(f"{segment.name}: {segment.size} bytes cannot hold a shmalloc segment")
+    header = _posix.read_bytes(segment.fd, segment.name, _format.HEADER.size, 0)
+    recipe_len, data_offset = _format.check_header(segment.name, header, handle.token, segment.size)
+    stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
+    recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
+    _format.check_handle_matches(handle, recipe)
     zero_copy = not copy and _posix.ZERO_COPY
     buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []
-    parts = [(0, data_offset)] + [
-        (data_offset + layout.offset, _format.round_up_to_page(layout.nbytes)) for layout in layouts if layout.nbytes
-    ]
+    parts = [(0, data_offset)] + [(data_offset + offset, length) for offset, length in _format.buffer_spans(layouts)]
     return Read(codecs.decode(recipe["attributes"], buffers), owners, parts)

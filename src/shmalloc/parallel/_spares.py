@@ -329,8 +329,7 @@ class Spares:
             if OVERSIZE * (spare.size - unused) < spare.size:
                 spare.holes = unused  # first: take() refills whatever was punched, should a punch fail midway
                 try:
-                    for offset, length in holes:
-                        _posix.punch(spare.fd, SPARE_LABEL, offset, length)
+                    _posix.punch_parts(spare.fd, SPARE_LABEL, holes)
                 except OSError:  # no hole punching here: the spare keeps its pages until the result is freed
                     continue
 

@@ -124,11 +124,12 @@ class _RefillMappings:
     def remember(self, sid: int, fd: int, written: int) -> RefillMapping | None:
         """Map the whole object ``fd``, whose first ``written`` bytes were just written, for the next refill
         (and the next task's arena); return the mapping (None if there is none)."""
-        length = max(written, os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        length = max(written, size)
         current = self.maps.get(sid)
         # Kept if long enough, and not longer than the object (a failed write is cut back): an arena over
         # it would write past the object's end.
-        if current is not None and current.length >= length and os.fstat(fd).st_size >= current.length:
+        if current is not None and current.length >= length and size >= current.length:
             return current
         self.drop([sid])
         if len(self.maps) >= WORKER_MAPPINGS:
