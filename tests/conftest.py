@@ -162,3 +162,14 @@ def no_failed_unmaps(request):
 def shm_name() -> str:
     """A fresh explicit name that the leak check recognises as this run's."""
     return f"/shmtest_{os.getpid()}_{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def map_every_size(monkeypatch):
+    """Make copy=False map, and copy=True copy from a mapping, whatever the size: small data parts are
+    otherwise read with pread (see shmalloc._adopt), and the tests of mappings use small arrays. In
+    this process and in the children it forks."""
+    from shmalloc import _adopt
+
+    monkeypatch.setattr(_adopt, "MAP_FROM", 0)
+    monkeypatch.setattr(_adopt, "READ_LIMIT", -1)

@@ -144,7 +144,7 @@ def check_header(name: str, header: bytes | bytearray, token: bytes, size: int) 
     return recipe_len, data_offset
 
 
-def load_recipe(name: str, stored: bytes | bytearray, data_size: int) -> tuple[dict, list[BufferLayout]]:
+def load_recipe(name: str, stored: bytes | bytearray | memoryview, data_size: int) -> tuple[dict, list[BufferLayout]]:
     """Unpickle and check a recipe whose buffers fill ``data_size`` bytes; return it and its buffer layouts."""
     try:
         recipe = pickle.loads(stored)

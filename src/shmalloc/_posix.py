@@ -250,10 +250,25 @@ def write(fd: int, name: str, address: int, nbytes: int, offset: int) -> None:
         _raise(name)
 
 
+def write_parts(fd: int, name: str, parts: Sequence[tuple[int, int]], offset: int) -> None:
+    """:func:`write` of ``parts`` ((address, length) pairs) one after the other from ``offset``, with as
+    few system calls as it takes (pwritev)."""
+    addresses = ffi.new("uintptr_t[]", [address for address, _ in parts])
+    lengths = ffi.new("size_t[]", [length for _, length in parts])
+    if lib.shmalloc_write_parts(fd, addresses, lengths, len(parts), offset) < 0:
+        _raise(name)
+
+
 def write_bytes(fd: int, name: str, data: bytes | bytearray, offset: int) -> None:
     """:func:`write` of a bytes object."""
     buffer = ffi.from_buffer(data)  # kept alive across the call
     write(fd, name, int(ffi.cast("uintptr_t", buffer)), len(data), offset)
+
+
+def read_into(fd: int, name: str, address: int, nbytes: int, offset: int) -> None:
+    """pread ``nbytes`` at ``offset`` to ``address`` (the GIL is released; an object cut short gives EIO)."""
+    if lib.shmalloc_read_all(fd, ffi.cast("void *", address), nbytes, offset) < 0:
+        _raise(name)
 
 
 def read_bytes(fd: int, name: str, nbytes: int, offset: int) -> bytearray:

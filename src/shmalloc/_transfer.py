@@ -135,16 +135,16 @@ def _create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]
 
 
 def _fill(fd: int, label: str, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> None:
-    """Write the segment of ``plan`` at the start of ``fd`` with pwrite (the GIL is released), padding included."""
-    _posix.write_bytes(fd, label, plan.head, 0)
+    """Write the segment of ``plan`` at the start of ``fd`` with pwritev (the GIL is released), padding
+    included: the head, then each buffer and its padding, one after the other."""
+    head = np.frombuffer(plan.head, np.uint8)
     padding = np.zeros(_format.PAGE, np.uint8)
-    for buf, layout in zip(buffers, plan.layouts, strict=True):
+    parts = [(_posix.data_address(head), len(plan.head))]
+    for buf in buffers:
         nbytes = buf.nbytes
-        if nbytes:
-            _posix.write(fd, label, _posix.data_address(buf), nbytes, plan.data_offset + layout.offset)
-        pad = _format.round_up_to_page(nbytes) - nbytes
-        if pad:
-            _posix.write(fd, label, _posix.data_address(padding), pad, plan.data_offset + layout.offset + nbytes)
+        parts.append((_posix.data_address(buf), nbytes))
+        parts.append((_posix.data_address(padding), _format.round_up_to_page(nbytes) - nbytes))
+    _posix.write_parts(fd, label, parts, 0)
 
 
 def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> bool:
@@ -238,13 +238,19 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
         raise CorruptHandleError(f"{segment.name}: damaged token")
     if segment.size < _format.HEADER_SIZE:
         raise CorruptHandleError(f"{segment.name}: {segment.size} bytes cannot hold a shmalloc segment")
-    header = _posix.read_bytes(segment.fd, segment.name, _format.HEADER.size, 0)
-    recipe_len, data_offset = _format.check_header(segment.name, header, handle.token, segment.size)
-    stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
+    # The header and, mostly, the whole recipe in one read (the data starts a page or more further on).
+    head = _posix.read_bytes(segment.fd, segment.name, min(segment.size, _format.PAGE), 0)
+    recipe_len, data_offset = _format.check_header(segment.name, head, handle.token, segment.size)
+    stored: bytearray | memoryview
+    if _format.HEADER_SIZE + recipe_len <= len(head):
+        stored = memoryview(head)[_format.HEADER_SIZE : _format.HEADER_SIZE + recipe_len]
+    else:
+        stored = _posix.read_bytes(segment.fd, segment.name, recipe_len, _format.HEADER_SIZE)
     recipe, layouts = _format.load_recipe(segment.name, stored, segment.size - data_offset)
     _format.check_handle_matches(handle, recipe)
-    zero_copy = not copy and _posix.ZERO_COPY
-    buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
+    data_size = segment.size - data_offset
+    zero_copy = not copy and _posix.ZERO_COPY and _adopt.worth_mapping(data_size)
+    buffers = _adopt.arrays(segment.fd, segment.name, data_offset, data_size, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []
     parts = [(0, data_offset)] + [(data_offset + offset, length) for offset, length in _format.buffer_spans(layouts)]
     return Read(codecs.decode(recipe["attributes"], buffers), owners, parts)

@@ -42,7 +42,7 @@ def test_child_creates_parent_allocates(method, copy):
 @pytest.mark.parametrize("method", START_METHODS)
 def test_parent_creates_child_allocates(method, copy):
     """The parent creates the object; a child consumes it (and unlinks the name)."""
-    x = np.arange(100_000, dtype=np.float64).reshape(-1, 10)
+    x = np.arange(200_000, dtype=np.float64).reshape(-1, 10)  # 1.6 MB: mapped with copy=False
     obj = shmalloc.copy2shm(x, copy=copy)
     with mp.get_context(method).Pool(1) as pool:
         total, shape, _, handler = pool.apply(consume, (obj,))

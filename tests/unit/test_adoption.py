@@ -15,6 +15,9 @@ from numpy._core.multiarray import get_handler_name
 import shmalloc
 from shmalloc import _adopt, _format, _posix
 
+# Small segments are read rather than mapped unless a test says otherwise: these test the mappings.
+pytestmark = pytest.mark.usefixtures("map_every_size")
+
 # Each stored array fills one page, so that any array the intruding code allocates
 # (np.zeros(512) of float64: one page as well) would fit the mapping.
 ITEMS = 512

@@ -178,10 +178,28 @@ def test_handle_pickles_small_for_every_protocol(protocol):
 
 def test_default_copy_comes_from_the_handle():
     """copy=None uses obj.copy; copy2shm(copy=False) gives a zero-copy result by default."""
-    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(4096.0), copy=False))
+    y = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(1 << 18, dtype=float), copy=False))
     assert get_handler_name(y) == "shmalloc"
-    z = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(4096.0), copy=False), copy=True)
+    z = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(1 << 18, dtype=float), copy=False), copy=True)
     assert get_handler_name(z) != "shmalloc"
+
+
+@pytest.mark.parametrize("nbytes", [8, 4096, 1 << 20])
+def test_small_data_is_read_and_large_data_mapped_by_copy_false(nbytes):
+    """With copy=False a segment whose data takes less than _adopt.MAP_FROM is read into regular
+    memory (cheaper than a mapping), a larger one is mapped: both come back equal and writable, and
+    nothing maps the segment once a small result is read."""
+    x = np.arange(nbytes // 8, dtype=np.float64)
+    obj = shmalloc.copy2shm(x)
+    y = shmalloc.allocate_from_shm(obj, copy=False)
+    mapped = nbytes >= _adopt.MAP_FROM
+    assert get_handler_name(y) == ("shmalloc" if mapped else "default_allocator") and y.flags.owndata
+    assert np.array_equal(x, y) and y.flags.writeable
+    y[0] = -1.0
+    assert x[0] == 0.0
+    assert (obj.name.lstrip("/") in _mapped_names()) == mapped
+    del y
+    assert obj.name.lstrip("/") not in _mapped_names()
 
 
 # ---- lifecycle ----
@@ -430,7 +448,7 @@ def test_zero_copy_arrays_survive_mapping_pressure():
     assert _posix.live_mappings() == before
 
 
-def test_many_threads_at_once():
+def test_many_threads_at_once(map_every_size):
     """Copies and allocations from many threads at once never mix up data."""
     errors: list[BaseException] = []
 
@@ -727,7 +745,7 @@ _REAL_LIB = _posix.lib
 
 
 @pytest.mark.parametrize("copy", [True, False], ids=["copy", "zerocopy"])
-def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypatch, copy):
+def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypatch, map_every_size, copy):
     """When mmap fails with ENOMEM, the error names vm.max_map_count with its value, the count of
     mappings shmalloc's arrays hold, and the ways out; the segment is consumed and nothing stays mapped."""
     keep = shmalloc.allocate_from_shm(shmalloc.copy2shm(np.arange(5000)), copy=False)  # one live mapping
@@ -747,7 +765,7 @@ def test_running_out_of_mappings_names_vm_max_map_count_and_what_to_do(monkeypat
     del keep
 
 
-def test_other_mmap_failures_keep_their_plain_message(monkeypatch):
+def test_other_mmap_failures_keep_their_plain_message(monkeypatch, map_every_size):
     """An mmap failure other than ENOMEM is reported as itself, without the mapping-limit hint."""
     obj = shmalloc.copy2shm(np.arange(10_000))
     monkeypatch.setattr(_posix, "lib", _MapFailsWith(errno.EACCES))

@@ -560,15 +560,21 @@ def make_frame(n: int) -> pd.DataFrame:
     return frame
 
 
+# Sent beside the frame, so that its segment is large enough to be mapped with copy=False (a smaller
+# one is read into regular memory).
+BALLAST = np.arange(1 << 17, dtype=np.float64)
+
+
 def export_frame(n: int, copy: bool) -> shmalloc.ShmObj:
     """Runs in a spawned child."""
-    return shmalloc.copy2shm(make_frame(n), copy=copy)
+    return shmalloc.copy2shm((make_frame(n), BALLAST), copy=copy)
 
 
 def check_frame(obj: shmalloc.ShmObj, n: int) -> str:
     """Runs in a spawned child: allocate and compare, report the handler of the float column."""
-    result = shmalloc.allocate_from_shm(obj)
+    result, ballast = shmalloc.allocate_from_shm(obj)
     assert_same(result, make_frame(n))
+    assert np.array_equal(ballast, BALLAST)
     return get_handler_name(_owner(result["float64"].to_numpy()))
 
 
@@ -577,15 +583,16 @@ def test_spawned_child_exports_parent_allocates(copy):
     """A frame made in a spawned interpreter comes back equal in the parent."""
     with mp.get_context("spawn").Pool(1) as pool:
         obj = pool.apply(export_frame, (N, copy))
-    result = shmalloc.allocate_from_shm(obj)
+    result, ballast = shmalloc.allocate_from_shm(obj)
     assert_same(result, make_frame(N))
+    assert np.array_equal(ballast, BALLAST)
     assert get_handler_name(_owner(result["float64"].to_numpy())) == ("default_allocator" if copy else "shmalloc")
 
 
 @pytest.mark.parametrize("copy", [True, False])
 def test_parent_exports_spawned_child_allocates(copy):
     """A frame made in the parent comes back equal in a spawned interpreter, which unlinks it."""
-    obj = shmalloc.copy2shm(make_frame(N), copy=copy)
+    obj = shmalloc.copy2shm((make_frame(N), BALLAST), copy=copy)
     with mp.get_context("spawn").Pool(1) as pool:
         handler = pool.apply(check_frame, (obj, N))
     assert handler == ("default_allocator" if copy else "shmalloc")

@@ -26,7 +26,7 @@ def _held_object(shm_name: str, size: int) -> int:
 def test_named_write_and_read_round_trip_and_consume_the_name(copy):
     """write_named then open_named + read gives the object back, removes the name, and reports as owners
     exactly the zero-copy arrays that hold a mapping."""
-    x = np.arange(50_000.0)
+    x = np.arange(200_000.0)  # 1.6 MB: mapped with copy=False
     handle = _transfer.write_named([x, np.arange(3)], _names.generate())
     assert os.path.exists("/dev/shm" + handle.name)
     with _transfer.open_named(handle.name, handle.size) as segment:

@@ -16,12 +16,15 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "shmalloc_core.h"
 
 /* Linux caps one read/write at a little under 2 GiB; stay well below it. */
 #define IO_CHUNK ((size_t)1 << 30)
+/* Parts given to one pwritev (IOV_MAX is 1024 on Linux). */
+#define IOV_BATCH 64
 
 int shmalloc_open(const char *name, int flags, unsigned int mode)
 {
@@ -61,6 +64,52 @@ int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset)
         offset += n;
     }
     return 0;
+}
+
+int shmalloc_write_parts(int fd, const uintptr_t *addresses, const size_t *lengths, size_t n, long long offset)
+{
+    struct iovec iov[IOV_BATCH];
+    size_t part = 0, done = 0; /* the first part not yet written whole, and its bytes written */
+    for (;;) {
+        while (part < n && done == lengths[part]) {
+            part++;
+            done = 0;
+        }
+        if (part == n)
+            return 0;
+        int count = 0;
+        size_t total = 0;
+        for (size_t i = part; i < n && count < IOV_BATCH && total < IO_CHUNK; i++) {
+            size_t skip = i == part ? done : 0, len = lengths[i] - skip;
+            if (len > IO_CHUNK - total)
+                len = IO_CHUNK - total;
+            iov[count].iov_base = (char *)addresses[i] + skip;
+            iov[count].iov_len = len;
+            count++;
+            total += len;
+        }
+        ssize_t n_written = pwritev(fd, iov, count, (off_t)offset);
+        if (n_written < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n_written == 0) { /* no progress and no error: treat as out of space */
+            errno = ENOSPC;
+            return -1;
+        }
+        offset += n_written;
+        for (size_t left = (size_t)n_written; left > 0;) {
+            size_t rest = lengths[part] - done;
+            if (left < rest) {
+                done += left;
+                break;
+            }
+            left -= rest;
+            part++;
+            done = 0;
+        }
+    }
 }
 
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset)

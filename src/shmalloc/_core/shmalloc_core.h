@@ -6,6 +6,8 @@ int shmalloc_open(const char *name, int flags, unsigned int mode);
 int shmalloc_unlink(const char *name);
 int shmalloc_close(int fd);
 int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset);
+/* writes the n parts (addresses[i], lengths[i]) one after the other from offset, with pwritev */
+int shmalloc_write_parts(int fd, const uintptr_t *addresses, const size_t *lengths, size_t n, long long offset);
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset);
 /* also stores the address (or NULL) in *out unless out is NULL */
 void *shmalloc_map(int fd, size_t len, long long offset, int writable_private, void **out);
