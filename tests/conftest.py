@@ -166,10 +166,10 @@ def shm_name() -> str:
 
 @pytest.fixture
 def map_every_size(monkeypatch):
-    """Make copy=False map, and copy=True copy from a mapping, whatever the size: small data parts are
-    otherwise read with pread (see shmalloc._adopt), and the tests of mappings use small arrays. In
-    this process and in the children it forks."""
-    from shmalloc import _adopt
+    """Make allocate_from_shm(copy=False) map, and copy=True copy from a mapping, whatever the size: small
+    segments are otherwise read with pread (see shmalloc._transfer and _adopt), and the tests of mappings
+    use small arrays. In this process and in the children it forks."""
+    from shmalloc import _adopt, _transfer
 
-    monkeypatch.setattr(_adopt, "MAP_FROM", 0)
+    monkeypatch.setattr(_transfer, "MAP_FROM", 0)
     monkeypatch.setattr(_adopt, "READ_LIMIT", -1)

@@ -22,15 +22,6 @@ MAX_COPY_THREADS = 4
 #: small ones that takes less time than mapping it and copying from the mapping (measured: the
 #: same at 8 MiB, where the copy's threads start to pay).
 READ_LIMIT = 4 << 20
-#: Below this many bytes, reading a data part (pread) takes less time than mapping it, even with no
-#: copy: a mapping costs a system call to set up, a fault per page read and one to remove (measured:
-#: 4 KiB 8 against 29 µs, 1 MiB 0.33 against 0.39 ms, the same at about 2 MiB).
-MAP_FROM = 1 << 20
-
-
-def worth_mapping(data_size: int) -> bool:
-    """Whether a data part of ``data_size`` bytes is better mapped (zero-copy) than read into new arrays."""
-    return data_size >= MAP_FROM
 
 
 def arrays(fd: int, name: str, data_offset: int, data_size: int, layouts: list[BufferLayout], copy: bool) -> list[np.ndarray]:

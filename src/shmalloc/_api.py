@@ -6,7 +6,6 @@ from typing import Any
 
 from . import _names, _posix, _transfer
 from ._handle import ShmObj
-from .errors import CorruptHandleError
 
 
 def copy2shm(x: Any, name: str | None = None, overwrite: bool = False, copy: bool = True) -> ShmObj:
@@ -67,7 +66,9 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
         part of the mapping (through shmalloc's numpy memory handler) and
         unmap it when they and all their views are garbage collected. Writes
         stay private to this process (and to forked children, each to its
-        own). None (default): ``obj.copy``. On macOS False acts as True.
+        own). An object of less than 1 MiB is read into regular memory
+        instead, which takes less time than mapping it (the result behaves
+        the same). None (default): ``obj.copy``. On macOS False acts as True.
 
     Returns
     -------
@@ -92,18 +93,13 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
     """
     if not isinstance(obj, ShmObj):
         raise TypeError(f"allocate_from_shm expects a ShmObj, not {type(obj).__name__}")
-    name = _names.validate(obj.name)
     if copy is None:
         copy = obj.copy
     if not isinstance(copy, bool):
         raise TypeError(f"copy must be bool or None, not {type(copy).__name__}")
-    if not isinstance(obj.size, int) or isinstance(obj.size, bool) or obj.size < 0:
-        raise CorruptHandleError(f"{name}: size must be a non-negative int, not {obj.size!r}")
-    if not isinstance(obj.token, bytes):
-        raise CorruptHandleError(f"{name}: damaged token")
-    with _transfer.open_named(name, obj.size) as segment:
-        value = _transfer.read(segment, obj, copy).value
-    return value
+    if not copy and type(obj.size) is int and not _transfer.worth_mapping(obj.size):
+        copy = True  # a small object is read: that takes less time than mapping it
+    return _transfer.read_named(obj, copy)
 
 
 def unlink(obj_or_name: ShmObj | str) -> None:

@@ -242,7 +242,7 @@ def test_results_come_back_equal_and_in_input_order(engine):
 
 @pytest.mark.parametrize("pipe_limit", [None, 1000])
 @pytest.mark.parametrize("engine", FORK, indirect=True)
-def test_results_below_the_pipe_limit_come_through_the_pipe_and_others_through_shared_memory(engine, pipe_limit, map_every_size):
+def test_results_below_the_pipe_limit_come_through_the_pipe_and_others_through_shared_memory(engine, pipe_limit):
     """A result of pipe_limit - 1 bytes is sent by value; one of pipe_limit bytes arrives in a shmalloc mapping (copy=False)."""
     limit = PIPE_LIMIT if pipe_limit is None else pipe_limit
     for _ in range(2):  # the Pool's second call refills the objects of the first
@@ -265,7 +265,7 @@ def test_copy_true_gives_regular_arrays(engine):
 
 
 @pytest.mark.parametrize("engine", FORK, indirect=True)
-def test_copy_false_arrays_are_shmallocs_writable_and_private(engine, map_every_size):
+def test_copy_false_arrays_are_shmallocs_writable_and_private(engine):
     """With copy=False, arrays own shmalloc mappings; writes to them reach neither later results nor the objects those reuse."""
     kept = engine.run(full, range(4), copy=False)
     for i, a in enumerate(kept):

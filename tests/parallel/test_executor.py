@@ -356,7 +356,7 @@ def test_a_worker_opens_only_the_spare_it_was_told_of(tmp_path):
         os.close(other)
 
 
-def test_a_small_zero_copy_result_does_not_keep_a_large_spare_past_its_burst(map_every_size):
+def test_a_small_zero_copy_result_does_not_keep_a_large_spare_past_its_burst():
     """copy=False: a result written into a spare several times its size keeps the spare's pages while its burst of
     tasks and the next last; still alive when the burst after begins, it has the pages past it freed."""
     import gc

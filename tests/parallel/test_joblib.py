@@ -51,7 +51,7 @@ def _pid(_: int) -> int:
 
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("copy", [True, False])
-def test_parallel_returns_the_frames_a_loop_gives(method, copy, map_every_size):
+def test_parallel_returns_the_frames_a_loop_gives(method, copy):
     """Parallel(...)(delayed(f)(i)) under the backend returns what a loop returns; copy=False arrays are owned by shmalloc's handler."""
     with joblib.parallel_config(backend="shmalloc", n_jobs=2, copy=copy, start_method=method):
         got = Parallel()(delayed(_frame)(i) for i in range(6))

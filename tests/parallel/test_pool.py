@@ -145,7 +145,7 @@ def test_second_call_reuses_the_objects_of_the_first(monkeypatch, copy):
         np.testing.assert_array_equal(second[1], full(6))
 
 
-def test_live_copy_false_results_are_never_overwritten(monkeypatch, map_every_size):
+def test_live_copy_false_results_are_never_overwritten(monkeypatch):
     """While a copy=False result lives, its object is not handed to a worker; writes to it stay private."""
     made = _count_fresh_names(monkeypatch)
     with shmalloc.Pool(2, start_method="fork") as pool:
@@ -167,7 +167,7 @@ def _child_reads(conn, array) -> None:
     conn.send(float(array.sum()))
 
 
-def test_fork_while_lent_retires_the_object(monkeypatch, map_every_size):
+def test_fork_while_lent_retires_the_object(monkeypatch):
     """A child forked while a copy=False result lives keeps seeing that result after the parent freed it."""
     made = _count_fresh_names(monkeypatch)
     ctx = mp.get_context("fork")

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as hnp
 from numpy._core.multiarray import get_handler_name
 
 import shmalloc
-from shmalloc import CorruptHandleError, ShmError, ShmObj, _adopt, _posix
+from shmalloc import CorruptHandleError, ShmError, ShmObj, _adopt, _posix, _transfer
 
 DTYPES = [
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
@@ -186,13 +186,13 @@ def test_default_copy_comes_from_the_handle():
 
 @pytest.mark.parametrize("nbytes", [8, 4096, 1 << 20])
 def test_small_data_is_read_and_large_data_mapped_by_copy_false(nbytes):
-    """With copy=False a segment whose data takes less than _adopt.MAP_FROM is read into regular
-    memory (cheaper than a mapping), a larger one is mapped: both come back equal and writable, and
+    """With copy=False a segment of less than _transfer.MAP_FROM bytes is read into regular memory
+    (cheaper than a mapping), a larger one is mapped: both come back equal and writable, and
     nothing maps the segment once a small result is read."""
     x = np.arange(nbytes // 8, dtype=np.float64)
     obj = shmalloc.copy2shm(x)
     y = shmalloc.allocate_from_shm(obj, copy=False)
-    mapped = nbytes >= _adopt.MAP_FROM
+    mapped = obj.size >= _transfer.MAP_FROM
     assert get_handler_name(y) == ("shmalloc" if mapped else "default_allocator") and y.flags.owndata
     assert np.array_equal(x, y) and y.flags.writeable
     y[0] = -1.0

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _names, _ownership, _shmarray, _transfer
-from .._api import allocate_from_shm, copy2shm, unlink
+from .._api import copy2shm, unlink
 from .._handle import ShmObj
 from .._shared import SPARE_LABEL, RefillMapping
 from ..codecs import pandas as pandas_codec
@@ -388,7 +388,9 @@ def receive(shipped: Shipped, name: str, copy: bool) -> Any:
     if shipped.handle is None:
         return shipped.value
     check_answered_name(shipped.handle, name)
-    return shipped.unboxed(allocate_from_shm(shipped.handle, copy=copy))
+    # Mapped with copy=False whatever its size, where allocate_from_shm reads a small object: the
+    # parent's time is what all the workers wait for (see _transfer.MAP_FROM).
+    return shipped.unboxed(_transfer.read_named(shipped.handle, copy))
 
 
 def check_answered_name(handle: ShmObj, name: str) -> None:
