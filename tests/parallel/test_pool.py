@@ -285,7 +285,7 @@ def test_a_spare_is_shrunk_for_a_small_result_only_if_the_result_outlives_two_ca
         assert int(small[0].sum()) == 1 << 20
         del small
         gc.collect()
-        assert pool._spares.free == [spare]
+        assert list(pool._spares.free) == [spare]
         big = pool.map(sized, [16 << 20], copy=False)
         assert allocated() >= 16 << 20 and int(big[0].sum()) == 16 << 20 and spare in pool._spares.lent
 

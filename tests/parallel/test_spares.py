@@ -191,7 +191,7 @@ def test_spare_limit_in_bytes_bounds_the_spares():
         assert 0 < sum(kept) <= 3 * MB and len(kept) == 2  # each object holds 1 MB and a page or two
     with shmalloc.Pool(2, start_method="fork", spare_limit=0) as pool:
         assert [a.size for a in pool.map(ones, [MB] * 3)] == [MB] * 3
-        assert pool._spares.free == []
+        assert not pool._spares.free
 
 
 @pytest.mark.parametrize(
@@ -314,7 +314,7 @@ def test_interrupt_while_workers_unmap_leaves_the_pool_usable(monkeypatch):
         monkeypatch.setattr(pool_module.connection, "wait", interrupted)
         with pytest.raises(KeyboardInterrupt):
             pool.map(ones, [MB // 2])  # releases both 4 MB spares, then waits for the workers
-        assert pool._spares.free == []
+        assert not pool._spares.free
         got = pool.map(ones, [MB, 2 * MB, 3 * MB])
         assert [a.size for a in got] == [MB, 2 * MB, 3 * MB] and all((a == 1).all() for a in got)
 
@@ -392,7 +392,7 @@ def test_terminate_and_map_where_this_thread_holds_the_spares_do_not_hang():
     assert [float(a[0]) for a in kept] == [0.0, 1.0]  # results stay readable
     del kept
     gc.collect()
-    assert pool._spares.closed and pool._spares.free == []
+    assert pool._spares.closed and not pool._spares.free
 
 
 # A fork by another thread lands while Pool.map's thread is inside Spares.reclaim (between two

@@ -27,6 +27,7 @@ takes it back when releasing the lock (see :meth:`Spares.held`).
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import os
@@ -136,6 +137,46 @@ def _unused_parts(spare: Spare, whole: bool) -> list[tuple[int, int]]:
     return holes
 
 
+def _larger_first(spare: Spare) -> int:
+    return -spare.size
+
+
+class FreeSpares:
+    """The free spares, largest first, and their bytes and punched bytes in all, kept up to date as spares
+    come and go (a pool's call frees hundreds of results one at a time: each must not walk them all).
+    A spare's size and holes do not change while it is here."""
+
+    def __init__(self) -> None:
+        self._spares: list[Spare] = []
+        self.size = 0
+        self.holes = 0
+
+    def add(self, spare: Spare) -> None:
+        bisect.insort(self._spares, spare, key=_larger_first)
+        self.size += spare.size
+        self.holes += spare.holes
+
+    def pop(self, index: int) -> Spare:
+        spare = self._spares.pop(index)
+        self.size -= spare.size
+        self.holes -= spare.holes
+        return spare
+
+    def take_all(self) -> list[Spare]:
+        """Remove every spare; return them, largest first."""
+        spares, self._spares, self.size, self.holes = self._spares, [], 0, 0
+        return spares
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def __iter__(self) -> Iterator[Spare]:
+        return iter(self._spares)
+
+    def __getitem__(self, index: int) -> Spare:
+        return self._spares[index]
+
+
 class Spares:
     """Recycled objects of one pool: free ones, and ones lent to ``copy=False`` results.
 
@@ -159,7 +200,7 @@ class Spares:
 
     def __init__(self, limit: int | float, unmap: Callable[[], None]) -> None:
         self.limit = check_limit(limit)
-        self.free: list[Spare] = []
+        self.free = FreeSpares()
         self.lent: list[Spare] = []
         self.handed: set[Spare] = set()  # taken for a task, not yet back
         self.dropped: dict[int, list[int]] = {}  # worker pid -> spare ids to unmap at its next task
@@ -270,7 +311,8 @@ class Spares:
         """A free spare for worker ``pid``: the largest it maps already, else the largest; None if none."""
         if not self.free:
             return None
-        best = max(range(len(self.free)), key=lambda i: (pid in self.free[i].mappers, self.free[i].size))
+        # The first that pid maps is the largest it maps (free spares are largest first).
+        best = next((i for i, spare in enumerate(self.free) if pid in spare.mappers), 0)
         spare = self.free.pop(best)
         if spare.holes:
             # Every page there before a worker writes into it: a full /dev/shm is an error here, not a SIGBUS.
@@ -288,7 +330,7 @@ class Spares:
         self.handed.discard(spare)
         spare.addresses, spare.unfreed, spare.stamp, spare.used, spare.lent_starts = [], set(), None, None, 0
         spare.size = max(spare.size, os.fstat(spare.fd).st_size)  # a Pool's worker may have grown it (see _arena)
-        self.free.append(spare)
+        self.free.add(spare)
 
     def lend(self, spare: Spare, arrays: Sequence[np.ndarray], stamp: int | None, used: list[tuple[int, int]]) -> None:
         """Lend ``spare`` to a result that takes the pages ``used`` (offset, length) of it, whose ``arrays``
@@ -351,22 +393,21 @@ class Spares:
         if free is None:
             return budget  # nothing to measure (macOS): the last calls bound them
         # A free spare's punched pages are free space already.
-        return min(budget, int(self.limit * (free + sum(spare.size - spare.holes for spare in self.free))))
+        return min(budget, int(self.limit * (free + self.free.size - self.free.holes)))
 
     def trim(self) -> bool:
         """Keep free spares (largest first) within :meth:`budget`; release the others; whether any was."""
         budget = self.budget()
-        self.free.sort(key=lambda spare: -spare.size)
-        kept, total = [], 0
-        for spare in self.free:
+        if self.free.size <= budget:
+            return False
+        total = 0
+        for spare in self.free.take_all():
             if total + spare.size <= budget:
-                kept.append(spare)
+                self.free.add(spare)
                 total += spare.size
             else:
                 self.release(spare, now=True, whole=True)
-        released = len(kept) < len(self.free)
-        self.free = kept
-        return released
+        return True
 
     def end_call(self, call_bytes: int) -> None:
         """At the end of a call that returned ``call_bytes``: trim, and have the workers unmap what was released."""
@@ -426,10 +467,9 @@ class Spares:
             if self.closed:
                 return 0
             self.reclaim()
-            given = sum(spare.size for spare in self.free)
-            for spare in self.free:
+            given = self.free.size
+            for spare in self.free.take_all():
                 self.release(spare, now=True, whole=True)
-            self.free = []
             self._unmap_released(pool_refs)
             _releaser.wait_for_releases()  # those lent across a fork, closed on the background thread
             return given
@@ -440,9 +480,9 @@ class Spares:
     def close(self) -> None:
         """Release every spare (lent objects stay mapped by their arrays until those are freed)."""
         self.closed = True
-        for spare in self.free + self.lent:
+        for spare in [*self.free.take_all(), *self.lent]:
             _releaser.release_fd(spare.fd, spare.size, _unused_parts(spare, whole=spare.used is None))
-        self.free, self.lent, self.dropped = [], [], {}
+        self.lent, self.dropped = [], {}
 
     # -- fork
 
@@ -457,7 +497,7 @@ class Spares:
                 os.close(spare.fd)
             except OSError:
                 pass
-        self.free, self.lent, self.handed, self.dropped = [], [], set(), {}
+        self.free, self.lent, self.handed, self.dropped = FreeSpares(), [], set(), {}
 
 
 _all_spares: "weakref.WeakSet[Spares]" = weakref.WeakSet()
