@@ -27,7 +27,7 @@ def consume(obj: shmalloc.ShmObj) -> tuple[float, tuple[int, ...], bool, str]:
 
 @pytest.mark.parametrize("copy", [True, False])
 @pytest.mark.parametrize("method", START_METHODS)
-def test_child_creates_parent_allocates(method, copy):
+def test_child_creates_parent_allocates(method, copy, map_every_size):
     """A child process creates the object; the parent consumes it."""
     with mp.get_context(method).Pool(1) as pool:
         obj = pool.apply(make_array, (100_000, copy))

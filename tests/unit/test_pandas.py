@@ -478,6 +478,31 @@ def test_handle_stays_small_for_100_columns(rows):
         shmalloc.unlink(obj)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [["x" * 1_000_000, "y"], [10**4000 + i for i in range(64)], [str(i) * 20_000 for i in range(64)]],
+    ids=["long-str", "huge-ints", "many-long-str"],
+)
+def test_long_labels_stay_out_of_the_handle(labels):
+    """Index labels that are long strings or ints beyond 64 bits go to shared memory, not into the
+    handle (a few short labels stay in it), and come back exactly."""
+    index = pd.Index(labels, dtype=object)
+    for obj_of in (lambda: index, lambda: pd.DataFrame(np.zeros((2, len(labels))), columns=index)):
+        x = obj_of()
+        obj = shmalloc.copy2shm(x)
+        assert len(pickle.dumps(obj, protocol=5)) < 16 * 1024
+        assert_same(shmalloc.allocate_from_shm(obj), x)
+
+
+def test_object_columns_of_lists_and_dicts_round_trip():
+    """Object columns whose values cannot be hashed (lists, dicts) are pickled, and come back equal."""
+    df = pd.DataFrame({"l": pd.Series([[1, 2], {"a": 1}, [1]], dtype=object), "x": [1.0, 2.0, 3.0]})
+    for copy in (True, False):
+        result = shmalloc.allocate_from_shm(shmalloc.copy2shm(df), copy=copy)
+        assert result["l"].tolist() == [[1, 2], {"a": 1}, [1]] and result["l"].dtype == object
+        assert_same(result[["x"]], df[["x"]])
+
+
 # ---- zero copy ----
 
 
@@ -541,7 +566,7 @@ def test_copy_true_leaves_no_mapping():
     assert_same(result, df)
 
 
-def test_zero_copy_is_not_affected_by_later_changes_to_the_source():
+def test_zero_copy_is_not_affected_by_later_changes_to_the_source(map_every_size):
     """The object is a snapshot: changing the source frame after copy2shm changes nothing."""
     df = pd.DataFrame({"x": np.arange(1000.0), "s": _strings(1000)})
     obj = shmalloc.copy2shm(df)

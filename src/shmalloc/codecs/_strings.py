@@ -64,8 +64,16 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
     n = len(values)
     if n <= FEW and all(type(v) is str for v in values) and sum(map(len, values)) <= FEW_CHARACTERS:
         return {"k": "strings", "form": "few", "values": values.tolist(), "missing": None}
-    if pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n))))):
-        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    try:
+        factorised = (
+            pd.factorize(values, use_na_sentinel=True)
+            if pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n)))))
+            else None
+        )
+    except TypeError:  # unhashable values (lists, dicts): no strings
+        return None
+    if factorised is not None:
+        codes, uniques = factorised
         if not all(type(u) is str for u in uniques):
             return None
         mask = codes < 0

@@ -52,7 +52,8 @@ def encode(x: np.ndarray, buffers: list[np.ndarray]) -> tuple[str, int, dict[str
         "buffer": len(buffers),
     }
     buffers.append(data)
-    return _type_name(x.dtype), int(x.size), attributes
+    # Cached for numpy's own dtypes only: others that compare equal may print differently (aligned structs).
+    return _type_name(x.dtype) if x.dtype.isbuiltin else str(x.dtype), int(x.size), attributes
 
 
 def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> np.ndarray:

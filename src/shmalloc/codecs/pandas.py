@@ -47,8 +47,9 @@ except ImportError:
 
 _KINDS = {pd.DataFrame: "DataFrame", pd.Series: "Series", pd.Categorical: "Categorical"}
 _MASKED = (IntegerArray, FloatingArray, BooleanArray)
-# An Index of at most this many labels, all plain str, int, float or bool (column labels, mostly),
-# stays in the spec as a list: rebuilding it from the list costs less than from arrays.
+# An Index of at most this many labels, all plain str, int (of 64 bits), float or bool, and at most
+# _strings.FEW_CHARACTERS characters of str in all (column labels, mostly), stays in the spec as a
+# list: rebuilding it from the list costs less than from arrays, and the handle stays small.
 FEW_LABELS = 64
 _LABEL_TYPES = (str, int, float, bool)
 
@@ -105,7 +106,9 @@ def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> Any:
         if kind == "Index":
             return _dec_index(spec, buffers)
         return _dec_values(spec, buffers)
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+    except CorruptHandleError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         # Stored specs come from the segment, whose owner was checked: a failure here means damage.
         raise CorruptHandleError(f"damaged pandas attributes in the stored object: {exc!r}") from exc
 
@@ -209,7 +212,7 @@ def _enc_index(idx: pd.Index, buffers: list[np.ndarray]) -> dict[str, Any]:
         }
     if type(idx) is pd.Index and len(idx) <= FEW_LABELS and _plain_dtype(idx.dtype):
         labels = idx.tolist()
-        if all(type(label) in _LABEL_TYPES for label in labels):
+        if _few_plain(labels):
             return {"k": "labels", "labels": labels, "dtype": idx.dtype, "name": idx.name}
     spec = {"k": "index", "values": _enc_values(idx._values, buffers), "name": idx.name}  # type: ignore[attr-defined]
     freq = getattr(idx, "freq", None)
@@ -231,7 +234,7 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
             verify_integrity=False,
         )
     if kind == "labels":
-        if type(spec["labels"]) is not list or not _plain_dtype(spec["dtype"]):
+        if type(spec["labels"]) is not list or not _few_plain(spec["labels"]) or not _plain_dtype(spec["dtype"]):
             raise CorruptHandleError("stored index labels are not a list of a plain dtype")
         return pd.Index(spec["labels"], dtype=spec["dtype"], name=spec["name"])
     if kind != "index":
@@ -241,6 +244,21 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
         cls = pd.DatetimeIndex if isinstance(values, DatetimeArray) else pd.TimedeltaIndex
         return cls(values, freq=spec["freq"], name=spec["name"], copy=False)
     return pd.Index(values, dtype=values.dtype, name=spec["name"], copy=False)
+
+
+def _few_plain(labels: list[Any]) -> bool:
+    """Whether ``labels`` are all of :data:`_LABEL_TYPES`, ints of 64 bits, and short strings."""
+    characters = 0
+    for label in labels:
+        kind = type(label)
+        if kind is str:
+            characters += len(label)
+        elif kind is int:
+            if not -(2**63) <= label < 2**64:
+                return False
+        elif kind not in _LABEL_TYPES:
+            return False
+    return characters <= _strings.FEW_CHARACTERS
 
 
 def _plain_dtype(dtype: Any) -> bool:
