@@ -494,6 +494,19 @@ def test_long_labels_stay_out_of_the_handle(labels):
         assert_same(shmalloc.allocate_from_shm(obj), x)
 
 
+def test_frames_with_the_same_labels_get_indexes_of_their_own():
+    """Column labels that compare equal but differ in type or sign (1, True, 1.0; 0.0, -0.0) come back as
+    they were, one frame after another; renaming one result's columns leaves the next one's alone."""
+    for labels in ([1, 2], [True, False], [1.0, 2.0], [0.0, 1.0], [-0.0, 1.0], ["a", "b"]):
+        df = pd.DataFrame(np.zeros((2, 2)), columns=pd.Index(labels, dtype=object))
+        first = shmalloc.allocate_from_shm(shmalloc.copy2shm(df))
+        second = shmalloc.allocate_from_shm(shmalloc.copy2shm(df))
+        first.columns.name = "renamed"
+        assert second.columns.name is None and first.columns is not second.columns
+        for result in (first, second):
+            assert [(type(v), repr(v)) for v in result.columns] == [(type(v), repr(v)) for v in labels]
+
+
 def test_object_columns_of_lists_and_dicts_round_trip():
     """Object columns whose values cannot be hashed (lists, dicts) are pickled, and come back equal."""
     df = pd.DataFrame({"l": pd.Series([[1, 2], {"a": 1}, [1]], dtype=object), "x": [1.0, 2.0, 3.0]})

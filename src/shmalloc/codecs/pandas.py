@@ -234,9 +234,14 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
             verify_integrity=False,
         )
     if kind == "labels":
-        if type(spec["labels"]) is not list or not _few_plain(spec["labels"]) or not _plain_dtype(spec["dtype"]):
+        labels, dtype, name = spec["labels"], spec["dtype"], spec["name"]
+        if type(labels) is not list or not _few_plain(labels) or not _plain_dtype(dtype):
             raise CorruptHandleError("stored index labels are not a list of a plain dtype")
-        return pd.Index(spec["labels"], dtype=spec["dtype"], name=spec["name"])
+        if name is None or type(name) is str:
+            # A view of an Index made once for these labels (the same columns come back in result after
+            # result): a view is an Index of its own, for its name too, and an Index's labels never change.
+            return _labels_index(labels, dtype, name).view()
+        return pd.Index(labels, dtype=dtype, name=name)
     if kind != "index":
         raise CorruptHandleError(f"unknown index kind {kind!r}")
     values = _dec_values(spec["values"], buffers)
@@ -244,6 +249,21 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
         cls = pd.DatetimeIndex if isinstance(values, DatetimeArray) else pd.TimedeltaIndex
         return cls(values, freq=spec["freq"], name=spec["name"], copy=False)
     return pd.Index(values, dtype=values.dtype, name=spec["name"], copy=False)
+
+
+_LABEL_INDEXES: dict[tuple[str, Any, str | None], pd.Index] = {}
+_LABEL_INDEXES_KEPT = 128
+
+
+def _labels_index(labels: list[Any], dtype: Any, name: str | None) -> pd.Index:
+    # Keyed by the labels' repr, which tells 1, 1.0 and True, and 0.0 and -0.0, apart (== does not).
+    key = (repr(labels), dtype, name)
+    index = _LABEL_INDEXES.get(key)
+    if index is None:
+        if len(_LABEL_INDEXES) >= _LABEL_INDEXES_KEPT:
+            _LABEL_INDEXES.clear()
+        index = _LABEL_INDEXES[key] = pd.Index(labels, dtype=dtype, name=name)
+    return index
 
 
 def _few_plain(labels: list[Any]) -> bool:
