@@ -32,10 +32,10 @@ def arrays(fd: int, name: str, data_offset: int, data_size: int, layouts: list[B
     """
     if not layouts or data_size == 0:
         return [_empty(layout) for layout in layouts]
-    # The core stores the mapping's address, and each part's hand-over to its array, in `out`
-    # before returning, so an interrupt right after any call cannot lose track of them.
     if copy and data_size <= READ_LIMIT:
         return [_read(fd, name, data_offset, layout) for layout in layouts]
+    # The core stores the mapping's address, and each part's hand-over to its array, in `out`
+    # before returning, so an interrupt right after any call cannot lose track of them.
     out = _posix.MapOut(len(layouts))
     try:
         if copy:
