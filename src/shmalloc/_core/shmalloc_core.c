@@ -45,26 +45,6 @@ int shmalloc_close(int fd)
     return close(fd);
 }
 
-int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset)
-{
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = pwrite(fd, p, len < IO_CHUNK ? len : IO_CHUNK, (off_t)offset);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        if (n == 0) {  /* no progress and no error: treat as out of space */
-            errno = ENOSPC;
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
-        offset += n;
-    }
-    return 0;
-}
 
 int shmalloc_write_parts(int fd, const uintptr_t *addresses, const size_t *lengths, size_t n, long long offset)
 {
@@ -110,6 +90,12 @@ int shmalloc_write_parts(int fd, const uintptr_t *addresses, const size_t *lengt
             done = 0;
         }
     }
+}
+
+int shmalloc_write_all(int fd, const void *buf, size_t len, long long offset)
+{
+    uintptr_t address = (uintptr_t)buf;
+    return shmalloc_write_parts(fd, &address, &len, 1, offset);
 }
 
 int shmalloc_read_all(int fd, void *buf, size_t len, long long offset)
