@@ -97,9 +97,7 @@ def allocate_from_shm(obj: ShmObj, copy: bool | None = None) -> Any:
         copy = obj.copy
     if not isinstance(copy, bool):
         raise TypeError(f"copy must be bool or None, not {type(copy).__name__}")
-    if not copy and type(obj.size) is int and not _transfer.worth_mapping(obj.size):
-        copy = True  # a small object is read: that takes less time than mapping it
-    return _transfer.read_named(obj, copy)
+    return _transfer.read_named(obj, copy, read_small=True)
 
 
 def unlink(obj_or_name: ShmObj | str) -> None:

@@ -176,11 +176,6 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
 MAP_FROM = 1 << 20
 
 
-def worth_mapping(size: int) -> bool:
-    """Whether allocate_from_shm(copy=False) maps a segment of ``size`` bytes (else it reads it)."""
-    return size >= MAP_FROM
-
-
 class Segment:
     """A segment open for reading: its descriptor, name (or label) and size. A context manager.
 
@@ -222,14 +217,17 @@ def open_named(name: str, size: int) -> Segment:
     return Segment(_posix.open_checked(name, size, unlink=True), name, size, owns_fd=True)
 
 
-def read_named(handle: ShmObj, copy: bool) -> Any:
+def read_named(handle: ShmObj, copy: bool, *, read_small: bool = False) -> Any:
     """Open the segment ``handle`` names, unlink the name and rebuild the object (see :func:`read`);
-    the handle's name, size and token are checked first (ValueError, TypeError, CorruptHandleError)."""
+    the handle's name, size and token are checked first (ValueError, TypeError, CorruptHandleError).
+    ``read_small``: a segment of less than :data:`MAP_FROM` bytes is read even with ``copy`` False."""
     name = _names.validate(handle.name)
     if not isinstance(handle.size, int) or isinstance(handle.size, bool) or handle.size < 0:
         raise CorruptHandleError(f"{name}: size must be a non-negative int, not {handle.size!r}")
     if not isinstance(handle.token, bytes):
         raise CorruptHandleError(f"{name}: damaged token")
+    if read_small and handle.size < MAP_FROM:
+        copy = True  # takes less time than mapping it
     with open_named(name, handle.size) as segment:
         return read(segment, handle, copy).value
 
