@@ -65,11 +65,8 @@ def enc_strings_object(values: np.ndarray, buffers: list[np.ndarray], na_value: 
     if n <= FEW and all(type(v) is str for v in values) and sum(map(len, values)) <= FEW_CHARACTERS:
         return {"k": "strings", "form": "few", "values": values.tolist(), "missing": None}
     try:
-        factorised = (
-            pd.factorize(values, use_na_sentinel=True)
-            if pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n)))))
-            else None
-        )
+        factorise = pa is None or _worth_factorising(n, lambda: len(pd.unique(values.take(_sample_positions(n)))))
+        factorised = pd.factorize(values, use_na_sentinel=True) if factorise else None
     except TypeError:  # unhashable values (lists, dicts): no strings
         return None
     if factorised is not None:
