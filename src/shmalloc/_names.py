@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 
 #: Every name shmalloc generates starts with this, then the creating pid.
 PREFIX = "/shmalloc_"
@@ -15,7 +14,8 @@ _MAX_PORTABLE = 254  # "/" plus up to 253 characters
 
 def generate(pid: int | None = None) -> str:
     """Return a fresh, unpredictable name that carries the creating process id."""
-    return f"{PREFIX}{os.getpid() if pid is None else pid}_{secrets.token_hex(6)}"
+    # os.urandom itself: secrets.token_hex reaches it through three Python layers, and a name is made per result.
+    return f"{PREFIX}{os.getpid() if pid is None else pid}_{os.urandom(6).hex()}"
 
 
 def validate(name: object) -> str:

@@ -520,3 +520,32 @@ def test_the_item_a_worker_died_on_is_read_from_its_progress(noted, died_on):
         assert worker.died_on() == died_on
     finally:
         progress.close()
+
+
+def _rebuilt(message: bytes, copy: bool = True) -> tuple[str, object]:
+    header, stream = _protocol.read_header(message)
+    shipped = _protocol.as_shipped(header, _protocol.read_payload(stream))
+    if shipped.handle is None:
+        return header.kind, shipped.value
+    return header.kind, _protocol.receive(shipped, shipped.handle.name, copy)
+
+
+def test_a_result_in_the_pipe_travels_as_itself_and_a_large_one_as_its_handle():
+    """A small result's answer carries the value alone (VALUE), whatever it is, even a Shipped; a result in
+    shared memory, or one that fell back to the pipe, carries its Shipped (OK)."""
+    from shmalloc import _names
+
+    kind, value = _rebuilt(_protocol.answer(3, lambda: _protocol.ship({"a": [1, 2]}, _names.generate())).message)
+    assert (kind, value) == (_protocol.VALUE, {"a": [1, 2]})
+    lookalike = _protocol.Shipped(value=5, fell_back=True)
+    kind, value = _rebuilt(_protocol.answer(4, lambda: _protocol.ship(lookalike, _names.generate())).message)
+    assert (kind, value) == (_protocol.VALUE, lookalike)
+    fell_back = _protocol.answer(5, lambda: _protocol.Shipped(value=np.arange(3), fell_back=True)).message
+    header, stream = _protocol.read_header(fell_back)
+    shipped = _protocol.as_shipped(header, _protocol.read_payload(stream))
+    assert header.kind == _protocol.OK and shipped.fell_back and shipped.value.tolist() == [0, 1, 2]
+    large = np.arange(300_000.0)
+    answer = _protocol.answer(6, lambda: _protocol.ship(large, _names.generate()))
+    kind, value = _rebuilt(answer.message)
+    answer.handover.complete()
+    assert kind == _protocol.OK and np.array_equal(value, large)

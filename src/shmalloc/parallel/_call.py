@@ -422,7 +422,7 @@ class Call:
             if index == _protocol.INITIALIZER:
                 raise remote_error(None, payload, self.label, raised_by=f"the initializer of worker {worker.process.pid}")
             return None, remote_error(index, payload, self.label)
-        shipped: _protocol.Shipped = payload
+        shipped = _protocol.as_shipped(header, payload)
         try:
             value = self.results.receive(index, shipped)
         except Exception as exc:

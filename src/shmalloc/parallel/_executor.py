@@ -503,7 +503,7 @@ class ProcessPoolExecutor(cf.Executor):
                     if header.kind == _protocol.ERROR:
                         future.set_exception(remote_error(None, payload, _LABEL))
                         return
-                    shipped: Shipped = payload
+                    shipped = _protocol.as_shipped(header, payload)
                     value, kept = self._receive(shipped, name, spare)
                     future.shm_bytes = 0 if shipped.handle is None else shipped.handle.size
                 except Exception as exc:

@@ -109,6 +109,9 @@ def receive_descriptor(conn: Any) -> int:
 # Worker -> parent
 
 OK = "ok"
+#: An OK answer whose payload is the result itself, not its :class:`Shipped`: a result in the pipe,
+#: with nothing else to say (the common small result, pickled and unpickled in the least time).
+VALUE = "value"
 ERROR = "error"
 # A Pool worker's reply to a task with no item: it unmapped the spares it was told to drop.
 UNMAPPED = "unmapped"
@@ -122,7 +125,7 @@ INITIALIZER = -1
 
 @dataclass(frozen=True)
 class Header:
-    """What every answer says first: ``kind`` (OK, ERROR, SAID or BATCH), the item's ``index``, handed-over
+    """What every answer says first: ``kind`` (OK, VALUE, ERROR, SAID or BATCH), the item's ``index``, handed-over
     ``names``, and what the item said on the way (its output and warnings, see :mod:`._relay`)."""
 
     kind: str
@@ -143,6 +146,12 @@ def pickled(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _header(kind: str, index: int, names: tuple[str, ...], said: _relay.Events) -> bytes:
+    """A :class:`Header`'s fields pickled: builtins only, so plain pickle serves (a ForkingPickler copies
+    its reducers' table each time it is made, a cost every answer would pay)."""
+    return pickle.dumps((kind, index, names, said), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class Answer(NamedTuple):
     """What :func:`answer` made: the message, the handover (None for an ERROR answer), and whether the item
     said anything (printed or warned, early or in the header)."""
@@ -152,8 +161,9 @@ class Answer(NamedTuple):
     spoke: bool
 
 
-def answer(index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], None] | None = None) -> Answer:
-    """In a worker: run ``produce()`` for item ``index`` and return the message for the parent.
+def answer(index: int, produce: Callable[[], "Shipped"], on_flush: Callable[[bytes], None] | None = None) -> Answer:
+    """In a worker: run ``produce()`` for item ``index`` (it ships the item's result) and return the
+    message for the parent.
 
     Never raises for what ``produce`` (or pickling its value) raises: that
     becomes an ERROR answer. What ``produce`` writes to ``sys.stdout`` /
@@ -168,25 +178,26 @@ def answer(index: int, produce: Callable[[], Any], on_flush: Callable[[bytes], N
     def early(said: _relay.Events) -> None:
         flushed.append(True)
         if on_flush is not None:
-            on_flush(pickled((SAID, index, (), said)))
+            on_flush(_header(SAID, index, (), said))
 
     run, said = _relay.capture(produce, None if on_flush is None else early)
     try:
         with handover:
-            value = run()
-            body = pickled(value)
+            shipped = run()
+            kind = VALUE if shipped.only_value else OK
+            body = pickled(shipped.value if kind == VALUE else shipped)
         events = said()
-        header = (OK, index, tuple(handover.names), events)
+        header = _header(kind, index, tuple(handover.names), events)
     except BaseException as exc:  # report everything; the parent decides
         body = pickled(describe(exc))
         events = said()
-        return Answer(pickled((ERROR, index, (), events)) + body, None, bool(flushed or events))  # the worker keeps what it made
-    return Answer(pickled(header) + body, handover, bool(flushed or events))
+        return Answer(_header(ERROR, index, (), events) + body, None, bool(flushed or events))  # the worker keeps what it made
+    return Answer(header + body, handover, bool(flushed or events))
 
 
 def batch(messages: list[bytes]) -> bytes:
     """In a worker: one message carrying the answers ``messages`` (each as :func:`answer` made it)."""
-    return pickled((BATCH, -1, (), ())) + pickled(messages)
+    return _header(BATCH, -1, (), ()) + pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes | None:
@@ -194,7 +205,7 @@ def initialize(initializer: Callable[..., Any], args: tuple[Any, ...]) -> bytes 
     try:
         initializer(*args)
     except BaseException as exc:
-        return pickled((ERROR, INITIALIZER, (), ())) + pickled(describe(exc))
+        return _header(ERROR, INITIALIZER, (), ()) + pickled(describe(exc))
     return None
 
 
@@ -243,9 +254,14 @@ def read_payload(stream: io.BytesIO) -> Any:
     return pickle.load(stream)
 
 
+def as_shipped(header: Header, payload: Any) -> "Shipped":
+    """In the parent: the :class:`Shipped` of an OK or VALUE answer, given its rebuilt payload."""
+    return Shipped(value=payload) if header.kind == VALUE else payload
+
+
 def unmapped() -> bytes:
     """In a Pool worker: the reply to a task that only asked it to unmap released spares."""
-    return pickled((UNMAPPED, -1, (), ()))
+    return _header(UNMAPPED, -1, (), ())
 
 
 def read_unmapped(data: bytes) -> bool:
@@ -280,6 +296,11 @@ class Shipped:
     boxed: bool = False  # the handle holds a _Box around the value
     fell_back: bool = False  # /dev/shm was full: the value travels through the pipe
     spare_use: int = 0  # the most of its spare a worker's task took or wanted at once (see _arena)
+
+    @property
+    def only_value(self) -> bool:
+        """Whether it is the value alone, in the pipe, with nothing else to say."""
+        return self.handle is None and not self.fell_back and not self.spare_use
 
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""
@@ -411,8 +432,16 @@ def _is_pandas(obj: Any) -> bool:
     return type(obj).__module__.split(".", 1)[0] == "pandas" and hasattr(obj, "memory_usage")
 
 
+_SCALARS = frozenset({type(None), bool, int, float, complex})
+
+
 def _nbytes(obj: Any, limit: int) -> int:
     """Roughly how many bytes ``obj`` holds; counting may stop once ``limit`` is reached."""
+    kind = type(obj)
+    if kind in _SCALARS:  # the common small results first, by their exact type
+        return 32
+    if kind is np.ndarray:
+        return obj.nbytes
     if isinstance(obj, _shmarray.ShmArray) and obj.shared:
         return 256  # pickled by reference (name and layout)
     if isinstance(obj, np.ndarray):
