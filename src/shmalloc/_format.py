@@ -11,11 +11,13 @@ of the object is a hole that a full /dev/shm could refuse to fault in later.
 """
 from __future__ import annotations
 
+import copyreg
+import io
 import math
 import os
 import pickle
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -115,7 +117,23 @@ def plan_in_place(
 
 def _recipe_bytes(recipe: dict, layouts: list[BufferLayout]) -> bytes:
     table = [(layout.offset, layout.dtype, layout.shape, layout.fortran) for layout in layouts]
-    return pickle.dumps(dict(recipe, buffers=table), protocol=5)
+    stream = io.BytesIO()
+    pickler = pickle.Pickler(stream, protocol=5)
+    pickler.dispatch_table = copyreg.dispatch_table | _DTYPE_REDUCERS  # the registry as it is now
+    pickler.dump(dict(recipe, buffers=table))
+    return stream.getvalue()
+
+
+def _reduce_dtype(dtype: np.dtype) -> str | tuple[Any, ...]:
+    # numpy reduces a dtype in Python and rebuilds it through __setstate__ (2.6 and 1.4 µs here); a
+    # plain one (no fields, subarray or metadata) is np.dtype of its str, exactly: 0.3 µs to rebuild.
+    if dtype.names is None and dtype.subdtype is None and dtype.metadata is None:
+        return np.dtype, (dtype.str,)
+    return dtype.__reduce__()
+
+
+# numpy's own dtype classes (the legacy ones, whose str names them exactly), each its own type to pickle.
+_DTYPE_REDUCERS: dict[type, Callable[[Any], Any]] = {type(np.dtype(code)): _reduce_dtype for code in np.typecodes["All"]}
 
 
 def _write_head(head: bytearray, token: bytes, recipe_bytes: bytes, data_offset: int, size: int) -> None:
@@ -181,13 +199,16 @@ def _checked_layouts(name: str, table: object, data_size: int) -> list[BufferLay
     return layouts
 
 
+_INTP_MAX = int(np.iinfo(np.intp).max)
+
+
 def _numpy_can_make(layout: BufferLayout) -> bool:
     """Whether numpy accepts the layout's shape: at most 64 dimensions, and a size that fits in
     ``intp`` counting the non-zero dimensions (numpy checks those even for an empty array)."""
     extent = layout.dtype.itemsize
     for n in layout.shape:
         extent *= n or 1
-    return len(layout.shape) <= 64 and extent <= np.iinfo(np.intp).max
+    return len(layout.shape) <= 64 and extent <= _INTP_MAX
 
 
 def check_handle_matches(obj: "ShmObj", recipe: dict[str, Any]) -> None:

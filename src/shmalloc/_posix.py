@@ -241,7 +241,10 @@ def fallocate(fd: int, name: str, size: int) -> None:
 
 def data_address(array: np.ndarray) -> int:
     """The address of an array's first byte."""
-    return array.__array_interface__["data"][0]
+    try:  # a C-contiguous array (nearly every one): 3x faster than building __array_interface__
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(array)))
+    except (ValueError, TypeError, BufferError):
+        return array.__array_interface__["data"][0]
 
 
 def write(fd: int, name: str, address: int, nbytes: int, offset: int) -> None:

@@ -160,10 +160,12 @@ def test_chunks_larger_than_a_pipe_do_not_deadlock(tmp_path):
 
 
 def test_default_chunks_are_about_four_per_process():
-    """Without chunksize, items go out in about four chunks per process (each worker sees runs of items)."""
+    """Without chunksize, items go out in about four chunks per process (each worker sees runs of items),
+    smaller towards the end."""
     pids = shmalloc.map(pid_of, range(80), processes=2)
     runs = 1 + sum(a != b for a, b in itertools.pairwise(pids))
-    assert 2 <= runs <= 8  # chunks of 10; runs of one worker's consecutive chunks merge
+    assert len(set(pids[:10])) == 1  # the first chunk: 10 items
+    assert 2 <= runs <= 20  # 80 items one by one could make 80
 
 
 def test_generators_empty_inputs_and_more_processes_than_items():
@@ -292,3 +294,42 @@ def test_arguments_are_checked_func_first():
         shmalloc.map(abs, [1], processes=0, start_method="nope")
     with pytest.raises(ValueError, match="start_method"):
         shmalloc.map(abs, [1], start_method="nope")
+
+
+@pytest.mark.parametrize(("shrink_tail", "nproc"), [(True, 2), (True, 3), (False, 2)])
+def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choose(shrink_tail, nproc):
+    """With shrink_tail (map's default chunksize), a chunk is at most the items left shared among the
+    chunks the workers may hold: they shrink to single items, and every item goes out once, in order.
+    A chunksize the caller chose stays as it is."""
+    from shmalloc.parallel._call import CHUNKS_AHEAD, Call, NamedResults
+    from shmalloc.parallel._options import Options, pick_chunksize
+
+    items = list(range(200))
+    chunksize = pick_chunksize(None, len(items), nproc)
+    options = Options(abs, None, None, 1 << 20)
+    call = Call(
+        None,  # type: ignore[arg-type]  # no worker is needed to hand out chunks
+        items,
+        options,
+        nproc=nproc,
+        chunksize=chunksize,
+        results=NamedResults(True),
+        progress=False,
+        label="test",
+        persistent=False,
+        shrink_tail=shrink_tail,
+    )
+    chunks = []
+    while (chunk := call._next_chunk()) is not None:
+        chunks.append(chunk)
+    assert [i for chunk in chunks for i in chunk] == items
+    sizes = [len(chunk) for chunk in chunks]
+    if not shrink_tail:
+        assert set(sizes[:-1]) == {chunksize}
+        return
+    assert sizes[0] == chunksize and sizes[-3:] == [1, 1, 1]
+    assert sizes == sorted(sizes, reverse=True)
+    left = len(items)
+    for size in sizes:
+        assert size <= max(1, -(-left // (nproc * CHUNKS_AHEAD)))
+        left -= size

@@ -11,6 +11,7 @@ handed out and did not consume, so nothing is left in /dev/shm.
 """
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 from collections import deque
@@ -125,6 +126,10 @@ class Call:
         together (a map, whose caller sees no result before it ends; never
         an imap, whose caller may wait for one result before the next item
         can finish).
+    shrink_tail : bool
+        Chunks shrink towards the end of the items, so that the workers
+        finish together (see :meth:`_chunk_size`): for a map whose caller
+        left ``chunksize`` to be chosen.
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class Call:
         look_ahead: int | None = None,
         fail_at_turn: bool = False,
         hold_answers: bool = False,
+        shrink_tail: bool = False,
     ) -> None:
         self.workers, self.options = workers, options
         self.total = len(items) if isinstance(items, Sized) else None
@@ -175,6 +181,7 @@ class Call:
         self.said_early: dict[int, _relay.Events] = {}  # flushed output of items still running
         self.fail_at_turn = fail_at_turn
         self.hold_answers = hold_answers
+        self.shrink_tail = shrink_tail
         self.failing = False  # a failure waits for its turn to be raised: hand out nothing more
 
     def run(self) -> list[Any]:
@@ -272,12 +279,22 @@ class Call:
             return range(index, index + 1)
         if not self._may_read():
             return None
-        first = self.taken
-        while self.taken - first < self.chunksize and (self.taken == first or self._may_read()) and self._more_items():
+        first, size = self.taken, self._chunk_size()
+        while self.taken - first < size and (self.taken == first or self._may_read()) and self._more_items():
             item = self.peeked.pop()
             self.items[self.taken] = None if self.options.items is not None else item
             self.taken += 1
         return range(first, self.taken) if self.taken > first else None
+
+    def _chunk_size(self) -> int:
+        """``chunksize``; with ``shrink_tail``, at most the items left shared among the chunks the workers
+        may hold. Each holds up to CHUNKS_AHEAD chunks, and with full ones to the end one worker could
+        still have a chunk or two to go while the others wait (200 items of 3 ms on 2 workers: idle for
+        the last 75-115 ms of 460)."""
+        if not self.shrink_tail or self.total is None:
+            return self.chunksize
+        left = self.total - self.taken
+        return max(1, min(self.chunksize, math.ceil(left / (self.nproc * CHUNKS_AHEAD))))
 
     def _dispatch(self, worker: Worker) -> None:
         if worker.held is not None or worker.closing:

@@ -72,8 +72,9 @@ def map(
         a lock another thread held stays locked in the child).
     chunksize : int, optional
         Items handed to a worker at a time. By default about four chunks per
-        process, as :meth:`multiprocessing.pool.Pool.map` does; 1 balances
-        items of very uneven cost best.
+        process, as :meth:`multiprocessing.pool.Pool.map` does, and smaller
+        ones towards the end, so that the workers finish together; 1
+        balances items of very uneven cost best.
     progress : bool, default False
         Show a progress bar (``tqdm.auto``), if tqdm is installed.
     seed : int or numpy.random.SeedSequence, optional
@@ -174,14 +175,14 @@ def map(
     if not items:
         return []
     nproc = min(resolve_processes(processes), len(items))
-    chunksize = pick_chunksize(chunksize, len(items), nproc)
-    nproc = min(nproc, math.ceil(len(items) / chunksize))
+    chunks = pick_chunksize(chunksize, len(items), nproc)
+    nproc = min(nproc, math.ceil(len(items) / chunks))
     call = Call(
         Workers(ctx, inherited=options),
         items,
         options,
         nproc=nproc,
-        chunksize=chunksize,
+        chunksize=chunks,
         results=NamedResults(copy),
         progress=progress,
         label=LABEL,
@@ -189,6 +190,7 @@ def map(
         errors=errors,
         retries=retries,
         hold_answers=True,
+        shrink_tail=chunksize is None,
     )
     return call.run()
 

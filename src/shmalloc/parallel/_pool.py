@@ -222,7 +222,9 @@ class Pool:
             self._refuse_reentry("map")
             return []
         chunks = pick_chunksize(chunksize, len(items), self._processes)
-        return list(self._results("map", items, options, copy, chunks, progress, errors, retries, ordered=True, lazy=False))
+        shrink_tail = chunksize is None
+        results = self._results("map", items, options, copy, chunks, progress, errors, retries, True, False, shrink_tail)
+        return list(results)
 
     def imap(
         self,
@@ -306,6 +308,7 @@ class Pool:
         retries: int,
         ordered: bool,
         lazy: bool,
+        shrink_tail: bool = False,
     ) -> Generator[Any, None, None]:
         """Run a call on the pool's workers, holding the pool; yield its results."""
         self._refuse_reentry(what)
@@ -334,6 +337,7 @@ class Pool:
                         look_ahead=look_ahead(self._processes, chunksize) if lazy else None,
                         fail_at_turn=lazy,
                         hold_answers=not lazy,
+                        shrink_tail=shrink_tail,
                     )
                     yield from call.iterate(ordered)
             finally:
