@@ -102,3 +102,24 @@ def test_a_failed_named_open_still_unlinks_the_name(shm_name):
     finally:
         if os.path.lexists(path):
             os.unlink(path)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_results_sharing_a_recipe_are_rebuilt_each_with_its_own_data(copy, map_every_size, monkeypatch):
+    """Frames of one shape have the same recipe, read once and kept: each result still gets its own
+    data, columns, index and name, and changing one changes no other."""
+    import pandas as pd
+
+    monkeypatch.setattr(_format, "_RECIPES", {})
+    index = pd.RangeIndex(5000, name="r")
+    frames = [pd.DataFrame({"x": np.arange(5000.0) + i, "s": ["a", "b"] * 2500}, index=index) for i in range(3)]
+    handles = [shmalloc.copy2shm(frame) for frame in frames]
+    got = [shmalloc.allocate_from_shm(handle, copy=copy) for handle in handles]
+    assert len(_format._RECIPES) == 1  # one recipe for the three
+    for frame, result in zip(frames, got, strict=True):
+        pd.testing.assert_frame_equal(result, frame)
+    got[0].loc[0, "x"] = -1.0
+    got[0].columns.name = "changed"
+    got[0].index.name = "changed"
+    pd.testing.assert_frame_equal(got[1], frames[1])
+    pd.testing.assert_frame_equal(got[2], frames[2])
