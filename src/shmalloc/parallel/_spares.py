@@ -341,7 +341,7 @@ class Spares:
         """
         self.handed.discard(spare)
         spare.used = used
-        spare.addresses = [a.__array_interface__["data"][0] for a in arrays]
+        spare.addresses = [_posix.data_address(a) for a in arrays]
         spare.unfreed = set(spare.addresses)
         spare.stamp = stamp
         if forked_since(stamp):
