@@ -127,13 +127,15 @@ def _recipe_bytes(recipe: dict, layouts: list[BufferLayout]) -> bytes:
 def _reduce_dtype(dtype: np.dtype) -> str | tuple[Any, ...]:
     # numpy reduces a dtype in Python and rebuilds it through __setstate__ (2.6 and 1.4 µs here); a
     # plain one (no fields, subarray or metadata) is np.dtype of its str, exactly: 0.3 µs to rebuild.
-    if dtype.names is None and dtype.subdtype is None and dtype.metadata is None:
+    # Not a void dtype of another scalar type either (np.record: a recarray's), which str does not name.
+    if dtype.names is None and dtype.subdtype is None and dtype.metadata is None and dtype.type in _PLAIN_TYPES:
         return np.dtype, (dtype.str,)
     return dtype.__reduce__()
 
 
 # numpy's own dtype classes (the legacy ones, whose str names them exactly), each its own type to pickle.
 _DTYPE_REDUCERS: dict[type, Callable[[Any], Any]] = {type(np.dtype(code)): _reduce_dtype for code in np.typecodes["All"]}
+_PLAIN_TYPES = frozenset(np.dtype(code).type for code in np.typecodes["All"])
 
 
 def _write_head(head: bytearray, token: bytes, recipe_bytes: bytes, data_offset: int, size: int) -> None:

@@ -333,3 +333,33 @@ def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choos
     for size in sizes:
         assert size <= max(1, -(-left // (nproc * CHUNKS_AHEAD)))
         left -= size
+
+
+def _two_ms(i: int) -> int:
+    time.sleep(0.002)
+    return i
+
+
+def test_a_worker_never_holds_more_than_chunks_ahead_chunks_even_small_ones(monkeypatch):
+    """Small chunks (the tail's) must not pile up unread in a busy worker's pipe: a worker is given a
+    chunk only while it holds fewer than CHUNKS_AHEAD chunks not fully answered (counted here from what
+    was sent and what it still owes, not from the call's own count)."""
+    from shmalloc.parallel import _call
+
+    sent: dict[int, list[range]] = {}
+    most: list[int] = []
+    real_send = _call.Call._send
+
+    def counting_send(self, worker, chunk):
+        pid = worker.process.pid
+        owed = set(worker.pending)
+        given = sent.setdefault(pid, [])
+        given.append(range(worker.pending[-chunk.items], worker.pending[-1] + 1))
+        most.append(sum(1 for items in given if owed.intersection(items)))
+        return real_send(self, worker, chunk)
+
+    monkeypatch.setattr(_call.Call, "_send", counting_send)
+    with shmalloc.Pool(2, start_method="fork") as pool:
+        assert pool.map(_two_ms, range(300)) == list(range(300))
+    assert sum(len(items) for chunks in sent.values() for items in chunks) == 300
+    assert max(most) <= _call.CHUNKS_AHEAD

@@ -136,3 +136,14 @@ def test_pickled_routes_pandas_and_datetime_parts_out_of_band():
     np.testing.assert_array_equal(back["dates"], obj["dates"])
     assert back["small"] == [1, 2, 3]
 
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_void_dtypes_of_another_scalar_type_keep_it(copy, map_every_size):
+    """A recarray without fields has a void dtype whose scalar type is np.record, which the dtype's str
+    does not name: it comes back with np.record, as numpy's pickle gives it."""
+    records = np.recarray((5000,), dtype="V8")
+    records.view(np.uint8)[:] = 7
+    got = shmalloc.allocate_from_shm(shmalloc.copy2shm(records), copy=copy)
+    assert type(got) is np.recarray and got.dtype.type is np.record and type(got[0]) is np.record
+    assert got.tobytes() == records.tobytes()

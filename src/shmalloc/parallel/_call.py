@@ -312,7 +312,7 @@ class Call:
         busy = bool(worker.pending)
         if not busy:  # it is past its last note: what it says now is about this call, not an earlier one
             worker.progress.new_task()
-        worker.pending.extend(chunk)
+        worker.given(chunk)
         task = _protocol.Task(
             entries,
             options=self.options if self.persistent else None,
@@ -358,10 +358,11 @@ class Call:
         self._top_up()
 
     def _top_up(self) -> None:
-        """Give every worker with a chunk less than it may hold its next chunk: no pause between chunks
-        (also for workers that had run out of work, when a failed item goes out again)."""
+        """Give every worker with fewer than CHUNKS_AHEAD chunks its next chunk: no pause between chunks
+        (also for workers that had run out of work, when a failed item goes out again). Chunks, not
+        items: small chunks (the tail's, retries) must not pile up unread in a busy worker's pipe."""
         for worker in list(self.workers):
-            if len(worker.pending) <= self.chunksize * (CHUNKS_AHEAD - 1):
+            if len(worker.chunks) < CHUNKS_AHEAD:
                 self._dispatch(worker)
 
     def _drain(self, worker: Worker) -> bool:
@@ -387,8 +388,7 @@ class Call:
             _relay.replay(self.said_early.pop(index, ()), f"item {index}")  # what it flushed before dying
             if not self._may_go_on(index):
                 raise died
-            others = [other for other in worker.pending if other != index]
-            worker.pending.clear()
+            others = [other for other in worker.owed() if other != index]
             worker.held = None
             self.workers.forget(worker)
             for other in others:  # finished with its answer held back, or never started: not a try
@@ -414,10 +414,7 @@ class Call:
             value, failure = self._outcome(worker, header, stream)
         finally:
             _protocol.forget(header.names)  # those not taken over while rebuilding
-        if worker.pending[0] == index:  # answers come in the order of the chunk
-            worker.pending.popleft()
-        else:
-            worker.pending.remove(index)
+        worker.answered(index)
         if failure is None:
             self._done(index, value)
         else:

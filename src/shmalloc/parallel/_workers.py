@@ -313,6 +313,7 @@ class Worker:
     conn: Connection
     progress: Progress
     pending: deque[int] = field(default_factory=deque)  # indices given to it (sent or held), not yet answered
+    chunks: deque[int] = field(default_factory=deque)  # of each chunk given, the items not yet answered
     held: ChunkMessage | None = None  # its next chunk, waiting until it has answered the current one
     closing: bool = False  # its last task was sent: it exits once that is answered
 
@@ -321,6 +322,28 @@ class Worker:
         self.conn.close()
         self.process.close()
         self.progress.close()
+
+    def given(self, chunk: range) -> None:
+        """It was given (sent, or held back for it) the items of ``chunk``."""
+        self.pending.extend(chunk)
+        self.chunks.append(len(chunk))
+
+    def answered(self, index: int) -> None:
+        """Its answer for item ``index`` came."""
+        if self.pending[0] == index:  # answers come in the order of the chunk
+            self.pending.popleft()
+        else:
+            self.pending.remove(index)
+        self.chunks[0] -= 1  # items are answered in the order they were given: the oldest chunk's
+        if not self.chunks[0]:
+            self.chunks.popleft()
+
+    def owed(self) -> list[int]:
+        """Forget every item given and not answered; return them."""
+        owed = list(self.pending)
+        self.pending.clear()
+        self.chunks.clear()
+        return owed
 
     def died_on(self) -> int:
         """After this worker died owing results: the item it died on. That is the item of its task it
