@@ -296,12 +296,15 @@ def test_arguments_are_checked_func_first():
         shmalloc.map(abs, [1], start_method="nope")
 
 
-@pytest.mark.parametrize(("shrink_tail", "nproc"), [(True, 2), (True, 3), (False, 2)])
-def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choose(shrink_tail, nproc):
+@pytest.mark.parametrize(
+    ("shrink_tail", "nproc", "seconds_per_item"), [(True, 2, 0.01), (True, 3, 0.01), (True, 2, 0.001), (False, 2, 0.01)]
+)
+def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choose(shrink_tail, nproc, seconds_per_item):
     """With shrink_tail (map's default chunksize), a chunk is at most the items left shared among the
-    chunks the workers may hold: they shrink to single items, and every item goes out once, in order.
+    chunks the workers may hold, but no smaller than takes MIN_CHUNK_SECONDS at the pace so far: slow
+    items shrink to single ones, fast ones stop shrinking earlier. Every item goes out once, in order.
     A chunksize the caller chose stays as it is."""
-    from shmalloc.parallel._call import CHUNKS_AHEAD, Call, NamedResults
+    from shmalloc.parallel._call import CHUNKS_AHEAD, MIN_CHUNK_SECONDS, Call, NamedResults
     from shmalloc.parallel._options import Options, pick_chunksize
 
     items = list(range(200))
@@ -322,16 +325,20 @@ def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choos
     chunks = []
     while (chunk := call._next_chunk()) is not None:
         chunks.append(chunk)
+        for index in chunk:  # answered at once, at the pace of seconds_per_item on each worker
+            del call.items[index]
+        call.started = time.monotonic() - seconds_per_item * (chunk[-1] + 1) / nproc
     assert [i for chunk in chunks for i in chunk] == items
     sizes = [len(chunk) for chunk in chunks]
     if not shrink_tail:
         assert set(sizes[:-1]) == {chunksize}
         return
-    assert sizes[0] == chunksize and sizes[-3:] == [1, 1, 1]
-    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] == chunksize and sizes == sorted(sizes, reverse=True)
+    smallest = -(-MIN_CHUNK_SECONDS // seconds_per_item)
+    assert sizes[-2] == min(smallest, chunksize)  # the last may hold what was left
     left = len(items)
     for size in sizes:
-        assert size <= max(1, -(-left // (nproc * CHUNKS_AHEAD)))
+        assert size <= max(smallest, -(-left // (nproc * CHUNKS_AHEAD)))
         left -= size
 
 

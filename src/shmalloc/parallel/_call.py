@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -38,6 +39,8 @@ AHEAD_BYTES = 64 * 1024
 AHEAD_DESCRIPTORS = 64
 # An imap reads at most this many chunks per worker ahead of the results its caller has taken.
 LOOK_AHEAD_CHUNKS = 2 * CHUNKS_AHEAD
+#: map's chunks shrink towards the end of the items, but not below what takes this long (see _chunk_size).
+MIN_CHUNK_SECONDS = 0.005
 
 
 def look_ahead(processes: int, chunksize: int) -> int:
@@ -183,6 +186,7 @@ class Call:
         self.hold_answers = hold_answers
         self.shrink_tail = shrink_tail
         self.failing = False  # a failure waits for its turn to be raised: hand out nothing more
+        self.started = time.monotonic()  # when the call began handing out items
 
     def run(self) -> list[Any]:
         """Every result, in input order."""
@@ -195,6 +199,7 @@ class Call:
         workers and leaves nothing behind, as an error does.
         """
         self.ordered = ordered
+        self.started = time.monotonic()
         self.results.begin(self.workers.forget_exited())
         try:
             while len(self.workers) < self.nproc:
@@ -288,13 +293,18 @@ class Call:
 
     def _chunk_size(self) -> int:
         """``chunksize``; with ``shrink_tail``, at most the items left shared among the chunks the workers
-        may hold. Each holds up to CHUNKS_AHEAD chunks, and with full ones to the end one worker could
-        still have a chunk or two to go while the others wait (200 items of 3 ms on 2 workers: idle for
-        the last 75-115 ms of 460)."""
+        may hold, but not fewer than take MIN_CHUNK_SECONDS at the pace so far. Each worker holds up to
+        CHUNKS_AHEAD chunks, and with full ones to the end one could still have a chunk or two to go
+        while the others wait (200 items of 3 ms on 2 workers: idle for the last 75-115 ms of 460);
+        but each chunk costs messages, which items of 0.3 ms feel (200 of them: 5-15% slower)."""
         if not self.shrink_tail or self.total is None:
             return self.chunksize
-        left = self.total - self.taken
-        return max(1, min(self.chunksize, math.ceil(left / (self.nproc * CHUNKS_AHEAD))))
+        share = math.ceil((self.total - self.taken) / (self.nproc * CHUNKS_AHEAD))
+        done = self.taken - len(self.items)  # final: answered, or failed for good
+        if share >= self.chunksize or not done:
+            return self.chunksize
+        seconds_per_item = (time.monotonic() - self.started) * self.nproc / done
+        return max(1, share, min(self.chunksize, math.ceil(MIN_CHUNK_SECONDS / seconds_per_item)))
 
     def _dispatch(self, worker: Worker) -> None:
         if worker.held is not None or worker.closing:
