@@ -175,7 +175,8 @@ def load_recipe(name: str, stored: bytes | bytearray | memoryview, data_size: in
     """Unpickle and check a recipe whose buffers fill ``data_size`` bytes; return it and its buffer layouts.
 
     Both may be those of an earlier call with the same bytes: read them, never change them. (Codecs
-    only read a recipe, and nothing they rebuild holds a mutable part of it.)
+    only read a recipe, and what they rebuild holds no part of it but its dtypes: a recipe is kept only
+    if those cannot change, see :func:`_shareable`.)
     """
     key = (bytes(stored), data_size) if len(stored) <= PAGE else None
     known = _RECIPES.get(key) if key is not None else None
@@ -188,11 +189,21 @@ def load_recipe(name: str, stored: bytes | bytearray | memoryview, data_size: in
     if not isinstance(recipe, dict) or not RECIPE_KEYS <= recipe.keys():
         raise CorruptHandleError(f"{name}: damaged recipe")
     checked = recipe, _checked_layouts(name, recipe.get("buffers"), data_size)
-    if key is not None:
+    if key is not None and _shareable(recipe, checked[1]):
         if len(_RECIPES) >= _RECIPES_KEPT:
             _RECIPES.clear()
         _RECIPES[key] = checked
     return checked
+
+
+def _shareable(recipe: dict, layouts: list[BufferLayout]) -> bool:
+    """Whether results may share what the recipe holds: the arrays rebuilt keep its dtypes as they are,
+    and a structured dtype's names, or a dtype's metadata, can be changed in place."""
+    dtypes = [layout.dtype for layout in layouts]
+    attributes = recipe["attributes"]
+    if isinstance(attributes, dict):
+        dtypes += [value for value in attributes.values() if isinstance(value, np.dtype)]
+    return all(dtype.names is None and dtype.metadata is None for dtype in dtypes)
 
 
 def _checked_layouts(name: str, table: object, data_size: int) -> list[BufferLayout]:

@@ -370,3 +370,30 @@ def test_a_worker_never_holds_more_than_chunks_ahead_chunks_even_small_ones(monk
         assert pool.map(_two_ms, range(300)) == list(range(300))
     assert sum(len(items) for chunks in sent.values() for items in chunks) == 300
     assert max(most) <= _call.CHUNKS_AHEAD
+
+
+def test_chunk_size_takes_a_clock_that_has_not_moved():
+    """On a clock of coarse ticks no time may have passed since the call began: no division by zero."""
+    from shmalloc.parallel._call import Call, NamedResults
+    from shmalloc.parallel._options import Options
+
+    options = Options(abs, None, None, 1 << 20)
+    call = Call(
+        None,  # type: ignore[arg-type]  # no worker is needed to hand out chunks
+        list(range(100)),
+        options,
+        nproc=2,
+        chunksize=13,
+        results=NamedResults(True),
+        progress=False,
+        label="test",
+        persistent=False,
+        shrink_tail=True,
+    )
+    sizes = []
+    while (chunk := call._next_chunk()) is not None:
+        sizes.append(len(chunk))
+        for index in chunk:
+            del call.items[index]
+        call.started = time.monotonic() + 1.0  # not a moment has passed, as the clock tells
+    assert sum(sizes) == 100 and set(sizes[:-1]) == {13}

@@ -123,3 +123,18 @@ def test_results_sharing_a_recipe_are_rebuilt_each_with_its_own_data(copy, map_e
     got[0].index.name = "changed"
     pd.testing.assert_frame_equal(got[1], frames[1])
     pd.testing.assert_frame_equal(got[2], frames[2])
+
+
+@pytest.mark.parametrize("dtype", [np.dtype([("a", "f8"), ("b", "i4")]), np.dtype("f8", metadata={"unit": "m"})])
+def test_results_of_one_recipe_never_share_a_dtype_that_can_change(dtype, map_every_size):
+    """A structured dtype's names (and a dtype's metadata) can be changed in place, and an array keeps
+    the dtype of its recipe: renaming one result's fields changes no other result, and no later read."""
+    x = np.zeros(2000, dtype)
+    handles = [shmalloc.copy2shm(x) for _ in range(3)]
+    first, second = (shmalloc.allocate_from_shm(handle, copy=False) for handle in handles[:2])
+    assert first.dtype is not second.dtype
+    if dtype.names is not None:
+        first.dtype.names = ("p", "q")
+        assert second.dtype.names == ("a", "b")
+    third = shmalloc.allocate_from_shm(handles[2], copy=False)
+    assert third.dtype == dtype and third.dtype.names == dtype.names and third.dtype.metadata == dtype.metadata

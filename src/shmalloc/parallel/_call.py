@@ -301,9 +301,10 @@ class Call:
             return self.chunksize
         share = math.ceil((self.total - self.taken) / (self.nproc * CHUNKS_AHEAD))
         done = self.taken - len(self.items)  # final: answered, or failed for good
-        if share >= self.chunksize or not done:
+        elapsed = time.monotonic() - self.started  # 0 on a clock of coarse ticks
+        if share >= self.chunksize or not done or elapsed <= 0:
             return self.chunksize
-        seconds_per_item = (time.monotonic() - self.started) * self.nproc / done
+        seconds_per_item = elapsed * self.nproc / done
         return max(1, share, min(self.chunksize, math.ceil(MIN_CHUNK_SECONDS / seconds_per_item)))
 
     def _dispatch(self, worker: Worker) -> None:
