@@ -297,15 +297,24 @@ def test_arguments_are_checked_func_first():
 
 
 @pytest.mark.parametrize(
-    ("shrink_tail", "nproc", "seconds_per_item"), [(True, 2, 0.01), (True, 3, 0.01), (True, 2, 0.001), (False, 2, 0.01)]
+    ("shrink_tail", "nproc", "seconds_per_item"),
+    [(True, 2, 2**-6), (True, 3, 2**-6), (True, 2, 2**-10), (True, 3, 2**-10), (False, 2, 2**-6)],  # 16 and 1 ms
 )
-def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choose(shrink_tail, nproc, seconds_per_item):
+def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choose(
+    shrink_tail, nproc, seconds_per_item, monkeypatch
+):
     """With shrink_tail (map's default chunksize), a chunk is at most the items left shared among the
     chunks the workers may hold, but no smaller than takes MIN_CHUNK_SECONDS at the pace so far: slow
     items shrink to single ones, fast ones stop shrinking earlier. Every item goes out once, in order.
     A chunksize the caller chose stays as it is."""
+    from types import SimpleNamespace
+
+    from shmalloc.parallel import _call
     from shmalloc.parallel._call import CHUNKS_AHEAD, MIN_CHUNK_SECONDS, Call, NamedResults
     from shmalloc.parallel._options import Options, pick_chunksize
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(_call, "time", SimpleNamespace(monotonic=lambda: clock.now))  # the pace, exactly
 
     items = list(range(200))
     chunksize = pick_chunksize(None, len(items), nproc)
@@ -327,7 +336,7 @@ def test_chunks_shrink_towards_the_end_only_when_the_chunksize_was_left_to_choos
         chunks.append(chunk)
         for index in chunk:  # answered at once, at the pace of seconds_per_item on each worker
             del call.items[index]
-        call.started = time.monotonic() - seconds_per_item * (chunk[-1] + 1) / nproc
+        clock.now = call.started + seconds_per_item * (chunk[-1] + 1) / nproc
     assert [i for chunk in chunks for i in chunk] == items
     sizes = [len(chunk) for chunk in chunks]
     if not shrink_tail:
@@ -372,10 +381,16 @@ def test_a_worker_never_holds_more_than_chunks_ahead_chunks_even_small_ones(monk
     assert max(most) <= _call.CHUNKS_AHEAD
 
 
-def test_chunk_size_takes_a_clock_that_has_not_moved():
+def test_chunk_size_takes_a_clock_that_has_not_moved(monkeypatch):
     """On a clock of coarse ticks no time may have passed since the call began: no division by zero."""
+    from types import SimpleNamespace
+
+    from shmalloc.parallel import _call
     from shmalloc.parallel._call import Call, NamedResults
     from shmalloc.parallel._options import Options
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(_call, "time", SimpleNamespace(monotonic=lambda: clock.now))
 
     options = Options(abs, None, None, 1 << 20)
     call = Call(
@@ -395,5 +410,5 @@ def test_chunk_size_takes_a_clock_that_has_not_moved():
         sizes.append(len(chunk))
         for index in chunk:
             del call.items[index]
-        call.started = time.monotonic() + 1.0  # not a moment has passed, as the clock tells
+        clock.now = call.started  # not a moment has passed, as a clock of coarse ticks tells
     assert sum(sizes) == 100 and set(sizes[:-1]) == {13}
