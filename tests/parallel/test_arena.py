@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-from shmalloc.parallel import _arena
+from shmalloc.parallel import _arena, _workers
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 ROWS = 200_000  # 1.6 MB a float64 column: above the arena's threshold
@@ -138,6 +138,32 @@ def test_frames_computed_in_the_arena_come_back_equal(method, copy):
         counts = total_counts(pool)
     assert counts["in place"] >= 4, counts  # the later calls' results were shipped where they were computed
     assert counts["grown"] >= 1  # the spares grew to what the tasks wanted
+
+
+def medium(value: float) -> np.ndarray:
+    """A new array of 400 KB: above the arena's threshold, the size of a common medium result."""
+    assert MEDIUM * 8 >= _arena.THRESHOLD
+    return np.full(MEDIUM, value)
+
+
+MEDIUM = 50_000
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_many_medium_results_are_computed_in_their_spares_whatever_their_number(method):
+    """A call of many more medium results than a worker keeps mappings of spares: each is computed in the
+    spare its task was given and shipped where it lies, not only those of the spares the worker mapped first;
+    every result comes back right while the next calls reuse the objects."""
+    items = [float(i) for i in range(4 * _workers.WORKER_MAPPINGS)]
+    with shmalloc.Pool(1, start_method=method) as pool:
+        _warm(pool, medium, items, copy=False, rounds=3)
+        before = total_counts(pool)["in place"]
+        kept = pool.map(medium, items, copy=False)
+        placed = total_counts(pool)["in place"] - before
+        again = pool.map(medium, [-v for v in items], copy=False)
+        assert all((a == v).all() for a, v in zip(kept, items, strict=True))
+        assert all((a == -v).all() for a, v in zip(again, items, strict=True))
+    assert placed >= len(items) // 2, placed  # with only the first mappings kept: at most WORKER_MAPPINGS
 
 
 @pytest.mark.parametrize("method", START_METHODS)

@@ -107,7 +107,11 @@ class _RefillMappings:
         self.maps: dict[int, RefillMapping] = {}
 
     def get(self, sid: int | None) -> RefillMapping | None:
-        return None if sid is None else self.maps.get(sid)
+        """The mapping of spare ``sid`` if there is one, now the most recently used."""
+        if sid is None or sid not in self.maps:
+            return None
+        self.maps[sid] = self.maps.pop(sid)  # last in the dict: the order is that of their use
+        return self.maps[sid]
 
     def detach(self, sid: int) -> None:
         """Forget the mapping of ``sid`` without unmapping it: an arena's region owns it now."""
@@ -121,9 +125,10 @@ class _RefillMappings:
             if mapping is not None:
                 mapping.close()
 
-    def remember(self, sid: int, fd: int, written: int) -> RefillMapping | None:
+    def remember(self, sid: int, fd: int, written: int, make_room: bool = False) -> RefillMapping | None:
         """Map the whole object ``fd``, whose first ``written`` bytes were just written, for the next refill
-        (and the next task's arena); return the mapping (None if there is none)."""
+        (and the next task's arena); return the mapping (None if there is none). ``make_room``: if this
+        worker keeps as many mappings as it may, drop the least recently used one for it."""
         size = os.fstat(fd).st_size
         length = max(written, size)
         current = self.maps.get(sid)
@@ -132,9 +137,11 @@ class _RefillMappings:
         if current is not None and current.length >= length and size >= current.length:
             return current
         self.drop([sid])
+        if len(self.maps) >= WORKER_MAPPINGS and make_room:
+            self.drop([next(iter(self.maps))])
         if len(self.maps) >= WORKER_MAPPINGS:
-            # Full: keep the mappings there are. Making room would map each of many results
-            # (a long map of medium results) once, and drop the mapping before it is used again.
+            # Full: keep the mappings there are. Making room after every result would map each of many
+            # results (a long map of medium results) once, and drop the mapping before it is used again.
             return None
         try:
             self.maps[sid] = RefillMapping(fd, length, written)
@@ -253,8 +260,10 @@ def _answer_entry(
             mapping = mappings.get(entry.spare)
             if mapping is None and entry.spare is not None:
                 # A spare this worker has not mapped yet: all its pages are there (written, or allocated by
-                # the parent), so its task can have an arena at once.
-                mapping = mappings.remember(entry.spare, fd, os.fstat(fd).st_size)
+                # the parent), so its task can have an arena at once. Worth the least recently used mapping
+                # if the arena can open: a call of many medium results hands each worker a new spare per item.
+                size = os.fstat(fd).st_size
+                mapping = mappings.remember(entry.spare, fd, size, make_room=Arena.large_enough(size))
             if mapping is not None and Arena.fits(mapping, fd):
                 arenas.append(Arena(mapping, fd))
                 shipped.append(_protocol.ship_in_place(lambda: options.func(item), fd, options.limit, arenas[0]))
