@@ -7,6 +7,7 @@ process of its own.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import threading
@@ -174,6 +175,8 @@ def test_the_sweep_removes_what_was_handed_out_and_never_consumed():
 
 
 def _ours() -> set[str]:
-    import os
+    """shmalloc's names in /dev/shm made since this module was imported (not another process's leftovers)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("shmalloc_")} - _ALREADY_THERE
 
-    return {name for name in os.listdir("/dev/shm") if name.startswith("shmalloc_")}
+
+_ALREADY_THERE = set(os.listdir("/dev/shm"))

@@ -116,10 +116,11 @@ _CLUSTER_CHILD = textwrap.dedent(
         return get_handler_name(array)
 
 
-    def ours():
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_"))
+    def ours():  # made since this script started: another process's leftovers are not this test's
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_") and n not in already_there)
 
 
+    already_there = set(os.listdir("/dev/shm"))
     report = {}
     if how == "dropin":
         cluster = shm_dask.LocalCluster(**options)
@@ -230,6 +231,7 @@ _LEFTOVERS_CHILD = textwrap.dedent(
         return pickle.loads(frames[0]).name
 
 
+    already_there = set(os.listdir("/dev/shm"))  # another process's leftovers are not this test's
     report = {}
     with shm_dask.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", silence_logs=50) as cluster:
         with shm_dask.Client(cluster) as client:
@@ -249,7 +251,7 @@ _LEFTOVERS_CHILD = textwrap.dedent(
                     report["kept_while_running"] = exists(name)
                 client.wait_for_workers(1, timeout=60)
                 report["restarted"] = client.submit(lambda: 1 + 1).result(timeout=60) == 2
-    report["left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_"))
+    report["left"] = sorted(n for n in os.listdir("/dev/shm") if n.startswith("shmalloc_") and n not in already_there)
     print(json.dumps(report))
     """
 )

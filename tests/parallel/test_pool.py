@@ -382,6 +382,37 @@ def test_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
     assert pid and not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")]
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_whose_parent_was_killed_mid_task_exit_quietly(tmp_path, method):
+    """Workers that finish their task after their parent was killed find no one to answer: they exit, and
+    print no traceback of the broken pipe into the terminal they share with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys, threading, time
+            import shmalloc
+
+            def work(i):
+                time.sleep(1.5)
+                return i
+
+            def kill_parent():
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            if __name__ == "__main__":
+                with shmalloc.Pool(2, start_method=sys.argv[1]) as pool:
+                    threading.Thread(target=kill_parent, daemon=True).start()
+                    pool.map(work, range(2), chunksize=1)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
 def test_idle_worker_killed_between_calls_is_replaced():
     """A worker that dies while idle costs nothing: the next call starts a new one and succeeds."""
     with shmalloc.Pool(2, start_method="fork") as pool:

@@ -234,6 +234,8 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
             progress.new_task()  # everything is answered: a death from now on is no item's
             if task.last:
                 return
+    except (BrokenPipeError, ConnectionResetError):
+        return  # an answer found the parent gone (or its end closed): nobody to answer, nor to show a traceback
     finally:
         _ownership.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
