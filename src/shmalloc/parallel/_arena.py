@@ -59,8 +59,10 @@ HEAD = 64 * 1024
 #: multiprocessing.Pool's time for 200 frames of 1e5 rows, against 0.33-0.36 with this.)
 THRESHOLD = 256 * 1024
 #: How much larger than what a task wanted a spare is made. A task's first allocation that does not fit
-#: shows only part of what it wants (those after it are not counted): doubling fits in one step here.
-GROWTH = 2.0
+#: shows only part of what it wants (those after it are not counted), so a spare may grow twice. Every
+#: spare of a call grows, and copy=False results keep theirs whole: 200 frames of 1e5 rows (247 MB) held
+#: 778 MB of /dev/shm with doubling, 492 MB with this, at the same speed.
+GROWTH = 1.25
 #: The exit code of a worker whose arena could not be made private.
 EXIT_CANNOT_FREEZE = 75
 
