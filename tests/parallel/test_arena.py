@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import shmalloc
-from shmalloc.parallel import _arena, _workers
+from shmalloc.parallel import _arena, _spares, _workers
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 ROWS = 200_000  # 1.6 MB a float64 column: above the arena's threshold
@@ -164,6 +164,29 @@ def test_many_medium_results_are_computed_in_their_spares_whatever_their_number(
         assert all((a == v).all() for a, v in zip(kept, items, strict=True))
         assert all((a == -v).all() for a, v in zip(again, items, strict=True))
     assert placed >= len(items) // 2, placed  # with only the first mappings kept: at most WORKER_MAPPINGS
+
+
+def small_of_large_temporaries(value: float) -> np.ndarray:
+    """A medium result (400 KB) computed from temporaries of 32 MB."""
+    temporary = np.full(4 * BIG // 2, value)
+    return temporary[:MEDIUM] + temporary[MEDIUM : 2 * MEDIUM]
+
+
+def test_a_spare_does_not_grow_for_temporaries_much_larger_than_its_result():
+    """A copy=False result keeps its spare whole: a small result computed from large temporaries does not
+    grow its spare to hold them (they come from the heap), only to hold the result itself, and comes back
+    right."""
+    with shmalloc.Pool(1, start_method="fork") as pool:
+        for _ in range(5):  # each call's results freed before the next: its spares serve the next
+            got = pool.map(small_of_large_temporaries, [1.0, 2.0], copy=False)
+            assert (got[0] == 2.0).all() and (got[1] == 4.0).all()
+            del got
+            gc.collect()
+        counts = total_counts(pool)
+        held = shmalloc.held_objects()
+        spares = int(held[held["pid"] == os.getpid()]["size"].sum())
+    assert counts["in place"] >= 2, counts  # results computed where they are shipped
+    assert spares < 2 * _spares.OVERSIZE * (1 << 20), spares  # a spare within twice its 0.5 MB result, not 32 MB
 
 
 @pytest.mark.parametrize("method", START_METHODS)

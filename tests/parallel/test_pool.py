@@ -383,25 +383,27 @@ def test_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
-def test_workers_whose_parent_was_killed_mid_task_exit_quietly(tmp_path, method):
-    """Workers that finish their task after their parent was killed find no one to answer: they exit, and
+def test_workers_whose_parent_was_killed_mid_task_exit_quietly_and_leave_nothing(tmp_path, method):
+    """Workers that finish their task after their parent was killed find no one to answer: they exit, remove
+    the segments they wrote their results into (under names the parent gave, in a pool's first call), and
     print no traceback of the broken pipe into the terminal they share with it."""
     script = tmp_path / "parent.py"
     script.write_text(
         textwrap.dedent(
             """
             import os, signal, sys, threading, time
-            import shmalloc
+            import numpy as np, shmalloc
 
             def work(i):
                 time.sleep(1.5)
-                return i
+                return np.full(1 << 17, float(i))  # 1 MB: into a segment
 
             def kill_parent():
                 time.sleep(0.5)
                 os.kill(os.getpid(), signal.SIGKILL)
 
             if __name__ == "__main__":
+                print(os.getpid(), flush=True)
                 with shmalloc.Pool(2, start_method=sys.argv[1]) as pool:
                     threading.Thread(target=kill_parent, daemon=True).start()
                     pool.map(work, range(2), chunksize=1)
@@ -411,6 +413,8 @@ def test_workers_whose_parent_was_killed_mid_task_exit_quietly(tmp_path, method)
     done = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+    pid = done.stdout.strip()
+    assert pid and not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmalloc_{pid}_")]
 
 
 def test_idle_worker_killed_between_calls_is_replaced():

@@ -50,7 +50,7 @@ from .. import _ownership, _posix
 from .._format import PAGE as _PAGE
 from .._format import round_up_to_page
 from .._shared import RefillMapping
-from ._spares import shm_free_bytes
+from ._spares import OVERSIZE, shm_free_bytes
 
 #: Bytes at the start of the mapping kept for the header and recipe.
 HEAD = 64 * 1024
@@ -59,9 +59,9 @@ HEAD = 64 * 1024
 #: multiprocessing.Pool's time for 200 frames of 1e5 rows, against 0.33-0.36 with this.)
 THRESHOLD = 256 * 1024
 #: How much larger than what a task wanted a spare is made. A task's first allocation that does not fit
-#: shows only part of what it wants (those after it are not counted), so a spare may grow twice. Every
-#: spare of a call grows, and copy=False results keep theirs whole: 200 frames of 1e5 rows (247 MB) held
-#: 778 MB of /dev/shm with doubling, 492 MB with this, at the same speed.
+#: shows only part of what it wants (those after it are not counted), so a spare may grow in several
+#: calls. Every spare of a call grows, and copy=False results keep theirs whole: 200 frames of 1e5 rows
+#: (247 MB) held 778 MB of /dev/shm with doubling, 492 MB with this, at the same speed.
 GROWTH = 1.25
 #: The exit code of a worker whose arena could not be made private.
 EXIT_CANNOT_FREEZE = 75
@@ -160,18 +160,24 @@ class Arena:
         self.frozen = frozen
         self._settled = True
 
-    def grow_spare(self) -> int | None:
+    def grow_spare(self, result_size: int) -> int | None:
         """If the task wanted more than the arena held: make the spare large enough for it (every page
         allocated: a full /dev/shm is then an error here, not a SIGBUS later), and return its new size.
-        Call it before the answer leaves: once the parent has it, another worker may get the spare."""
+        ``result_size``: the size of the segment its result took in the spare (0: none, it went through
+        the pipe). Call it before the answer leaves: once the parent has it, another worker may get the
+        spare."""
         if not self.wanted:
             return None
         current = os.fstat(self.fd).st_size
-        # Never more than a quarter of what /dev/shm has free (the pools' default share for spares), and
-        # not at all if the task would still not fit: that would take space for nothing.
+        # Never more than OVERSIZE times the result (a copy=False result keeps its spare whole: a small
+        # one computed from large temporaries must not hold them; up to that, the result itself and the
+        # smaller temporaries fit), nor than a quarter of what /dev/shm has free (the pools' default
+        # share for spares), and not at all if then the task would still not fit: that would take space
+        # for nothing.
+        by_result = round_up_to_page(OVERSIZE * result_size)
         room = current + (shm_free_bytes() or 0) // 4
-        size = min(round_up_to_page(int(HEAD + self.wanted * GROWTH)), room - room % _PAGE)
-        if size <= current or size < HEAD + self.wanted:
+        size = min(round_up_to_page(int(HEAD + self.wanted * GROWTH)), by_result, room - room % _PAGE)
+        if size <= current or (size < HEAD + self.wanted and size < by_result):
             return None
         try:
             os.posix_fallocate(self.fd, 0, size)

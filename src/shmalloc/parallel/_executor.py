@@ -118,7 +118,7 @@ def _ship(produce: Callable[[], Any], name: str, limit: int, spare: SpareAddress
         finally:
             if arena.frozen:  # the region owns the mapping now
                 _forget_mapping(mapping)
-        arena.grow_spare()  # before the answer leaves; the next task with this spare maps it again
+        arena.grow_spare(shipped.segment_size)  # before the answer leaves; the next task with this spare maps it again
         return shipped
     finally:
         os.close(fd)

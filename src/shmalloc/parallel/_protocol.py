@@ -302,6 +302,11 @@ class Shipped:
         """Whether it is the value alone, in the pipe, with nothing else to say."""
         return self.handle is None and not self.fell_back and not self.spare_use
 
+    @property
+    def segment_size(self) -> int:
+        """Bytes of the segment that holds it (0: it travels in the pipe)."""
+        return 0 if self.handle is None else self.handle.size
+
     def unboxed(self, read: Any) -> Any:
         """The result, given what was read from the segment of :attr:`handle`."""
         return read.value if self.boxed else read

@@ -197,6 +197,7 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
     # ShmArrays' names this worker owns (they carry the parent's pid) before dying of it.
     signal.signal(signal.SIGTERM, _ownership.unlink_owned_and_die)
     mappings = _RefillMappings()
+    task: Any = None
     try:
         try:
             progress_fd = _protocol.receive_descriptor(conn)
@@ -235,7 +236,12 @@ def worker_main(conn: Connection, receiver: int, inherited: Options | None, init
             if task.last:
                 return
     except (BrokenPipeError, ConnectionResetError):
-        return  # an answer found the parent gone (or its end closed): nobody to answer, nor to show a traceback
+        # An answer found the parent gone (or its end closed): nobody will consume the segments of this
+        # task's results (spares have no name), and a traceback would only reach the terminal it shared.
+        if isinstance(task, _protocol.Task):
+            for entry in task.entries:
+                if entry.name is not None:
+                    _protocol.discard(entry.name)
     finally:
         _ownership.unlink_owned()  # the process leaves through os._exit, which skips finalisers
 
@@ -286,7 +292,7 @@ def _answer_entry(
             if arenas[0].frozen and entry.spare is not None:
                 mappings.detach(entry.spare)
             if shipped:  # not after an error: the parent would not count the growth
-                grown = arenas[0].grow_spare()  # before the answer leaves: then the spare is the parent's
+                grown = arenas[0].grow_spare(shipped[0].segment_size)  # before the answer leaves: then the spare is the parent's
         # Only answers of results in the pipe wait: one in shared memory is large (the parent is not
         # woken often), and its handover or spare must reach the parent without delay. Nor does the
         # answer of an item that said something: should this worker die, what it said is not lost.
