@@ -56,7 +56,7 @@ from ._spares import OVERSIZE, shm_free_bytes
 HEAD = 64 * 1024
 #: numpy allocations of at least this many bytes come from the arena. (With 1 MiB, a result of columns of
 #: a few hundred KB, the common medium result, was computed on the heap and copied: 0.50 of
-#: multiprocessing.Pool's time for 200 frames of 1e5 rows, against 0.33-0.36 with this.)
+#: multiprocessing.Pool's time for 200 frames of 1e5 rows, against 0.35-0.39 with this.)
 THRESHOLD = 256 * 1024
 #: How much larger than what a task wanted a spare is made. A task's first allocation that does not fit
 #: shows only part of what it wants (those after it are not counted), so a spare may grow in several
