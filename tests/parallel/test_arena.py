@@ -140,13 +140,12 @@ def test_frames_computed_in_the_arena_come_back_equal(method, copy):
     assert counts["grown"] >= 1  # the spares grew to what the tasks wanted
 
 
+MEDIUM = 50_000  # 400 KB a float64 array: above the arena's threshold, the size of a common medium result
+
+
 def medium(value: float) -> np.ndarray:
-    """A new array of 400 KB: above the arena's threshold, the size of a common medium result."""
-    assert MEDIUM * 8 >= _arena.THRESHOLD
+    """A new array of MEDIUM elements."""
     return np.full(MEDIUM, value)
-
-
-MEDIUM = 50_000
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
@@ -154,6 +153,7 @@ def test_many_medium_results_are_computed_in_their_spares_whatever_their_number(
     """A call of many more medium results than a worker keeps mappings of spares: each is computed in the
     spare its task was given and shipped where it lies, not only those of the spares the worker mapped first;
     every result comes back right while the next calls reuse the objects."""
+    assert MEDIUM * 8 >= _arena.THRESHOLD
     items = [float(i) for i in range(4 * _workers.WORKER_MAPPINGS)]
     with shmalloc.Pool(1, start_method=method) as pool:
         _warm(pool, medium, items, copy=False, rounds=3)
