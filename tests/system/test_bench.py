@@ -199,7 +199,8 @@ def test_map_section_prints_both_workloads_by_every_method():
         "### map, inherited", "### map, computed", "### map", "### map"
     ]
     tables = done.stdout.split("### ")[1:3]
-    methods = ["floor: the workers compute, return nothing (shmalloc.Pool)", "shmalloc.map, copy=False",
+    methods = ["floor: the workers compute, return nothing (shmalloc.Pool)",
+               "floor: the workers write the result by hand into warm shared memory", "shmalloc.map, copy=False",
                "shmalloc.Pool (persistent, warm), copy=False", "multiprocessing.Pool", "stdlib SharedMemory by hand, copied out"]
     if importlib.util.find_spec("ray") is not None:
         methods.append("Ray object store (warm), zero-copy")
@@ -220,3 +221,14 @@ def test_computed_frame_is_new_and_differs_from_its_source():
     np.testing.assert_array_equal(computed["z"], source["z"] + 2)
     for column in computed:
         assert not np.shares_memory(computed[column].to_numpy(), source[column].to_numpy())
+
+
+def test_computed_columns_into_writes_what_computed_frame_returns():
+    """The warm floor of the map section does computed_frame's arithmetic into given arrays: the same values."""
+    source = workloads.frame(1000)
+    for number in (0, 3):
+        expected = workloads.computed_frame(source, number)
+        out = [np.full(len(source), 7, dtype) for dtype in expected.dtypes]
+        workloads.computed_columns_into(source, number, out)
+        for column, array in zip(expected.columns, out, strict=True):
+            np.testing.assert_array_equal(array, expected[column].to_numpy())

@@ -331,7 +331,7 @@ def run(quick: bool = False, repeat: int = 5) -> None:
             goal_rows.append([title, "(the least a goal / Ray can be)"] + floors)
         pool = "shmalloc.Pool (persistent, warm), copy=False"
         title = f"{workload}: {pool} / warm floor"
-        goal_rows.append([title, "(at least 1)"] + [by_rows[rows][pool] / by_rows[rows][WARM_FLOOR] for rows in sizes])
+        goal_rows.append([title, "(1 is the work alone)"] + [by_rows[rows][pool] / by_rows[rows][WARM_FLOOR] for rows in sizes])
     print_table("map: goals (time ratios)", ["ratio", "goal"] + [f"{rows:.0e} rows" for rows in sizes], goal_rows)
     print()
     peak_rows = [
