@@ -118,6 +118,15 @@ def full(i: int) -> np.ndarray:
     return np.full(100_000, i, dtype=np.float64)  # 800 kB: through shared memory
 
 
+_GROWN: list[int] = []  # in each worker
+
+
+def grown(i: int) -> list[int]:
+    """The same list each time, grown by ``i``."""
+    _GROWN.append(i)
+    return _GROWN
+
+
 def ramp(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) * 3 + n
 
@@ -238,6 +247,16 @@ def test_results_come_back_equal_and_in_input_order(engine):
         assert len(got) == len(items)
         for i, result in zip(items, got, strict=True):
             assert_same(result, value(i))
+
+
+@pytest.mark.parametrize("engine", FORK, indirect=True)
+def test_each_result_is_the_object_as_its_item_left_it_though_later_items_change_it(engine):
+    """func returns one list that later items of its chunk grow: each result is the list as its own item
+    left it (a result is taken when its item ends, not when its chunk does, as multiprocessing.Pool does)."""
+    got = engine.run(grown, range(60))
+    for i, result in enumerate(got):
+        assert result[-1] == i, (i, result)
+    assert max(len(result) for result in got) > 1  # items did run after others in one worker
 
 
 @pytest.mark.parametrize("pipe_limit", [None, 1000])
