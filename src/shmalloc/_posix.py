@@ -247,6 +247,11 @@ def data_address(array: np.ndarray) -> int:
         return array.__array_interface__["data"][0]
 
 
+def bytes_address(data: bytearray) -> int:
+    """The address of a bytearray's first byte (valid while it lives and is not resized)."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(data)))
+
+
 def write(fd: int, name: str, address: int, nbytes: int, offset: int) -> None:
     """pwrite ``nbytes`` from ``address`` at ``offset`` (the GIL is released; ENOSPC, never SIGBUS)."""
     if lib.shmalloc_write_all(fd, ffi.cast("void *", address), nbytes, offset) < 0:

@@ -10,7 +10,6 @@ a segment is :mod:`._format`'s.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -36,7 +35,7 @@ def write_named(obj: Any, name: str, *, overwrite: bool = False, copy: bool = Tr
     """
     _posix.check_supported()
     encoded = codecs.encode(obj)
-    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    token = os.urandom(_format.TOKEN_BYTES)  # what secrets.token_bytes calls, minus its layers
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     size = _space.retry_on_enospc(_create, name, token, recipe, encoded.buffers, overwrite)
     return ShmObj(name, encoded.type, encoded.length, size, encoded.attributes, copy, token)
@@ -53,7 +52,7 @@ def write_held(obj: Any, fd: int, mapping: RefillMapping | None = None) -> ShmOb
     """
     _posix.check_supported()
     encoded = codecs.encode(obj)
-    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    token = os.urandom(_format.TOKEN_BYTES)
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     plan = _format.plan_segment(token, recipe, encoded.buffers)
     if mapping is None or not _fill_through(mapping, fd, plan, encoded.buffers):
@@ -106,7 +105,7 @@ def write_in_place(obj: Any, fd: int, arena: Arena) -> ShmObj | None:
         offsets.append(at)
     end = max((start + n for start, n in taken), default=arena.head)  # empty buffers go at the end
     relative = [(end if at is None else at) - arena.head for at in offsets]
-    token = secrets.token_bytes(_format.TOKEN_BYTES)
+    token = os.urandom(_format.TOKEN_BYTES)
     recipe = {"type": encoded.type, "length": encoded.length, "attributes": encoded.attributes}
     plan = _format.plan_in_place(token, recipe, encoded.buffers, relative, arena.head)
     if plan is None:
@@ -134,16 +133,20 @@ def _create(name: str, token: bytes, recipe: dict, buffers: Sequence[np.ndarray]
         _posix.close(fd)
 
 
+# The padding every buffer gets after it, read from one page of zeros kept for the process's life.
+_ZERO_PAGE = np.zeros(_format.PAGE, np.uint8)
+_ZERO_PAGE.flags.writeable = False
+
+
 def _fill(fd: int, label: str, plan: _format.Plan, buffers: Sequence[np.ndarray]) -> None:
     """Write the segment of ``plan`` at the start of ``fd`` with pwritev (the GIL is released), padding
     included: the head, then each buffer and its padding, one after the other."""
-    head = np.frombuffer(plan.head, np.uint8)
-    padding = np.zeros(_format.PAGE, np.uint8)
-    parts = [(_posix.data_address(head), len(plan.head))]
+    zeros = _posix.data_address(_ZERO_PAGE)
+    parts = [(_posix.bytes_address(plan.head), len(plan.head))]
     for buf in buffers:
         nbytes = buf.nbytes
         parts.append((_posix.data_address(buf), nbytes))
-        parts.append((_posix.data_address(padding), _format.round_up_to_page(nbytes) - nbytes))
+        parts.append((zeros, _format.round_up_to_page(nbytes) - nbytes))
     _posix.write_parts(fd, label, parts, 0)
 
 
@@ -153,7 +156,7 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
     if address is None or plan.size > mapping.length or os.fstat(fd).st_size < plan.size:
         return False  # never write through the mapping past the end of the object (SIGBUS): it may have been cut
     _posix.write_bytes(fd, SPARE_LABEL, plan.head, 0)
-    padding = np.zeros(_format.PAGE, np.uint8)
+    zeros = _posix.data_address(_ZERO_PAGE)
     base = address + plan.data_offset
     for buf, layout in zip(buffers, plan.layouts, strict=True):
         nbytes = buf.nbytes
@@ -161,7 +164,7 @@ def _fill_through(mapping: RefillMapping, fd: int, plan: _format.Plan, buffers: 
             _posix.copy(base + layout.offset, _posix.data_address(buf), nbytes, 1)
         pad = _format.round_up_to_page(nbytes) - nbytes
         if pad:
-            _posix.copy(base + layout.offset + nbytes, _posix.data_address(padding), pad, 1)
+            _posix.copy(base + layout.offset + nbytes, zeros, pad, 1)
     return True
 
 
@@ -245,7 +248,14 @@ class Read(NamedTuple):
 
     value: Any
     owners: list[np.ndarray]  # the arrays that own mappings of the segment (none when copied)
-    parts: list[tuple[int, int]]  # (offset, length): the header and recipe's pages, and each buffer's
+    data_offset: int
+    layouts: list[_format.BufferLayout]
+
+    @property
+    def parts(self) -> list[tuple[int, int]]:
+        """(offset, length): the header and recipe's pages, and each buffer's (a Pool's worker may leave gaps)."""
+        spans = _format.buffer_spans(self.layouts)
+        return [(0, self.data_offset)] + [(self.data_offset + offset, length) for offset, length in spans]
 
 
 def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
@@ -273,5 +283,4 @@ def read(segment: Segment, handle: ShmObj, copy: bool) -> Read:
     zero_copy = not copy and _posix.ZERO_COPY
     buffers = _adopt.arrays(segment.fd, segment.name, data_offset, segment.size - data_offset, layouts, not zero_copy)
     owners = [b for b in buffers if b.nbytes] if zero_copy else []
-    parts = [(0, data_offset)] + [(data_offset + offset, length) for offset, length in _format.buffer_spans(layouts)]
-    return Read(codecs.decode(recipe["attributes"], buffers), owners, parts)
+    return Read(codecs.decode(recipe["attributes"], buffers), owners, data_offset, layouts)

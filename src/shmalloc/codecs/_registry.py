@@ -6,15 +6,13 @@ Python does before any codec module of the package is loaded).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Encoded:
+class Encoded(NamedTuple):
     """An object taken apart: the handle's fields and the buffers for shared memory."""
 
     type: str
@@ -25,11 +23,15 @@ class Encoded:
 
 #: The codecs, tried in this order: the first whose ``accepts(obj)`` is true encodes ``obj``.
 CODECS: list[ModuleType] = []
+# The codecs by name, for decoding.
+_BY_NAME: dict[str, ModuleType] = {}
 
 
 def register(*codecs: ModuleType) -> None:
     """Set the codecs, in the order they are tried (the last should accept everything)."""
     CODECS[:] = codecs
+    _BY_NAME.clear()
+    _BY_NAME.update((name_of(codec), codec) for codec in codecs)
 
 
 def name_of(codec: ModuleType) -> str:
@@ -60,7 +62,7 @@ def encode(obj: Any) -> Encoded:
 def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     """Rebuild an object from its attributes and buffers."""
     name = attributes.get("codec") if isinstance(attributes, dict) else None
-    for codec in CODECS:
-        if name_of(codec) == name:
-            return codec.decode(attributes, buffers)
-    raise ValueError(f"unknown codec {name!r} in the stored attributes")
+    codec = _BY_NAME.get(name) if isinstance(name, str) else None
+    if codec is None:
+        raise ValueError(f"unknown codec {name!r} in the stored attributes")
+    return codec.decode(attributes, buffers)

@@ -40,12 +40,13 @@ def _type_name(dtype: np.dtype) -> str:
 
 def encode(x: np.ndarray, buffers: list[np.ndarray]) -> tuple[str, int, dict[str, Any]]:
     fortran = is_fortran(x)
-    data = x.view(np.ndarray)
-    if not (data.flags.c_contiguous or data.flags.f_contiguous):
+    data = x if type(x) is np.ndarray else x.view(np.ndarray)
+    flags = data.flags
+    if not (flags.c_contiguous or flags.f_contiguous):
         data = np.asfortranarray(data) if fortran else np.ascontiguousarray(data)
     attributes = {
         "codec": "ndarray",
-        "shape": tuple(x.shape),
+        "shape": x.shape,
         "dtype": x.dtype,
         "order": "F" if fortran else "C",
         "class": _NAMES[type(x)],
