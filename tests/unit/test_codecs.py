@@ -5,6 +5,7 @@ import ast
 import datetime
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,25 @@ def test_registry_order_is_ndarray_pandas_pickled():
     assert _registry.codec_for(pd.Series([1, 2])) is pandas_codec
     assert _registry.codec_for({"a": 1}) is pickled_codec
     assert codecs.encode is _registry.encode and codecs.decode is _registry.decode
+
+
+def test_a_codec_added_to_the_list_after_register_decodes_and_the_first_of_a_name_wins(monkeypatch):
+    """decode finds a codec put into CODECS directly (not through register), and of two codecs of one
+    name, the first in the list, as encoding would choose."""
+
+    def codec(module_name: str, tag: str) -> types.ModuleType:
+        module = types.ModuleType(module_name)
+        module.accepts = lambda obj: isinstance(obj, str)  # type: ignore[attr-defined]
+        module.encode = lambda obj, buffers: ("str", 1, {"codec": "tagged", "value": obj})  # type: ignore[attr-defined]
+        module.decode = lambda attributes, buffers: (tag, attributes["value"])  # type: ignore[attr-defined]
+        return module
+
+    monkeypatch.setattr(_registry, "CODECS", list(_registry.CODECS))  # restored after the test
+    _registry.CODECS.insert(0, codec("tests.tagged", "first"))
+    assert _registry.decode(_registry.encode("x").attributes, []) == ("first", "x")
+    monkeypatch.setattr(_registry, "_BY_NAME", {})
+    _registry.register(codec("a.tagged", "first"), codec("b.tagged", "second"), ndarray_codec, pandas_codec, pickled_codec)
+    assert _registry.decode({"codec": "tagged", "value": "y"}, []) == ("first", "y")
 
 
 def test_any_codec_module_imported_first_works():
