@@ -77,7 +77,6 @@ def test_a_codec_added_to_the_list_after_register_decodes_and_the_first_of_a_nam
     monkeypatch.setattr(_registry, "CODECS", list(_registry.CODECS))  # restored after the test
     _registry.CODECS.insert(0, codec("tests.tagged", "first"))
     assert _registry.decode(_registry.encode("x").attributes, []) == ("first", "x")
-    monkeypatch.setattr(_registry, "_BY_NAME", {})
     _registry.register(codec("a.tagged", "first"), codec("b.tagged", "second"), ndarray_codec, pandas_codec, pickled_codec)
     assert _registry.decode({"codec": "tagged", "value": "y"}, []) == ("first", "y")
 

@@ -23,16 +23,11 @@ class Encoded(NamedTuple):
 
 #: The codecs, tried in this order: the first whose ``accepts(obj)`` is true encodes ``obj``.
 CODECS: list[ModuleType] = []
-# The codecs by name, for decoding.
-_BY_NAME: dict[str, ModuleType] = {}
 
 
 def register(*codecs: ModuleType) -> None:
     """Set the codecs, in the order they are tried (the last should accept everything)."""
     CODECS[:] = codecs
-    _BY_NAME.clear()
-    for codec in codecs:
-        _BY_NAME.setdefault(name_of(codec), codec)  # the first of a name, as the search in CODECS finds
 
 
 def name_of(codec: ModuleType) -> str:
@@ -63,9 +58,7 @@ def encode(obj: Any) -> Encoded:
 def decode(attributes: dict[str, Any], buffers: list[np.ndarray]) -> Any:
     """Rebuild an object from its attributes and buffers."""
     name = attributes.get("codec") if isinstance(attributes, dict) else None
-    codec = _BY_NAME.get(name) if isinstance(name, str) else None
-    if codec is None:  # or one added to CODECS since register(): search the list itself
-        codec = next((c for c in CODECS if name_of(c) == name), None)
-        if codec is None:
-            raise ValueError(f"unknown codec {name!r} in the stored attributes")
-    return codec.decode(attributes, buffers)
+    for codec in CODECS:
+        if name_of(codec) == name:
+            return codec.decode(attributes, buffers)
+    raise ValueError(f"unknown codec {name!r} in the stored attributes")
