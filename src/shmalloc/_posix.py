@@ -247,8 +247,8 @@ def data_address(array: np.ndarray) -> int:
         return array.__array_interface__["data"][0]
 
 
-def bytes_address(data: bytearray) -> int:
-    """The address of a bytearray's first byte (valid while it lives and is not resized)."""
+def bytes_address(data: bytes | bytearray) -> int:
+    """The address of a bytes object's first byte (valid while it lives and, a bytearray, is not resized)."""
     return int(ffi.cast("uintptr_t", ffi.from_buffer(data)))
 
 
@@ -269,8 +269,7 @@ def write_parts(fd: int, name: str, parts: Sequence[tuple[int, int]], offset: in
 
 def write_bytes(fd: int, name: str, data: bytes | bytearray, offset: int) -> None:
     """:func:`write` of a bytes object."""
-    buffer = ffi.from_buffer(data)  # kept alive across the call
-    write(fd, name, int(ffi.cast("uintptr_t", buffer)), len(data), offset)
+    write(fd, name, bytes_address(data), len(data), offset)  # ``data`` lives across the call
 
 
 def read_into(fd: int, name: str, address: int, nbytes: int, offset: int) -> None:

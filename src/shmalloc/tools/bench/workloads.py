@@ -93,8 +93,9 @@ def compute_task_only(task: tuple[int, int]) -> None:
 
 def computed_frame(source: pd.DataFrame, number: int) -> pd.DataFrame:
     """The new frame task ``number`` computes from ``source`` (a frame of :func:`frame`): x * (number + 1), not y, z + number."""
-    x, y, z = (source[column].to_numpy() for column in ("x", "y", "z"))
-    return pd.DataFrame({"x": x * (number + 1), "y": ~y, "z": z + np.int32(number)})
+    columns = [np.empty_like(source[column].to_numpy()) for column in ("x", "y", "z")]
+    computed_columns_into(source, number, columns)
+    return pd.DataFrame(dict(zip(("x", "y", "z"), columns, strict=True)))
 
 
 def computed_columns_into(source: pd.DataFrame, number: int, out: Sequence[np.ndarray]) -> None:
