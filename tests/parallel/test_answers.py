@@ -5,10 +5,13 @@ import concurrent.futures as cf
 import gc
 import multiprocessing as mp
 import os
+import pickle
+import pickletools
 import signal
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from engines import map_on
 
@@ -549,3 +552,80 @@ def test_a_result_in_the_pipe_travels_as_itself_and_a_large_one_as_its_handle():
     kind, value = _rebuilt(answer.message)
     answer.handover.complete()
     assert kind == _protocol.OK and np.array_equal(value, large)
+
+
+# An Index of few plain labels travels as its labels (see _protocol._Pickler); any other, as pandas pickles it.
+_AS_LABELS = {
+    "str": pd.Index(["x", "y", "z"]),
+    "str with a name and a missing label": pd.Index(["a", np.nan], name="n"),
+    "int64": pd.Index([3, 1, 2]),
+    "uint64 above int64": pd.Index([2**63 + 5]),
+    "float64 with 0.0, -0.0 and NaN": pd.Index([0.0, -0.0, np.nan]),
+    "bool": pd.Index([True, False]),
+    "object of mixed labels": pd.Index(["a", 1, 2.5, True], dtype=object),
+    "empty": pd.Index([], dtype=object),
+    "a tuple for a name": pd.Index(["a", "b"], name=("t", 1)),
+}
+_AS_PANDAS_PICKLES = {
+    "too many labels": pd.Index([f"c{i}" for i in range(200)]),
+    "labels of numpy scalar types": pd.Index([np.float32(1.5), np.int8(2)], dtype=object),
+    "a label of None": pd.Index(["a", None], dtype=object),
+    "str with NA": pd.Index(["a", "b"], dtype="string"),
+    "RangeIndex": pd.RangeIndex(2, 9, 3, name="r"),
+    "DatetimeIndex": pd.date_range("2024-01-01", periods=3, freq="D", tz="UTC"),
+    "CategoricalIndex": pd.CategoricalIndex(["a", "b", "a"]),
+    "MultiIndex": pd.MultiIndex.from_tuples([("a", 1), ("b", 2)], names=["k", "n"]),
+}
+
+
+@pytest.mark.parametrize(
+    "label, index, as_labels",
+    [(k, v, True) for k, v in _AS_LABELS.items()] + [(k, v, False) for k, v in _AS_PANDAS_PICKLES.items()],
+)
+def test_an_index_in_an_answer_comes_back_exactly_and_a_plain_one_of_few_labels_as_its_labels(label, index, as_labels):
+    data = _protocol.pickled(index)
+    back = pickle.loads(data)
+    pd.testing.assert_index_equal(back, index, exact=True, check_exact=True)
+    assert (type(back), back.dtype, back.names) == (type(index), index.dtype, index.names)
+    assert repr(back.tolist()) == repr(index.tolist())  # tells 0.0 from -0.0, 1 from True
+    assert (_first_global(data) == ("shmalloc.codecs.pandas", "labels_index")) is as_labels
+
+
+def _first_global(data: bytes) -> tuple[str, ...]:
+    """The (module, name) of the first global a pickle refers to: what rebuilds its outermost object."""
+    strings: list[str] = []
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name == "STACK_GLOBAL":
+            return tuple(strings[-2:])
+        if isinstance(argument, str):
+            strings.append(argument)
+    return ()
+
+
+def test_indexes_sent_as_labels_keep_identity_within_an_answer_and_are_their_own_across_answers():
+    """Two results with the same labels share no Index object that changing one would change in the other."""
+    columns = pd.Index(["x", "y"])
+    first = pd.DataFrame([[1.0, 2.0]], columns=columns)
+    pair = pickle.loads(_protocol.pickled((first, first.columns, pd.DataFrame([[3, 4]], columns=columns))))
+    assert pair[0].columns is pair[1] is pair[2].columns  # one object in the answer, one object rebuilt
+    other = pickle.loads(_protocol.pickled(first))
+    assert other.columns is not pair[1]
+    pair[1].name = "renamed"
+    assert other.columns.name is None and other.columns.tolist() == ["x", "y"]
+    other.columns = ["p", "q"]
+    assert pair[0].columns.tolist() == ["x", "y"] and pair[0].iloc[0].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_frames_of_every_label_kind_come_back_exactly_from_workers(method):
+    indexes = list(_AS_LABELS.values()) + list(_AS_PANDAS_PICKLES.values())
+    frames = [pd.DataFrame(np.arange(2 * len(ix)).reshape(2, len(ix)), columns=ix) for ix in indexes]
+    with shmalloc.Pool(2, start_method=method) as pool:
+        back = pool.map(_itself, frames, chunksize=3)
+    for got, sent in zip(back, frames, strict=True):
+        pd.testing.assert_frame_equal(got, sent, check_exact=True, check_column_type=True)
+        assert repr(got.columns.tolist()) == repr(sent.columns.tolist())
+
+
+def _itself(x: object) -> object:
+    return x

@@ -210,10 +210,9 @@ def _enc_index(idx: pd.Index, buffers: list[np.ndarray]) -> dict[str, Any]:
             "names": list(idx.names),
             "sortorder": idx.sortorder,  # type: ignore[attr-defined]
         }
-    if type(idx) is pd.Index and len(idx) <= FEW_LABELS and _plain_dtype(idx.dtype):
-        labels = idx.tolist()
-        if _few_plain(labels):
-            return {"k": "labels", "labels": labels, "dtype": idx.dtype, "name": idx.name}
+    labels = few_labels(idx)
+    if labels is not None:
+        return {"k": "labels", "labels": labels, "dtype": idx.dtype, "name": idx.name}
     spec = {"k": "index", "values": _enc_values(idx._values, buffers), "name": idx.name}  # type: ignore[attr-defined]
     freq = getattr(idx, "freq", None)
     if freq is not None and not isinstance(idx, pd.PeriodIndex):
@@ -234,14 +233,7 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
             verify_integrity=False,
         )
     if kind == "labels":
-        labels, dtype, name = spec["labels"], spec["dtype"], spec["name"]
-        if type(labels) is not list or not _few_plain(labels) or not _plain_dtype(dtype):
-            raise CorruptHandleError("stored index labels are not a list of a plain dtype")
-        if name is None or type(name) is str:
-            # A view of an Index made once for these labels (the same columns come back in result after
-            # result): a view is an Index of its own, for its name too, and an Index's labels never change.
-            return _labels_index(labels, dtype, name).view()
-        return pd.Index(labels, dtype=dtype, name=name)
+        return labels_index(spec["labels"], spec["dtype"], spec["name"])
     if kind != "index":
         raise CorruptHandleError(f"unknown index kind {kind!r}")
     values = _dec_values(spec["values"], buffers)
@@ -249,6 +241,30 @@ def _dec_index(spec: dict[str, Any], buffers: list[np.ndarray]) -> pd.Index:
         cls = pd.DatetimeIndex if isinstance(values, DatetimeArray) else pd.TimedeltaIndex
         return cls(values, freq=spec["freq"], name=spec["name"], copy=False)
     return pd.Index(values, dtype=values.dtype, name=spec["name"], copy=False)
+
+
+def few_labels(idx: Any) -> list[Any] | None:
+    """The labels of ``idx`` as a list if :func:`labels_index` rebuilds it exactly from them: a plain
+    ``pd.Index`` (not a subclass) of at most :data:`FEW_LABELS` plain labels of a plain dtype; else None."""
+    if type(idx) is pd.Index and len(idx) <= FEW_LABELS and _plain_dtype(idx.dtype):
+        labels = idx.tolist()
+        if _few_plain(labels):
+            return labels
+    return None
+
+
+def labels_index(labels: list[Any], dtype: Any, name: Any) -> pd.Index:
+    """The Index of ``labels`` (as :func:`few_labels` gave them), of ``dtype`` and ``name``.
+
+    Raises CorruptHandleError if they are not such labels.
+    """
+    if type(labels) is not list or not _few_plain(labels) or not _plain_dtype(dtype):
+        raise CorruptHandleError("stored index labels are not a list of a plain dtype")
+    if name is None or type(name) is str:
+        # A view of an Index made once for these labels (the same columns come back in result after
+        # result): a view is an Index of its own, for its name too, and an Index's labels never change.
+        return _labels_index(labels, dtype, name).view()
+    return pd.Index(labels, dtype=dtype, name=name)
 
 
 _LABEL_INDEXES: dict[tuple[str, Any, str | None], pd.Index] = {}
