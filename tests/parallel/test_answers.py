@@ -554,7 +554,8 @@ def test_a_result_in_the_pipe_travels_as_itself_and_a_large_one_as_its_handle():
     assert kind == _protocol.OK and np.array_equal(value, large)
 
 
-# An Index of few plain labels travels as its labels (see _protocol._Pickler); any other, as pandas pickles it.
+# An Index of few plain labels travels as its labels and a RangeIndex as its range (see _protocol._Pickler);
+# any other, as pandas pickles it.
 _AS_LABELS = {
     "str": pd.Index(["x", "y", "z"]),
     "str with a name and a missing label": pd.Index(["a", np.nan], name="n"),
@@ -571,24 +572,33 @@ _AS_PANDAS_PICKLES = {
     "labels of numpy scalar types": pd.Index([np.float32(1.5), np.int8(2)], dtype=object),
     "a label of None": pd.Index(["a", None], dtype=object),
     "str with NA": pd.Index(["a", "b"], dtype="string"),
-    "RangeIndex": pd.RangeIndex(2, 9, 3, name="r"),
     "DatetimeIndex": pd.date_range("2024-01-01", periods=3, freq="D", tz="UTC"),
     "CategoricalIndex": pd.CategoricalIndex(["a", "b", "a"]),
     "MultiIndex": pd.MultiIndex.from_tuples([("a", 1), ("b", 2)], names=["k", "n"]),
 }
 
 
+_AS_RANGE = {
+    "RangeIndex": pd.RangeIndex(2, 9, 3, name="r"),
+    "descending, a tuple for a name": pd.RangeIndex(0, -10, -2, name=("a", 1)),
+    "empty RangeIndex": pd.RangeIndex(0),
+}
+_REBUILT_BY = {"labels": ("shmalloc.codecs.pandas", "labels_index"), "range": ("shmalloc.parallel._protocol", "_range_index")}
+
+
 @pytest.mark.parametrize(
-    "label, index, as_labels",
-    [(k, v, True) for k, v in _AS_LABELS.items()] + [(k, v, False) for k, v in _AS_PANDAS_PICKLES.items()],
+    "label, index, route",
+    [(k, v, "labels") for k, v in _AS_LABELS.items()]
+    + [(k, v, "range") for k, v in _AS_RANGE.items()]
+    + [(k, v, "pandas") for k, v in _AS_PANDAS_PICKLES.items()],
 )
-def test_an_index_in_an_answer_comes_back_exactly_and_a_plain_one_of_few_labels_as_its_labels(label, index, as_labels):
+def test_an_index_in_an_answer_comes_back_exactly_and_a_frames_axes_in_fewer_steps(label, index, route):
     data = _protocol.pickled(index)
     back = pickle.loads(data)
     pd.testing.assert_index_equal(back, index, exact=True, check_exact=True)
     assert (type(back), back.dtype, back.names) == (type(index), index.dtype, index.names)
     assert repr(back.tolist()) == repr(index.tolist())  # tells 0.0 from -0.0, 1 from True
-    assert (_first_global(data) == ("shmalloc.codecs.pandas", "labels_index")) is as_labels
+    assert _first_global(data) == _REBUILT_BY.get(route, _first_global(pickle.dumps(index, protocol=5)))
 
 
 def _first_global(data: bytes) -> tuple[str, ...]:
@@ -618,7 +628,7 @@ def test_indexes_sent_as_labels_keep_identity_within_an_answer_and_are_their_own
 
 @pytest.mark.parametrize("method", START_METHODS)
 def test_frames_of_every_label_kind_come_back_exactly_from_workers(method):
-    indexes = list(_AS_LABELS.values()) + list(_AS_PANDAS_PICKLES.values())
+    indexes = [*_AS_LABELS.values(), *_AS_RANGE.values(), *_AS_PANDAS_PICKLES.values()]
     frames = [pd.DataFrame(np.arange(2 * len(ix)).reshape(2, len(ix)), columns=ix) for ix in indexes]
     with shmalloc.Pool(2, start_method=method) as pool:
         back = pool.map(_itself, frames, chunksize=3)

@@ -137,7 +137,7 @@ class Header:
 
 def pickled(obj: Any) -> bytes:
     """``obj`` pickled with ForkingPickler, as ``Connection.send`` does (it knows multiprocessing's own
-    types), except that a plain pandas Index of few labels travels as its labels (see :class:`_Pickler`).
+    types), except for a frame's axes, mostly (see :class:`_Pickler`).
 
     As bytes, not as ``ForkingPickler.dumps``' memoryview of a BytesIO: a view kept in a reference cycle
     makes the collector fail to clear that BytesIO (Python 3.13 reports "Existing exports of data").
@@ -149,17 +149,20 @@ def pickled(obj: Any) -> bytes:
 
 
 class _Pickler(ForkingPickler):
-    """A ForkingPickler that sends a plain ``pd.Index`` of few plain labels (a frame's columns, mostly) as
-    the list of its labels, rebuilt by the pandas codec as it rebuilds one from shared memory.
+    """A ForkingPickler that sends a frame's axes, mostly, in fewer steps than pandas does: a plain
+    ``pd.Index`` of few plain labels as the list of its labels (rebuilt by the pandas codec, as it
+    rebuilds one from shared memory), a ``pd.RangeIndex`` as its start, stop, step and name.
 
     pandas pickles an Index of str through Arrow: for a frame of 100 rows and three columns (x, y, z),
-    pickling and rebuilding took 92 µs that way and 73 µs this way. Every other object, and an Index
-    of another class, of many labels or of other labels, is pickled as ForkingPickler pickles it.
+    pickling and rebuilding took 92 µs that way and 73 µs this way. Every other object (an Index of another
+    class, of many labels or of other labels too) is pickled as ForkingPickler pickles it.
     """
 
     def __init__(self, file: io.BytesIO, protocol: int) -> None:
         super().__init__(file, protocol)
-        self.dispatch_table[pd.Index] = _reduce_index  # for pd.Index itself only: a table is looked up by exact type
+        # The table is looked up by exact type: these classes only, not their subclasses.
+        self.dispatch_table[pd.Index] = _reduce_index
+        self.dispatch_table[pd.RangeIndex] = _reduce_range_index
 
 
 def _reduce_index(index: pd.Index) -> str | tuple[Any, ...]:
@@ -167,6 +170,14 @@ def _reduce_index(index: pd.Index) -> str | tuple[Any, ...]:
     if labels is None:
         return index.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
     return pandas_codec.labels_index, (labels, index.dtype, index.name)
+
+
+def _reduce_range_index(index: pd.RangeIndex) -> tuple[Any, ...]:
+    return _range_index, (index.start, index.stop, index.step, index.name)
+
+
+def _range_index(start: int, stop: int, step: int, name: Any) -> pd.RangeIndex:
+    return pd.RangeIndex(start, stop, step, name=name)
 
 
 def _header(kind: str, index: int, names: tuple[str, ...], said: _relay.Events) -> bytes:
