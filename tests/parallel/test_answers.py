@@ -626,6 +626,41 @@ def test_indexes_sent_as_labels_keep_identity_within_an_answer_and_are_their_own
     assert pair[0].columns.tolist() == ["x", "y"] and pair[0].iloc[0].tolist() == [1.0, 2.0]
 
 
+def test_labels_written_through_one_answers_index_never_change_another_answers():
+    """Answers with the same labels share them (each its own view of one Index): writing into one is refused."""
+    columns = pd.Index([10, 20, 30])
+    first, second = (pickle.loads(_protocol.pickled(pd.DataFrame([[1, 2, 3]], columns=columns))) for _ in range(2))
+    with pytest.raises(ValueError, match="read-only"):
+        np.asarray(first.columns)[0] = 99
+    later = pickle.loads(_protocol.pickled(columns))
+    assert [first.columns.tolist(), second.columns.tolist(), later.tolist()] == [[10, 20, 30]] * 3
+
+
+def test_labels_that_only_a_cache_key_would_mix_up_come_back_as_sent():
+    """NaNs of another sign, and a dtype with metadata (it compares equal to the plain one)."""
+    negative_nan = -np.float64("nan")
+    for index in (pd.Index([negative_nan, 1.0]), pd.Index([np.nan, 1.0])):
+        back = pickle.loads(_protocol.pickled(index))
+        assert np.signbit(np.asarray(back)).tolist() == np.signbit(np.asarray(index)).tolist()
+    with_metadata = pd.Index(np.array([1, 2], dtype=np.dtype("int64", metadata={"unit": "m"})))
+    for index in (pd.Index([1, 2]), with_metadata):
+        assert pickle.loads(_protocol.pickled(index)).dtype.metadata == index.dtype.metadata
+
+
+def test_a_reducer_registered_for_index_classes_is_used():
+    import copyreg
+
+    def as_list(index: pd.Index) -> tuple[object, ...]:
+        return list, (index.tolist(),)
+
+    for index in (pd.Index([1, 2]), pd.RangeIndex(2)):
+        copyreg.pickle(type(index), as_list)
+        try:
+            assert pickle.loads(_protocol.pickled(index)) == index.tolist()
+        finally:
+            del copyreg.dispatch_table[type(index)]
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_frames_of_every_label_kind_come_back_exactly_from_workers(method):
     indexes = [*_AS_LABELS.values(), *_AS_RANGE.values(), *_AS_PANDAS_PICKLES.values()]

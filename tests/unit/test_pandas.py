@@ -227,6 +227,16 @@ def test_column_labels_of_any_kind(columns, copy):
 
 
 @pytest.mark.parametrize("copy", [True, False])
+def test_frames_with_the_same_labels_never_change_each_others_labels(copy):
+    """Frames rebuilt with the same few labels share them: writing into them through numpy is refused."""
+    df = pd.DataFrame([[1.0, 2.0]], columns=pd.Index([10, 20]))
+    first, second = roundtrip(df, copy), roundtrip(df, copy)
+    with pytest.raises(ValueError, match="read-only"):
+        np.asarray(first.columns)[0] = 99
+    assert [first.columns.tolist(), second.columns.tolist(), roundtrip(df, copy).columns.tolist()] == [[10, 20]] * 3
+
+
+@pytest.mark.parametrize("copy", [True, False])
 @pytest.mark.parametrize(
     "df",
     [

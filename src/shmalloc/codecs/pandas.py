@@ -259,11 +259,13 @@ def labels_index(labels: list[Any], dtype: Any, name: Any) -> pd.Index:
     Raises CorruptHandleError if they are not such labels.
     """
     if type(labels) is not list or not _few_plain(labels) or not _plain_dtype(dtype):
-        raise CorruptHandleError("stored index labels are not a list of a plain dtype")
+        raise CorruptHandleError("index labels are not a list of plain labels of a plain dtype")
     if name is None or type(name) is str:
-        # A view of an Index made once for these labels (the same columns come back in result after
-        # result): a view is an Index of its own, for its name too, and an Index's labels never change.
-        return _labels_index(labels, dtype, name).view()
+        # Keyed by the labels' repr, which tells 1, 1.0 and True, and 0.0 and -0.0, apart (== does not),
+        # but not one NaN from another (their sign and payload): labels with a NaN are not kept.
+        text = repr(labels)
+        if "nan" not in text:
+            return _labels_index(text, labels, dtype, name).view()
     return pd.Index(labels, dtype=dtype, name=name)
 
 
@@ -271,14 +273,18 @@ _LABEL_INDEXES: dict[tuple[str, Any, str | None], pd.Index] = {}
 _LABEL_INDEXES_KEPT = 128
 
 
-def _labels_index(labels: list[Any], dtype: Any, name: str | None) -> pd.Index:
-    # Keyed by the labels' repr, which tells 1, 1.0 and True, and 0.0 and -0.0, apart (== does not).
-    key = (repr(labels), dtype, name)
+def _labels_index(text: str, labels: list[Any], dtype: Any, name: str | None) -> pd.Index:
+    """The Index made once for these labels (``text``: their repr): the same columns come back in result
+    after result. Each result gets a view of it, an Index of its own (for its name too) that shares its
+    labels, which nobody may change: the array that ``np.asarray`` gives of it is read-only."""
+    key = (text, dtype, name)
     index = _LABEL_INDEXES.get(key)
     if index is None:
         if len(_LABEL_INDEXES) >= _LABEL_INDEXES_KEPT:
             _LABEL_INDEXES.clear()
-        index = _LABEL_INDEXES[key] = pd.Index(labels, dtype=dtype, name=name)
+        index = pd.Index(labels, dtype=dtype, name=name)
+        np.asarray(index).flags.writeable = False  # the Index's own array for numpy dtypes (a new one for str)
+        _LABEL_INDEXES[key] = index
     return index
 
 
@@ -300,8 +306,8 @@ def _few_plain(labels: list[Any]) -> bool:
 def _plain_dtype(dtype: Any) -> bool:
     """Whether an Index of this dtype is rebuilt exactly from a list of its labels: numpy's bool, int,
     float and object dtypes, and pandas' str dtype (missing values NaN)."""
-    if isinstance(dtype, np.dtype):
-        return dtype.kind in "biufO"
+    if isinstance(dtype, np.dtype):  # metadata: such a dtype equals the plain one, so a cache key would mix them
+        return dtype.kind in "biufO" and dtype.metadata is None
     return isinstance(dtype, pd.StringDtype) and dtype.na_value is not pd.NA
 
 

@@ -160,9 +160,10 @@ class _Pickler(ForkingPickler):
 
     def __init__(self, file: io.BytesIO, protocol: int) -> None:
         super().__init__(file, protocol)
-        # The table is looked up by exact type: these classes only, not their subclasses.
-        self.dispatch_table[pd.Index] = _reduce_index
-        self.dispatch_table[pd.RangeIndex] = _reduce_range_index
+        # The table is looked up by exact type: these classes only, not their subclasses. A reducer
+        # registered for them (copyreg.pickle, ForkingPickler.register) is in the table already and stays.
+        self.dispatch_table.setdefault(pd.Index, _reduce_index)
+        self.dispatch_table.setdefault(pd.RangeIndex, _reduce_range_index)
 
 
 def _reduce_index(index: pd.Index) -> str | tuple[Any, ...]:
