@@ -247,10 +247,20 @@ def few_labels(idx: Any) -> list[Any] | None:
     """The labels of ``idx`` as a list if :func:`labels_index` rebuilds it exactly from them: a plain
     ``pd.Index`` (not a subclass) of at most :data:`FEW_LABELS` plain labels of a plain dtype; else None."""
     if type(idx) is pd.Index and len(idx) <= FEW_LABELS and _plain_dtype(idx.dtype):
-        labels = idx.tolist()
+        labels = _labels_list(idx)
         if _few_plain(labels):
             return labels
     return None
+
+
+def _labels_list(idx: pd.Index) -> list[Any]:
+    """``idx.tolist()``; for pandas' str dtype with no missing label, through Arrow (0.7 µs against 4.4)."""
+    values = idx.array
+    if isinstance(values, ArrowStringArray):
+        arrow = values.__arrow_array__()
+        if arrow.null_count == 0:
+            return arrow.to_pylist()
+    return idx.tolist()
 
 
 def labels_index(labels: list[Any], dtype: Any, name: Any) -> pd.Index:
