@@ -227,13 +227,15 @@ def test_column_labels_of_any_kind(columns, copy):
 
 
 @pytest.mark.parametrize("copy", [True, False])
-def test_frames_with_the_same_labels_never_change_each_others_labels(copy):
-    """Frames rebuilt with the same few labels share them: writing into them through numpy is refused."""
-    df = pd.DataFrame([[1.0, 2.0]], columns=pd.Index([10, 20]))
+@pytest.mark.parametrize("labels", [[10, 20], ["x", "y"]], ids=["int", "str"])
+def test_frames_with_the_same_labels_never_change_each_others_labels(copy, labels):
+    """Frames rebuilt with the same few labels share none of them: pandas lets a write through to an Index."""
+    df = pd.DataFrame([[1.0, 2.0]], columns=pd.Index(labels))
     first, second = roundtrip(df, copy), roundtrip(df, copy)
-    with pytest.raises(ValueError, match="read-only"):
-        np.asarray(first.columns)[0] = 99
-    assert [first.columns.tolist(), second.columns.tolist(), roundtrip(df, copy).columns.tolist()] == [[10, 20]] * 3
+    pd.array(first.columns, copy=False)[0] = labels[1]
+    if first.columns.dtype.kind == "i":
+        np.asarray(first.columns)[1] = 99
+    assert [second.columns.tolist(), roundtrip(df, copy).columns.tolist()] == [labels] * 2
 
 
 @pytest.mark.parametrize("copy", [True, False])
