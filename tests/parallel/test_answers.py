@@ -641,9 +641,10 @@ def test_labels_written_through_one_answers_index_never_change_another_answers(l
     columns = pd.Index(labels)
     first, second = (pickle.loads(_protocol.pickled(pd.DataFrame([[1, 2, 3]], columns=columns))) for _ in range(2))
     write(first.columns)
+    first.columns.get_loc(labels[1])  # a lookup in the changed labels first
     later = pickle.loads(_protocol.pickled(columns))
     assert [second.columns.tolist(), later.tolist()] == [labels] * 2
-    assert second[labels[0]].tolist() == [1]
+    assert second[labels[0]].tolist() == [1] and later.get_loc(labels[0]) == 0
 
 
 def test_labels_that_only_a_cache_key_would_mix_up_come_back_as_sent():
