@@ -273,14 +273,14 @@ def labels_index(labels: list[Any], dtype: Any, name: Any) -> pd.Index:
     # Keyed by the labels' repr, which tells 1, 1.0 and True, and 0.0 and -0.0, apart (== does not), but
     # not one NaN from another (their sign and payload): labels with a NaN are not kept.
     text = repr(labels)
-    if "nan" in text:
+    if "nan" in text or not (name is None or type(name) is str):  # other names: pd.Index checks them
         return pd.Index(labels, dtype=dtype, name=name)
     # A copy of the labels' values made once (the same columns come back in result after result), and
     # its own copy of their lookup engine's cache: all of this takes 2-4 µs, where pd.Index of three str
     # labels takes 16, and its first lookup by label 16 more. Nothing a result can change is shared.
     values, cache = _labels_values(text, labels, dtype)
     index = pd.Index._simple_new(values.copy(), name=name)  # type: ignore[attr-defined]
-    index._cache = dict(cache)
+    index._cache = dict(cache)  # pandas' cache of an Index: its engine, is_unique, dtype
     return index
 
 
