@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copyreg
 import gc
 import multiprocessing as mp
 import os
@@ -659,8 +660,6 @@ def test_labels_that_only_a_cache_key_would_mix_up_come_back_as_sent():
 
 
 def test_a_reducer_registered_for_index_classes_is_used():
-    import copyreg
-
     def as_list(index: pd.Index) -> tuple[object, ...]:
         return list, (index.tolist(),)
 
