@@ -568,6 +568,11 @@ _AS_LABELS = {
     "empty": pd.Index([], dtype=object),
     "a tuple for a name": pd.Index(["a", "b"], name=("t", 1)),
 }
+_AS_RANGE = {
+    "RangeIndex": pd.RangeIndex(2, 9, 3, name="r"),
+    "descending, a tuple for a name": pd.RangeIndex(0, -10, -2, name=("a", 1)),
+    "empty RangeIndex": pd.RangeIndex(0),
+}
 _AS_PANDAS_PICKLES = {
     "too many labels": pd.Index([f"c{i}" for i in range(200)]),
     "labels of numpy scalar types": pd.Index([np.float32(1.5), np.int8(2)], dtype=object),
@@ -576,13 +581,6 @@ _AS_PANDAS_PICKLES = {
     "DatetimeIndex": pd.date_range("2024-01-01", periods=3, freq="D", tz="UTC"),
     "CategoricalIndex": pd.CategoricalIndex(["a", "b", "a"]),
     "MultiIndex": pd.MultiIndex.from_tuples([("a", 1), ("b", 2)], names=["k", "n"]),
-}
-
-
-_AS_RANGE = {
-    "RangeIndex": pd.RangeIndex(2, 9, 3, name="r"),
-    "descending, a tuple for a name": pd.RangeIndex(0, -10, -2, name=("a", 1)),
-    "empty RangeIndex": pd.RangeIndex(0),
 }
 _REBUILT_BY = {"labels": ("shmalloc.codecs.pandas", "labels_index"), "range": ("shmalloc.parallel._protocol", "_range_index")}
 
